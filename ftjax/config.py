@@ -1,0 +1,204 @@
+"""ModelConfig: one frozen dataclass for every supported decoder family, plus named presets.
+
+A family is a bundle of switches (norm kind, activation, positions, biases, q/k norms, ...);
+`hf.py` maps a Hugging Face `config.json` onto these fields and back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and architecture of a decoder-only transformer.
+
+  Field names follow the einsum letters of `model.py`: d_model (D), n_heads (N),
+  n_kv_heads (K), head_dim (H), mlp_dim (F), vocab_size (V).
+  """
+
+  family: str = "llama"
+  vocab_size: int = 256
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 4
+  head_dim: int = 16
+  mlp_dim: int = 128
+  max_seq_len: int = 2048  # learned position table size (gpt2); informational for RoPE
+  # Normalisation.
+  norm: str = "rmsnorm"  # rmsnorm | layernorm
+  norm_eps: float = 1e-6
+  norm_add_one: bool = False  # gemma: x * (1 + w)
+  qk_norm: bool = False  # qwen3: RMSNorm over head_dim on q and k before RoPE
+  # Feed-forward.
+  activation: str = "silu"  # silu | gelu_tanh | gelu
+  gated_mlp: bool = True  # SwiGLU / GeGLU (gate_proj, up_proj, down_proj) or plain (up, down)
+  # Positions.
+  positions: str = "rope"  # rope | learned
+  rope_theta: float = 10000.0
+  # rope_scaling as a sorted tuple of (key, value) so the config stays hashable, e.g.
+  # (("factor", 32.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+  #  ("original_max_position_embeddings", 8192), ("rope_type", "llama3")).
+  rope_scaling: Optional[tuple[tuple[str, Any], ...]] = None
+  sliding_window: Optional[int] = None  # mistral v0.1: keys further back than this are masked
+  # Biases.
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  norm_bias: bool = False  # layernorm bias
+  # Embeddings.
+  tie_embeddings: bool = False
+  embed_scale: bool = False  # gemma: multiply embeddings by sqrt(d_model)
+  # Numerics and implementation.
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype; logits are always float32
+  attention: str = "xla"  # xla (einsum) | dot_product (jax.nn.dot_product_attention; cuDNN on GPU)
+  remat: bool = False
+  # Token ids carried through to export (generation_config.json).
+  bos_token_id: Optional[int] = None
+  eos_token_id: Optional[Any] = None
+  pad_token_id: Optional[int] = None
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"ModelConfig.family={self.family!r} is not supported; one of {FAMILIES}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(
+          f"ModelConfig: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+    if self.norm not in ("rmsnorm", "layernorm"):
+      raise ValueError(f"ModelConfig.norm={self.norm!r}: expected rmsnorm or layernorm")
+    if self.activation not in ("silu", "gelu_tanh", "gelu"):
+      raise ValueError(f"ModelConfig.activation={self.activation!r}: expected silu|gelu_tanh|gelu")
+    if self.positions not in ("rope", "learned"):
+      raise ValueError(f"ModelConfig.positions={self.positions!r}: expected rope or learned")
+    if self.attention not in ("xla", "dot_product"):
+      raise ValueError(f"ModelConfig.attention={self.attention!r}: expected xla or dot_product")
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  @property
+  def rope_scaling_dict(self) -> Optional[dict]:
+    return dict(self.rope_scaling) if self.rope_scaling else None
+
+  def num_params(self, include_embeddings: bool = True) -> int:
+    """Parameter count computed from the shapes (no arrays built)."""
+    d, h = self.d_model, self.head_dim
+    attn = d * self.n_heads * h + 2 * d * self.n_kv_heads * h + self.n_heads * h * d
+    if self.qkv_bias:
+      attn += self.n_heads * h + 2 * self.n_kv_heads * h
+    if self.o_bias:
+      attn += d
+    if self.qk_norm:
+      attn += 2 * h
+    n_mlp = 3 if self.gated_mlp else 2
+    mlp = n_mlp * d * self.mlp_dim
+    if self.mlp_bias:
+      mlp += (n_mlp - 1) * self.mlp_dim + d
+    norms = 2 * d * (2 if self.norm_bias else 1)
+    total = self.n_layers * (attn + mlp + norms) + d * (2 if self.norm_bias else 1)
+    if include_embeddings:
+      total += self.vocab_size * d
+      if not self.tie_embeddings:
+        total += self.vocab_size * d
+      if self.positions == "learned":
+        total += self.max_seq_len * d
+    return total
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Forward+backward FLOPs per token (6N plus attention), as in the PaLM/MaxText MFU count."""
+    n = self.num_params(include_embeddings=False) + self.vocab_size * self.d_model
+    attn = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+    return 6.0 * n + attn
+
+
+def _llama3_scaling(factor: float, orig: int) -> tuple:
+  return tuple(sorted({
+      "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0, "original_max_position_embeddings": orig}.items()))
+
+
+_GPT2 = dict(family="gpt2", norm="layernorm", norm_eps=1e-5, norm_bias=True, activation="gelu_tanh",
+             gated_mlp=False, positions="learned", qkv_bias=True, o_bias=True, mlp_bias=True,
+             tie_embeddings=True, vocab_size=50257, max_seq_len=1024, head_dim=64,
+             bos_token_id=50256, eos_token_id=50256)
+_LLAMA = dict(family="llama", norm_eps=1e-5, activation="silu", head_dim=128)
+_QWEN2 = dict(family="qwen2", norm_eps=1e-6, qkv_bias=True, rope_theta=1e6, vocab_size=151936)
+_QWEN3 = dict(family="qwen3", norm_eps=1e-6, qk_norm=True, rope_theta=1e6, vocab_size=151936,
+              head_dim=128)
+_GEMMA = dict(family="gemma", norm_eps=1e-6, norm_add_one=True, activation="gelu_tanh",
+              embed_scale=True, tie_embeddings=True, vocab_size=256000, head_dim=256,
+              max_seq_len=8192, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+
+
+def _preset(base: dict, **kw) -> ModelConfig:
+  return ModelConfig(**{**base, **kw})
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Tiny shapes for tests and the CPU demo.
+    "tiny": ModelConfig(family="llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4,
+                        n_kv_heads=2, head_dim=16, mlp_dim=128, max_seq_len=512),
+    "tiny-gpt2": _preset(_GPT2, vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                         head_dim=16, mlp_dim=256, max_seq_len=512, bos_token_id=None,
+                         eos_token_id=None),
+    "gpt2": _preset(_GPT2, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, mlp_dim=3072),
+    "gpt2-medium": _preset(_GPT2, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16,
+                           mlp_dim=4096),
+    "gpt2-large": _preset(_GPT2, d_model=1280, n_layers=36, n_heads=20, n_kv_heads=20,
+                          mlp_dim=5120),
+    "gpt2-xl": _preset(_GPT2, d_model=1600, n_layers=48, n_heads=25, n_kv_heads=25, mlp_dim=6400),
+    "llama-2-7b": _preset(_LLAMA, vocab_size=32000, d_model=4096, n_layers=32, n_heads=32,
+                          n_kv_heads=32, mlp_dim=11008, max_seq_len=4096, bos_token_id=1,
+                          eos_token_id=2),
+    "llama-3-8b": _preset(_LLAMA, vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
+                          n_kv_heads=8, mlp_dim=14336, rope_theta=500000.0, max_seq_len=8192,
+                          bos_token_id=128000, eos_token_id=128001),
+    "llama-3.1-8b": _preset(_LLAMA, vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
+                            n_kv_heads=8, mlp_dim=14336, rope_theta=500000.0,
+                            rope_scaling=_llama3_scaling(8.0, 8192), max_seq_len=131072,
+                            bos_token_id=128000, eos_token_id=128001),
+    "llama-3-70b": _preset(_LLAMA, vocab_size=128256, d_model=8192, n_layers=80, n_heads=64,
+                           n_kv_heads=8, mlp_dim=28672, rope_theta=500000.0, max_seq_len=8192,
+                           bos_token_id=128000, eos_token_id=128001),
+    "llama-3.2-1b": _preset(_LLAMA, vocab_size=128256, d_model=2048, n_layers=16, n_heads=32,
+                            n_kv_heads=8, head_dim=64, mlp_dim=8192, rope_theta=500000.0,
+                            rope_scaling=_llama3_scaling(32.0, 8192), tie_embeddings=True,
+                            max_seq_len=131072, bos_token_id=128000, eos_token_id=128001),
+    "llama-3.2-3b": _preset(_LLAMA, vocab_size=128256, d_model=3072, n_layers=28, n_heads=24,
+                            n_kv_heads=8, mlp_dim=8192, rope_theta=500000.0,
+                            rope_scaling=_llama3_scaling(32.0, 8192), tie_embeddings=True,
+                            max_seq_len=131072, bos_token_id=128000, eos_token_id=128001),
+    "mistral-7b": _preset(_LLAMA, family="mistral", vocab_size=32000, d_model=4096, n_layers=32,
+                          n_heads=32, n_kv_heads=8, mlp_dim=14336, sliding_window=4096,
+                          max_seq_len=32768, bos_token_id=1, eos_token_id=2),
+    "mistral-7b-v0.3": _preset(_LLAMA, family="mistral", vocab_size=32768, d_model=4096,
+                               n_layers=32, n_heads=32, n_kv_heads=8, mlp_dim=14336,
+                               rope_theta=1e6, max_seq_len=32768, bos_token_id=1,
+                               eos_token_id=2),
+    "qwen2.5-0.5b": _preset(_QWEN2, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                            head_dim=64, mlp_dim=4864, tie_embeddings=True, max_seq_len=32768),
+    "qwen2.5-1.5b": _preset(_QWEN2, d_model=1536, n_layers=28, n_heads=12, n_kv_heads=2,
+                            head_dim=128, mlp_dim=8960, tie_embeddings=True, max_seq_len=32768),
+    "qwen2.5-7b": _preset(_QWEN2, vocab_size=152064, d_model=3584, n_layers=28, n_heads=28,
+                          n_kv_heads=4, head_dim=128, mlp_dim=18944, max_seq_len=32768),
+    "qwen3-0.6b": _preset(_QWEN3, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8,
+                          mlp_dim=3072, tie_embeddings=True, max_seq_len=40960),
+    "qwen3-8b": _preset(_QWEN3, d_model=4096, n_layers=36, n_heads=32, n_kv_heads=8,
+                        mlp_dim=12288, max_seq_len=40960),
+    "gemma-2b": _preset(_GEMMA, d_model=2048, n_layers=18, n_heads=8, n_kv_heads=1,
+                        mlp_dim=16384),
+    "gemma-7b": _preset(_GEMMA, d_model=3072, n_layers=28, n_heads=16, n_kv_heads=16,
+                        mlp_dim=24576),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+  """A named preset, optionally with fields replaced."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+  return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

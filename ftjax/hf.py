@@ -1,0 +1,473 @@
+"""Hugging Face interop: config.json <-> ModelConfig, safetensors <-> params, per family.
+
+Loading streams: one tensor is read from a memory-mapped safetensors file, checked, converted
+and placed before the next is read, so the model is never held twice in host memory.
+Only safetensors are read (never pickle `.bin`), and no remote code runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax import st_io
+from ftjax.config import ModelConfig
+from ftjax.model import Decoder
+
+log = logging.getLogger("ftjax")
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
+_ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+         "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM"}
+_ACTS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+         "gelu_fast": "gelu_tanh", "gelu": "gelu"}
+_ACTS_BACK = {"gpt2": {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu"},
+              "default": {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "silu": "silu"}}
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be loaded; the message names the file and the tensor."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _act(name: str, path: str) -> str:
+  if name not in _ACTS:
+    raise CheckpointError(f"{path}: activation {name!r} is not supported ({', '.join(_ACTS)})")
+  return _ACTS[name]
+
+
+def _rope(hf: dict, path: str) -> tuple[float, Optional[tuple]]:
+  """rope_theta and rope_scaling from either transformers v5 `rope_parameters` or v4 keys."""
+  params = hf.get("rope_parameters")
+  if params:
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+  else:
+    theta = hf.get("rope_theta", 10000.0)
+    scaling = dict(hf.get("rope_scaling") or {})
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  if kind == "default":
+    return float(theta), None
+  if kind not in ("linear", "llama3"):
+    raise CheckpointError(f"{path}: rope type {kind!r} is not supported (default, linear, llama3)")
+  scaling["rope_type"] = kind
+  scaling.pop("type", None)
+  return float(theta), tuple(sorted(scaling.items()))
+
+
+def config_from_hf(hf: dict, path: str = "config.json", **overrides) -> ModelConfig:
+  """Map a Hugging Face config dict onto a ModelConfig."""
+  mt = hf.get("model_type")
+  if mt not in SUPPORTED_MODEL_TYPES:
+    raise CheckpointError(f"{path}: model_type {mt!r} is not supported; ftjax supports "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+  eos = hf.get("eos_token_id")
+  common = dict(family=mt, vocab_size=hf["vocab_size"], bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+                pad_token_id=hf.get("pad_token_id"))
+  if mt == "gpt2":
+    d, n = hf["n_embd"], hf["n_head"]
+    if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx"):
+      raise CheckpointError(f"{path}: gpt2 attention scaling variants are not supported")
+    cfg = dict(common, d_model=d, n_layers=hf["n_layer"], n_heads=n, n_kv_heads=n,
+               head_dim=d // n, mlp_dim=hf.get("n_inner") or 4 * d,
+               max_seq_len=hf.get("n_positions", 1024), norm="layernorm",
+               norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_bias=True,
+               activation=_act(hf.get("activation_function", "gelu_new"), path), gated_mlp=False,
+               positions="learned", qkv_bias=True, o_bias=True, mlp_bias=True,
+               tie_embeddings=hf.get("tie_word_embeddings", True))
+  else:
+    d, n = hf["hidden_size"], hf["num_attention_heads"]
+    theta, scaling = _rope(hf, path)
+    act = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
+    layer_types = hf.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types) or (
+        mt in ("qwen2", "qwen3") and hf.get("use_sliding_window")):
+      raise CheckpointError(f"{path}: per-layer sliding-window attention is not supported")
+    attn_bias = bool(hf.get("attention_bias", False))
+    cfg = dict(common, d_model=d, n_layers=hf["num_hidden_layers"], n_heads=n,
+               n_kv_heads=hf.get("num_key_value_heads") or n,
+               head_dim=hf.get("head_dim") or d // n, mlp_dim=hf["intermediate_size"],
+               max_seq_len=hf.get("max_position_embeddings", 2048),
+               norm_eps=hf.get("rms_norm_eps", 1e-6), activation=_act(act, path),
+               rope_theta=theta, rope_scaling=scaling,
+               qkv_bias=attn_bias or mt == "qwen2", o_bias=attn_bias and mt != "qwen2",
+               mlp_bias=bool(hf.get("mlp_bias", False)),
+               tie_embeddings=hf.get("tie_word_embeddings", mt == "gemma"))
+    if mt == "mistral":
+      cfg["sliding_window"] = hf.get("sliding_window")
+    if mt == "qwen3":
+      cfg["qk_norm"] = True
+    if mt == "gemma":
+      cfg.update(norm_add_one=True, embed_scale=True)
+  cfg.update(overrides)
+  return ModelConfig(**cfg)
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+  """A config.json dict that transformers' AutoConfig reads back into the same model."""
+  eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
+  ids = dict(bos_token_id=cfg.bos_token_id, eos_token_id=eos, pad_token_id=cfg.pad_token_id)
+  if cfg.family == "gpt2":
+    out = dict(ids, vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers,
+               n_head=cfg.n_heads, n_inner=cfg.mlp_dim, n_positions=cfg.max_seq_len,
+               layer_norm_epsilon=cfg.norm_eps,
+               activation_function=_ACTS_BACK["gpt2"][cfg.activation],
+               tie_word_embeddings=cfg.tie_embeddings)
+  else:
+    out = dict(ids, vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+               num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+               num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+               intermediate_size=cfg.mlp_dim, max_position_embeddings=cfg.max_seq_len,
+               rms_norm_eps=cfg.norm_eps, hidden_act=_ACTS_BACK["default"][cfg.activation],
+               rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings)
+    if cfg.rope_scaling:
+      out["rope_scaling"] = dict(cfg.rope_scaling)
+    if cfg.family in ("llama", "qwen3", "gemma"):
+      out["attention_bias"] = cfg.qkv_bias
+    if cfg.family == "llama":
+      out["mlp_bias"] = cfg.mlp_bias
+    if cfg.family == "mistral":
+      out["sliding_window"] = cfg.sliding_window
+  out["model_type"] = cfg.family
+  out["architectures"] = [_ARCH[cfg.family]]
+  out["torch_dtype"] = out["dtype"] = cfg.param_dtype
+  try:  # Let the installed transformers fill in its defaults and its own key layout.
+    import transformers
+    kw = {k: v for k, v in out.items() if k not in ("model_type", "torch_dtype", "dtype")}
+    full = transformers.AutoConfig.for_model(cfg.family, **kw).to_dict()
+    full.pop("transformers_version", None)
+    full["dtype"] = cfg.param_dtype
+    return full
+  except ImportError:
+    return out
+
+
+# ----------------------------------------------------------------------------- tensor maps
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One HF tensor and the ftjax param path(s) it fills.
+
+  kind: "copy" (same layout), "T" (torch Linear [out, in] -> kernel [in, out]),
+  "split3" (GPT-2's fused c_attn, split on the last axis into q, k, v).
+  """
+  hf: str
+  paths: tuple[tuple[str, ...], ...]
+  kind: str = "copy"
+
+
+def tensor_map(cfg: ModelConfig) -> list[Entry]:
+  """Every HF tensor name of this config and where it goes in the ftjax params tree."""
+  e: list[Entry] = []
+  one = lambda hf, path, kind="copy": e.append(Entry(hf, (tuple(path.split("/")),), kind))
+  if cfg.family == "gpt2":
+    one("transformer.wte.weight", "embed")
+    one("transformer.wpe.weight", "pos_embed")
+    for i in range(cfg.n_layers):
+      p, l = f"transformer.h.{i}", f"layer_{i}"
+      for hf_norm, norm in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
+        one(f"{p}.{hf_norm}.weight", f"{l}/{norm}/scale")
+        one(f"{p}.{hf_norm}.bias", f"{l}/{norm}/bias")
+      for leaf, hfleaf in (("kernel", "weight"), ("bias", "bias")):
+        e.append(Entry(f"{p}.attn.c_attn.{hfleaf}",
+                       tuple((l, "attn", f"{x}_proj", leaf) for x in "qkv"), "split3"))
+        one(f"{p}.attn.c_proj.{hfleaf}", f"{l}/attn/o_proj/{leaf}")
+        one(f"{p}.mlp.c_fc.{hfleaf}", f"{l}/mlp/up_proj/{leaf}")
+        one(f"{p}.mlp.c_proj.{hfleaf}", f"{l}/mlp/down_proj/{leaf}")
+    one("transformer.ln_f.weight", "final_norm/scale")
+    one("transformer.ln_f.bias", "final_norm/bias")
+    if not cfg.tie_embeddings:
+      one("lm_head.weight", "lm_head", "T")
+    return e
+  one("model.embed_tokens.weight", "embed")
+  for i in range(cfg.n_layers):
+    p, l = f"model.layers.{i}", f"layer_{i}"
+    one(f"{p}.input_layernorm.weight", f"{l}/attn_norm/scale")
+    one(f"{p}.post_attention_layernorm.weight", f"{l}/mlp_norm/scale")
+    for x in "qkvo":
+      one(f"{p}.self_attn.{x}_proj.weight", f"{l}/attn/{x}_proj/kernel", "T")
+      if (cfg.qkv_bias if x != "o" else cfg.o_bias):
+        one(f"{p}.self_attn.{x}_proj.bias", f"{l}/attn/{x}_proj/bias")
+    if cfg.qk_norm:
+      one(f"{p}.self_attn.q_norm.weight", f"{l}/attn/q_norm/scale")
+      one(f"{p}.self_attn.k_norm.weight", f"{l}/attn/k_norm/scale")
+    for x in (("gate", "up", "down") if cfg.gated_mlp else ("up", "down")):
+      one(f"{p}.mlp.{x}_proj.weight", f"{l}/mlp/{x}_proj/kernel", "T")
+      if cfg.mlp_bias:
+        one(f"{p}.mlp.{x}_proj.bias", f"{l}/mlp/{x}_proj/bias")
+  one("model.norm.weight", "final_norm/scale")
+  if not cfg.tie_embeddings:
+    one("lm_head.weight", "lm_head", "T")
+  return e
+
+
+# Tensors that some checkpoints carry and that hold nothing to load (buffers, tied copies).
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+def _canonical(name: str, cfg: ModelConfig) -> str:
+  """Old GPT-2 checkpoints (saved from GPT2Model) drop the `transformer.` prefix."""
+  if cfg.family == "gpt2" and not name.startswith(("transformer.", "lm_head.")):
+    return "transformer." + name
+  return name
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def _to_params(entry: Entry, arr: np.ndarray) -> list[np.ndarray]:
+  if entry.kind == "T":
+    return [arr.T]
+  if entry.kind == "split3":
+    return list(np.split(arr, 3, axis=-1))
+  return [arr]
+
+
+def _from_params(entry: Entry, arrs: list[np.ndarray]) -> np.ndarray:
+  if entry.kind == "T":
+    return arrs[0].T
+  if entry.kind == "split3":
+    return np.concatenate(arrs, axis=-1)
+  return arrs[0]
+
+
+def _hf_shape(entry: Entry, shapes: list[tuple]) -> tuple:
+  if entry.kind == "T":
+    return tuple(reversed(shapes[0]))
+  if entry.kind == "split3":
+    return shapes[0][:-1] + (3 * shapes[0][-1],)
+  return shapes[0]
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def resolve(path: str) -> str:
+  """A local HF directory, or a hub name fetched with huggingface_hub (where there is network)."""
+  if os.path.isdir(path):
+    return path
+  if os.path.exists(path):
+    raise CheckpointError(f"{path}: expected a Hugging Face model directory, got a file")
+  if path.count("/") == 1 and not path.startswith((".", "/")):
+    try:
+      from huggingface_hub import snapshot_download
+      return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*",
+                                                     "*.model", "*.txt", "*.jinja"])
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes one clear line
+      raise CheckpointError(f"{path}: not a local directory and the hub download failed: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                            ) from None
+  raise CheckpointError(f"{path}: no such directory")
+
+
+def read_hf_config(path: str) -> dict:
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.exists(cfg_path):
+    raise CheckpointError(f"{cfg_path}: missing; a Hugging Face model directory needs config.json")
+  try:
+    with open(cfg_path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+
+
+def safetensors_files(path: str) -> list[str]:
+  """The checkpoint's safetensors files (from the index when sharded); refuses pickles."""
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      names = sorted(set(json.load(f)["weight_map"].values()))
+    files = [os.path.join(path, n) for n in names]
+    for fpath in files:
+      if not os.path.exists(fpath):
+        raise CheckpointError(f"{index}: lists {os.path.basename(fpath)}, which is missing")
+    return files
+  single = os.path.join(path, "model.safetensors")
+  if os.path.exists(single):
+    return [single]
+  files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+  if files:
+    return files
+  pickles = [os.path.basename(p) for ext in ("*.bin", "*.pt", "*.pth", "*.ckpt")
+             for p in glob.glob(os.path.join(path, ext))]
+  if pickles:
+    raise CheckpointError(
+        f"{os.path.join(path, pickles[0])}: pickle checkpoints are refused (they can run code); "
+        "convert to safetensors, e.g. model.save_pretrained(dir, safe_serialization=True)")
+  raise CheckpointError(f"{path}: no model.safetensors (or sharded index) found")
+
+
+def load_params(path: str, cfg: ModelConfig,
+                place: Optional[Callable[[tuple, np.ndarray], Any]] = None) -> dict:
+  """Stream HF safetensors into an ftjax params tree for `cfg` (param_dtype applied).
+
+  Args:
+    path: local HF directory.
+    cfg: the ModelConfig the params must fit.
+    place: optional `place(path, host_array) -> array` that puts one param where it belongs
+      (a sharded device_put, a quantizer); default `jnp.asarray` in cfg.param_dtype.
+  """
+  entries = {en.hf: en for en in tensor_map(cfg)}
+  shapes = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0),
+                                                    jnp.zeros((1, 1), jnp.int32)))["params"]
+  shapes = jax.tree_util.tree_map(lambda s: s.shape, _unbox(shapes))
+  dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+  place = place or (lambda p, a: jnp.asarray(a, dtype=dtype))
+  params: dict = {}
+  seen, unexpected = set(), []
+  for fpath in safetensors_files(path):
+    f = st_io.SafetensorsFile(fpath)
+    for raw_name in f.names():
+      name = _canonical(raw_name, cfg)
+      entry = entries.get(name)
+      if entry is None:
+        if not name.endswith(_IGNORED_SUFFIXES) and not (
+            name == "lm_head.weight" and cfg.tie_embeddings):
+          unexpected.append(raw_name)
+        continue
+      want = _hf_shape(entry, [_get(shapes, p) for p in entry.paths])
+      if f.shape(raw_name) != want:
+        raise CheckpointError(f"{fpath}: tensor {raw_name!r} has shape {list(f.shape(raw_name))},"
+                              f" expected {list(want)} from config.json")
+      arr = f.get(raw_name)
+      for p, part in zip(entry.paths, _to_params(entry, arr)):
+        _set(params, p, place(p, np.asarray(part).astype(dtype)))
+      del arr
+      seen.add(name)
+  missing = [n for n in entries if n not in seen]
+  if missing:
+    raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from the safetensors files"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  if unexpected:
+    log.warning("%s: ignored %d unexpected tensors, e.g. %s", path, len(unexpected),
+                unexpected[:3])
+  return params
+
+
+def _unbox(tree):
+  import flax.linen as nn
+  return nn.meta.unbox(tree)
+
+
+def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[str] = None,
+                    attention: str = "xla", remat: bool = False, **config_overrides):
+  """Load a HF causal LM directory (or hub name) as (Decoder, params).
+
+  Args:
+    path: directory with config.json and safetensors, or a hub name (needs network).
+    dtype: param dtype (master weights).
+    compute_dtype: matmul dtype; defaults to `dtype`.
+    attention: "xla" or "dot_product".
+    remat: rematerialise each block in the backward pass.
+  """
+  path = resolve(path)
+  hf = read_hf_config(path)
+  cfg = config_from_hf(hf, os.path.join(path, "config.json"), param_dtype=dtype,
+                       dtype=compute_dtype or dtype, attention=attention, remat=remat,
+                       **config_overrides)
+  gen = os.path.join(path, "generation_config.json")
+  if os.path.exists(gen):
+    with open(gen) as f:
+      eos = json.load(f).get("eos_token_id")
+    if eos is not None:
+      cfg = cfg.replace(eos_token_id=tuple(eos) if isinstance(eos, list) else eos)
+  return Decoder(cfg), load_params(path, cfg)
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def hf_tensors(cfg: ModelConfig, params: dict, dtype: Optional[str] = None
+               ) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, host array) for every tensor, one at a time."""
+  np_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
+  for entry in tensor_map(cfg):
+    arrs = [np.asarray(jax.device_get(_get(params, p))) for p in entry.paths]
+    yield entry.hf, _from_params(entry, arrs).astype(np_dtype)
+
+
+def write_hf_dir(out_dir: str, write: Callable[[str], None]):
+  """Run `write(tmp_dir)`, then move its files into out_dir: no half-written export.
+
+  Files are built in a temporary sibling directory; only when all are complete do they
+  replace the old ones (stale weight shards are removed first).
+  """
+  out_dir = os.path.abspath(out_dir)
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".ftjax-tmp-", dir=parent)
+  try:
+    write(tmp)
+    if not os.path.exists(out_dir):
+      os.replace(tmp, out_dir)
+      return
+    for old in glob.glob(os.path.join(out_dir, "model*.safetensors*")):
+      os.remove(old)
+    for name in os.listdir(tmp):
+      os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_pretrained(model: Decoder, params: dict, out_dir: str, dtype: Optional[str] = None,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer_from: str = None):
+  """Write config.json, generation_config.json and safetensors that transformers loads.
+
+  Args:
+    dtype: tensor dtype on disk (default: the model's param dtype).
+    max_shard_bytes: above this, shards plus model.safetensors.index.json.
+    tokenizer_from: an HF directory whose tokenizer files are copied alongside.
+  """
+  cfg = model.cfg
+  if dtype:
+    cfg = cfg.replace(param_dtype=dtype)
+
+  def write(tmp):
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(config_to_hf(cfg), f, indent=2)
+    gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id),
+                             ("eos_token_id", list(cfg.eos_token_id)
+                              if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id),
+                             ("pad_token_id", cfg.pad_token_id)) if v is not None}
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+      json.dump(gen, f, indent=2)
+    st_io.write_sharded(tmp, hf_tensors(cfg, params, cfg.param_dtype), max_shard_bytes)
+    if tokenizer_from:
+      copy_tokenizer(tokenizer_from, tmp)
+
+  write_hf_dir(out_dir, write)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "chat_template.json", "added_tokens.json")
+
+
+def copy_tokenizer(src: str, dst: str):
+  for name in TOKENIZER_FILES:
+    if os.path.exists(os.path.join(src, name)):
+      shutil.copy(os.path.join(src, name), os.path.join(dst, name))

@@ -1,0 +1,345 @@
+"""The decoder: functional Flax linen modules for every supported family.
+
+Einsum axis letters, used in every shape comment and einsum string of ftjax:
+  B batch, T query length, S key length, N query heads, K kv heads, G query heads per kv head
+  (N = K * G), H head dim, D model dim, F mlp dim, V vocab, L layers.
+
+Params are plain nested dicts with HF-like paths (`layer_0/attn/q_proj/kernel`), every kernel a
+2-D [in, out] matrix so that LoRA and quantized kernels (issue 3) wrap one layer type.
+Every param carries logical axis names (`nn.with_logical_partitioning`) for sharding.
+
+Call signature:
+  logits = model.apply({"params": p}, tokens)                       # [B, T] -> [B, T, V] fp32
+  logits = model.apply(..., tokens, positions=pos, mask=m, segment_ids=seg)
+  logits, cache = model.apply(..., tokens, mask=m, cache=cache)    # incremental decoding
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax.config import ModelConfig
+
+Array = jax.Array
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def _dtype(name):
+  return jnp.dtype(name)
+
+
+def _act(name: str):
+  if name == "silu":
+    return jax.nn.silu
+  if name == "gelu_tanh":
+    return functools.partial(jax.nn.gelu, approximate=True)
+  return functools.partial(jax.nn.gelu, approximate=False)
+
+
+def constrain(x: Array, names: tuple) -> Array:
+  """Logical sharding hint for an activation; a no-op outside a mesh with rules."""
+  return nn.with_logical_constraint(x, names)
+
+
+class Linear(nn.Module):
+  """y = x @ kernel (+ bias); kernel [in, out] in param_dtype, matmul in the compute dtype."""
+
+  features: int
+  axes: tuple[str, str]
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+        (x.shape[-1], self.features), self.param_dtype)
+    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             (self.axes[1],)),
+                        (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Norm(nn.Module):
+  """RMSNorm (optionally Gemma's x * (1 + w)) or LayerNorm, computed in float32 as HF does."""
+
+  kind: str = "rmsnorm"
+  eps: float = 1e-6
+  add_one: bool = False
+  use_bias: bool = False
+  axis_name: str = "norm"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    init = nn.initializers.zeros if self.add_one else nn.initializers.ones
+    scale = self.param("scale", nn.with_logical_partitioning(init, (self.axis_name,)), (d,),
+                       self.param_dtype)
+    xf = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      mean = xf.mean(-1, keepdims=True)
+      var = jnp.square(xf - mean).mean(-1, keepdims=True)
+      y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
+      if self.use_bias:
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                               (self.axis_name,)),
+                          (d,), self.param_dtype)
+        y = y + bias.astype(jnp.float32)
+      return y.astype(self.dtype)
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.eps)
+    if self.add_one:
+      return (y * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+    # Llama casts back to the input dtype before the weight multiply.
+    return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [H/2] including `rope_scaling` (linear, llama3), in float32 as HF."""
+  h = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / h))
+  inv = inv.astype(np.float32)
+  sc = cfg.rope_scaling_dict
+  if not sc:
+    return inv
+  kind = sc.get("rope_type", sc.get("type", "default"))
+  if kind == "default":
+    return inv
+  if kind == "linear":
+    return (inv / np.float32(sc["factor"])).astype(np.float32)
+  if kind == "llama3":
+    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old = sc["original_max_position_embeddings"]
+    lo_wavelen, hi_wavelen = old / lo, old / hi
+    wavelen = 2 * math.pi / inv
+    out = np.where(wavelen > lo_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = ~(wavelen < hi_wavelen) & ~(wavelen > lo_wavelen)
+    return np.where(medium, smoothed, out).astype(np.float32)
+  raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+  """Rotary embedding in HF's rotate-half layout. x [B, T, N, H], positions [B, T]."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  cos = jnp.cos(emb)[:, :, None, :].astype(x.dtype)
+  sin = jnp.sin(emb)[:, :, None, :].astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x * cos + rotated * sin
+
+
+def attention_mask(q_idx: Array, k_idx: Array, key_valid: Array,
+                   q_seg: Optional[Array] = None, k_seg: Optional[Array] = None,
+                   sliding_window: Optional[int] = None) -> Array:
+  """Boolean [B, T, S]: causal by slot index, valid keys, same segment, inside the window.
+
+  q_idx [T] and k_idx [S] are slot indices (cache slots when decoding); key_valid [B, S].
+  """
+  allowed = k_idx[None, None, :] <= q_idx[None, :, None]  # [1, T, S]
+  allowed = allowed & key_valid[:, None, :]
+  if q_seg is not None:
+    allowed = allowed & (q_seg[:, :, None] == k_seg[:, None, :])
+  if sliding_window is not None:
+    allowed = allowed & (q_idx[None, :, None] - k_idx[None, None, :] < sliding_window)
+  return allowed
+
+
+def dot_attention(q: Array, k: Array, v: Array, allowed: Array, impl: str) -> Array:
+  """Grouped-query attention. q [B, T, N, H], k/v [B, S, K, H], allowed [B, T, S] -> [B, T, N, H]."""
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  scale = h ** -0.5
+  if impl == "dot_product":
+    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale)
+  q = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+  return out.reshape(b, t, n, h)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, cache):
+    cfg = self.cfg
+    dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    b, t, _ = x.shape
+    n, kv, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    lin = functools.partial(Linear, dtype=dt, param_dtype=pdt)
+    q = lin(n * h, ("embed", "q_heads"), cfg.qkv_bias, name="q_proj")(x).reshape(b, t, n, h)
+    k = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="k_proj")(x).reshape(b, t, kv, h)
+    v = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="v_proj")(x).reshape(b, t, kv, h)
+    if cfg.qk_norm:
+      norm = functools.partial(Norm, "rmsnorm", cfg.norm_eps, axis_name="head_dim", dtype=dt,
+                               param_dtype=pdt)
+      q, k = norm(name="q_norm")(q), norm(name="k_norm")(k)
+    if cfg.positions == "rope":
+      inv_freq = rope_inv_freq(cfg)
+      q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
+    if cache is not None:
+      # Write this chunk's keys and values into the cache slots [index, index + T).
+      idx = cache["index"]
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, idx, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, idx, 0, 0))
+      cache = {"k": k, "v": v}
+      k, v = k.astype(dt), v.astype(dt)
+    allowed = attention_mask(q_idx, k_idx, key_valid, q_seg, k_seg, cfg.sliding_window)
+    out = dot_attention(q, k, v, allowed, cfg.attention)  # [B, T, N, H]
+    out = out.reshape(b, t, n * h)
+    out = lin(cfg.d_model, ("q_heads", "embed"), cfg.o_bias, name="o_proj")(out)
+    return out, cache
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    lin = functools.partial(Linear, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
+                            use_bias=cfg.mlp_bias)
+    act = _act(cfg.activation)
+    if cfg.gated_mlp:
+      hidden = act(lin(cfg.mlp_dim, ("embed", "mlp"), name="gate_proj")(x)) * lin(
+          cfg.mlp_dim, ("embed", "mlp"), name="up_proj")(x)
+    else:
+      hidden = act(lin(cfg.mlp_dim, ("embed", "mlp"), name="up_proj")(x))
+    hidden = constrain(hidden, ("batch", "length", "act_mlp"))  # [B, T, F]
+    return lin(cfg.d_model, ("mlp", "embed"), name="down_proj")(hidden)
+
+
+def _norm(cfg: ModelConfig, name: str) -> Norm:
+  return Norm(cfg.norm, cfg.norm_eps, cfg.norm_add_one, cfg.norm_bias, "norm",
+              _dtype(cfg.dtype), _dtype(cfg.param_dtype), name=name)
+
+
+class Block(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, cache):
+    h, cache = Attention(self.cfg, name="attn")(_norm(self.cfg, "attn_norm")(x), positions,
+                                                key_valid, q_idx, k_idx, q_seg, k_seg, cache)
+    x = x + h
+    x = x + Mlp(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(x))
+    return constrain(x, ("batch", "length", "act_embed")), cache
+
+
+def segment_positions(segment_ids: Array) -> Array:
+  """Per-segment positions 0, 1, ... restarting where the segment id changes. [B, T] -> [B, T]."""
+  t = segment_ids.shape[1]
+  idx = jnp.broadcast_to(jnp.arange(t), segment_ids.shape)
+  new = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                         segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  start = jax.lax.cummax(jnp.where(new, idx, 0), axis=1)
+  return idx - start
+
+
+class Decoder(nn.Module):
+  """Decoder-only LM. See the module docstring for the call signature."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, positions: Optional[Array] = None,
+               mask: Optional[Array] = None, segment_ids: Optional[Array] = None,
+               cache: Optional[dict] = None, return_hidden: bool = False):
+    cfg = self.cfg
+    dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    b, t = tokens.shape
+    mask = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
+    if cache is not None:
+      s = cache["mask"].shape[1]
+      index = cache["index"]
+      if positions is None:
+        seen = cache["mask"].sum(-1, dtype=jnp.int32)[:, None]
+        positions = seen + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1
+      key_valid = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
+      q_idx = index + jnp.arange(t)
+      k_idx = jnp.arange(s)
+      q_seg = k_seg = None
+    else:
+      if positions is None:
+        if segment_ids is not None:
+          positions = segment_positions(segment_ids)
+        else:
+          positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+      key_valid = mask
+      q_idx = k_idx = jnp.arange(t)
+      q_seg = k_seg = segment_ids
+    positions = jnp.maximum(positions, 0)
+
+    embed = self.param("embed", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                             ("vocab", "embed")),
+                       (cfg.vocab_size, cfg.d_model), pdt)
+    x = jnp.take(embed, tokens, axis=0).astype(dt)  # [B, T, D]
+    if cfg.embed_scale:
+      x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
+    if cfg.positions == "learned":
+      pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
+          nn.initializers.normal(0.01), ("position", "embed")), (cfg.max_seq_len, cfg.d_model), pdt)
+      x = x + jnp.take(pos_embed, positions, axis=0).astype(dt)
+    x = constrain(x, ("batch", "length", "act_embed"))
+
+    block_cls = nn.remat(Block, prevent_cse=True) if cfg.remat and cache is None else Block
+    new_layers = []
+    for i in range(cfg.n_layers):
+      layer_cache = None if cache is None else cache["layers"][i]
+      x, layer_cache = block_cls(cfg, name=f"layer_{i}")(x, positions, key_valid, q_idx, k_idx,
+                                                          q_seg, k_seg, layer_cache)
+      new_layers.append(layer_cache)
+    x = _norm(cfg, "final_norm")(x)
+    if return_hidden:
+      out = x
+    elif cfg.tie_embeddings:
+      out = jnp.einsum("BTD,VD->BTV", x, embed.astype(dt), preferred_element_type=jnp.float32)
+    else:
+      kernel = self.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                  ("embed", "vocab")),
+                          (cfg.d_model, cfg.vocab_size), pdt)
+      out = jnp.einsum("BTD,DV->BTV", x, kernel.astype(dt), preferred_element_type=jnp.float32)
+    if cache is None:
+      return out
+    new_cache = {"layers": new_layers, "mask": key_valid, "index": cache["index"] + t}
+    return out, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> dict:
+  """An empty KV cache: per layer k/v [B, S, K, H], a key mask [B, S] and the write index."""
+  dtype = _dtype(dtype or cfg.dtype)
+  shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+  layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(cfg.n_layers)]
+  return {"layers": layers, "mask": jnp.zeros((batch, max_len), bool),
+          "index": jnp.zeros((), jnp.int32)}
+
+
+def init_params(model: Decoder, rng: Array, seq_len: int = 8) -> dict:
+  """Random params as a plain nested dict (logical-axis boxes removed)."""
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  return nn.meta.unbox(jax.jit(model.init)(rng, tokens)["params"])
+
+
+def logical_axes(model: Decoder) -> dict:
+  """The logical axis names of every param, as a tree of PartitionSpecs (no arrays built)."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  return nn.get_partition_spec(shapes)["params"]
