@@ -303,7 +303,7 @@ class Decoder(nn.Module):
     block_cls = nn.remat(Block, prevent_cse=True) if cfg.remat and cache is None else Block
     new_layers = []
     for i in range(cfg.n_layers):
-      layer_cache = None if cache is None else cache["layers"][i]
+      layer_cache = None if cache is None else {**cache["layers"][i], "index": cache["index"]}
       x, layer_cache = block_cls(cfg, name=f"layer_{i}")(x, positions, key_valid, q_idx, k_idx,
                                                           q_seg, k_seg, layer_cache)
       new_layers.append(layer_cache)

@@ -1,0 +1,47 @@
+"""Tokenizer helpers: load an HF tokenizer, or train a small byte-level BPE one offline.
+
+The trained tokenizer is what tests and the built-in demo use, since there is no hub here;
+it is saved in the standard `tokenizer.json` + `tokenizer_config.json` layout, with a chat
+template, so `transformers.AutoTokenizer.from_pretrained` reads it like any other.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
+
+# Each turn is `<|role|>\n content <|end|>\n`; the generation prompt opens an assistant turn.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str):
+  """Train a byte-level BPE tokenizer on `texts` and save it as an HF tokenizer in out_dir.
+
+  Returns the `transformers.PreTrainedTokenizerFast`. Ids 0..5 are SPECIAL_TOKENS in order:
+  pad=0, bos=1, eos=2 (`<|end|>`, which also closes every chat turn).
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(list(texts), trainer=trainer)
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>",
+                                 eos_token="<|end|>", chat_template=CHAT_TEMPLATE)
+  os.makedirs(out_dir, exist_ok=True)
+  fast.save_pretrained(out_dir)
+  return fast
+
+
+def load_tokenizer(path: str):
+  """An HF tokenizer from a local directory (no remote code)."""
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(path, trust_remote_code=False)

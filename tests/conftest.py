@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random HF models for every family, saved to temp dirs."""
+
+import os
+
+# Eight fake CPU devices for the sharding tests; set before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
+VOCAB = 320
+
+
+def hf_config(family: str):
+  """A tiny transformers config; init scale 0.2 spreads the logits so greedy has no near-ties."""
+  import transformers as T
+  kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=VOCAB, initializer_range=0.2, bos_token_id=None,
+            eos_token_id=None, pad_token_id=None)
+  if family == "gpt2":
+    return T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128,
+                        initializer_range=0.2, bos_token_id=None, eos_token_id=None)
+  if family == "llama":  # llama 3.1-style rope scaling, untied head
+    return T.LlamaConfig(**kw, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})
+  if family == "mistral":
+    return T.MistralConfig(**kw, sliding_window=None)
+  if family == "qwen2":
+    return T.Qwen2Config(**kw, tie_word_embeddings=True)
+  if family == "qwen3":
+    return T.Qwen3Config(**kw, head_dim=16)  # decoupled head_dim: 4 * 16 != 32
+  if family == "gemma":
+    return T.GemmaConfig(**{**kw, "num_key_value_heads": 1}, head_dim=16)
+  raise ValueError(family)
+
+
+def make_hf_model(family: str, out_dir: str, seed: int = 0):
+  """Build, perturb (norms and biases off their defaults) and save a tiny HF model."""
+  import torch
+  import transformers as T
+  torch.manual_seed(seed)
+  model = T.AutoModelForCausalLM.from_config(hf_config(family)).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name or "ln_" in name or name.endswith("bias"):
+        p.add_(torch.randn_like(p) * 0.1)
+  model.save_pretrained(out_dir)
+  return model
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+  """family -> (directory, torch model), built once per session."""
+  out = {}
+  for fam in FAMILIES:
+    d = str(tmp_path_factory.mktemp(f"hf_{fam}"))
+    out[fam] = (d, make_hf_model(fam, d))
+  return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+  from ftjax.tokenizer import train_bpe_tokenizer
+  d = str(tmp_path_factory.mktemp("tok"))
+  texts = ["Where is my order? Your order #1234 shipped on Monday.",
+           "I want to return the blue jacket.", "hello world, this is a tiny corpus."] * 20
+  train_bpe_tokenizer(texts, VOCAB, d)
+  return d
+
+
+def batch_with_padding(rng: np.random.Generator, b=3, t=12, side="right"):
+  tokens = rng.integers(6, VOCAB, (b, t)).astype(np.int32)
+  mask = np.ones((b, t), bool)
+  lengths = [t, t - 4, t - 7][:b]
+  for i, n in enumerate(lengths):
+    if side == "right":
+      mask[i, n:] = False
+    else:
+      mask[i, :t - n] = False
+  tokens[~mask] = 0
+  return tokens, mask
