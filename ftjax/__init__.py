@@ -3,6 +3,7 @@
 from ftjax.config import ModelConfig, PRESETS, get_preset
 from ftjax.hf import CheckpointError, load_pretrained, save_pretrained
 from ftjax.model import Decoder, init_cache, init_params, logical_axes
+from ftjax import tokenizer
 from ftjax.sampling import GenerateOutput, generate
 
 __version__ = "0.1.0"

@@ -160,7 +160,13 @@ def attention_mask(q_idx: Array, k_idx: Array, key_valid: Array,
 
 
 def dot_attention(q: Array, k: Array, v: Array, allowed: Array, impl: str) -> Array:
-  """Grouped-query attention. q [B, T, N, H], k/v [B, S, K, H], allowed [B, T, S] -> [B, T, N, H]."""
+  """Grouped-query attention.
+
+  Args:
+    q: [B, T, N, H]; k, v: [B, S, K, H]; allowed: bool [B, T, S].
+  Returns:
+    [B, T, N, H] in v's dtype; softmax in float32.
+  """
   b, t, n, h = q.shape
   kv = k.shape[2]
   scale = h ** -0.5

@@ -1,5 +1,7 @@
 """Decoder internals: KV cache, packed segments, attention implementations, remat, axes."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,7 +106,7 @@ def test_every_param_has_logical_axes():
   for name in ("tiny", "tiny-gpt2"):
     model = ftjax.Decoder(ftjax.get_preset(name))
     axes = ftjax.logical_axes(model)
-    shapes = jax.eval_shape(lambda: ftjax.init_params(model, jax.random.PRNGKey(0)))
+    shapes = jax.eval_shape(functools.partial(ftjax.init_params, model), jax.random.PRNGKey(0))
     leaves, _ = jax.tree_util.tree_flatten_with_path(shapes)
     for path, leaf in leaves:
       spec = axes
