@@ -1,15 +1,19 @@
 """ftjax: fine-tuning and post-training of decoder LMs in JAX/Flax."""
 
-from ftjax.config import ModelConfig, PRESETS, get_preset
+from ftjax.config import LoraConfig, ModelConfig, PRESETS, get_preset
 from ftjax.hf import CheckpointError, load_pretrained, save_pretrained
 from ftjax.model import Decoder, init_cache, init_params, logical_axes
-from ftjax import tokenizer
+from ftjax import lora, partition, quant, tokenizer
+from ftjax.lora import load_adapter, merge, save_adapter
+from ftjax.quant import QuantConfig
 from ftjax.sampling import GenerateOutput, generate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "lora", "partition", "quant", "tokenizer",
     "ModelConfig", "PRESETS", "get_preset", "CheckpointError", "load_pretrained",
     "save_pretrained", "Decoder", "init_cache", "init_params", "logical_axes",
-    "GenerateOutput", "generate",
+    "GenerateOutput", "generate", "LoraConfig", "QuantConfig", "load_adapter", "merge",
+    "save_adapter",
 ]

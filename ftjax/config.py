@@ -202,3 +202,47 @@ def get_preset(name: str, **overrides) -> ModelConfig:
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
   return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+LORA_TARGET_PRESETS = {
+    "qv": r"attn/(q|v)_proj$",
+    "attn": r"attn/(q|k|v|o)_proj$",
+    "mlp": r"mlp/(gate|up|down)_proj$",
+    # Like PEFT's "all-linear": every linear layer except the output head.
+    "all-linear": r"(attn|mlp)/\w+_proj$",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA (and DoRA) on the linear layers whose path matches `targets`.
+
+  Forward: h = W0 x + s * B(A(dropout(x))), s = alpha / rank (alpha / sqrt(rank) with rslora).
+  A is initialised like PEFT (Kaiming-uniform, a=sqrt(5); or Gaussian std 1/rank), B = 0, so
+  training starts exactly at the base model. `targets` is a preset name (qv, attn, mlp,
+  all-linear) or a regex searched in the layer path, e.g. "layer_(0|1)/attn/q_proj$".
+  """
+
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: str = "all-linear"
+  rslora: bool = False
+  init: str = "kaiming"  # kaiming | gaussian
+  dora: bool = False
+
+  def __post_init__(self):
+    if self.rank < 1:
+      raise ValueError(f"LoraConfig.rank={self.rank} must be >= 1")
+    if self.init not in ("kaiming", "gaussian"):
+      raise ValueError(f"LoraConfig.init={self.init!r}: expected kaiming or gaussian")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"LoraConfig.dropout={self.dropout} must be in [0, 1)")
+
+  @property
+  def pattern(self) -> str:
+    return LORA_TARGET_PRESETS.get(self.targets, self.targets)
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)

@@ -374,7 +374,8 @@ def _unbox(tree):
 
 
 def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[str] = None,
-                    attention: str = "xla", remat: bool = False, **config_overrides):
+                    attention: str = "xla", remat: bool = False, lora=None, quant=None,
+                    rng: Optional[jax.Array] = None, **config_overrides):
   """Load a HF causal LM directory (or hub name) as (Decoder, params).
 
   Args:
@@ -383,10 +384,15 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
     compute_dtype: matmul dtype; defaults to `dtype`.
     attention: "xla" or "dot_product".
     remat: rematerialise each block in the backward pass.
+    lora: a `LoraConfig`; adapters are initialised (B = 0) beside the loaded kernels.
+    quant: None, "nf4", "int4" or a `QuantConfig`: the linear kernels are quantized tensor by
+      tensor while streaming, so the full model never exists in float32.
+    rng: key for the adapter initialisation (default PRNGKey(0)).
   """
+  from ftjax.model import AdapterSpec
   path = resolve(path)
-  hf = read_hf_config(path)
-  cfg = config_from_hf(hf, os.path.join(path, "config.json"), param_dtype=dtype,
+  hf_cfg = read_hf_config(path)
+  cfg = config_from_hf(hf_cfg, os.path.join(path, "config.json"), param_dtype=dtype,
                        dtype=compute_dtype or dtype, attention=attention, remat=remat,
                        **config_overrides)
   gen = os.path.join(path, "generation_config.json")
@@ -395,7 +401,28 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
       eos = json.load(f).get("eos_token_id")
     if eos is not None:
       cfg = cfg.replace(eos_token_id=tuple(eos) if isinstance(eos, list) else eos)
-  return Decoder(cfg), load_params(path, cfg)
+  qcfg = quant
+  if isinstance(quant, str):
+    from ftjax.quant import QuantConfig
+    qcfg = QuantConfig(kind=quant)
+  spec = AdapterSpec(lora=lora, quant=qcfg)
+  model = Decoder(cfg, spec)
+  place = None
+  if qcfg is not None:
+    from ftjax import quant as quant_lib
+    np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+
+    def place(p, arr):
+      if p[-1] == "kernel" and spec.quant_for("/".join(p[:-1])):
+        return quant_lib.quantize(arr.astype(np.float32), qcfg)
+      return jnp.asarray(arr, dtype=np_dtype)
+
+  params = load_params(path, cfg, place)
+  if lora is not None:
+    from ftjax import lora as lora_lib
+    params = lora_lib.init_adapters(model, params,
+                                    jax.random.PRNGKey(0) if rng is None else rng)
+  return model, params
 
 
 # ----------------------------------------------------------------------------- save
@@ -437,11 +464,16 @@ def save_pretrained(model: Decoder, params: dict, out_dir: str, dtype: Optional[
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer_from: str = None):
   """Write config.json, generation_config.json and safetensors that transformers loads.
 
+  LoRA/DoRA adapters are merged in and 4-bit kernels dequantized first (see `lora.merge`).
+
   Args:
     dtype: tensor dtype on disk (default: the model's param dtype).
     max_shard_bytes: above this, shards plus model.safetensors.index.json.
     tokenizer_from: an HF directory whose tokenizer files are copied alongside.
   """
+  if model.spec.lora is not None or model.spec.quant is not None:
+    from ftjax import lora as lora_lib
+    model, params = lora_lib.merge(model, params)
   cfg = model.cfg
   if dtype:
     cfg = cfg.replace(param_dtype=dtype)

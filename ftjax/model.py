@@ -16,8 +16,10 @@ Call signature:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import re
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.config import ModelConfig
+from ftjax.config import LORA_TARGET_PRESETS, LoraConfig, ModelConfig
 
 Array = jax.Array
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -48,21 +50,97 @@ def constrain(x: Array, names: tuple) -> Array:
   return nn.with_logical_constraint(x, names)
 
 
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+  """What wraps the base linear layers: LoRA/DoRA, 4-bit kernels; hashable, part of the model.
+
+  `lora_enabled=False` runs the base model alone on the same params (DPO's reference model
+  without a second copy of the weights).
+  """
+
+  lora: Optional[LoraConfig] = None
+  quant: Any = None  # ftjax.quant.QuantConfig
+  quant_targets: str = LORA_TARGET_PRESETS["all-linear"]  # embeddings and norms stay dense
+  lora_enabled: bool = True
+
+  def lora_for(self, path: str) -> Optional[LoraConfig]:
+    if self.lora is not None and re.search(self.lora.pattern, path):
+      return self.lora
+    return None
+
+  def quant_for(self, path: str):
+    if self.quant is not None and re.search(self.quant_targets, path):
+      return self.quant
+    return None
+
+
+def _kaiming_uniform_a_sqrt5(key, shape, dtype):
+  """PEFT/torch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); fan_in = shape[0]."""
+  bound = 1.0 / math.sqrt(shape[0])
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 class Linear(nn.Module):
-  """y = x @ kernel (+ bias); kernel [in, out] in param_dtype, matmul in the compute dtype."""
+  """y = x @ kernel (+ bias) (+ LoRA); kernel [in, out], plain or 4-bit quantized.
+
+  The base kernel keeps its path (`.../q_proj/kernel`); LoRA adds `lora_a` [in, r] and
+  `lora_b` [r, out] beside it (and `lora_magnitude` [out] for DoRA); a quantized kernel is a
+  dict of code and scale arrays at the same path.
+  """
 
   features: int
   axes: tuple[str, str]
   use_bias: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  spec: AdapterSpec = AdapterSpec()
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kernel = self.param(
-        "kernel", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
-        (x.shape[-1], self.features), self.param_dtype)
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+    path = "/".join(self.scope.path)
+    shape = (x.shape[-1], self.features)
+    init = nn.initializers.normal(0.02)
+    qcfg = self.spec.quant_for(path)
+    if qcfg is None:
+      kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape,
+                          self.param_dtype)
+      kernel = kernel.astype(self.dtype)
+    else:
+      from ftjax import quant
+      packed = self.param("kernel", lambda key: quant.quantize(init(key, shape, jnp.float32),
+                                                               qcfg))
+      kernel = quant.dequantize(packed, qcfg, shape, self.dtype)  # inside the jitted matmul
+    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel)
+    lcfg = self.spec.lora_for(path)
+    if lcfg is not None:
+      if lcfg.rank > min(shape):
+        raise ValueError(f"LoRA rank {lcfg.rank} is larger than layer {path} of shape {shape}")
+      a_init = (_kaiming_uniform_a_sqrt5 if lcfg.init == "kaiming"
+                else nn.initializers.normal(1.0 / lcfg.rank))
+      a = self.param("lora_a", nn.with_logical_partitioning(a_init, (self.axes[0], "lora")),
+                     (shape[0], lcfg.rank), self.param_dtype)
+      b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                            ("lora", self.axes[1])),
+                     (lcfg.rank, shape[1]), self.param_dtype)
+      if lcfg.dora:
+        mag = self.param("lora_magnitude", nn.with_logical_partitioning(
+            lambda key, s, d: jnp.linalg.norm(kernel.astype(jnp.float32), axis=0).astype(d),
+            (self.axes[1],)), (shape[1],), self.param_dtype)
+      if self.spec.lora_enabled:
+        xa = x
+        if lcfg.dropout > 0 and self.has_rng("dropout"):
+          xa = nn.Dropout(lcfg.dropout, deterministic=False)(x)
+        a, b = a.astype(self.dtype), b.astype(self.dtype)
+        delta = jnp.einsum("...i,ir,ro->...o", xa.astype(self.dtype), a, b) * lcfg.scale
+        if lcfg.dora:
+          # PEFT's DoRA: m / ||W + s B A|| (row norm, detached) rescales base and LoRA outputs.
+          w = kernel.astype(jnp.float32) + lcfg.scale * (a.astype(jnp.float32)
+                                                         @ b.astype(jnp.float32))
+          norm = jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))
+          factor = (mag.astype(jnp.float32) / norm).astype(self.dtype)
+          y = factor * (y + delta)
+        else:
+          y = y + delta
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                              (self.axes[1],)),
@@ -182,6 +260,7 @@ def dot_attention(q: Array, k: Array, v: Array, allowed: Array, impl: str) -> Ar
 
 class Attention(nn.Module):
   cfg: ModelConfig
+  spec: AdapterSpec = AdapterSpec()
 
   @nn.compact
   def __call__(self, x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, cache):
@@ -189,7 +268,7 @@ class Attention(nn.Module):
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     b, t, _ = x.shape
     n, kv, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    lin = functools.partial(Linear, dtype=dt, param_dtype=pdt)
+    lin = functools.partial(Linear, dtype=dt, param_dtype=pdt, spec=self.spec)
     q = lin(n * h, ("embed", "q_heads"), cfg.qkv_bias, name="q_proj")(x).reshape(b, t, n, h)
     k = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="k_proj")(x).reshape(b, t, kv, h)
     v = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="v_proj")(x).reshape(b, t, kv, h)
@@ -217,12 +296,13 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
   cfg: ModelConfig
+  spec: AdapterSpec = AdapterSpec()
 
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
     lin = functools.partial(Linear, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
-                            use_bias=cfg.mlp_bias)
+                            use_bias=cfg.mlp_bias, spec=self.spec)
     act = _act(cfg.activation)
     if cfg.gated_mlp:
       hidden = act(lin(cfg.mlp_dim, ("embed", "mlp"), name="gate_proj")(x)) * lin(
@@ -240,13 +320,15 @@ def _norm(cfg: ModelConfig, name: str) -> Norm:
 
 class Block(nn.Module):
   cfg: ModelConfig
+  spec: AdapterSpec = AdapterSpec()
 
   @nn.compact
   def __call__(self, x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, cache):
-    h, cache = Attention(self.cfg, name="attn")(_norm(self.cfg, "attn_norm")(x), positions,
-                                                key_valid, q_idx, k_idx, q_seg, k_seg, cache)
+    attn = Attention(self.cfg, self.spec, name="attn")
+    h, cache = attn(_norm(self.cfg, "attn_norm")(x), positions, key_valid, q_idx, k_idx, q_seg,
+                    k_seg, cache)
     x = x + h
-    x = x + Mlp(self.cfg, name="mlp")(_norm(self.cfg, "mlp_norm")(x))
+    x = x + Mlp(self.cfg, self.spec, name="mlp")(_norm(self.cfg, "mlp_norm")(x))
     return constrain(x, ("batch", "length", "act_embed")), cache
 
 
@@ -264,6 +346,7 @@ class Decoder(nn.Module):
   """Decoder-only LM. See the module docstring for the call signature."""
 
   cfg: ModelConfig
+  spec: AdapterSpec = AdapterSpec()
 
   @nn.compact
   def __call__(self, tokens: Array, positions: Optional[Array] = None,
@@ -310,8 +393,8 @@ class Decoder(nn.Module):
     new_layers = []
     for i in range(cfg.n_layers):
       layer_cache = None if cache is None else {**cache["layers"][i], "index": cache["index"]}
-      x, layer_cache = block_cls(cfg, name=f"layer_{i}")(x, positions, key_valid, q_idx, k_idx,
-                                                          q_seg, k_seg, layer_cache)
+      block = block_cls(cfg, self.spec, name=f"layer_{i}")
+      x, layer_cache = block(x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, layer_cache)
       new_layers.append(layer_cache)
     x = _norm(cfg, "final_norm")(x)
     if return_hidden:
