@@ -1,6 +1,6 @@
 """ftjax: fine-tuning and post-training of decoder LMs in JAX/Flax."""
 
-from ftjax.config import LoraConfig, ModelConfig, PRESETS, get_preset
+from ftjax.config import LoraConfig, ModelConfig, PRESETS, PrefixConfig, get_preset
 from ftjax.hf import CheckpointError, load_pretrained, save_pretrained
 from ftjax.model import Decoder, init_cache, init_params, logical_axes
 from ftjax import lora, partition, quant, tokenizer
@@ -15,5 +15,5 @@ __all__ = [
     "ModelConfig", "PRESETS", "get_preset", "CheckpointError", "load_pretrained",
     "save_pretrained", "Decoder", "init_cache", "init_params", "logical_axes",
     "GenerateOutput", "generate", "LoraConfig", "QuantConfig", "load_adapter", "merge",
-    "save_adapter",
+    "save_adapter", "PrefixConfig",
 ]

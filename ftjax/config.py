@@ -246,3 +246,27 @@ class LoraConfig:
   @property
   def scale(self) -> float:
     return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixConfig:
+  """Prefix tuning (learned per-layer key/value prefixes) or prompt tuning (soft tokens).
+
+  prefix: every position of every layer also attends to `length` learned keys and values
+  (kv heads, so GQA-aware); with `reparam`, they come from a two-layer MLP over a learned
+  embedding (Li & Liang 2021; PEFT's prefix_projection) during training.
+  prompt: `length` learned embeddings are prepended to the input embeddings (Lester et al. 2021).
+  As in PEFT, the real tokens' positions start at `length`.
+  """
+
+  kind: str = "prefix"  # prefix | prompt
+  length: int = 16
+  reparam: bool = False
+  reparam_hidden: int = 512
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    if self.kind not in ("prefix", "prompt"):
+      raise ValueError(f"PrefixConfig.kind={self.kind!r}: expected prefix or prompt")
+    if self.length < 0:
+      raise ValueError(f"PrefixConfig.length={self.length} must be >= 0")

@@ -375,7 +375,7 @@ def _unbox(tree):
 
 def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[str] = None,
                     attention: str = "xla", remat: bool = False, lora=None, quant=None,
-                    rng: Optional[jax.Array] = None, **config_overrides):
+                    prefix=None, rng: Optional[jax.Array] = None, **config_overrides):
   """Load a HF causal LM directory (or hub name) as (Decoder, params).
 
   Args:
@@ -387,6 +387,7 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
     lora: a `LoraConfig`; adapters are initialised (B = 0) beside the loaded kernels.
     quant: None, "nf4", "int4" or a `QuantConfig`: the linear kernels are quantized tensor by
       tensor while streaming, so the full model never exists in float32.
+    prefix: a `PrefixConfig` (prefix or prompt tuning), initialised beside the base.
     rng: key for the adapter initialisation (default PRNGKey(0)).
   """
   from ftjax.model import AdapterSpec
@@ -405,7 +406,7 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
   if isinstance(quant, str):
     from ftjax.quant import QuantConfig
     qcfg = QuantConfig(kind=quant)
-  spec = AdapterSpec(lora=lora, quant=qcfg)
+  spec = AdapterSpec(lora=lora, quant=qcfg, prefix=prefix)
   model = Decoder(cfg, spec)
   place = None
   if qcfg is not None:
@@ -418,7 +419,7 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
       return jnp.asarray(arr, dtype=np_dtype)
 
   params = load_params(path, cfg, place)
-  if lora is not None:
+  if lora is not None or prefix is not None:
     from ftjax import lora as lora_lib
     params = lora_lib.init_adapters(model, params,
                                     jax.random.PRNGKey(0) if rng is None else rng)
@@ -471,6 +472,9 @@ def save_pretrained(model: Decoder, params: dict, out_dir: str, dtype: Optional[
     max_shard_bytes: above this, shards plus model.safetensors.index.json.
     tokenizer_from: an HF directory whose tokenizer files are copied alongside.
   """
+  if model.spec.prefix is not None:
+    raise ValueError("save_pretrained: prefix/prompt tuning cannot be merged into HF weights; "
+                     "export the adapter with save_adapter (PEFT format) instead")
   if model.spec.lora is not None or model.spec.quant is not None:
     from ftjax import lora as lora_lib
     model, params = lora_lib.merge(model, params)

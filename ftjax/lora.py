@@ -27,7 +27,8 @@ LORA_LEAVES = ("lora_a", "lora_b", "lora_magnitude")
 
 
 def _is_adapter_leaf(key: tuple) -> bool:
-  return key[-1] in LORA_LEAVES
+  """LoRA leaves, and the prefix/prompt tuning params (top-level `prefix`, `prompt`)."""
+  return key[-1] in LORA_LEAVES or key[0] in ("prefix", "prompt")
 
 
 def adapter_params(params: dict) -> dict:
@@ -50,8 +51,8 @@ def with_adapter(base: dict, adapter: dict) -> dict:
 
 
 def disable(model: Decoder) -> Decoder:
-  """The same model with LoRA switched off: the base model on the same params."""
-  return model.clone(spec=dataclasses.replace(model.spec, lora_enabled=False))
+  """The same model with LoRA, prefix and prompt switched off: the base model, same params."""
+  return model.clone(spec=dataclasses.replace(model.spec, adapters_enabled=False))
 
 
 def target_paths(model: Decoder) -> list[str]:
@@ -85,16 +86,16 @@ def _node(params: dict, path: tuple) -> dict:
 
 
 def init_adapters(model: Decoder, params: dict, rng: jax.Array) -> dict:
-  """Add freshly initialised LoRA leaves to loaded base `params`.
+  """Add freshly initialised adapter leaves (LoRA, prefix, prompt) to loaded base `params`.
 
   Only the adapter leaves of `model.init` are kept, so under jit the base initialisation is
   dead code: nothing of base size is built. DoRA magnitudes start at the column norms of the
   loaded base kernels, so training starts exactly at the base model.
   """
-  if model.spec.lora is None:
-    raise ValueError("init_adapters: the model has no LoraConfig")
+  if model.spec.lora is None and model.spec.prefix is None:
+    raise ValueError("init_adapters: the model has no LoraConfig or PrefixConfig")
   paths = target_paths(model)
-  if not paths:
+  if model.spec.lora is not None and not paths:
     raise ValueError(f"LoRA targets {model.spec.lora.targets!r} (regex "
                      f"{model.spec.lora.pattern!r}) match no linear layer; layer paths look "
                      "like 'layer_0/attn/q_proj' and 'layer_0/mlp/up_proj'")
@@ -105,7 +106,7 @@ def init_adapters(model: Decoder, params: dict, rng: jax.Array) -> dict:
 
   from flax import linen as nn
   adapter = nn.meta.unbox(init(rng))
-  if model.spec.lora.dora:
+  if model.spec.lora is not None and model.spec.lora.dora:
     flat = traverse_util.flatten_dict(adapter)
     shapes = kernel_shapes(model.cfg)
     for key in list(flat):
@@ -161,13 +162,20 @@ def _module_names(cfg) -> dict[str, str]:
 
 def save_adapter(model: Decoder, params: dict, out_dir: str,
                  base_model_name_or_path: Optional[str] = None):
-  """Write a PEFT LoRA adapter (`adapter_config.json`, `adapter_model.safetensors`).
+  """Write a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`).
+
+  LoRA/DoRA as PEFT's LORA; prefix and prompt tuning as PREFIX_TUNING / PROMPT_TUNING.
 
   `peft.PeftModel.from_pretrained(base, out_dir)` loads it with the same logits.
   """
   lcfg = model.spec.lora
+  if model.spec.prefix is not None:
+    if lcfg is not None:
+      raise ValueError("save_adapter: PEFT has no format for LoRA and prefix tuning together")
+    from ftjax import prefix
+    return prefix.save_prefix_adapter(model, params, out_dir, base_model_name_or_path)
   if lcfg is None:
-    raise ValueError("save_adapter: the model has no LoRA adapter")
+    raise ValueError("save_adapter: the model has no adapter")
   if model.cfg.family == "gpt2":
     raise ValueError("save_adapter: PEFT stores GPT-2 q/k/v as one fused c_attn module; export "
                      "GPT-2 LoRA merged (format=merged) instead")
@@ -205,12 +213,18 @@ def save_adapter(model: Decoder, params: dict, out_dir: str,
 
 
 def load_adapter(model: Decoder, params: dict, adapter_dir: str) -> tuple[Decoder, dict]:
-  """Import a PEFT LoRA adapter onto a loaded ftjax base: (model with LoRA, params)."""
+  """Import a PEFT adapter (LoRA, prefix or prompt tuning) onto a loaded ftjax base.
+
+  Returns (model with the adapter, params).
+  """
   cfg_path = os.path.join(adapter_dir, "adapter_config.json")
   if not os.path.exists(cfg_path):
     raise hf.CheckpointError(f"{cfg_path}: missing; not a PEFT adapter directory")
   with open(cfg_path) as f:
     acfg = json.load(f)
+  if acfg.get("peft_type") in ("PREFIX_TUNING", "PROMPT_TUNING"):
+    from ftjax import prefix
+    return prefix.load_prefix_adapter(model, params, adapter_dir, acfg)
   if acfg.get("peft_type") != "LORA":
     raise hf.CheckpointError(f"{cfg_path}: peft_type {acfg.get('peft_type')!r} is not LORA")
   if acfg.get("rank_pattern") or acfg.get("alpha_pattern"):

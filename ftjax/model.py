@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.config import LORA_TARGET_PRESETS, LoraConfig, ModelConfig
+from ftjax.config import LORA_TARGET_PRESETS, LoraConfig, ModelConfig, PrefixConfig
 
 Array = jax.Array
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -54,14 +54,20 @@ def constrain(x: Array, names: tuple) -> Array:
 class AdapterSpec:
   """What wraps the base linear layers: LoRA/DoRA, 4-bit kernels; hashable, part of the model.
 
-  `lora_enabled=False` runs the base model alone on the same params (DPO's reference model
+  `adapters_enabled=False` runs the base model alone on the same params (DPO's reference model
   without a second copy of the weights).
   """
 
   lora: Optional[LoraConfig] = None
   quant: Any = None  # ftjax.quant.QuantConfig
   quant_targets: str = LORA_TARGET_PRESETS["all-linear"]  # embeddings and norms stay dense
-  lora_enabled: bool = True
+  prefix: Optional[PrefixConfig] = None
+  adapters_enabled: bool = True
+
+  def prefix_of(self, kind: str) -> Optional[PrefixConfig]:
+    if self.adapters_enabled and self.prefix is not None and self.prefix.kind == kind:
+      return self.prefix
+    return None
 
   def lora_for(self, path: str) -> Optional[LoraConfig]:
     if self.lora is not None and re.search(self.lora.pattern, path):
@@ -126,7 +132,7 @@ class Linear(nn.Module):
         mag = self.param("lora_magnitude", nn.with_logical_partitioning(
             lambda key, s, d: jnp.linalg.norm(kernel.astype(jnp.float32), axis=0).astype(d),
             (self.axes[1],)), (shape[1],), self.param_dtype)
-      if self.spec.lora_enabled:
+      if self.spec.adapters_enabled:
         xa = x
         if lcfg.dropout > 0 and self.has_rng("dropout"):
           xa = nn.Dropout(lcfg.dropout, deterministic=False)(x)
@@ -263,7 +269,7 @@ class Attention(nn.Module):
   spec: AdapterSpec = AdapterSpec()
 
   @nn.compact
-  def __call__(self, x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, cache):
+  def __call__(self, x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, cache, prefix=None):
     cfg = self.cfg
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     b, t, _ = x.shape
@@ -288,6 +294,11 @@ class Attention(nn.Module):
       cache = {"k": k, "v": v}
       k, v = k.astype(dt), v.astype(dt)
     allowed = attention_mask(q_idx, k_idx, key_valid, q_seg, k_seg, cfg.sliding_window)
+    if prefix is not None:  # [2, P, K, H]: learned keys/values every query may attend to
+      p = prefix.shape[1]
+      k = jnp.concatenate([jnp.broadcast_to(prefix[0].astype(dt), (b, p, kv, h)), k], axis=1)
+      v = jnp.concatenate([jnp.broadcast_to(prefix[1].astype(dt), (b, p, kv, h)), v], axis=1)
+      allowed = jnp.concatenate([jnp.ones((b, t, p), bool), allowed], axis=-1)
     out = dot_attention(q, k, v, allowed, cfg.attention)  # [B, T, N, H]
     out = out.reshape(b, t, n * h)
     out = lin(cfg.d_model, ("q_heads", "embed"), cfg.o_bias, name="o_proj")(out)
@@ -323,10 +334,10 @@ class Block(nn.Module):
   spec: AdapterSpec = AdapterSpec()
 
   @nn.compact
-  def __call__(self, x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, cache):
+  def __call__(self, x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, cache, prefix=None):
     attn = Attention(self.cfg, self.spec, name="attn")
     h, cache = attn(_norm(self.cfg, "attn_norm")(x), positions, key_valid, q_idx, k_idx, q_seg,
-                    k_seg, cache)
+                    k_seg, cache, prefix)
     x = x + h
     x = x + Mlp(self.cfg, self.spec, name="mlp")(_norm(self.cfg, "mlp_norm")(x))
     return constrain(x, ("batch", "length", "act_embed")), cache
@@ -342,8 +353,44 @@ def segment_positions(segment_ids: Array) -> Array:
   return idx - start
 
 
+class PrefixEncoder(nn.Module):
+  """Per-layer learned key/value prefixes: [L, 2, P, K, H] (optionally via a 2-layer MLP)."""
+
+  cfg: ModelConfig
+  prefix: PrefixConfig
+
+  @nn.compact
+  def __call__(self) -> Array:
+    cfg, pc = self.cfg, self.prefix
+    shape = (cfg.n_layers, 2, pc.length, cfg.n_kv_heads, cfg.head_dim)
+    pdt = _dtype(cfg.param_dtype)
+    if not pc.reparam:
+      return self.param("kv", nn.with_logical_partitioning(
+          nn.initializers.normal(pc.init_std), ("layers", None, "prefix", "kv_heads", "head_dim")),
+                        shape, pdt)
+    # Li & Liang's reparametrisation (PEFT prefix_projection): embedding -> tanh MLP.
+    emb = self.param("embedding", nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), ("prefix", "embed")), (pc.length, cfg.d_model), pdt)
+    width = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim
+    h = jnp.tanh(Linear(pc.reparam_hidden, ("embed", "mlp"), True, name="mlp_in")(emb))
+    out = Linear(width, ("mlp", "kv_heads"), True, name="mlp_out")(h)  # [P, L*2*K*H]
+    # PEFT's layout of a flat prefix row: (layer, key/value, kv head, head dim).
+    out = out.reshape(pc.length, cfg.n_layers, 2, cfg.n_kv_heads, cfg.head_dim)
+    return out.transpose(1, 2, 0, 3, 4)
+
+
+def prompt_length(model: "Decoder") -> int:
+  """Cache slots the soft prompt takes (prompt tuning), else 0."""
+  pc = model.spec.prefix_of("prompt")
+  return pc.length if pc is not None else 0
+
+
 class Decoder(nn.Module):
-  """Decoder-only LM. See the module docstring for the call signature."""
+  """Decoder-only LM. See the module docstring for the call signature.
+
+  `decode=True` marks a call that continues a cached sequence, whose soft prompt (prompt
+  tuning) is already in the cache; the sampler sets it after the prefill.
+  """
 
   cfg: ModelConfig
   spec: AdapterSpec = AdapterSpec()
@@ -351,11 +398,37 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, positions: Optional[Array] = None,
                mask: Optional[Array] = None, segment_ids: Optional[Array] = None,
-               cache: Optional[dict] = None, return_hidden: bool = False):
+               cache: Optional[dict] = None, return_hidden: bool = False, decode: bool = False):
     cfg = self.cfg
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     b, t = tokens.shape
     mask = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
+
+    embed = self.param("embed", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                             ("vocab", "embed")),
+                       (cfg.vocab_size, cfg.d_model), pdt)
+    x = jnp.take(embed, tokens, axis=0).astype(dt)  # [B, T, D]
+    if cfg.embed_scale:
+      x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
+
+    # Prompt tuning: P soft tokens in front; they take positions 0..P-1 and cache slots.
+    prompt_cfg = self.spec.prefix_of("prompt")
+    n_soft = 0
+    if prompt_cfg is not None:
+      soft = self.param("prompt", nn.with_logical_partitioning(
+          nn.initializers.normal(prompt_cfg.init_std), ("prefix", "embed")),
+                        (prompt_cfg.length, cfg.d_model), pdt)
+      if segment_ids is not None:
+        raise ValueError("prompt tuning does not combine with packed sequences (segment_ids)")
+      if not decode:
+        n_soft = prompt_cfg.length
+        x = jnp.concatenate([jnp.broadcast_to(soft.astype(dt), (b, n_soft, cfg.d_model)), x], 1)
+        mask = jnp.concatenate([jnp.ones((b, n_soft), bool), mask], axis=1)
+        if positions is not None:
+          positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_soft), (b, n_soft)),
+                                       positions + n_soft], axis=1)
+    t_all = t + n_soft
+
     if cache is not None:
       s = cache["mask"].shape[1]
       index = cache["index"]
@@ -363,7 +436,7 @@ class Decoder(nn.Module):
         seen = cache["mask"].sum(-1, dtype=jnp.int32)[:, None]
         positions = seen + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1
       key_valid = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
-      q_idx = index + jnp.arange(t)
+      q_idx = index + jnp.arange(t_all)
       k_idx = jnp.arange(s)
       q_seg = k_seg = None
     else:
@@ -373,16 +446,17 @@ class Decoder(nn.Module):
         else:
           positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
       key_valid = mask
-      q_idx = k_idx = jnp.arange(t)
+      q_idx = k_idx = jnp.arange(t_all)
       q_seg = k_seg = segment_ids
     positions = jnp.maximum(positions, 0)
 
-    embed = self.param("embed", nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                             ("vocab", "embed")),
-                       (cfg.vocab_size, cfg.d_model), pdt)
-    x = jnp.take(embed, tokens, axis=0).astype(dt)  # [B, T, D]
-    if cfg.embed_scale:
-      x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
+    # Prefix tuning: per-layer learned keys/values; as in PEFT, tokens start at position P.
+    prefix_cfg = self.spec.prefix_of("prefix")
+    prefix_kv = None
+    if prefix_cfg is not None:
+      prefix_kv = PrefixEncoder(cfg, prefix_cfg, name="prefix")()  # [L, 2, P, K, H]
+      positions = positions + prefix_cfg.length
+
     if cfg.positions == "learned":
       pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
           nn.initializers.normal(0.01), ("position", "embed")), (cfg.max_seq_len, cfg.d_model), pdt)
@@ -394,9 +468,11 @@ class Decoder(nn.Module):
     for i in range(cfg.n_layers):
       layer_cache = None if cache is None else {**cache["layers"][i], "index": cache["index"]}
       block = block_cls(cfg, self.spec, name=f"layer_{i}")
-      x, layer_cache = block(x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, layer_cache)
+      x, layer_cache = block(x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, layer_cache,
+                             None if prefix_kv is None else prefix_kv[i])
       new_layers.append(layer_cache)
     x = _norm(cfg, "final_norm")(x)
+    x = x[:, n_soft:]  # outputs for the real tokens only
     if return_hidden:
       out = x
     elif cfg.tie_embeddings:
@@ -408,7 +484,7 @@ class Decoder(nn.Module):
       out = jnp.einsum("BTD,DV->BTV", x, kernel.astype(dt), preferred_element_type=jnp.float32)
     if cache is None:
       return out
-    new_cache = {"layers": new_layers, "mask": key_valid, "index": cache["index"] + t}
+    new_cache = {"layers": new_layers, "mask": key_valid, "index": cache["index"] + t_all}
     return out, new_cache
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.model import Decoder, init_cache
+from ftjax.model import Decoder, init_cache, prompt_length
 
 
 class GenerateOutput(NamedTuple):
@@ -57,7 +57,7 @@ def _generate(params, tokens, mask, rng, *, model: Decoder, max_new_tokens: int,
               temperature: float, top_k: int, top_p: float, eos_ids: tuple, n: int, pad_id: int):
   b, t = tokens.shape
   m = max_new_tokens
-  cache = init_cache(model.cfg, b, t + m)
+  cache = init_cache(model.cfg, b, t + m + prompt_length(model))
   logits, cache = model.apply({"params": params}, tokens, mask=mask, cache=cache)
   logits = logits[:, -1]  # [B, V]; prompts are left-padded, so the last slot is the last token
   if n > 1:
@@ -79,7 +79,7 @@ def _generate(params, tokens, mask, rng, *, model: Decoder, max_new_tokens: int,
     out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
     out_mask = out_mask.at[:, i].set(~done)
     done = done | jnp.isin(tok, eos)
-    logits, cache = model.apply({"params": params}, tok[:, None], cache=cache)
+    logits, cache = model.apply({"params": params}, tok[:, None], cache=cache, decode=True)
     return i + 1, logits[:, -1], cache, done, out_tok, out_lp, out_mask, key
 
   state = (jnp.zeros((), jnp.int32), logits, cache, jnp.zeros((bn,), bool),

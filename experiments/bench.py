@@ -1,0 +1,378 @@
+"""Throughput and memory benchmarks of the ftjax decoder on random params, one device.
+
+  python experiments/bench.py --bench=forward,train_step --preset=llama-3.2-1b --batch=8 \
+      --seq_len=2048 --dtype=bfloat16 --steps=20 --out=/tmp/bench.jsonl
+
+Benches (`--bench`, a comma list or repeated; `--attention` runs each listed implementation):
+  forward       jitted `model.apply` -> logits; tokens/s, achieved TFLOP/s and MFU.
+  train_step    forward + backward of the next-token cross-entropy and an optax adamw update
+                (full fine-tuning, state donated); tokens/s, TFLOP/s and MFU.
+  generate      `ftjax.generate` (prefill of a --seq_len prompt, then --max_new_tokens greedy
+                decode steps); decoded tokens/s (the prefill time is inside the timed call).
+  quant_memory  bytes of the linear kernels in float32, bfloat16, NF4 and int4 (each with and
+                without double quant): layer 0's kernels are really quantized and the result
+                is extrapolated to every layer (all layers have the same shapes).
+
+FLOPs (2 per multiply-add; embedding gathers, norms, RoPE and softmax are not counted):
+  forward per token = 2 * (N_nonembedding + V * D)       linear kernels and the logits matmul
+                      + 4 * L * N * H * T                 QK^T and PV over the full T x T square
+  which is `cfg.flops_per_token(T) / 3`; a train step is 3x the forward (`cfg.flops_per_token`,
+  the PaLM / MaxText count). The attention term has no causal discount: ftjax passes a boolean
+  mask, so neither the XLA einsums nor cuDNN skip the masked half.
+MFU = achieved FLOP/s / the chip's dense bf16 peak (table below), reported only when the compute
+dtype is bfloat16 and the device kind is in the table.
+
+Timing: the first call compiles (`compile_s`), `--warmup` untimed calls in all (at least that
+one), then `--steps` calls each ended by `jax.block_until_ready`; the median is reported.
+Records go to stdout as a table and, with --out, are appended to a JSON-lines file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import traverse_util  # noqa: E402
+
+import ftjax  # noqa: E402
+from ftjax.config import ModelConfig  # noqa: E402
+from ftjax.model import AdapterSpec  # noqa: E402
+
+BENCHES = ("forward", "train_step", "generate", "quant_memory")
+ATTENTIONS = ("xla", "dot_product")
+
+# Dense bf16 peak FLOP/s per chip, matched in order as substrings of the lower-cased
+# `device_kind` ("NVIDIA H100 80GB HBM3", "TPU v5 lite", "TPU v5", ...): v5e before v5p.
+PEAK_BF16_FLOPS = (
+    ("h200", 989e12), ("h100", 989e12), ("a100", 312e12),
+    ("v5 lite", 197e12), ("v5e", 197e12), ("v5p", 459e12), ("v5", 459e12), ("v4", 275e12),
+)
+
+# Storage formats of quant_memory: name -> QuantConfig (None: a plain float dtype).
+QUANT_FORMATS = {
+    "nf4_dq": ftjax.QuantConfig(kind="nf4", double_quant=True),
+    "nf4": ftjax.QuantConfig(kind="nf4", double_quant=False),
+    "int4_dq": ftjax.QuantConfig(kind="int4", double_quant=True),
+    "int4": ftjax.QuantConfig(kind="int4", double_quant=False),
+}
+
+
+def define_flags():
+  """Flags of the command line; defined only when run as a script, so that importing this module
+  (tests) adds nothing to absl's global registry, where experiments/generate.py already holds
+  --dtype, --attention and friends."""
+  flags.DEFINE_multi_string("bench", ["forward,train_step,generate,quant_memory"],
+                            f"Benches, a comma list or repeated: {', '.join(BENCHES)}.")
+  flags.DEFINE_string("preset", "tiny", "Model preset (ftjax.PRESETS).")
+  flags.DEFINE_integer("batch", 4, "Batch size B.")
+  flags.DEFINE_integer("seq_len", 128, "Sequence length T (the prompt length for generate).")
+  flags.DEFINE_list("attention", list(ATTENTIONS), "Attention implementations to run, each.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param dtype.")
+  flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
+                    "Compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU).")
+  flags.DEFINE_integer("steps", 10, "Timed calls per bench.")
+  flags.DEFINE_integer("warmup", 2, "Untimed calls before timing (at least 1: it compiles).")
+  flags.DEFINE_integer("max_new_tokens", 32, "Decoded tokens per sequence for generate.")
+  flags.DEFINE_bool("remat", False, "Rematerialise each block in train_step.")
+  flags.DEFINE_integer("seed", 0, "Seed of the random params and tokens.")
+  flags.DEFINE_string("out", None, "JSON-lines file to append one record per row to.")
+
+
+def default_compute_dtype() -> str:
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def peak_flops(device_kind: str) -> Optional[float]:
+  """Dense bf16 peak FLOP/s of one chip, or None for a device kind not in the table."""
+  kind = device_kind.lower()
+  for key, peak in PEAK_BF16_FLOPS:
+    if key in kind:
+      return peak
+  return None
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Forward FLOPs per token at length T (see the module docstring): matmul weights + attention."""
+  weights = cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.d_model
+  attention = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+  return 2.0 * weights + attention
+
+
+def time_calls(call: Callable[[], object], steps: int, warmup: int) -> tuple[float, list[float]]:
+  """(seconds of the first, compiling call, seconds of each of `steps` timed calls)."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(call())
+  compile_s = time.perf_counter() - t0
+  for _ in range(max(warmup, 1) - 1):
+    jax.block_until_ready(call())
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - t0)
+  return compile_s, times
+
+
+def _init(cfg: ModelConfig, seed: int):
+  """Decoder and random params, built by one jitted init straight in cfg.param_dtype on the
+  default device (a 1B model in bf16 never exists in float32 anywhere)."""
+  model = ftjax.Decoder(cfg)
+  return model, ftjax.init_params(model, jax.random.PRNGKey(seed))
+
+
+def _tokens(cfg: ModelConfig, batch: int, seq_len: int, seed: int) -> jax.Array:
+  return jax.random.randint(jax.random.PRNGKey(seed + 1), (batch, seq_len), 0, cfg.vocab_size,
+                            jnp.int32)  # [B, T]
+
+
+def _throughput(rec: dict, times: list[float], tokens: int, flops: Optional[float]) -> dict:
+  """Fill timing, tokens/s, TFLOP/s and MFU fields of a record."""
+  med = statistics.median(times)
+  rec.update(median_s=med, min_s=min(times), tokens_per_s=tokens / med)
+  if flops is not None:
+    rec["flops_per_step"] = flops
+    rec["tflops_per_s"] = flops / med / 1e12
+    peak = peak_flops(rec["device_kind"])
+    if peak is not None and rec["compute_dtype"] == "bfloat16":
+      rec["peak_flops"] = peak
+      rec["mfu"] = flops / med / peak
+  return rec
+
+
+# A timed bench returns (record fields, seconds per timed call, tokens per call, FLOPs per call).
+Timed = tuple[dict, list[float], int, Optional[float]]
+
+
+def bench_forward(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int,
+                  seed: int, **_) -> Timed:
+  model, params = _init(cfg, seed)
+  tokens = _tokens(cfg, batch, seq_len, seed)
+  fwd = jax.jit(lambda p, t: model.apply({"params": p}, t))  # [B, T] -> [B, T, V] float32
+  compile_s, times = time_calls(lambda: fwd(params, tokens), steps, warmup)
+  n = batch * seq_len
+  rec = {"compile_s": compile_s, "flops_per_token": forward_flops_per_token(cfg, seq_len)}
+  return rec, times, n, rec["flops_per_token"] * n
+
+
+def next_token_loss(model: nn.Module, params: dict, tokens: jax.Array) -> jax.Array:
+  """Mean cross-entropy of tokens[:, 1:] under the logits of tokens[:, :-1]. tokens [B, T]."""
+  logits = model.apply({"params": params}, tokens)[:, :-1]  # [B, T-1, V] float32
+  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def bench_train_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int,
+                     seed: int, **_) -> Timed:
+  model, params = _init(cfg, seed)
+  tokens = _tokens(cfg, batch, seq_len, seed)
+  tx = optax.adamw(1e-5, weight_decay=0.01)
+
+  def step(state, tokens):
+    params, opt_state = state
+    loss, grads = jax.value_and_grad(lambda p: next_token_loss(model, p, tokens))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  step = jax.jit(step, donate_argnums=0)
+  box = [(params, tx.init(params))]
+  del params  # donated by the first step
+
+  def call():
+    box[0], loss = step(box[0], tokens)
+    return loss
+
+  compile_s, times = time_calls(call, steps, warmup)
+  n = batch * seq_len
+  rec = {"compile_s": compile_s, "flops_per_token": cfg.flops_per_token(seq_len),
+         "final_loss": float(call())}
+  return rec, times, n, rec["flops_per_token"] * n
+
+
+def bench_generate(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int,
+                   seed: int, max_new_tokens: int = 32, **_) -> Timed:
+  model, params = _init(cfg, seed)
+  prompt = np.asarray(_tokens(cfg, batch, seq_len, seed))  # [B, T], no padding
+  mask = np.ones(prompt.shape, bool)
+  rng = jax.random.PRNGKey(seed + 2)
+  # eos_id=None: no row stops early, so every call decodes exactly max_new_tokens per row.
+  call = lambda: ftjax.generate(model, params, prompt, mask, max_new_tokens=max_new_tokens,
+                                rng=rng, temperature=0.0)
+  compile_s, times = time_calls(call, steps, warmup)
+  rec = {"compile_s": compile_s, "max_new_tokens": max_new_tokens, "prompt_len": seq_len,
+         "note": "tokens_per_s counts decoded tokens; each timed call includes the prefill"}
+  return rec, times, batch * max_new_tokens, None
+
+
+def _nbytes(q: dict) -> int:
+  return round(ftjax.quant.bytes_per_param(q, 1))  # bytes per 1 param: the total bytes
+
+
+def bench_quant_memory(cfg: ModelConfig, seed: int, **_) -> dict:
+  """Bytes of the quantizable (all-linear) kernels per storage format, from shapes and layer 0."""
+  model = ftjax.Decoder(cfg)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  flat = traverse_util.flatten_dict(nn.meta.unbox(shapes)["params"], sep="/")
+  pattern = re.compile(AdapterSpec().quant_targets)  # what load_pretrained(quant=...) quantizes
+  linear = {p: s.shape for p, s in flat.items()
+            if p.endswith("/kernel") and pattern.search(p[:-len("/kernel")])}
+  n_linear = sum(math.prod(s) for s in linear.values())
+  n_other = sum(math.prod(s.shape) for s in flat.values()) - n_linear
+  layers = {}
+  for path, shape in linear.items():
+    layer, rest = path.split("/", 1)
+    layers.setdefault(layer, {})[rest] = shape
+  layer0 = layers["layer_0"]
+  if any(kernels != layer0 for kernels in layers.values()):
+    raise ValueError(f"quant_memory: preset layers differ in kernel shapes; cannot extrapolate "
+                     f"layer_0 to all {len(layers)} layers")
+  n_layer0 = sum(math.prod(s) for s in layer0.values())
+
+  per_layer = {name: 0 for name in QUANT_FORMATS}
+  key = jax.random.PRNGKey(seed)
+  for i, shape in enumerate(layer0.values()):
+    # Flat: quantize blocks the C-order flattened kernel anyway, and equal sizes share a compile.
+    w = jax.random.normal(jax.random.fold_in(key, i), (math.prod(shape),), jnp.float32) * 0.02
+    for name, qcfg in QUANT_FORMATS.items():
+      per_layer[name] += _nbytes(ftjax.quant.quantize(w, qcfg))
+    del w
+  linear_bytes = {"float32": 4 * n_linear, "bfloat16": 2 * n_linear}
+  linear_bytes.update({name: b * len(layers) for name, b in per_layer.items()})
+  bytes_per_param = {name: b / n_linear for name, b in linear_bytes.items()}
+  # A QLoRA-style model keeps embeddings, norms and the head in bf16 beside 4-bit kernels.
+  model_bytes = {name: b + n_other * (4 if name == "float32" else 2)
+                 for name, b in linear_bytes.items()}
+  return {
+      "linear_params": n_linear, "other_params": n_other, "n_layers_quantized": 1,
+      "layer_params": n_layer0, "linear_bytes": linear_bytes, "bytes_per_param": bytes_per_param,
+      "model_bytes": model_bytes, "block_size": QUANT_FORMATS["nf4"].block_size,
+      "note": (f"layer_0's {len(layer0)} linear kernels ({n_layer0:,} params) quantized, "
+               f"extrapolated x{len(layers)} layers; model_bytes keeps the other {n_other:,} "
+               "params in bfloat16 (float32 for the float32 column)")}
+
+
+TIMED = {"forward": bench_forward, "train_step": bench_train_step, "generate": bench_generate}
+
+
+def _split(values: Sequence[str] | str) -> list[str]:
+  values = [values] if isinstance(values, str) else values
+  return [v.strip() for s in values for v in s.split(",") if v.strip()]
+
+
+def _fmt(x, spec: str) -> str:
+  return "-" if x is None else format(x, spec)
+
+
+def _human(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.3g} {unit}"
+    n /= 1024
+
+
+def format_table(records: list[dict]) -> str:
+  """One compact row per record."""
+  head = (f"{'bench':<12} {'attention':<11} {'median_ms':>10} {'compile_s':>9} {'tokens/s':>12} "
+          f"{'TFLOP/s':>9} {'MFU':>6}  note")
+  rows = [head, "-" * len(head)]
+  for r in records:
+    if r["bench"] == "quant_memory":
+      bpp = r["bytes_per_param"]
+      lb = r["linear_bytes"]
+      note = (f"B/param nf4_dq {bpp['nf4_dq']:.4f} nf4 {bpp['nf4']:.4f} int4_dq "
+              f"{bpp['int4_dq']:.4f} int4 {bpp['int4']:.4f} bf16 {bpp['bfloat16']:.1f}; linear "
+              f"kernels bf16 {_human(lb['bfloat16'])} -> nf4_dq {_human(lb['nf4_dq'])} "
+              "(layer_0 quantized, extrapolated)")
+      rows.append(f"{r['bench']:<12} {'-':<11} {'-':>10} {'-':>9} {'-':>12} {'-':>9} {'-':>6}  "
+                  + note)
+      continue
+    med = r["median_s"] * 1e3
+    note = f"decoded {r['max_new_tokens']} tok/seq" if r["bench"] == "generate" else ""
+    rows.append(f"{r['bench']:<12} {r['attention']:<11} {med:>10.3f} {r['compile_s']:>9.2f} "
+                f"{r['tokens_per_s']:>12,.0f} {_fmt(r.get('tflops_per_s'), '9.3f'):>9} "
+                f"{_fmt(r.get('mfu'), '6.1%'):>6}  {note}".rstrip())
+  return "\n".join(rows)
+
+
+def run(benches: Sequence[str] | str = BENCHES, preset: str = "tiny", batch: int = 4,
+        seq_len: int = 128, attention: Sequence[str] | str = ATTENTIONS,
+        dtype: str = "float32", compute_dtype: Optional[str] = None, steps: int = 10,
+        warmup: int = 2, max_new_tokens: int = 32, remat: bool = False, seed: int = 0,
+        out: Optional[str] = None, verbose: bool = True) -> list[dict]:
+  """Run each bench (timed ones once per attention implementation); returns the records.
+
+  Prints the table when `verbose`; appends one JSON line per record to `out` when given.
+  """
+  benches, attention = _split(benches), _split(attention)
+  for b in benches:
+    if b not in BENCHES:
+      raise ValueError(f"--bench={b!r}: expected some of {', '.join(BENCHES)}")
+  for a in attention:
+    if a not in ATTENTIONS:
+      raise ValueError(f"--attention={a!r}: expected some of {', '.join(ATTENTIONS)}")
+  if batch < 1 or seq_len < 2 or steps < 1 or max_new_tokens < 1:
+    raise ValueError(f"bench: need batch >= 1, seq_len >= 2, steps >= 1, max_new_tokens >= 1; "
+                     f"got {batch}, {seq_len}, {steps}, {max_new_tokens}")
+  compute_dtype = compute_dtype or default_compute_dtype()
+  base = ftjax.get_preset(preset).replace(param_dtype=dtype, dtype=compute_dtype, remat=remat)
+  device = jax.devices()[0]
+  common = {"preset": preset, "batch": batch, "seq_len": seq_len, "param_dtype": dtype,
+            "compute_dtype": compute_dtype, "device_kind": device.device_kind,
+            "platform": device.platform, "n_params": base.num_params(), "jax": jax.__version__}
+  kw = dict(batch=batch, seq_len=seq_len, steps=steps, warmup=warmup, seed=seed,
+            max_new_tokens=max_new_tokens)
+  records = []
+  for b in benches:
+    if b == "quant_memory":  # shapes only: independent of attention and dtypes
+      records.append({"bench": b, "attention": None, **common, **bench_quant_memory(base, seed)})
+      continue
+    for a in attention:
+      rec, times, n_tokens, flops = TIMED[b](base.replace(attention=a), **kw)
+      rec = {"bench": b, "attention": a, **common, "steps": steps, "warmup": max(warmup, 1),
+             **rec}
+      records.append(_throughput(rec, times, n_tokens, flops))
+  if verbose:
+    print(f"preset={preset} ({base.num_params():,} params) B={batch} T={seq_len} "
+          f"params={dtype} compute={compute_dtype} device={device.device_kind} "
+          f"({device.platform}, 1 device)")
+    print(format_table(records))
+  if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "a") as f:
+      for r in records:
+        f.write(json.dumps({"time": time.time(), **r}) + "\n")
+  return records
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  F = flags.FLAGS
+  run(F.bench, F.preset, F.batch, F.seq_len, F.attention, F.dtype, F.compute_dtype, F.steps,
+      F.warmup, F.max_new_tokens, F.remat, F.seed, F.out)
+
+
+def _entry():
+  define_flags()
+  try:
+    app.run(main)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  _entry()

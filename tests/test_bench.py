@@ -1,0 +1,74 @@
+"""experiments/bench.py: each bench once on the tiny preset (CPU), the FLOP count, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ftjax
+from experiments import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_forward_flops_is_a_third_of_train_flops():
+  cfg = ftjax.get_preset("llama-3.2-1b")
+  assert bench.forward_flops_per_token(cfg, 2048) * 3 == pytest.approx(cfg.flops_per_token(2048))
+  tiny = ftjax.get_preset("tiny")  # counted by hand from its shapes (norm scales included)
+  d, f, v, lay, n, kv, h, t = 64, 128, 256, 2, 4, 2, 16, 32
+  linear = lay * (d * n * h + 2 * d * kv * h + n * h * d + 3 * d * f)
+  expected = 2 * (linear + lay * 2 * d + d + v * d) + 4 * lay * n * h * t
+  assert bench.forward_flops_per_token(tiny, t) == expected
+
+
+def test_peak_flops_table():
+  assert bench.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert bench.peak_flops("TPU v5 lite") == 197e12
+  assert bench.peak_flops("TPU v5") == 459e12
+  assert bench.peak_flops("cpu") is None
+
+
+def test_run_every_bench(tmp_path, capsys):
+  out = str(tmp_path / "bench.jsonl")
+  records = bench.run(bench.BENCHES, preset="tiny", batch=2, seq_len=32, attention="xla",
+                      steps=2, warmup=1, max_new_tokens=4, out=out)
+  by_bench = {r["bench"]: r for r in records}
+  assert list(by_bench) == list(bench.BENCHES) and len(records) == 4
+  for name in ("forward", "train_step", "generate"):
+    r = by_bench[name]
+    assert r["tokens_per_s"] > 0 and r["median_s"] > 0 and r["attention"] == "xla"
+    assert r["device_kind"] == "cpu" and r["compute_dtype"] == "float32"
+    assert "mfu" not in r  # no peak for a CPU
+  assert by_bench["forward"]["tflops_per_s"] > 0
+  assert by_bench["train_step"]["flops_per_token"] == ftjax.get_preset("tiny").flops_per_token(32)
+  q = by_bench["quant_memory"]
+  bpp = q["bytes_per_param"]
+  assert bpp["bfloat16"] == 2.0 and bpp["float32"] == 4.0
+  assert 0.5 < bpp["nf4_dq"] <= 0.53 and bpp["nf4_dq"] < bpp["nf4"] < bpp["bfloat16"]
+  assert 0.5 < bpp["int4_dq"] <= 0.53
+  assert q["linear_params"] + q["other_params"] == ftjax.get_preset("tiny").num_params()
+  table = capsys.readouterr().out
+  assert "quant_memory" in table and "train_step" in table
+  with open(out) as f:
+    lines = [json.loads(line) for line in f]
+  assert [r["bench"] for r in lines] == list(bench.BENCHES)
+
+
+def test_run_rejects_unknown_bench():
+  with pytest.raises(ValueError, match="backward"):
+    bench.run("forward,backward")
+
+
+def test_cli(tmp_path):
+  out = str(tmp_path / "cli.jsonl")
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "bench.py"), "--bench=forward",
+         "--preset=tiny", "--batch=2", "--seq_len=32", "--steps=2", "--warmup=1",
+         "--attention=dot_product", f"--out={out}"]
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr
+  assert "forward      dot_product" in res.stdout
+  with open(out) as f:
+    (rec,) = [json.loads(line) for line in f]
+  assert rec["bench"] == "forward" and rec["tokens_per_s"] > 0
