@@ -130,7 +130,7 @@ def time_calls(call: Callable[[], object], steps: int, warmup: int) -> tuple[flo
 
 def _init(cfg: ModelConfig, seed: int):
   """Decoder and random params, built by one jitted init straight in cfg.param_dtype on the
-  default device (a 1B model in bf16 never exists in float32 anywhere)."""
+  default device, so a bf16 model is never materialised whole in float32."""
   model = ftjax.Decoder(cfg)
   return model, ftjax.init_params(model, jax.random.PRNGKey(seed))
 

@@ -24,8 +24,8 @@ Rules = Sequence[tuple[str, str]]
 RULES: dict[str, list[tuple[str, str]]] = {
     "full": [(".*", TRAIN)],
     "lora": [(r"/lora_(a|b|magnitude)$", TRAIN), (".*", FREEZE)],
-    "prefix": [(r"^prefix/", TRAIN), (".*", FREEZE)],
-    "prompt": [(r"^prompt/", TRAIN), (".*", FREEZE)],
+    "prefix": [(r"^prefix(/|$)", TRAIN), (".*", FREEZE)],
+    "prompt": [(r"^prompt(/|$)", TRAIN), (".*", FREEZE)],
     "none": [(".*", FREEZE)],
 }
 

@@ -1,0 +1,408 @@
+"""Orbax checkpoints of the train state, the data position and run facts; NaN guard; SIGTERM flag.
+
+A workdir's checkpoints live in `workdir/checkpoints/<step>/` with three items:
+
+  state/   the train state pytree (trainable params, optimizer state, step, rng key), via
+           `ocp.args.StandardSave`, restored into the structure and shardings of a target
+  data/    the data iterator position (small JSON dict), `ocp.args.JsonSave`
+  extra/   run facts (JSON), e.g. `{"base": base_reference(hf_dir)}` to detect a changed base
+  metrics/ written by orbax itself when a save carries `best_metric`
+
+Orbax behaviours this module relies on (checked against orbax-checkpoint 0.12.8, see
+tests/test_checkpoint.py):
+- A step is written to `<step>.orbax-checkpoint-tmp/` and renamed to `<step>/` only once every
+  item is on disk, so a crash mid-save leaves a tmp dir that `all_steps`/`latest_step` never
+  report; `cleanup_tmp_directories=True` deletes such leftovers when the next run starts.
+- An async save copies device arrays to host before `save` returns, so the caller may donate or
+  delete the state right after (the train step's `donate_argnums=0`); the disk write finishes in
+  a background thread. A later `save`, `wait()` or `close()` waits for it.
+- `StandardRestore` rejects a target whose shape differs from the stored one, but silently casts
+  dtypes and reports mismatches without naming the leaf; `restore` therefore checks the target
+  against the stored metadata first and names the first offending leaf.
+
+Every process calls `save`/`restore` (orbax coordinates the hosts); `data_state` and `extra` are
+written by the primary host only, so they must be the same on every process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import struct
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+_ITEMS = ("state", "data", "extra")
+
+
+# ------------------------------------------------------------------------------------------------
+# NaN / Inf guard
+
+
+def _path_str(keypath) -> str:
+  return ".".join(ocp.tree.str_keypath(keypath)) or "<root>"
+
+
+@jax.jit
+def _finite_flags(leaves):
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def assert_finite(tree: Any, what: str = "state") -> None:
+  """Raises FloatingPointError naming the first floating leaf of `tree` holding NaN or Inf.
+
+  One jitted reduction over all floating leaves, so a sharded multi-GB state costs one small
+  device-to-host transfer. Integer, bool and PRNG-key leaves are skipped.
+  """
+  named = []
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None:
+      if isinstance(leaf, float):
+        named.append((_path_str(kp), np.float32(leaf)))
+      continue
+    if jnp.issubdtype(dtype, jnp.inexact):
+      named.append((_path_str(kp), leaf))
+  if not named:
+    return
+  flags = _finite_flags([x for _, x in named])
+  # Multi-host: the flags are replicated, so this process's shard holds all of them.
+  flags = np.asarray(flags if flags.is_fully_addressable else flags.addressable_data(0))
+  if not flags.all():
+    bad = [name for (name, _), ok in zip(named, flags) if not ok]
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    raise FloatingPointError(f"{what} has NaN/Inf at '{bad[0]}'{more}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Base model fingerprint
+
+_SAMPLES = 16          # evenly spaced reads per safetensors data region
+_SAMPLE_BYTES = 1 << 20  # 1 MiB each; a data region up to 16 MiB is hashed whole
+
+
+def base_fingerprint(path: str) -> str:
+  """A sha256 hex digest identifying the weights of the HF model directory `path`.
+
+  Hashed, in this order: the bytes of `config.json` (if present); then for each `*.safetensors`
+  file in sorted name order: its name, its size in bytes, its JSON header (tensor names, dtypes,
+  shapes, offsets), and 16 evenly spaced 1 MiB slices of its data region (the first slice at the
+  start, the last ending at the end of file; the whole region when it is 16 MiB or less).
+  Modification times are not hashed, so a copy fingerprints the same. Reads at most ~16 MiB per
+  file, so it takes well under a second on multi-GB checkpoints. A change to unsampled bytes that
+  keeps the size and header is missed; re-quantized or re-trained weights change every slice.
+  """
+  files = sorted(os.listdir(path))
+  st_files = [f for f in files if f.endswith(".safetensors")]
+  if not st_files:
+    raise FileNotFoundError(f"{path}: no *.safetensors files to fingerprint")
+  h = hashlib.sha256()
+  cfg = os.path.join(path, "config.json")
+  if os.path.exists(cfg):
+    with open(cfg, "rb") as f:
+      data = f.read()
+    h.update(b"config.json" + struct.pack("<Q", len(data)) + data)
+  for name in st_files:
+    fname = os.path.join(path, name)
+    size = os.path.getsize(fname)
+    with open(fname, "rb") as f:
+      raw = f.read(8)
+      if len(raw) != 8:
+        raise ValueError(f"{fname}: truncated safetensors file (no header length)")
+      (n,) = struct.unpack("<Q", raw)
+      if 8 + n > size:
+        raise ValueError(f"{fname}: safetensors header length {n} exceeds file size {size}")
+      header = f.read(n)
+      h.update(name.encode() + struct.pack("<QQ", size, n) + header)
+      start, length = 8 + n, size - 8 - n
+      if length <= _SAMPLES * _SAMPLE_BYTES:
+        offsets = [start]
+        span = length
+      else:
+        stride = (length - _SAMPLE_BYTES) / (_SAMPLES - 1)
+        offsets = [start + round(i * stride) for i in range(_SAMPLES)]
+        span = _SAMPLE_BYTES
+      for off in offsets:
+        f.seek(off)
+        h.update(f.read(span))
+  return h.hexdigest()
+
+
+def base_reference(path: str) -> dict:
+  """`{"path", "fingerprint"}` of a frozen base, to store as `extra["base"]` at save time."""
+  return {"path": os.path.abspath(path), "fingerprint": base_fingerprint(path)}
+
+
+class BaseModelChangedError(ValueError):
+  """The frozen base under a checkpoint no longer matches the one it was trained on."""
+
+
+def check_base(extra: dict | None, path: str) -> None:
+  """Raises BaseModelChangedError if `path` differs from the base recorded in `extra["base"]`.
+
+  A checkpoint with no recorded base (full fine-tuning, preset models) passes.
+  """
+  want = ((extra or {}).get("base") or {}).get("fingerprint")
+  if want is None:
+    return
+  got = base_fingerprint(path)
+  if got != want:
+    was = (extra["base"].get("path") or "?")
+    raise BaseModelChangedError(
+        f"base model at {path} changed since the checkpoint was written (fingerprint {got[:12]} "
+        f"!= {want[:12]}, recorded from {was}); restore with the original base or use a new "
+        "workdir")
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpointer
+
+
+def _to_json(d: dict | None, what: str) -> dict:
+  d = {} if d is None else d
+  try:
+    return json.loads(json.dumps(d))
+  except (TypeError, ValueError) as e:
+    raise TypeError(f"checkpoint {what} must be JSON-serialisable: {e}") from None
+
+
+def _stored_shape_dtype(leaf) -> tuple[tuple, Any]:
+  """What orbax writes for a target leaf: typed PRNG keys are stored as their key data."""
+  dtype = leaf.dtype
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    s = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, dtype))
+    return tuple(s.shape), np.dtype(s.dtype)
+  return tuple(leaf.shape), np.dtype(dtype)
+
+
+def _abstract(x):
+  if isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  return x
+
+
+class Checkpointer:
+  """Keeps the last `keep` checkpoints of a run, plus the best one by `best_metric` (lower wins).
+
+  Usage in a loop:
+
+    ckpt = Checkpointer(workdir, keep=config.train.keep)
+    if ckpt.latest_step() is not None:
+      state, data_state, extra = ckpt.restore(target=jax.eval_shape(init_state))
+      check_base(extra, config.model.hf_path)
+    ...
+    ckpt.save(step, state, data_iter.state(), metrics=eval_metrics,
+              extra={"base": base_reference(config.model.hf_path)})
+    ...
+    ckpt.close()
+  """
+
+  def __init__(self, workdir: str, keep: int = 3, keep_best: bool = True,
+               best_metric: str = "eval_loss", async_save: bool = True):
+    if keep < 1:
+      raise ValueError(f"Checkpointer keep must be >= 1, got {keep}")
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.best_metric = best_metric
+    self.keep_best = keep_best
+    pp = ocp.checkpoint_managers
+    policies = [pp.LatestN(n=keep)]
+    best_fn = None
+    if keep_best:
+      best_fn = self._score
+      # BestN keeps the last n after sorting; reverse=True sorts descending, so the lowest stays.
+      # Saves without the metric are left to LatestN, hence keep_checkpoints_without_metrics=False.
+      policies.append(pp.BestN(get_metric_fn=self._score, reverse=True, n=1,
+                               keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        # best_fn and best_mode only drive `best_step()` and the writing of metrics; which steps
+        # survive is decided by `preservation_policy` alone.
+        best_fn=best_fn, best_mode="min",
+        preservation_policy=pp.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        create=True)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers=dict(state=ocp.StandardCheckpointHandler(),
+                           data=ocp.JsonCheckpointHandler(),
+                           extra=ocp.JsonCheckpointHandler()))
+
+  def _score(self, metrics: dict) -> float:
+    v = float(metrics[self.best_metric])
+    return math.inf if math.isnan(v) else v
+
+  def save(self, step: int, state: Any, data_state: dict | None = None,
+           metrics: dict | None = None, extra: dict | None = None, force: bool = False) -> bool:
+    """Checks `state` is finite, then starts an (async) save of step `step`.
+
+    Args:
+      step: the train step the state is at (the checkpoint's directory name).
+      state: pytree of jax arrays; may be donated as soon as this returns.
+      data_state: JSON dict, the data iterator position.
+      metrics: scalars; ranks the checkpoint for `keep_best` if it holds `best_metric`.
+      extra: JSON dict of run facts, returned by `restore`.
+      force: save even if orbax's save policy would skip this step.
+
+    Returns:
+      Whether orbax started a save.
+
+    Raises:
+      FloatingPointError: `state` holds NaN/Inf; nothing is written.
+    """
+    assert_finite(state, f"train state at step {step}")
+    data_state = _to_json(data_state, "data_state")
+    extra = _to_json(extra, "extra")
+    if metrics is not None:
+      metrics = {k: float(np.asarray(jax.device_get(v))) for k, v in metrics.items()}
+      if self.best_metric not in metrics:
+        metrics = None
+    return self.manager.save(
+        int(step),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                data=ocp.args.JsonSave(data_state),
+                                extra=ocp.args.JsonSave(extra)),
+        metrics=metrics if self.keep_best else None, force=force)
+
+  def wait(self) -> None:
+    """Blocks until pending async saves are on disk (and old checkpoints are pruned)."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def latest_step(self) -> int | None:
+    """The newest fully written step, or None. Unfinished (tmp) saves never count."""
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The kept step with the lowest `best_metric`, or None (none saved with it, or keep_best off)."""
+    # Orbax's best_step falls back to the latest step when best_fn is unset; we do not.
+    return self.manager.best_step() if self.keep_best else None
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def metrics(self, step: int) -> dict | None:
+    """The metrics saved with `step` (only saves that carried `best_metric` store them)."""
+    return self.manager.metrics(step)
+
+  def _check_target(self, step: int, target: Any) -> None:
+    """Raises ValueError naming the first leaf whose structure, shape or dtype differs on disk."""
+    md = self.manager.item_metadata(step)
+    tree = getattr(md["state"], "tree", md["state"])
+    stored = {_path_str(kp): leaf
+              for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    want = {_path_str(kp): leaf
+            for kp, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+    where = f"checkpoint {self.directory}/{step}"
+    missing = [k for k in want if k not in stored]
+    if missing:
+      raise ValueError(f"{where}: target leaf '{missing[0]}' is not in the checkpoint "
+                       f"({len(missing)} missing; stored e.g. {sorted(stored)[:3]})")
+    unexpected = [k for k in stored if k not in want]
+    if unexpected:
+      raise ValueError(f"{where}: checkpoint leaf '{unexpected[0]}' has no place in the target "
+                       f"({len(unexpected)} extra)")
+    for name, leaf in want.items():
+      if not hasattr(leaf, "dtype"):
+        continue
+      shape, dtype = _stored_shape_dtype(leaf)
+      s = stored[name]
+      s_shape, s_dtype = tuple(getattr(s, "shape", ())), getattr(s, "dtype", None)
+      if s_shape != shape or (s_dtype is not None and np.dtype(s_dtype) != dtype):
+        raise ValueError(f"{where}: leaf '{name}' is {s_dtype}{list(s_shape)} on disk but the "
+                         f"target wants {dtype}{list(shape)}")
+
+  def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict, dict]:
+    """Restores `(state, data_state, extra)` from `step` (default: the latest).
+
+    Args:
+      step: which checkpoint; None for `latest_step()`.
+      target: pytree of jax arrays or `jax.ShapeDtypeStruct`s (e.g. `jax.eval_shape(init)` with
+        shardings set) giving the structure, shapes, dtypes and shardings to restore into.
+        Leaves without a sharding land on the default device. None restores the raw tree
+        (namedtuples become lists); use only for inspection.
+
+    Raises:
+      FileNotFoundError: no checkpoint (or not that step).
+      ValueError: `target` differs from the checkpoint in structure, shape or dtype.
+    """
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    elif step not in self.manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
+                              f"(have {self.all_steps()})")
+    if target is not None:
+      self._check_target(step, target)
+      target = jax.tree.map(_abstract, target)
+      state_arg = ocp.args.StandardRestore(target)
+    else:
+      state_arg = ocp.args.StandardRestore()
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=state_arg, data=ocp.args.JsonRestore(), extra=ocp.args.JsonRestore()))
+    return out["state"], dict(out["data"] or {}), dict(out["extra"] or {})
+
+
+# ------------------------------------------------------------------------------------------------
+# Preemption
+
+
+class PreemptionHandler:
+  """Context manager turning SIGTERM into a flag the loop polls, so it can save and exit.
+
+    with PreemptionHandler() as preempt:
+      for step in ...:
+        ...
+        if preempt.requested:   # multi-host: preempt.any_requested()
+          ckpt.save(step, ...); break
+
+  The previous handler is restored on exit. Must be entered on the main thread (Python only
+  delivers signals there).
+  """
+
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    self.signals = tuple(signals)
+    self.requested = False
+    self._old: dict[int, Any] = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    self.signum = signum
+
+  def __enter__(self):
+    if threading.current_thread() is not threading.main_thread():
+      raise RuntimeError("PreemptionHandler must be entered on the main thread")
+    for s in self.signals:
+      self._old[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for s, old in self._old.items():
+      signal.signal(s, old if old is not None else signal.SIG_DFL)
+    self._old.clear()
+
+  def any_requested(self) -> bool:
+    """True if any process got the signal; a collective, so call it on every process alike."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+    return bool(np.asarray(flags).any())

@@ -1,0 +1,164 @@
+"""The SFT data pipeline: sources -> formats -> packing -> a resumable batch iterator.
+
+A training script calls
+
+  data = build_dataset(config.data, tokenizer, seq_len=T, batch_size=B, seed=config.train.seed,
+                       state=restored_data_state)
+  for batch in data.train: ...          # dicts of numpy arrays, see `packing`
+  save(..., data_state=data.train.state)
+  for batch in data.eval_batches(): ...
+  print(data.stats)
+
+with `config.data` (a ConfigDict or dict) holding:
+
+  sources         list of {path | hub | tfds, split, config, data_dir, limit,
+                  weight (1.0), format, fields}; see `sources`
+  format          default format for sources that give none: alpaca | prompt_completion |
+                  chat | text (see `formats`)
+  fields          default field-name mapping, e.g. {"instruction": "instr"}
+  packing         True: several examples per row with segment ids; False: one per row
+  pack_window     open rows first-fit packing looks at (16)
+  overflow        truncate | drop | split, for examples longer than seq_len + 1 tokens
+  skip_malformed  False: a malformed row raises DataError; True: it is counted and skipped
+  loss_on_prompt  False: only completions / assistant turns are targets
+  chat_template   False: alpaca / prompt_completion use the tokenizer's chat template if True
+  add_bos         True: non-chat formats start with the tokenizer's BOS (when it has one)
+  eval_fraction   records of each source held out for eval (0.0), chosen by seed
+  eval_sources    optional list of sources used for eval only (unweighted, unshuffled)
+
+Train sources are mixed by weight (`sources.mix`): source i gets weight_i / sum(weights) of an
+epoch as long as the sources together. Eval examples are not mixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from ftjax.data.formats import (DataStats, FORMATS, count_tokens, fit, tokenize_example,
+                                tokenize_records)
+from ftjax.data.packing import BATCH_KEYS, make_batch, pack_rows
+from ftjax.data.pipeline import BatchIterator, eval_batches
+from ftjax.data.sources import DataError, Records, cfg_get, load_records, mix, mix_counts
+
+__all__ = [
+    "BATCH_KEYS", "BatchIterator", "DataError", "DataStats", "FORMATS", "Records", "SFTData",
+    "build_dataset", "count_tokens", "eval_batches", "fit", "load_records", "make_batch", "mix",
+    "mix_counts", "pack_rows", "prepare_source", "tokenize_example", "tokenize_records",
+]
+
+EVAL_STREAM = 0x6576616C  # keeps the eval hold-out's random stream apart from the others
+
+
+@dataclasses.dataclass
+class SFTData:
+  """What `build_dataset` returns."""
+  train: BatchIterator         # infinite; `train.state` is the resumable position
+  eval_examples: list          # {"tokens", "loss_mask"} dicts, in a fixed order
+  stats: DataStats             # train: counts, tokens per epoch, packing efficiency
+  eval_stats: DataStats
+  seq_len: int
+  eval_batch_size: int
+  packing: bool
+  pad_id: int
+  process_index: int = 0
+  process_count: int = 1
+
+  def eval_batches(self, batch_size: int | None = None) -> list[dict[str, np.ndarray]]:
+    """One pass over the eval examples, unpacked; the last batch is padded with empty rows."""
+    return eval_batches(self.eval_examples, batch_size or self.eval_batch_size, self.seq_len,
+                        packing=False, pad_id=self.pad_id, process_index=self.process_index,
+                        process_count=self.process_count)
+
+
+def prepare_source(source: Any, tokenizer, seq_len: int, data_config: Any = None, *,
+                   records: Records | None = None) -> tuple[list[dict], DataStats]:
+  """Load (unless `records` is given) and tokenize one source; its own keys beat data_config's."""
+  data_config = data_config or {}
+  opt = lambda k, d=None: cfg_get(source, k, cfg_get(data_config, k, d))
+  fmt = opt("format")
+  if fmt is None:
+    raise DataError(f"data source {_describe(source)}: no format (set data.format or the "
+                    f"source's format: {', '.join(FORMATS)})")
+  if records is None:
+    records = load_records(source)
+  return tokenize_records(records, tokenizer, fmt, seq_len, fields=opt("fields"),
+                          overflow=opt("overflow", "truncate"),
+                          skip_malformed=bool(opt("skip_malformed", False)),
+                          loss_on_prompt=bool(opt("loss_on_prompt", False)),
+                          chat_template=bool(opt("chat_template", False)),
+                          add_bos=bool(opt("add_bos", True)))
+
+
+def build_dataset(data_config: Any, tokenizer, seq_len: int, batch_size: int, *, seed: int = 0,
+                  state: dict | None = None, eval_batch_size: int | None = None,
+                  process_index: int = 0, process_count: int = 1) -> SFTData:
+  """Read, tokenize, mix and batch `data_config` (see the module docstring).
+
+  Args:
+    seq_len: row length T of every batch.
+    batch_size: global train rows per batch; each process gets batch_size / process_count.
+    seed: shuffles, the mix and the eval hold-out (`data.seed` overrides it).
+    state: a saved `SFTData.train.state` to resume from.
+  """
+  seed = int(cfg_get(data_config, "seed", seed))
+  sources = list(cfg_get(data_config, "sources", []))
+  if not sources:
+    raise DataError("data.sources is empty")
+  eval_fraction = float(cfg_get(data_config, "eval_fraction", 0.0))
+  if not 0.0 <= eval_fraction < 1.0:
+    raise DataError(f"data.eval_fraction must be in [0, 1), got {eval_fraction}")
+
+  parts, stats, eval_examples, eval_stats = [], DataStats(), [], DataStats()
+  for i, source in enumerate(sources):
+    records = load_records(source)
+    held = []
+    if eval_fraction > 0 and len(records) > 1:
+      n_eval = min(len(records) - 1, max(1, round(eval_fraction * len(records))))
+      perm = np.random.default_rng([seed, EVAL_STREAM, i]).permutation(len(records))
+      held = sorted(int(j) for j in perm[:n_eval])
+      keep = sorted(int(j) for j in perm[n_eval:])
+      ex, st = prepare_source(source, tokenizer, seq_len, data_config,
+                              records=records.take(held))
+      eval_examples += ex
+      eval_stats += st
+      records = records.take(keep)
+    ex, st = prepare_source(source, tokenizer, seq_len, data_config, records=records)
+    weight = float(cfg_get(source, "weight", 1.0))
+    if not ex and weight > 0:
+      raise DataError(f"data source {_describe(source)}: no usable examples ({st})")
+    parts.append((ex, weight))
+    stats += st
+  for source in cfg_get(data_config, "eval_sources", []):
+    ex, st = prepare_source(source, tokenizer, seq_len, data_config)
+    eval_examples += ex
+    eval_stats += st
+
+  train_examples = mix(parts, seed)
+  count_tokens(train_examples, stats)
+  count_tokens(eval_examples, eval_stats)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  packing = bool(cfg_get(data_config, "packing", True))
+  train = BatchIterator(train_examples, batch_size, seq_len, seed=seed, packing=packing,
+                        pad_id=pad_id, pack_window=int(cfg_get(data_config, "pack_window", 16)),
+                        state=state, process_index=process_index, process_count=process_count)
+  stats.rows = len(train.layout(0))
+  stats.packing_efficiency = train.efficiency(0)
+  if eval_examples:
+    eval_stats.rows = len(eval_examples)
+    lengths = [len(e["tokens"]) - 1 for e in eval_examples]
+    eval_stats.packing_efficiency = sum(lengths) / (len(lengths) * seq_len)
+  return SFTData(train=train, eval_examples=eval_examples, stats=stats, eval_stats=eval_stats,
+                 seq_len=seq_len, eval_batch_size=eval_batch_size or batch_size, packing=packing,
+                 pad_id=pad_id, process_index=process_index, process_count=process_count)
+
+
+def _describe(source: Any) -> str:
+  if isinstance(source, str):
+    return source
+  for k in ("path", "hub", "tfds"):
+    if cfg_get(source, k):
+      return str(cfg_get(source, k))
+  return repr(source)

@@ -1,0 +1,128 @@
+"""Pieces every training loop shares: optimizer and schedule, train state, the update step.
+
+The train state is a plain dict (easy to checkpoint with orbax and to shard):
+  {"step": int32 [], "params": trainable params, "opt_state": optax state, "rng": key}
+Frozen params (the base model under adapters) live outside it, are never differentiated and
+hold no optimizer state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ftjax import partition
+
+
+def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, kind: str = "cosine",
+                  min_lr_ratio: float = 0.0) -> optax.Schedule:
+  """Linear warmup from 0 to `lr`, then cosine, linear or constant decay to lr * min_lr_ratio."""
+  decay_steps = max(1, total_steps - warmup_steps)
+  end = lr * min_lr_ratio
+  if kind == "cosine":
+    decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=min_lr_ratio)
+  elif kind == "linear":
+    decay = optax.linear_schedule(lr, end, decay_steps)
+  elif kind == "constant":
+    decay = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"optim.schedule={kind!r}: expected cosine, linear or constant")
+  if warmup_steps <= 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), decay],
+                              [warmup_steps])
+
+
+def _decay_mask(params):
+  # Weight decay on matrices only (kernels, LoRA factors); not on norms, biases, scalars.
+  return jax.tree_util.tree_map(lambda x: getattr(x, "ndim", 0) >= 2, params)
+
+
+def make_optimizer(name: str, schedule: optax.Schedule, weight_decay: float = 0.0,
+                   clip: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+                   ) -> optax.GradientTransformation:
+  """adamw | adam | lion | sgd | adafactor, with optional global-norm clipping first."""
+  if name == "adamw":
+    tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                     mask=_decay_mask)
+  elif name == "adam":
+    tx = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
+  elif name == "lion":
+    tx = optax.lion(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=_decay_mask)
+  elif name == "sgd":
+    tx = optax.sgd(schedule, momentum=b1 if b1 else None)
+  elif name == "adafactor":
+    tx = optax.adafactor(schedule, weight_decay_rate=weight_decay or None)
+  else:
+    raise ValueError(f"optim.name={name!r}: expected adamw, adam, lion, sgd or adafactor")
+  return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
+
+
+def init_state(trainable: dict, tx: optax.GradientTransformation, seed: int) -> dict:
+  return {"step": jnp.zeros((), jnp.int32), "params": trainable,
+          "opt_state": tx.init(trainable), "rng": jax.random.PRNGKey(seed)}
+
+
+def split_params(params: dict, rules) -> tuple[dict, dict, Any]:
+  """(trainable, frozen, labels) by ordered path-regex rules (see partition.py)."""
+  labels = partition.label_params(params, rules)
+  trainable, frozen = partition.split(params, labels)
+  return trainable, frozen, labels
+
+
+def _norm(tree) -> jax.Array:
+  return optax.global_norm(tree)
+
+
+def update_step(state: dict, frozen: dict, batch: dict, *,
+                loss_fn: Callable[[dict, dict, jax.Array], tuple[jax.Array, jax.Array, dict]],
+                tx: optax.GradientTransformation, schedule: optax.Schedule,
+                grad_accum: int = 1) -> tuple[dict, dict]:
+  """One optimizer step over `grad_accum` micro-batches; pure, jit it with donate_argnums=0.
+
+  `loss_fn(params, batch, rng) -> (loss_sum, n_targets, aux)` sees the full params tree
+  (trainable merged over frozen). Gradients of the summed loss are accumulated over the
+  micro-batches and divided once by the total target count: k micro-batches give the same
+  update as one batch k times larger.
+  """
+  rng = jax.random.fold_in(state["rng"], state["step"])
+
+  def grads_of(mb, key):
+    def f(trainable):
+      loss_sum, n, aux = loss_fn(partition.merge(trainable, frozen), mb, key)
+      return loss_sum, (n, aux)
+    (loss_sum, (n, aux)), g = jax.value_and_grad(f, has_aux=True)(state["params"])
+    return loss_sum, n, aux, g
+
+  if grad_accum == 1:
+    loss_sum, n, aux, grads = grads_of(batch, rng)
+  else:
+    micro = jax.tree_util.tree_map(
+        lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
+
+    def body(carry, xs):
+      mb, i = xs
+      loss_sum, n, aux, g = grads_of(mb, jax.random.fold_in(rng, i))
+      acc_l, acc_n, acc_aux, acc_g = carry
+      return (acc_l + loss_sum, acc_n + n, jax.tree_util.tree_map(jnp.add, acc_aux, aux),
+              jax.tree_util.tree_map(jnp.add, acc_g, g)), None
+
+    zeros_g = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
+    aux0 = jax.eval_shape(lambda: grads_of(jax.tree_util.tree_map(lambda x: x[0], micro),
+                                           rng)[2])
+    zeros_aux = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros_aux, zeros_g)
+    (loss_sum, n, aux, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum)))
+  denom = jnp.maximum(n, 1.0)
+  grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = {"loss": loss_sum / denom, "target_tokens": n, "grad_norm": _norm(grads),
+             "update_norm": _norm(updates), "param_norm": _norm(params),
+             "lr": schedule(state["step"]), **aux}
+  new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+               "rng": state["rng"]}
+  return new_state, metrics
