@@ -26,11 +26,13 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "tokenizers>=0.20",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # torch is pinned: 2.13.0 is the CPU build our test machines carry; other specs pull CUDA.
         "test": ["pytest>=8", "chex>=0.1.87", "torch==2.13.0", "peft>=0.13", "ruff>=0.6",
-                 "bitsandbytes>=0.45"],  # NF4 parity with quantize_4bit (CPU build)
+                 "bitsandbytes>=0.45",  # NF4 parity with quantize_4bit (CPU build)
+                 "tensorflow-datasets>=4.9"],  # TFDS source tests (no TensorFlow needed)
         "tfds": ["tensorflow-datasets>=4.9"],
         "gpu": ["jax[cuda12]>=0.6"],
         "tpu": ["jax[tpu]>=0.6"],

@@ -12,7 +12,9 @@ Orbax behaviours this module relies on (checked against orbax-checkpoint 0.12.8,
 tests/test_checkpoint.py):
 - A step is written to `<step>.orbax-checkpoint-tmp/` and renamed to `<step>/` only once every
   item is on disk, so a crash mid-save leaves a tmp dir that `all_steps`/`latest_step` never
-  report; `cleanup_tmp_directories=True` deletes such leftovers when the next run starts.
+  report (also after a real SIGKILL mid async save); `cleanup_tmp_directories=True` deletes such
+  leftovers in the background when the next run opens the directory, finishing before its first
+  save (which could otherwise collide with a leftover of the same step).
 - An async save copies device arrays to host before `save` returns, so the caller may donate or
   delete the state right after (the train step's `donate_argnums=0`); the disk write finishes in
   a background thread. A later `save`, `wait()` or `close()` waits for it.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
@@ -40,7 +43,15 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-_ITEMS = ("state", "data", "extra")
+
+class _DropNoMetricsWarning(logging.Filter):
+  """Orbax warns on every save without metrics once best_fn is set; most of ours are such."""
+
+  def filter(self, record):
+    return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropNoMetricsWarning())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,7 +166,7 @@ def check_base(extra: dict | None, path: str) -> None:
     return
   got = base_fingerprint(path)
   if got != want:
-    was = (extra["base"].get("path") or "?")
+    was = extra["base"].get("path") or "?"
     raise BaseModelChangedError(
         f"base model at {path} changed since the checkpoint was written (fingerprint {got[:12]} "
         f"!= {want[:12]}, recorded from {was}); restore with the original base or use a new "
@@ -249,10 +260,12 @@ class Checkpointer:
       data_state: JSON dict, the data iterator position.
       metrics: scalars; ranks the checkpoint for `keep_best` if it holds `best_metric`.
       extra: JSON dict of run facts, returned by `restore`.
-      force: save even if orbax's save policy would skip this step.
+      force: save even if orbax's save policy would skip this step (an existing step still
+        raises `StepAlreadyExistsError`).
 
     Returns:
-      Whether orbax started a save.
+      Whether a save started: False (nothing written) when `step` is not after the latest
+      saved step, e.g. a final save at a step `save_every` already covered.
 
     Raises:
       FloatingPointError: `state` holds NaN/Inf; nothing is written.
@@ -261,7 +274,7 @@ class Checkpointer:
     data_state = _to_json(data_state, "data_state")
     extra = _to_json(extra, "extra")
     if metrics is not None:
-      metrics = {k: float(np.asarray(jax.device_get(v))) for k, v in metrics.items()}
+      metrics = {k: float(np.asarray(jax.device_get(v)).item()) for k, v in metrics.items()}
       if self.best_metric not in metrics:
         metrics = None
     return self.manager.save(
@@ -286,11 +299,15 @@ class Checkpointer:
     self.close()
 
   def latest_step(self) -> int | None:
-    """The newest fully written step, or None. Unfinished (tmp) saves never count."""
+    """The newest step, or None.
+
+    Includes a save this process started that is still being written (`restore` waits for it);
+    unfinished saves left on disk by a crashed process never count.
+    """
     return self.manager.latest_step()
 
   def best_step(self) -> int | None:
-    """The kept step with the lowest `best_metric`, or None (none saved with it, or keep_best off)."""
+    """The kept step with the lowest `best_metric`; None if none carried it or keep_best is off."""
     # Orbax's best_step falls back to the latest step when best_fn is unset; we do not.
     return self.manager.best_step() if self.keep_best else None
 
@@ -342,6 +359,7 @@ class Checkpointer:
       FileNotFoundError: no checkpoint (or not that step).
       ValueError: `target` differs from the checkpoint in structure, shape or dtype.
     """
+    self.manager.wait_until_finished()  # a save still in flight is not readable yet
     if step is None:
       step = self.latest_step()
       if step is None:
@@ -380,6 +398,7 @@ class PreemptionHandler:
   def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
     self.signals = tuple(signals)
     self.requested = False
+    self.signum: int | None = None
     self._old: dict[int, Any] = {}
 
   def _handle(self, signum, frame):

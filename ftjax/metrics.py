@@ -193,7 +193,7 @@ class Throughput:
     self._tokens = 0
 
   def update(self, tokens: int) -> dict[str, float]:
-    """Records a finished step of `tokens`; returns `{"tokens_per_sec", "mfu"?}` (empty at first)."""
+    """Records a finished step of `tokens`; returns `stats()` (empty on the first call)."""
     now = self.clock()
     if self._hist:
       self._tokens += int(tokens)
@@ -201,6 +201,7 @@ class Throughput:
     return self.stats()
 
   def stats(self) -> dict[str, float]:
+    """`{"tokens_per_sec": ..., "mfu": ...}` over the window; "mfu" only with a known peak."""
     if len(self._hist) < 2:
       return {}
     (t0, n0), (t1, n1) = self._hist[0], self._hist[-1]

@@ -158,12 +158,12 @@ def _chat_example(tokenizer, messages: list[dict], loss_on_prompt: bool) -> dict
   for i, m in enumerate(messages):
     if m["role"] != "assistant":
       continue
-    prefix = _render(tokenizer, messages[:i], True) if i else _render_empty(tokenizer)
     full = _render(tokenizer, messages[:i + 1], False)
-    if not full.startswith(prefix) or not text.startswith(full):
+    start = _turn_start(tokenizer, messages, i, full)
+    if start is None or not text.startswith(full):
       raise _RowError(f"messages[{i}]", "cannot be located: the chat template does not render "
                       "conversation prefixes as prefixes of the whole")
-    spans.append((len(prefix), max(len(prefix), len(full.rstrip()))))
+    spans.append((start, max(start, len(full.rstrip()))))
   enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
   tokens = np.asarray(enc["input_ids"], np.int32)  # [n]
   offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)  # [n, 2]
@@ -176,12 +176,19 @@ def _chat_example(tokenizer, messages: list[dict], loss_on_prompt: bool) -> dict
   return {"tokens": tokens, "loss_mask": mask}
 
 
-def _render_empty(tokenizer) -> str:
-  """The generation prompt before a leading assistant turn; templates may reject [] though."""
-  try:
-    return tokenizer.apply_chat_template([], tokenize=False, add_generation_prompt=True)
-  except Exception:
-    return ""
+def _turn_start(tokenizer, messages: list[dict], i: int, full: str) -> int | None:
+  """Where assistant turn i's text starts in `full` (the rendering of messages[:i + 1])."""
+  if i:
+    prefix = _render(tokenizer, messages[:i], True)
+    return len(prefix) if full.startswith(prefix) else None
+  # A leading assistant turn: templates reject an empty conversation, so take the turn's text
+  # after a probe user turn, and find it at the end of `full`.
+  probe = [{"role": "user", "content": "?"}]
+  prefix = _render(tokenizer, probe, True)
+  turn = _render(tokenizer, probe + messages[:1], False)
+  if not turn.startswith(prefix) or not full.endswith(turn[len(prefix):]):
+    return None
+  return len(full) - (len(turn) - len(prefix))
 
 
 def _pc_example(tokenizer, prompt: str, completion: str, loss_on_prompt: bool,

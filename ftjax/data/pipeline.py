@@ -27,7 +27,8 @@ class BatchIterator:
   def __init__(self, examples: Sequence[dict], batch_size: int, seq_len: int, *, seed: int = 0,
                packing: bool = True, pad_id: int = 0, pack_window: int = 16,
                state: dict | None = None, process_index: int = 0, process_count: int = 1):
-    """
+    """Starts at `state`, or at epoch 0, row 0.
+
     Args:
       examples: `{"tokens": int32 [n], "loss_mask": bool [n]}` dicts, each with
         2 <= n <= seq_len + 1 (as `formats.tokenize_records` makes them).

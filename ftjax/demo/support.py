@@ -1,0 +1,218 @@
+"""The built-in demo: a customer-support assistant for an online retailer (Lumen Outfitters).
+
+The seed lecture notes' running example. Each ticket carries its facts in the system message
+(the orders on file, the return policy, the product sheet); the assistant must
+  * quote the order details given in the ticket, and never invent an order number,
+  * escalate to a human when the customer asks for one or when the order is not on file,
+  * keep the brand voice: a greeting by name and the team signature.
+
+`make_tickets` generates chat examples deterministically from a seed; `make_pretraining_text`
+generates plain retail text (order e-mails, product pages, FAQ) for the small base model
+that ftjax trains itself when no base is given; `score_reply` is the evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Iterable
+
+import numpy as np
+
+BRAND = "Lumen Outfitters"
+SIGNATURE = "- The Lumen Outfitters Team"
+ESCALATION = "I have passed your ticket to a human colleague"
+SYSTEM = (f"You are the support assistant of {BRAND}. Use only the facts below. Escalate to a "
+          "human when the order is not on file or when the customer asks for a person.")
+
+NAMES = ["Ava", "Ben", "Chloe", "Dan", "Ella", "Finn", "Grace", "Hugo", "Iris", "Jack", "Kai",
+         "Lena", "Max", "Nora", "Omar", "Pia", "Quinn", "Rosa", "Sam", "Tara", "Uma", "Vic",
+         "Wes", "Yara", "Zoe"]
+CARRIERS = ["UPS", "DHL", "FedEx", "USPS"]
+MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+PRODUCTS = [
+    ("Trailblazer Jacket", "waterproof", "129"), ("Summit Boots", "leather", "149"),
+    ("Breeze Tee", "organic cotton", "25"), ("Harbor Hoodie", "fleece-lined", "59"),
+    ("Canyon Pack", "30 litre", "89"), ("Drift Shorts", "quick-dry", "35"),
+    ("Ember Beanie", "merino wool", "22"), ("Ridge Gloves", "touchscreen", "29"),
+]
+SIZES = ["XS-XL", "S-XXL", "one size", "S-L"]
+
+
+def _order_id(rng) -> str:
+  return f"#{rng.integers(10000, 99999)}"
+
+
+def _tracking(rng) -> str:
+  letters = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+  return "".join(rng.choice(list(letters + "0123456789"), 8))
+
+
+def _date(rng) -> str:
+  return f"{MONTHS[rng.integers(12)]} {rng.integers(1, 29)}"
+
+
+def _pick(rng, options):
+  return options[rng.integers(len(options))]
+
+
+def _greet(name, rng) -> str:
+  return _pick(rng, [f"Hi {name}!", f"Hello {name}!", f"Thanks for reaching out, {name}!"])
+
+
+def _ticket(rng) -> dict:
+  """One ticket: the facts on file, the customer's message, the ideal reply, and what to check."""
+  name = _pick(rng, NAMES)
+  intent = _pick(rng, ["status", "status", "status", "return", "product", "unknown", "human"])
+  oid, carrier, track, date = _order_id(rng), _pick(rng, CARRIERS), _tracking(rng), _date(rng)
+  prod, feature, price = PRODUCTS[rng.integers(len(PRODUCTS))]
+  state = _pick(rng, ["shipped", "processing", "delivered"])
+  facts = f"Customer: {name}."
+  required, escalate = [], False
+  if intent in ("status", "return", "human"):
+    if state == "shipped":
+      facts += f" Order {oid}: {prod}, shipped with {carrier}, tracking {track}, arriving {date}."
+    elif state == "processing":
+      facts += f" Order {oid}: {prod}, processing, ships by {date}."
+    else:
+      facts += f" Order {oid}: {prod}, delivered on {date}."
+  if intent == "product":
+    facts += f" Product: {prod}, {feature}, sizes {_pick(rng, SIZES)}, price ${price}."
+  if intent == "return":
+    facts += " Returns: free within 30 days, label by e-mail."
+  greet = _greet(name, rng)
+  if intent == "status":
+    user = _pick(rng, [f"Where is my order {oid}?", f"Any update on order {oid}?",
+                       f"hi, when will {oid} arrive", f"Can you check the status of {oid}?"])
+    if state == "shipped":
+      body = (f"Your order {oid} shipped with {carrier}. The tracking number is {track} and "
+              f"it should arrive on {date}.")
+      required = [oid, carrier, track, date]
+    elif state == "processing":
+      body = f"Your order {oid} is being prepared and will ship by {date}."
+      required = [oid, date]
+    else:
+      body = f"Your order {oid} was delivered on {date}. Enjoy your {prod}!"
+      required = [oid, date]
+  elif intent == "return":
+    user = _pick(rng, [f"I want to return the {prod} from order {oid}.",
+                       f"How do I send back order {oid}?", f"The {prod} doesn't fit, order {oid}"])
+    body = (f"Returns for order {oid} are free within 30 days. We will e-mail you a return "
+            f"label for the {prod}.")
+    required = [oid, "30 days"]
+  elif intent == "product":
+    user = _pick(rng, [f"Tell me about the {prod}.", f"Is the {prod} any good?",
+                       f"How much is the {prod}?"])
+    body = f"The {prod} is {feature} and costs ${price}."
+    required = [prod, f"${price}"]
+  elif intent == "unknown":
+    other = _order_id(rng)
+    facts += " No orders on file."
+    user = _pick(rng, [f"Where is my order {other}?", f"Status of {other} please",
+                       f"My package {other} never came"])
+    body = f"I could not find order {other} in our system. {ESCALATION}, who will e-mail you."
+    required, escalate = [other], True
+  else:
+    user = _pick(rng, ["I want to talk to a human.", "Can I speak to a real person?",
+                       f"This is taking too long, get me a manager about {oid}."])
+    body = f"Of course. {ESCALATION}, who will e-mail you shortly."
+    escalate = True
+  reply = f"{greet} {body} {SIGNATURE}"
+  return {"messages": [{"role": "system", "content": f"{SYSTEM} {facts}"},
+                       {"role": "user", "content": user},
+                       {"role": "assistant", "content": reply}],
+          "meta": {"intent": intent, "required": required, "escalate": escalate, "name": name}}
+
+
+def make_tickets(n: int, seed: int) -> list[dict]:
+  rng = np.random.default_rng(seed)
+  return [_ticket(rng) for _ in range(n)]
+
+
+def make_pretraining_text(n: int, seed: int) -> list[dict]:
+  """Plain retail text: order e-mails, product pages and FAQ entries (no chat format)."""
+  rng = np.random.default_rng(seed)
+  docs = []
+  for _ in range(n):
+    kind = rng.integers(4)
+    name, oid, carrier = _pick(rng, NAMES), _order_id(rng), _pick(rng, CARRIERS)
+    track, date = _tracking(rng), _date(rng)
+    prod, feature, price = PRODUCTS[rng.integers(len(PRODUCTS))]
+    if kind == 0:
+      text = (f"Dear {name}, your order {oid} has shipped with {carrier}. Tracking number: "
+              f"{track}. Expected delivery: {date}. Order {oid} contains: {prod}.")
+    elif kind == 1:
+      text = (f"{prod}: {feature}, sizes {_pick(rng, SIZES)}. Price ${price}. The {prod} is "
+              f"{feature} and costs ${price}.")
+    elif kind == 2:
+      text = (f"Order {oid} for {name} was delivered on {date}. Questions about order {oid}? "
+              f"Reply to this e-mail.")
+    else:
+      text = _pick(rng, [
+          "Returns are free within 30 days. We e-mail a return label.",
+          "Can't find your order? Our team checks it and a human colleague will e-mail you.",
+          f"Shipping with {carrier} takes 3 to 5 days. Tracking {track} is live.",
+      ])
+    docs.append({"text": text})
+  return docs
+
+
+_ORDER_RX = re.compile(r"#\d{5}")
+
+
+def score_reply(reply: str, example: dict) -> dict:
+  """Check one reply against its ticket.
+
+  Returns floats: details (all required facts quoted; NaN when the ticket has none),
+  invented (the reply has an order number that is nowhere in the ticket), escalation_ok
+  (escalates exactly when it should), voice (greets by name and signs off).
+  """
+  meta = example["meta"]
+  ticket_text = " ".join(m["content"] for m in example["messages"] if m["role"] != "assistant")
+  allowed = set(_ORDER_RX.findall(ticket_text))
+  invented = any(o not in allowed for o in _ORDER_RX.findall(reply))
+  details = (float(all(r in reply for r in meta["required"])) if meta["required"]
+             else float("nan"))
+  escalated = "human colleague" in reply
+  voice = meta["name"] in reply.split(".")[0] and reply.rstrip().endswith(SIGNATURE)
+  return {"details": details, "invented": float(invented),
+          "escalation_ok": float(escalated == meta["escalate"]), "voice": float(voice)}
+
+
+def summarize(scores: Iterable[dict]) -> dict:
+  scores = list(scores)
+  out = {}
+  for k in ("details", "invented", "escalation_ok", "voice"):
+    vals = [s[k] for s in scores if not np.isnan(s[k])]
+    out[k] = float(np.mean(vals)) if vals else float("nan")
+  return out
+
+
+def prompt_messages(example: dict) -> list[dict]:
+  """The conversation up to (not including) the assistant's reply."""
+  return [m for m in example["messages"] if m["role"] != "assistant"]
+
+
+def write_jsonl(path: str, rows: list[dict]):
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+# The shipped files (seeds fixed so they can be regenerated byte for byte).
+SPLITS = {"train": (1600, 0), "eval": (120, 1)}
+PRETRAIN = (4000, 2)
+
+
+def regenerate(data_dir: str = DATA_DIR):
+  """Write train.jsonl, eval.jsonl and pretrain.jsonl (what ships in ftjax/demo/data)."""
+  for split, (n, seed) in SPLITS.items():
+    write_jsonl(os.path.join(data_dir, f"{split}.jsonl"), make_tickets(n, seed))
+  write_jsonl(os.path.join(data_dir, "pretrain.jsonl"), make_pretraining_text(*PRETRAIN))
+
+
+if __name__ == "__main__":
+  regenerate()
