@@ -23,22 +23,28 @@ import numpy as np  # noqa: E402
 import ftjax  # noqa: E402
 from ftjax.tokenizer import load_tokenizer  # noqa: E402
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "HF model directory (config.json + safetensors) or hub name.")
-flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: --model).")
-flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch.")
-flags.DEFINE_bool("chat", False, "Render prompts with the tokenizer's chat template.")
-flags.DEFINE_string("system", None, "System message for --chat.")
-flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
-flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
-flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: off).")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
-flags.DEFINE_integer("n_samples", 1, "Samples per prompt.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param dtype.")
-flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"], "Compute dtype (default dtype).")
-flags.DEFINE_enum("attention", "xla", ["xla", "dot_product"], "Attention implementation.")
 
+def define_flags():
+  """Flags exist only when run as a script, so that tests and demo.py can import
+  several experiment modules into one process without flag clashes."""
+  flags.DEFINE_string("model", None, "HF model directory (config.json + safetensors) or hub name.")
+  flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: --model).")
+  flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch.")
+  flags.DEFINE_bool("chat", False, "Render prompts with the tokenizer's chat template.")
+  flags.DEFINE_string("system", None, "System message for --chat.")
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
+  flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
+  flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: off).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
+  flags.DEFINE_integer("n_samples", 1, "Samples per prompt.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param dtype.")
+  flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
+                    "Compute dtype (default: --dtype).")
+  flags.DEFINE_enum("attention", "xla", ["xla", "dot_product"], "Attention implementation.")
+
+
+FLAGS = flags.FLAGS
 
 def encode_prompts(tokenizer, prompts, chat=False, system=None):
   """Token ids per prompt, rendered with the chat template when asked."""
@@ -117,4 +123,5 @@ def _entry():
 
 
 if __name__ == "__main__":
+  define_flags()
   _entry()

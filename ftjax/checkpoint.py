@@ -48,7 +48,10 @@ class _DropNoMetricsWarning(logging.Filter):
   """Orbax warns on every save without metrics once best_fn is set; most of ours are such."""
 
   def filter(self, record):
-    return "did not provide metrics" not in record.getMessage()
+    if "did not provide metrics" in record.getMessage():
+      return False
+    # Orbax narrates every save at INFO (renames, threads, syncs); keep its warnings only.
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
 
 
 logging.getLogger("absl").addFilter(_DropNoMetricsWarning())

@@ -28,7 +28,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str):
   from transformers import PreTrainedTokenizerFast
 
   tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  # Digits one by one (as Llama 3 and Qwen do): numbers copy and compare token by token.
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False)])
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

@@ -135,7 +135,7 @@ def make_pretraining_text(n: int, seed: int) -> list[dict]:
   rng = np.random.default_rng(seed)
   docs = []
   for _ in range(n):
-    kind = rng.integers(4)
+    kind = rng.integers(6)
     name, oid, carrier = _pick(rng, NAMES), _order_id(rng), _pick(rng, CARRIERS)
     track, date = _tracking(rng), _date(rng)
     prod, feature, price = PRODUCTS[rng.integers(len(PRODUCTS))]
@@ -148,6 +148,12 @@ def make_pretraining_text(n: int, seed: int) -> list[dict]:
     elif kind == 2:
       text = (f"Order {oid} for {name} was delivered on {date}. Questions about order {oid}? "
               f"Reply to this e-mail.")
+    elif kind in (3, 4):
+      # A record, then a note that quotes it: teaches copying facts from context.
+      state = _pick(rng, [f"shipped with {carrier}, tracking {track}, arriving {date}",
+                          f"delivered on {date}", f"processing, ships by {date}"])
+      text = (f"Customer: {name}. Order {oid}: {prod}, {state}. Note to {name}: order {oid} "
+              f"({prod}) is {state}.")
     else:
       text = _pick(rng, [
           "Returns are free within 30 days. We e-mail a return label.",

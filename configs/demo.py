@@ -1,0 +1,40 @@
+"""The customer-support demo (Lumen Outfitters): continued pretraining, then LoRA SFT.
+
+  python experiments/demo.py --workdir=/tmp/ftjax_demo          # the whole pipeline
+  python experiments/sft.py --config=configs/demo.py:stage=sft --workdir=/tmp/support \
+      --config.model.hf_path=/path/to/any/hf_model              # a real base, same config
+
+stage=pretrain: a small `demo` decoder trained from scratch on retail text (format text).
+stage=sft: LoRA SFT on the support tickets (chat format, assistant turns only in the loss).
+Add `smoke` to shrink the step counts for CI.
+"""
+
+import os
+
+from configs import sft as sft_config
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ftjax", "demo",
+                    "data")
+
+
+def get_config(arg=None):
+  a = sft_config.parse_arg(arg)
+  stage = a.get("stage", "sft")
+  if stage not in ("pretrain", "sft"):
+    raise ValueError(f"configs/demo.py: stage={stage!r}: expected pretrain or sft")
+  smoke = bool(a.get("smoke"))
+  if stage == "pretrain":
+    c = sft_config.get_config("adapter=none,format=text,model=demo")
+    c.data.path = os.path.join(DATA, "pretrain.jsonl")
+    c.optim.update(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.01)
+    c.train.update(steps=12 if smoke else 400, batch_size=16, seq_len=128, log_every=10,
+                   eval_every=100000, save_every=100, keep=1)
+  else:
+    c = sft_config.get_config("adapter=lora,format=chat,model=demo")
+    c.data.path = os.path.join(DATA, "train.jsonl")
+    c.data.eval_path = os.path.join(DATA, "eval.jsonl")
+    c.adapter.update(rank=16, alpha=32.0, targets="all-linear")
+    c.optim.update(lr=3e-3, warmup_steps=10, min_lr_ratio=0.1)
+    c.train.update(steps=12 if smoke else 300, batch_size=16, seq_len=192, log_every=10,
+                   eval_every=6 if smoke else 150, save_every=150, keep=1, eval_batches=2)
+  return c

@@ -1,0 +1,173 @@
+"""Supervised fine-tuning and continued pretraining.
+
+  python experiments/sft.py --config=configs/sft.py:adapter=lora --workdir=/tmp/sft \
+      --config.model.hf_path=/path/to/hf_dir --config.data.path=train.jsonl
+
+Rerunning the same command on the same workdir resumes from the latest checkpoint, exactly.
+SIGTERM (preemption) saves a checkpoint and exits. The loop reads top to bottom: setup,
+restore, loop (step, log, eval, save), final save.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ftjax import checkpoint, data as data_lib, metrics as metrics_lib, partition  # noqa: E402
+from ftjax import workdir as wd  # noqa: E402
+from ftjax.train import common, sft  # noqa: E402
+
+
+def define_flags():
+  """Flags exist only when run as a script, so that tests and demo.py can import
+  several experiment modules into one process without flag clashes."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/sft.py:arg).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where the config, metrics and checkpoints go.")
+
+
+FLAGS = flags.FLAGS
+
+def data_sources(config) -> dict:
+  """`data` as build_dataset wants it: `data.path` (comma list) is a shortcut for sources."""
+  d = config.data.to_dict()
+  if d.get("path"):
+    d["sources"] = [{"path": p} for p in d["path"].split(",") if p]
+  if d.get("eval_path"):
+    d["eval_sources"] = [{"path": p} for p in d["eval_path"].split(",") if p]
+  if not d.get("sources"):
+    raise ValueError("config.data.path (or config.data.sources) is required")
+  return d
+
+
+def evaluate(eval_fn, params, batches) -> dict:
+  """Held-out loss and perplexity over whole eval batches (sum over tokens / tokens)."""
+  loss_sum, n = 0.0, 0.0
+  for batch in batches:
+    out = jax.device_get(eval_fn(params, batch))
+    loss_sum += float(out["loss_sum"])
+    n += float(out["target_tokens"])
+  loss = loss_sum / max(n, 1.0)
+  return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))), "eval_tokens": n}
+
+
+def run(config, workdir: str) -> dict:
+  """Train; returns the last logged metrics (and eval metrics) as floats."""
+  # ---- setup
+  wd.save_config(config, workdir)
+  t = config.train
+  if t.batch_size % t.grad_accum:
+    raise ValueError(f"config.train.batch_size={t.batch_size} is not divisible by "
+                     f"config.train.grad_accum={t.grad_accum}")
+  model, params, tok, base_ref = wd.build_model(config)
+  trainable, frozen, labels = common.split_params(params, wd.rules(config))
+  del params
+  schedule, tx = wd.optimizer(config)
+  state = common.init_state(trainable, tx, int(t.seed))
+  logging.info("model %s (%s), adapter %s, quant %s", model.cfg.family,
+               config.model.hf_path or config.model.preset, config.adapter.kind,
+               config.quant.kind)
+  summary = partition.summary(partition.merge(trainable, frozen), labels, state["opt_state"])
+  logging.info("%s", partition.format_summary(summary))
+
+  # ---- restore
+  ckpt = checkpoint.Checkpointer(workdir, keep=int(t.keep), async_save=bool(t.async_save))
+  data_state, start = None, 0
+  if ckpt.latest_step() is not None:
+    state, data_state, extra = ckpt.restore(target=state)
+    if base_ref.get("kind") == "hf":
+      checkpoint.check_base(extra, base_ref["path"])
+    start = int(state["step"])
+    logging.info("resumed from step %d of %s", start, workdir)
+  data = data_lib.build_dataset(data_sources(config), tok, int(t.seq_len), int(t.batch_size),
+                                seed=int(t.seed), state=data_state)
+  logging.info("train data: %s", data.stats)
+  eval_batches = data.eval_batches()
+  if t.eval_batches:
+    eval_batches = eval_batches[:int(t.eval_batches)]
+
+  step_fn = jax.jit(sft.make_step(model, tx, schedule, int(t.grad_accum)), donate_argnums=0)
+  eval_fn = jax.jit(lambda trainable, batch: sft.eval_step(
+      partition.merge(trainable, frozen), batch, model=model))
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+  throughput = metrics_lib.Throughput(model.cfg, int(t.seq_len))
+  bar = metrics_lib.ProgressBar(int(t.steps), initial=start)
+  extra = {"base": base_ref, "summary": summary}
+  best, bad_evals, last = float("inf"), 0, {}
+
+  def save(step, eval_metrics=None, force=False):
+    checkpoint.assert_finite(state, f"train state at step {step}")
+    ckpt.save(step, state, data.train.state, eval_metrics, extra, force=force)
+
+  # ---- loop
+  with checkpoint.PreemptionHandler() as preempt:
+    step = start
+    while step < t.steps:
+      batch = next(data.train)
+      state, m = step_fn(state, frozen, batch)
+      step += 1
+      tokens = int(batch["weights"].size)
+      if step % t.log_every == 0 or step == t.steps:
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if not np.isfinite(m["loss"]):
+          raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping without "
+                                   "saving (lower optim.lr, or check the data)")
+        m.update(throughput.update(tokens * t.log_every))
+        writer.write(step, m)
+        bar.update(step, m)
+        last = m
+      eval_metrics = None
+      if eval_batches and (step % t.eval_every == 0 or step == t.steps):
+        eval_metrics = evaluate(eval_fn, state["params"], eval_batches)
+        writer.write(step, eval_metrics)
+        logging.info("step %d: %s", step, eval_metrics)
+        last = {**last, **eval_metrics}
+        if eval_metrics["eval_loss"] < best - 1e-6:
+          best, bad_evals = eval_metrics["eval_loss"], 0
+        else:
+          bad_evals += 1
+      if step % t.save_every == 0 or eval_metrics is not None:
+        save(step, eval_metrics)
+      if t.early_stop_patience and bad_evals >= t.early_stop_patience:
+        logging.info("early stop at step %d: eval loss has not improved for %d evals", step,
+                     bad_evals)
+        break
+      if preempt.requested:
+        logging.warning("SIGTERM: saving step %d and exiting", step)
+        break
+
+  # ---- final save
+  save(step)
+  ckpt.wait()
+  ckpt.close()
+  bar.close()
+  writer.close()
+  last["step"] = step
+  return last
+
+
+def main(argv):
+  del argv
+  if FLAGS.workdir is None or FLAGS.config is None:
+    raise app.UsageError("--config and --workdir are required")
+  t0 = time.time()
+  out = run(FLAGS.config, FLAGS.workdir)
+  logging.info("done in %.1fs: %s", time.time() - t0, out)
+
+
+if __name__ == "__main__":
+  define_flags()
+  try:
+    app.run(main)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)

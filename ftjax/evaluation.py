@@ -1,0 +1,70 @@
+"""Held-out evaluation: loss/perplexity over eval batches and generation metrics.
+
+Generation metrics work on chat examples: the conversation before the last assistant turn is
+the prompt, that turn is the reference. `exact_match` compares stripped strings; task metrics
+(the support demo's `score_reply`) plug in as a function.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import numpy as np
+
+from ftjax import sampling
+
+
+def chat_prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+  text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+  return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def split_chat(example: dict) -> tuple[list[dict], str]:
+  """(prompt messages, reference reply) of a chat example ending with an assistant turn."""
+  msgs = example["messages"]
+  if not msgs or msgs[-1]["role"] != "assistant":
+    raise ValueError("eval example does not end with an assistant turn")
+  return msgs[:-1], msgs[-1]["content"]
+
+
+def generate_replies(model, params, tokenizer, prompts: Sequence[Sequence[dict]],
+                     max_new_tokens: int = 64, batch_size: int = 16, temperature: float = 0.0,
+                     seed: int = 0, max_prompt_len: Optional[int] = None) -> list[str]:
+  """Greedy (or sampled) replies to chat prompts, batched and left-padded."""
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  eos = sorted({e for e in (tokenizer.eos_token_id, model.cfg.eos_token_id)
+                if isinstance(e, int)})
+  out = []
+  for start in range(0, len(prompts), batch_size):
+    ids = [chat_prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+    if max_prompt_len:
+      ids = [x[-max_prompt_len:] for x in ids]
+    t = max(len(x) for x in ids)
+    n = len(ids)
+    rows = batch_size  # a fixed batch size keeps one compilation
+    tokens = np.full((rows, t), pad, np.int32)
+    mask = np.zeros((rows, t), bool)
+    for i, x in enumerate(ids):
+      tokens[i, t - len(x):], mask[i, t - len(x):] = x, True
+    tokens[n:, -1], mask[n:, -1] = pad, True  # filler rows
+    res = sampling.generate(model, params, tokens, mask, max_new_tokens=max_new_tokens,
+                            rng=jax.random.PRNGKey(seed + start), temperature=temperature,
+                            eos_id=eos or None, pad_id=pad)
+    toks, keep = np.asarray(res.tokens), np.asarray(res.mask)
+    for i in range(n):
+      out.append(tokenizer.decode(toks[i][keep[i]], skip_special_tokens=True).strip())
+  return out
+
+
+def generation_metrics(replies: Sequence[str], examples: Sequence[dict],
+                       score: Optional[Callable[[str, dict], dict]] = None) -> dict:
+  """exact_match (and the task score's means) of replies against their examples."""
+  refs = [split_chat(e)[1].strip() for e in examples]
+  out = {"exact_match": float(np.mean([r == ref for r, ref in zip(replies, refs)]))}
+  if score is not None:
+    scores = [score(r, e) for r, e in zip(replies, examples)]
+    for k in scores[0]:
+      vals = [s[k] for s in scores if not np.isnan(s[k])]
+      out[k] = float(np.mean(vals)) if vals else float("nan")
+  return out

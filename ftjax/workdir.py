@@ -1,0 +1,148 @@
+"""From a config to a model, and from a workdir back to a trained model.
+
+Shared by the experiment scripts: `build_model` makes (model, params, tokenizer) from the
+config's `model`, `adapter` and `quant` sections; `load_trained` rebuilds the same model from a
+workdir's saved config and restores its latest (or best) checkpoint over it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+
+from ftjax import checkpoint, hf, partition
+from ftjax.config import LoraConfig, PrefixConfig, get_preset
+from ftjax.model import AdapterSpec, Decoder, init_params
+from ftjax.quant import QuantConfig
+from ftjax.tokenizer import load_tokenizer
+from ftjax.train import common
+
+ADAPTER_KINDS = ("none", "lora", "prefix", "prompt")
+
+
+def _get(c, key, default=None):
+  return c.get(key, default) if hasattr(c, "get") else getattr(c, key, default)
+
+
+def adapter_spec(config) -> AdapterSpec:
+  a, q = config.adapter, config.quant
+  kind = a.kind
+  if kind not in ADAPTER_KINDS:
+    raise ValueError(f"config.adapter.kind={kind!r}: expected one of {ADAPTER_KINDS}")
+  if q.kind not in ("none", "nf4", "int4"):
+    raise ValueError(f"config.quant.kind={q.kind!r}: expected none, nf4 or int4")
+  if q.kind != "none" and kind == "none":
+    raise ValueError("config.quant.kind needs an adapter: a 4-bit base cannot be fully "
+                     "fine-tuned (set config.adapter.kind=lora)")
+  lora = prefix = None
+  if kind == "lora":
+    lora = LoraConfig(rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=a.targets,
+                      rslora=a.rslora, init=a.init, dora=a.dora)
+  elif kind in ("prefix", "prompt"):
+    prefix = PrefixConfig(kind=kind, length=a.length, reparam=a.reparam,
+                          reparam_hidden=a.reparam_hidden)
+  quant = None if q.kind == "none" else QuantConfig(kind=q.kind, block_size=q.block_size,
+                                                     double_quant=q.double_quant)
+  return AdapterSpec(lora=lora, quant=quant, prefix=prefix)
+
+
+def rules(config) -> list:
+  """Trainable-parameter rules: the adapter's set, with `adapter.train_extra` regexes first."""
+  extra = [(rx, partition.TRAIN) for rx in _get(config.adapter, "train_extra", "").split(",")
+           if rx]
+  return partition.rules_for("full" if config.adapter.kind == "none" else config.adapter.kind,
+                             extra)
+
+
+def tokenizer_path(config) -> str:
+  m = config.model
+  path = m.tokenizer or m.hf_path
+  if not path:
+    raise ValueError("config.model.tokenizer is required when no config.model.hf_path is given")
+  return hf.resolve(path)
+
+
+def build_model(config, rng: Optional[jax.Array] = None):
+  """(model, params, tokenizer, base_ref) from the config's model/adapter/quant sections.
+
+  With `model.hf_path` the HF checkpoint is loaded (quantized while streaming, adapters
+  initialised beside it); otherwise the `model.preset` shape is initialised from
+  `model.seed` with the tokenizer's vocabulary (continued pretraining from scratch).
+  base_ref identifies the frozen base for checkpoint restores.
+  """
+  m = config.model
+  spec = adapter_spec(config)
+  tok = load_tokenizer(tokenizer_path(config))
+  rng = jax.random.PRNGKey(m.seed) if rng is None else rng
+  dtype, cdt = m.dtype, m.compute_dtype or m.dtype
+  if m.hf_path:
+    model, params = hf.load_pretrained(
+        m.hf_path, dtype=dtype, compute_dtype=cdt, attention=m.attention, remat=m.remat,
+        lora=spec.lora, quant=spec.quant, prefix=spec.prefix, rng=rng)
+    path = hf.resolve(m.hf_path)
+    return model, params, tok, {"kind": "hf", **checkpoint.base_reference(path)}
+  cfg = get_preset(m.preset).replace(
+      vocab_size=len(tok), param_dtype=dtype, dtype=cdt, attention=m.attention, remat=m.remat,
+      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+  model = Decoder(cfg, spec)
+  params = init_params(model, rng)
+  if spec.quant is not None:
+    raise ValueError("config.quant needs a pretrained base (config.model.hf_path)")
+  return model, params, tok, {"kind": "preset", "preset": m.preset, "seed": m.seed}
+
+
+def optimizer(config):
+  """(schedule, optax transform) from the `optim` section, over `train.steps` steps."""
+  o = config.optim
+  schedule = common.make_schedule(o.lr, int(config.train.steps), int(o.warmup_steps), o.schedule,
+                                  float(o.min_lr_ratio))
+  tx = common.make_optimizer(o.name, schedule, float(o.weight_decay), float(o.clip), float(o.b1),
+                             float(o.b2), float(o.eps))
+  return schedule, tx
+
+
+def save_config(config, workdir: str):
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, "config.json.tmp")
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
+def load_config(workdir: str):
+  import ml_collections
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: missing; not an ftjax workdir")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_trained(workdir: str, step: Any = None):
+  """(model, params, tokenizer, config) of a workdir's checkpoint (latest, "best", or a step).
+
+  The base is rebuilt from the saved config (and checked against the fingerprint recorded at
+  training time); the checkpoint's trainable params are merged over it.
+  """
+  config = load_config(workdir)
+  model, params, tok, base_ref = build_model(config)
+  trainable, frozen, _ = common.split_params(params, rules(config))
+  ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep), async_save=False)
+  try:
+    if step == "best":
+      step = ckpt.best_step() or ckpt.latest_step()
+    elif step is not None:
+      step = int(step)
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"{workdir}: no checkpoint to restore")
+    _, tx = optimizer(config)
+    target = jax.eval_shape(lambda: common.init_state(trainable, tx, int(config.train.seed)))
+    state, _, extra = ckpt.restore(step, target=target)
+  finally:
+    ckpt.close()
+  if base_ref.get("kind") == "hf":
+    checkpoint.check_base(extra, base_ref["path"])
+  return model, partition.merge(state["params"], frozen), tok, config
