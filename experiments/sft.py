@@ -108,49 +108,51 @@ def run(config, workdir: str) -> dict:
     checkpoint.assert_finite(state, f"train state at step {step}")
     ckpt.save(step, state, data.train.state, eval_metrics, extra, force=force)
 
-  # ---- loop
-  with checkpoint.PreemptionHandler() as preempt:
-    step = start
-    while step < t.steps:
-      batch = next(data.train)
-      state, m = step_fn(state, frozen, batch)
-      step += 1
-      tokens = int(batch["weights"].size)
-      if step % t.log_every == 0 or step == t.steps:
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        if not np.isfinite(m["loss"]):
-          raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping without "
-                                   "saving (lower optim.lr, or check the data)")
-        m.update(throughput.update(tokens * t.log_every))
-        writer.write(step, m)
-        bar.update(step, m)
-        last = m
-      eval_metrics = None
-      if eval_batches and (step % t.eval_every == 0 or step == t.steps):
-        eval_metrics = evaluate(eval_fn, state["params"], eval_batches)
-        writer.write(step, eval_metrics)
-        logging.info("step %d: %s", step, eval_metrics)
-        last = {**last, **eval_metrics}
-        if eval_metrics["eval_loss"] < best - 1e-6:
-          best, bad_evals = eval_metrics["eval_loss"], 0
-        else:
-          bad_evals += 1
-      if step % t.save_every == 0 or eval_metrics is not None:
-        save(step, eval_metrics)
-      if t.early_stop_patience and bad_evals >= t.early_stop_patience:
-        logging.info("early stop at step %d: eval loss has not improved for %d evals", step,
-                     bad_evals)
-        break
-      if preempt.requested:
-        logging.warning("SIGTERM: saving step %d and exiting", step)
-        break
+  # ---- loop (the checkpointer, writer and bar are closed on any exit: no half-written save)
+  try:
+    with checkpoint.PreemptionHandler() as preempt:
+      step = start
+      while step < t.steps:
+        batch = next(data.train)
+        state, m = step_fn(state, frozen, batch)
+        step += 1
+        tokens = int(batch["weights"].size)
+        if step % t.log_every == 0 or step == t.steps:
+          m = {k: float(v) for k, v in jax.device_get(m).items()}
+          if not np.isfinite(m["loss"]):
+            raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping without "
+                                     "saving (lower optim.lr, or check the data)")
+          m.update(throughput.update(tokens * t.log_every))
+          writer.write(step, m)
+          bar.update(step, m)
+          last = m
+        eval_metrics = None
+        if eval_batches and (step % t.eval_every == 0 or step == t.steps):
+          eval_metrics = evaluate(eval_fn, state["params"], eval_batches)
+          writer.write(step, eval_metrics)
+          logging.info("step %d: %s", step, eval_metrics)
+          last = {**last, **eval_metrics}
+          if eval_metrics["eval_loss"] < best - 1e-6:
+            best, bad_evals = eval_metrics["eval_loss"], 0
+          else:
+            bad_evals += 1
+        if step % t.save_every == 0 or eval_metrics is not None:
+          save(step, eval_metrics)
+        if t.early_stop_patience and bad_evals >= t.early_stop_patience:
+          logging.info("early stop at step %d: eval loss has not improved for %d evals", step,
+                       bad_evals)
+          break
+        if preempt.requested:
+          logging.warning("SIGTERM: saving step %d and exiting", step)
+          break
 
-  # ---- final save
-  save(step)
-  ckpt.wait()
-  ckpt.close()
-  bar.close()
-  writer.close()
+    # ---- final save
+    save(step)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+    bar.close()
+    writer.close()
   last["step"] = step
   return last
 

@@ -1,0 +1,206 @@
+"""SFT end to end: the loop, exact resume after a kill, SIGTERM, NaN guard, export, eval."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import ftjax
+from configs import sft as sft_config
+from experiments import eval as eval_exp
+from experiments import export as export_exp
+from experiments import sft as sft_exp
+from ftjax import checkpoint, data as data_lib, losses, workdir as wd
+from ftjax.demo import support
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def base_dir(hf_models, tmp_path_factory):
+  """The tiny llama with a tokenizer of the same vocab (320) trained on support tickets."""
+  d = str(tmp_path_factory.mktemp("base"))
+  shutil.copytree(hf_models["llama"][0], d, dirs_exist_ok=True)
+  texts = [" ".join(m["content"] for m in t["messages"]) for t in support.make_tickets(300, 5)]
+  ftjax.tokenizer.train_bpe_tokenizer(texts, 320, d)
+  return d
+
+
+@pytest.fixture(scope="module")
+def chat_files(tmp_path_factory):
+  d = tmp_path_factory.mktemp("chat")
+  train, ev = str(d / "train.jsonl"), str(d / "eval.jsonl")
+  support.write_jsonl(train, support.make_tickets(48, 0))
+  support.write_jsonl(ev, support.make_tickets(8, 1))
+  return train, ev
+
+
+def make_config(base_dir, train, ev, **train_kw):
+  c = sft_config.get_config("adapter=lora,smoke")
+  c.model.hf_path = base_dir
+  c.data.path, c.data.eval_path = train, ev
+  c.adapter.dropout = 0.1  # exercises the dropout rng in resume
+  c.train.update(seq_len=352, batch_size=4, grad_accum=2, **train_kw)
+  return c
+
+
+def test_sft_lora_end_to_end_and_exports(base_dir, chat_files, tmp_path):
+  train, ev = chat_files
+  config = make_config(base_dir, train, ev, steps=6, eval_every=3, save_every=3)
+  out = sft_exp.run(config, str(tmp_path / "run"))
+  assert out["step"] == 6 and np.isfinite(out["loss"]) and np.isfinite(out["eval_loss"])
+  rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  assert {"loss", "lr", "grad_norm", "param_norm", "update_norm"} <= set(rows[0])
+  assert any("eval_loss" in r for r in rows)
+  assert os.listdir(tmp_path / "run" / "tensorboard")
+  assert json.load(open(tmp_path / "run" / "config.json"))["adapter"]["kind"] == "lora"
+
+  model, params, tok, _ = wd.load_trained(str(tmp_path / "run"))
+  tokens = np.random.default_rng(0).integers(6, 320, (2, 10))
+  ours = np.asarray(model.apply({"params": params}, tokens))
+  # Merged HF export: transformers gives the same logits.
+  merged = export_exp.run(str(tmp_path / "run"), str(tmp_path / "merged"), "merged")
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+  with torch.no_grad():
+    ref = hf_model(torch.tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(ref, ours, atol=1e-4)
+  assert os.path.exists(os.path.join(merged, "tokenizer.json"))
+  # PEFT export on the original base: same logits.
+  import peft
+  adapter = export_exp.run(str(tmp_path / "run"), str(tmp_path / "lora"), "peft")
+  pm = peft.PeftModel.from_pretrained(
+      transformers.AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
+  with torch.no_grad():
+    np.testing.assert_allclose(pm(torch.tensor(tokens)).logits.numpy(), ours, atol=1e-4)
+  # eval.py on the workdir and on the merged export agree on the loss.
+  m1 = eval_exp.run(ev, workdir=str(tmp_path / "run"), task="support", seq_len=352,
+                    batch_size=4, max_new_tokens=8)
+  m2 = eval_exp.run(ev, model_path=merged, seq_len=352, batch_size=4, max_new_tokens=8)
+  assert abs(m1["eval_loss"] - m2["eval_loss"]) < 1e-4
+  assert {"exact_match", "details", "invented", "escalation_ok", "voice"} <= set(m1)
+
+
+def _final_params(workdir):
+  _, params, _, _ = wd.load_trained(workdir)
+  return params
+
+
+def _cmd(config_args, workdir):
+  return [sys.executable, os.path.join(ROOT, "experiments", "sft.py"),
+          "--config=" + os.path.join(ROOT, "configs", "sft.py") + ":adapter=lora,smoke",
+          f"--workdir={workdir}"] + config_args
+
+
+def _args(base_dir, train, ev, steps, save_every):
+  return [f"--config.model.hf_path={base_dir}", f"--config.data.path={train}",
+          f"--config.data.eval_path={ev}", "--config.adapter.dropout=0.1",
+          "--config.train.seq_len=352", "--config.train.batch_size=4",
+          "--config.train.grad_accum=2", f"--config.train.steps={steps}",
+          f"--config.train.save_every={save_every}", "--config.train.eval_every=1000",
+          "--config.train.log_every=1"]
+
+
+def _wait_for_checkpoint(proc, workdir, timeout=240):
+  ckpts = os.path.join(workdir, "checkpoints")
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):
+      return True
+    if proc.poll() is not None:
+      return False
+    time.sleep(0.05)
+  return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_run_resumes_exactly(base_dir, chat_files, tmp_path, sig):
+  train, ev = chat_files
+  steps, save_every = 40, 5
+  args = _args(base_dir, train, ev, steps, save_every)
+  straight = str(tmp_path / "straight")
+  sft_exp.run(make_config(base_dir, train, ev, steps=steps, save_every=save_every,
+                          eval_every=1000, log_every=1), straight)
+
+  interrupted = str(tmp_path / "interrupted")
+  proc = subprocess.Popen(_cmd(args, interrupted), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  assert _wait_for_checkpoint(proc, interrupted), proc.stderr.read()[-2000:]
+  proc.send_signal(sig)
+  _, err = proc.communicate(timeout=120)
+  ck = checkpoint.Checkpointer(interrupted, async_save=False)
+  stopped_at = ck.latest_step()
+  ck.close()
+  assert stopped_at is not None and stopped_at < steps, "the run finished before the kill"
+  if sig == signal.SIGTERM:
+    assert proc.returncode == 0, err[-2000:]  # saved and exited cleanly
+  res = subprocess.run(_cmd(args, interrupted), capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "resumed from step" in res.stderr
+  a, b = _final_params(straight), _final_params(interrupted)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x),
+                                                                    np.asarray(y)), a, b)
+
+
+def test_nan_guard_stops_without_saving(base_dir, chat_files, tmp_path):
+  train, ev = chat_files
+  config = make_config(base_dir, train, ev, steps=4, save_every=1, log_every=1, eval_every=1000)
+  config.optim.update(lr=1e30, clip=0.0, warmup_steps=0)
+  with pytest.raises(FloatingPointError, match="step"):
+    sft_exp.run(config, str(tmp_path / "nan"))
+  ck = checkpoint.Checkpointer(str(tmp_path / "nan"), async_save=False)
+  for step in ck.all_steps():  # whatever was saved before the blow-up is finite
+    state, _, _ = ck.restore(step)
+    checkpoint.assert_finite(state)
+  ck.close()
+
+
+def test_packed_batch_loss_equals_unpacked(base_dir, chat_files):
+  model, params = ftjax.load_pretrained(base_dir)
+  tok = ftjax.tokenizer.load_tokenizer(base_dir)
+  cfg = {"sources": [{"path": chat_files[0], "limit": 12}], "format": "chat"}
+  totals = {}
+  for packing in (True, False):
+    data = data_lib.build_dataset({**cfg, "packing": packing}, tok, 700, 12)
+    rows = data.train.layout(0)
+    batch = data_lib.make_batch(data.train.examples, rows, 700, data.pad_id)
+    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                         mask=batch["segment_ids"] > 0, segment_ids=batch["segment_ids"])
+    totals[packing] = [float(x) for x in losses.sft_loss(logits, batch["targets"],
+                                                         batch["weights"])]
+    assert len(rows) < 12 if packing else len(rows) == 12
+  np.testing.assert_allclose(totals[True], totals[False], rtol=1e-5)
+
+
+def test_cli_errors(base_dir, chat_files, tmp_path):
+  train, ev = chat_files
+  base = _args(base_dir, train, ev, 2, 1)
+  cases = {
+      "--config.train.stepz=3": "stepz",
+      "--config.train.grad_accum=3": "not divisible",
+      "--config.adapter.kind=lorra": "adapter.kind",
+  }
+  for bad, needle in cases.items():
+    res = subprocess.run(_cmd(base + [bad], str(tmp_path / "w")), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode != 0 and needle in res.stderr, (bad, res.stderr[-1500:])
+  # A malformed data row: file, row and field in one line.
+  bad_file = str(tmp_path / "bad.jsonl")
+  rows = support.make_tickets(3, 0)
+  del rows[1]["messages"]
+  support.write_jsonl(bad_file, rows)
+  res = subprocess.run(_cmd(_args(base_dir, bad_file, ev, 2, 1), str(tmp_path / "w2")),
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode != 0
+  last = res.stderr.strip().splitlines()[-1]
+  assert "bad.jsonl" in last and "row 2" in last and "messages" in last, last
+  assert not os.path.exists(tmp_path / "w2" / "checkpoints") or not os.listdir(
+      tmp_path / "w2" / "checkpoints")
