@@ -19,7 +19,7 @@ from configs import sft as sft_config
 from experiments import eval as eval_exp
 from experiments import export as export_exp
 from experiments import sft as sft_exp
-from ftjax import checkpoint, data as data_lib, losses, workdir as wd
+from ftjax import checkpoint, data as data_lib, losses, metrics as metrics_lib, workdir as wd
 from ftjax.demo import support
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,45 +109,59 @@ def _args(base_dir, train, ev, steps, save_every):
           "--config.train.log_every=1"]
 
 
-def _wait_for_checkpoint(proc, workdir, timeout=240):
+def _latest(workdir):
   ckpts = os.path.join(workdir, "checkpoints")
+  steps = [int(n) for n in os.listdir(ckpts) if n.isdigit()] if os.path.isdir(ckpts) else []
+  return max(steps, default=0)
+
+
+def _wait_for_new_checkpoint(proc, workdir, after, timeout=240):
   t0 = time.time()
   while time.time() - t0 < timeout:
-    if os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):
+    if _latest(workdir) > after:
       return True
     if proc.poll() is not None:
       return False
-    time.sleep(0.05)
+    time.sleep(0.02)
   return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_interrupted_run_resumes_exactly(base_dir, chat_files, tmp_path, sig):
+@pytest.mark.parametrize("sig,delays", [(signal.SIGKILL, (0.0, 0.3, 0.15)),
+                                        (signal.SIGTERM, (0.1,))])
+def test_interrupted_run_resumes_exactly(base_dir, chat_files, tmp_path, sig, delays):
+  """Kill (or preempt) the same command at several moments; the end result is bitwise equal."""
   train, ev = chat_files
-  steps, save_every = 40, 5
+  steps, save_every = 60, 5
   args = _args(base_dir, train, ev, steps, save_every)
   straight = str(tmp_path / "straight")
   sft_exp.run(make_config(base_dir, train, ev, steps=steps, save_every=save_every,
                           eval_every=1000, log_every=1), straight)
 
   interrupted = str(tmp_path / "interrupted")
-  proc = subprocess.Popen(_cmd(args, interrupted), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-  assert _wait_for_checkpoint(proc, interrupted), proc.stderr.read()[-2000:]
-  proc.send_signal(sig)
-  _, err = proc.communicate(timeout=120)
-  ck = checkpoint.Checkpointer(interrupted, async_save=False)
-  stopped_at = ck.latest_step()
-  ck.close()
-  assert stopped_at is not None and stopped_at < steps, "the run finished before the kill"
-  if sig == signal.SIGTERM:
-    assert proc.returncode == 0, err[-2000:]  # saved and exited cleanly
+  for i, delay in enumerate(delays):
+    proc = subprocess.Popen(_cmd(args, interrupted), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    before = _latest(interrupted)
+    assert _wait_for_new_checkpoint(proc, interrupted, before), proc.stderr.read()[-2000:]
+    time.sleep(delay)  # a kill mid-step or mid-save, not only right after a save
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert _latest(interrupted) < steps, f"interruption {i}: the run finished before the kill"
+    if i:
+      assert "resumed from step" in err
+    if sig == signal.SIGTERM:
+      assert proc.returncode == 0, err[-2000:]  # saved and exited cleanly
   res = subprocess.run(_cmd(args, interrupted), capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-2000:]
   assert "resumed from step" in res.stderr
   a, b = _final_params(straight), _final_params(interrupted)
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x),
                                                                     np.asarray(y)), a, b)
+  # metrics.jsonl has every step exactly once, with the same losses as the straight run.
+  logged = [r for r in metrics_lib.read_metrics(interrupted) if "loss" in r]
+  assert [r["step"] for r in logged] == list(range(1, steps + 1))
+  ref = [r["loss"] for r in metrics_lib.read_metrics(straight) if "loss" in r]
+  assert [r["loss"] for r in logged] == ref
 
 
 def test_nan_guard_stops_without_saving(base_dir, chat_files, tmp_path):

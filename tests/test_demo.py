@@ -1,0 +1,51 @@
+"""The support demo: its scorer, its shipped data, and the smoke config end to end."""
+
+import json
+import os
+
+import numpy as np
+
+from experiments import demo
+from ftjax.demo import support
+
+
+def test_score_reply_catches_invented_and_missing_details():
+  ex = support.make_tickets(40, 3)
+  status = next(e for e in ex
+                if e["meta"]["intent"] == "status" and len(e["meta"]["required"]) == 4)
+  gold = status["messages"][-1]["content"]
+  assert support.score_reply(gold, status) == {"details": 1.0, "invented": 0.0,
+                                               "escalation_ok": 1.0, "voice": 1.0}
+  oid = status["meta"]["required"][0]
+  bad = gold.replace(oid, "#12345" if oid != "#12345" else "#54321")
+  s = support.score_reply(bad, status)
+  assert s["invented"] == 1.0 and s["details"] == 0.0
+  s = support.score_reply(gold + " " + support.ESCALATION, status)
+  assert s["escalation_ok"] == 0.0
+  s = support.score_reply(gold.replace(support.SIGNATURE, "Bye"), status)
+  assert s["voice"] == 0.0
+  unknown = next(e for e in ex if e["meta"]["intent"] == "unknown")
+  assert support.score_reply(unknown["messages"][-1]["content"], unknown)["escalation_ok"] == 1.0
+
+
+def test_shipped_data_is_what_the_generator_makes(tmp_path):
+  support.regenerate(str(tmp_path))
+  for name in ("train", "eval", "pretrain"):
+    assert (open(tmp_path / f"{name}.jsonl").read()
+            == open(os.path.join(support.DATA_DIR, f"{name}.jsonl")).read()), name
+  # Held-out tickets are not in the training set.
+  train = {json.dumps(r["messages"]) for r in map(json.loads, open(tmp_path / "train.jsonl"))}
+  ev = [json.dumps(r["messages"]) for r in map(json.loads, open(tmp_path / "eval.jsonl"))]
+  assert not train.intersection(ev)
+
+
+def test_demo_smoke_end_to_end(tmp_path):
+  report = demo.run(str(tmp_path / "demo"), smoke=True, eval_examples=8)
+  for stage in ("before", "after"):
+    assert set(report[stage]) == {k for k, _, _ in demo.METRICS}
+    assert np.isfinite(report[stage]["eval_loss"])
+  assert report["after"]["eval_loss"] < report["before"]["eval_loss"]
+  assert os.path.exists(os.path.join(report["merged"], "model.safetensors"))
+  assert os.path.exists(os.path.join(report["adapter"], "adapter_model.safetensors"))
+  text = demo.format_report(report)
+  assert "order details quoted correctly" in text and "customer:" in text
