@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -28,6 +28,7 @@ from configs import demo as demo_config  # noqa: E402
 from experiments import eval as eval_exp  # noqa: E402
 from experiments import export as export_exp  # noqa: E402
 from experiments import sft as sft_exp  # noqa: E402
+from ftjax import cli  # noqa: E402
 from ftjax.demo import support  # noqa: E402
 from ftjax.tokenizer import train_bpe_tokenizer  # noqa: E402
 
@@ -133,9 +134,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  try:
-    app.run(main)
-  except (ValueError, FileNotFoundError, OSError, FloatingPointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cli.run(main, define_flags)

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ftjax import cli  # noqa: E402
 import ftjax  # noqa: E402
 from ftjax import data as data_lib, evaluation, workdir as wd  # noqa: E402
 from ftjax.demo import support  # noqa: E402
@@ -105,9 +106,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  try:
-    app.run(main)
-  except (ValueError, FileNotFoundError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cli.run(main, define_flags)

@@ -17,6 +17,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ftjax import cli  # noqa: E402
 import ftjax  # noqa: E402
 from ftjax import hf, workdir as wd  # noqa: E402
 
@@ -57,9 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  try:
-    app.run(main)
-  except (ValueError, FileNotFoundError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cli.run(main, define_flags)

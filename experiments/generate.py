@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ftjax import cli  # noqa: E402
 import ftjax  # noqa: E402
 from ftjax.tokenizer import load_tokenizer  # noqa: E402
 
@@ -27,7 +28,8 @@ from ftjax.tokenizer import load_tokenizer  # noqa: E402
 def define_flags():
   """Flags exist only when run as a script, so that tests and demo.py can import
   several experiment modules into one process without flag clashes."""
-  flags.DEFINE_string("model", None, "HF model directory (config.json + safetensors) or hub name.")
+  flags.DEFINE_string("model", None, "HF model directory (config.json + safetensors), hub name, "
+                      "or an ftjax training workdir.")
   flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: --model).")
   flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch.")
   flags.DEFINE_bool("chat", False, "Render prompts with the tokenizer's chat template.")
@@ -84,10 +86,20 @@ def eos_ids(tokenizer, cfg) -> list[int]:
 def run(model_path, prompts, tokenizer_path=None, chat=False, system=None, max_new_tokens=64,
         temperature=0.0, top_k=0, top_p=1.0, n_samples=1, seed=0, dtype="float32",
         compute_dtype=None, attention="xla"):
-  """Generate completions; returns a list of strings (n_samples per prompt, grouped)."""
-  model, params = ftjax.load_pretrained(model_path, dtype=dtype, compute_dtype=compute_dtype,
-                                        attention=attention)
-  tokenizer = load_tokenizer(tokenizer_path or ftjax.hf.resolve(model_path))
+  """Generate completions; returns a list of strings (n_samples per prompt, grouped).
+
+  model_path is an HF directory (or hub name) or an ftjax training workdir (its latest
+  checkpoint, adapters applied).
+  """
+  if os.path.isdir(os.path.join(model_path, "checkpoints")):
+    from ftjax import workdir as wd
+    model, params, tokenizer, _ = wd.load_trained(model_path)
+    if tokenizer_path:
+      tokenizer = load_tokenizer(tokenizer_path)
+  else:
+    model, params = ftjax.load_pretrained(model_path, dtype=dtype, compute_dtype=compute_dtype,
+                                          attention=attention)
+    tokenizer = load_tokenizer(tokenizer_path or ftjax.hf.resolve(model_path))
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   tokens, mask = left_pad(encode_prompts(tokenizer, prompts, chat, system), pad_id)
   t0 = time.perf_counter()
@@ -123,5 +135,4 @@ def _entry():
 
 
 if __name__ == "__main__":
-  define_flags()
-  _entry()
+  cli.run(main, define_flags)

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ftjax import cli  # noqa: E402
 from ftjax import checkpoint, data as data_lib, metrics as metrics_lib, partition  # noqa: E402
 from ftjax import workdir as wd  # noqa: E402
 from ftjax.train import common, sft  # noqa: E402
@@ -167,9 +168,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  try:
-    app.run(main)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  cli.run(main, define_flags)

@@ -13,6 +13,7 @@ import re
 from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import traverse_util
@@ -89,8 +90,14 @@ def masked_optimizer(tx: optax.GradientTransformation, labels: Any) -> optax.Gra
   return optax.multi_transform({TRAIN: tx, FREEZE: optax.set_to_zero()}, labels)
 
 
+def _bits(dtype) -> int:
+  if jnp.issubdtype(dtype, jnp.integer):
+    return int(jnp.iinfo(dtype).bits)  # int4 reports itemsize 1 but packs two per byte
+  return np.dtype(dtype).itemsize * 8
+
+
 def _nbytes(tree) -> int:
-  return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
+  return int(sum(_bits(x.dtype) * int(np.prod(x.shape)) // 8
                  for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape")))
 
 

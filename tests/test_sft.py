@@ -218,3 +218,48 @@ def test_cli_errors(base_dir, chat_files, tmp_path):
   assert "bad.jsonl" in last and "row 2" in last and "messages" in last, last
   assert not os.path.exists(tmp_path / "w2" / "checkpoints") or not os.listdir(
       tmp_path / "w2" / "checkpoints")
+
+
+@pytest.mark.parametrize("adapter,quant", [("none", "none"), ("prefix", "none"),
+                                           ("prompt", "none"), ("lora", "nf4"),
+                                           ("dora", "int4")])
+def test_every_adapter_kind_trains_and_restores(base_dir, chat_files, tmp_path, adapter, quant):
+  train, ev = chat_files
+  config = sft_config.get_config(f"adapter={adapter},quant={quant},smoke")
+  config.model.hf_path = base_dir
+  config.data.path, config.data.eval_path = train, ev
+  config.train.update(seq_len=352, steps=2, save_every=1, eval_every=2)
+  out = sft_exp.run(config, str(tmp_path / "run"))
+  assert np.isfinite(out["loss"]) and np.isfinite(out["eval_loss"])
+  model, params, _, _ = wd.load_trained(str(tmp_path / "run"))
+  assert (model.spec.quant is not None) == (quant != "none")
+  # A frozen base stays out of the checkpoint; a full fine-tune saves everything.
+  ck = checkpoint.Checkpointer(str(tmp_path / "run"), async_save=False)
+  state, _, extra = ck.restore()
+  ck.close()
+  saved = jax.tree_util.tree_leaves(state["params"])
+  assert ("embed" in state["params"]) == (adapter == "none")
+  assert sum(x.size for x in saved) > 0 and extra["base"]["fingerprint"]
+
+
+def test_changed_base_is_refused_on_resume(base_dir, chat_files, tmp_path):
+  train, ev = chat_files
+  base = str(tmp_path / "base")
+  shutil.copytree(base_dir, base)
+  config = make_config(base, train, ev, steps=2, save_every=1, eval_every=1000)
+  sft_exp.run(config, str(tmp_path / "run"))
+  model, params = ftjax.load_pretrained(base)
+  params["final_norm"]["scale"] = params["final_norm"]["scale"] * 1.5
+  ftjax.save_pretrained(model, params, base)
+  config.train.steps = 4
+  with pytest.raises(ValueError, match="changed"):
+    sft_exp.run(config, str(tmp_path / "run"))
+
+
+def test_early_stopping(base_dir, chat_files, tmp_path):
+  train, ev = chat_files
+  config = make_config(base_dir, train, ev, steps=40, save_every=1000, eval_every=1,
+                       early_stop_patience=1)
+  config.optim.update(lr=0.0, warmup_steps=0)  # eval loss cannot improve after the first eval
+  out = sft_exp.run(config, str(tmp_path / "run"))
+  assert out["step"] == 2
