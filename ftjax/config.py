@@ -144,7 +144,7 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(family="llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4,
                         n_kv_heads=2, head_dim=16, mlp_dim=128, max_seq_len=512),
     # The built-in demo's base (vocab set from its tokenizer): small enough to pretrain on CPU.
-    "demo": ModelConfig(family="llama", vocab_size=1024, d_model=128, n_layers=4, n_heads=4,
+    "demo": ModelConfig(family="llama", vocab_size=1024, d_model=128, n_layers=2, n_heads=4,
                         n_kv_heads=2, head_dim=32, mlp_dim=384, max_seq_len=512,
                         tie_embeddings=True),
     "tiny-gpt2": _preset(_GPT2, vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,

@@ -135,7 +135,7 @@ def make_pretraining_text(n: int, seed: int) -> list[dict]:
   rng = np.random.default_rng(seed)
   docs = []
   for _ in range(n):
-    kind = rng.integers(6)
+    kind = rng.integers(7)
     name, oid, carrier = _pick(rng, NAMES), _order_id(rng), _pick(rng, CARRIERS)
     track, date = _tracking(rng), _date(rng)
     prod, feature, price = PRODUCTS[rng.integers(len(PRODUCTS))]
@@ -154,6 +154,10 @@ def make_pretraining_text(n: int, seed: int) -> list[dict]:
                           f"delivered on {date}", f"processing, ships by {date}"])
       text = (f"Customer: {name}. Order {oid}: {prod}, {state}. Note to {name}: order {oid} "
               f"({prod}) is {state}.")
+    elif kind == 5:
+      # A ticket header, then an e-mail reply that greets the customer by name.
+      text = (f"Ticket from {name} about order {oid}. Reply: {_greet(name, rng)} We are looking "
+              f"into order {oid} for you. {SIGNATURE}")
     else:
       text = _pick(rng, [
           "Returns are free within 30 days. We e-mail a return label.",
