@@ -38,18 +38,6 @@ def define_flags():
 
 FLAGS = flags.FLAGS
 
-def data_sources(config) -> dict:
-  """`data` as build_dataset wants it: `data.path` (comma list) is a shortcut for sources."""
-  d = config.data.to_dict()
-  if d.get("path"):
-    d["sources"] = [{"path": p} for p in d["path"].split(",") if p]
-  if d.get("eval_path"):
-    d["eval_sources"] = [{"path": p} for p in d["eval_path"].split(",") if p]
-  if not d.get("sources"):
-    raise ValueError("config.data.path (or config.data.sources) is required")
-  return d
-
-
 def evaluate(eval_fn, params, batches) -> dict:
   """Held-out loss and perplexity over whole eval batches (sum over tokens / tokens)."""
   loss_sum, n = 0.0, 0.0
@@ -89,7 +77,7 @@ def run(config, workdir: str) -> dict:
       checkpoint.check_base(extra, base_ref["path"])
     start = int(state["step"])
     logging.info("resumed from step %d of %s", start, workdir)
-  data = data_lib.build_dataset(data_sources(config), tok, int(t.seq_len), int(t.batch_size),
+  data = data_lib.build_dataset(wd.data_config(config), tok, int(t.seq_len), int(t.batch_size),
                                 seed=int(t.seed), state=data_state)
   logging.info("train data: %s", data.stats)
   eval_batches = data.eval_batches()

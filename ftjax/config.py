@@ -58,6 +58,9 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype; logits are always float32
   attention: str = "xla"  # xla (einsum) | dot_product (jax.nn.dot_product_attention; cuDNN on GPU)
   remat: bool = False
+  # Output head: "lm" (next-token logits [B, T, V]) or "score" (a scalar per position [B, T],
+  # read at the last real token by reward models; HF's *ForSequenceClassification `score`).
+  head: str = "lm"
   # Token ids carried through to export (generation_config.json).
   bos_token_id: Optional[int] = None
   eos_token_id: Optional[Any] = None
@@ -75,6 +78,8 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.activation={self.activation!r}: expected silu|gelu_tanh|gelu")
     if self.positions not in ("rope", "learned"):
       raise ValueError(f"ModelConfig.positions={self.positions!r}: expected rope or learned")
+    if self.head not in ("lm", "score"):
+      raise ValueError(f"ModelConfig.head={self.head!r}: expected lm or score")
     if self.attention not in ("xla", "dot_product"):
       raise ValueError(f"ModelConfig.attention={self.attention!r}: expected xla or dot_product")
 
@@ -101,9 +106,11 @@ class ModelConfig:
       mlp += (n_mlp - 1) * self.mlp_dim + d
     norms = 2 * d * (2 if self.norm_bias else 1)
     total = self.n_layers * (attn + mlp + norms) + d * (2 if self.norm_bias else 1)
+    if self.head == "score":
+      total += d
     if include_embeddings:
       total += self.vocab_size * d
-      if not self.tie_embeddings:
+      if not self.tie_embeddings and self.head == "lm":
         total += self.vocab_size * d
       if self.positions == "learned":
         total += self.max_seq_len * d

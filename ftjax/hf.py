@@ -27,6 +27,10 @@ from ftjax.model import Decoder
 log = logging.getLogger("ftjax")
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
+_SEQ_CLS = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
+            "mistral": "MistralForSequenceClassification",
+            "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
+            "gemma": "GemmaForSequenceClassification"}
 _ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM"}
 _ACTS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -113,6 +117,10 @@ def config_from_hf(hf: dict, path: str = "config.json", **overrides) -> ModelCon
       cfg["qk_norm"] = True
     if mt == "gemma":
       cfg.update(norm_add_one=True, embed_scale=True)
+  if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
+    if hf.get("num_labels", len(hf.get("id2label") or {0: 0})) != 1:
+      raise CheckpointError(f"{path}: only single-score (num_labels=1) classifiers are supported")
+    cfg["head"] = "score"
   cfg.update(overrides)
   return ModelConfig(**cfg)
 
@@ -143,7 +151,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.family == "mistral":
       out["sliding_window"] = cfg.sliding_window
   out["model_type"] = cfg.family
-  out["architectures"] = [_ARCH[cfg.family]]
+  out["architectures"] = [_ARCH[cfg.family] if cfg.head == "lm" else _SEQ_CLS[cfg.family]]
+  if cfg.head == "score":
+    out["num_labels"] = 1
   out["torch_dtype"] = out["dtype"] = cfg.param_dtype
   try:  # Let the installed transformers fill in its defaults and its own key layout.
     import transformers
@@ -151,6 +161,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     full = transformers.AutoConfig.for_model(cfg.family, **kw).to_dict()
     full.pop("transformers_version", None)
     full["dtype"] = cfg.param_dtype
+    full["architectures"] = out["architectures"]
     return full
   except ImportError:
     return out
@@ -191,8 +202,7 @@ def tensor_map(cfg: ModelConfig) -> list[Entry]:
         one(f"{p}.mlp.c_proj.{hfleaf}", f"{l}/mlp/down_proj/{leaf}")
     one("transformer.ln_f.weight", "final_norm/scale")
     one("transformer.ln_f.bias", "final_norm/bias")
-    if not cfg.tie_embeddings:
-      one("lm_head.weight", "lm_head", "T")
+    _head(cfg, one)
     return e
   one("model.embed_tokens.weight", "embed")
   for i in range(cfg.n_layers):
@@ -211,9 +221,15 @@ def tensor_map(cfg: ModelConfig) -> list[Entry]:
       if cfg.mlp_bias:
         one(f"{p}.mlp.{x}_proj.bias", f"{l}/mlp/{x}_proj/bias")
   one("model.norm.weight", "final_norm/scale")
-  if not cfg.tie_embeddings:
-    one("lm_head.weight", "lm_head", "T")
+  _head(cfg, one)
   return e
+
+
+def _head(cfg: ModelConfig, one):
+  if cfg.head == "score":
+    one("score.weight", "score", "T")  # [1, D] in HF
+  elif not cfg.tie_embeddings:
+    one("lm_head.weight", "lm_head", "T")
 
 
 # Tensors that some checkpoints carry and that hold nothing to load (buffers, tied copies).
@@ -346,7 +362,7 @@ def load_params(path: str, cfg: ModelConfig,
       entry = entries.get(name)
       if entry is None:
         if not name.endswith(_IGNORED_SUFFIXES) and not (
-            name == "lm_head.weight" and cfg.tie_embeddings):
+            name == "lm_head.weight" and (cfg.tie_embeddings or cfg.head == "score")):
           unexpected.append(raw_name)
         continue
       want = _hf_shape(entry, [_get(shapes, p) for p in entry.paths])
@@ -359,6 +375,11 @@ def load_params(path: str, cfg: ModelConfig,
       del arr
       seen.add(name)
   missing = [n for n in entries if n not in seen]
+  if cfg.head == "score" and "score.weight" in missing:
+    # A causal-LM checkpoint loaded as a reward model: a fresh (zero) score head.
+    log.info("%s: no score.weight; the reward head starts at zero", path)
+    _set(params, ("score",), place(("score",), np.zeros((cfg.d_model, 1), dtype)))
+    missing.remove("score.weight")
   if missing:
     raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from the safetensors files"
                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))

@@ -475,6 +475,12 @@ class Decoder(nn.Module):
     x = x[:, n_soft:]  # outputs for the real tokens only
     if return_hidden:
       out = x
+    elif cfg.head == "score":
+      kernel = self.param("score", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                ("embed", None)),
+                          (cfg.d_model, 1), pdt)
+      out = jnp.einsum("BTD,DO->BTO", x, kernel.astype(dt),
+                       preferred_element_type=jnp.float32)[..., 0]  # [B, T]
     elif cfg.tie_embeddings:
       out = jnp.einsum("BTD,VD->BTV", x, embed.astype(dt), preferred_element_type=jnp.float32)
     else:

@@ -78,20 +78,40 @@ def build_model(config, rng: Optional[jax.Array] = None):
   tok = load_tokenizer(tokenizer_path(config))
   rng = jax.random.PRNGKey(m.seed) if rng is None else rng
   dtype, cdt = m.dtype, m.compute_dtype or m.dtype
+  head = _get(m, "head", "lm")
   if m.hf_path:
+    extra = {"head": head}
+    if head == "score" and tok.pad_token_id is not None:
+      extra["pad_token_id"] = tok.pad_token_id  # HF classifiers find the last token by it
     model, params = hf.load_pretrained(
         m.hf_path, dtype=dtype, compute_dtype=cdt, attention=m.attention, remat=m.remat,
-        lora=spec.lora, quant=spec.quant, prefix=spec.prefix, rng=rng)
+        lora=spec.lora, quant=spec.quant, prefix=spec.prefix, rng=rng, **extra)
     path = hf.resolve(m.hf_path)
     return model, params, tok, {"kind": "hf", **checkpoint.base_reference(path)}
   cfg = get_preset(m.preset).replace(
       vocab_size=len(tok), param_dtype=dtype, dtype=cdt, attention=m.attention, remat=m.remat,
+      head=head,
       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
   model = Decoder(cfg, spec)
   params = init_params(model, rng)
   if spec.quant is not None:
     raise ValueError("config.quant needs a pretrained base (config.model.hf_path)")
   return model, params, tok, {"kind": "preset", "preset": m.preset, "seed": m.seed}
+
+
+def data_config(config) -> dict:
+  """`config.data` as the dataset builders take it: `data.path` / `data.eval_path` (comma
+  lists of files) are shortcuts for `data.sources` / `data.eval_sources`."""
+  d = config.data.to_dict()
+  if d.get("path"):
+    d["sources"] = [{"path": p} for p in d["path"].split(",") if p]
+  if d.get("eval_path"):
+    d["eval_sources"] = [{"path": p} for p in d["eval_path"].split(",") if p]
+  if not d.get("max_prompt_len"):
+    d.pop("max_prompt_len", None)
+  if not d.get("sources"):
+    raise ValueError("config.data.path (or config.data.sources) is required")
+  return d
 
 
 def optimizer(config):

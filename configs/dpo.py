@@ -1,0 +1,33 @@
+"""DPO (and IPO, hinge, robust/cDPO) from an SFT model, on preference pairs.
+
+  python experiments/dpo.py --config=configs/dpo.py --workdir=/tmp/dpo \
+      --config.model.hf_path=/path/to/sft_hf --config.dpo.beta=0.1
+
+The default data are the support demo's pairs (the gold reply beats one that invents an order
+number, drops the brand voice or escalates wrongly), chat form. The arg takes the keys of
+configs/sft.py (adapter=, quant=, model=, smoke) plus `loss=sigmoid|ipo|hinge|robust`.
+`dpo.reference`: auto (adapters off when training adapters, else a frozen copy of the initial
+params) | precomputed (one pass over the data before training).
+"""
+
+import os
+
+from configs import sft as sft_config
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ftjax", "demo",
+                    "data")
+
+
+def get_config(arg=None):
+  a = sft_config.parse_arg(arg)
+  c = sft_config.get_config(arg)
+  c.data.update(format="chat", path=os.path.join(DATA, "prefs_train.jsonl"),
+                eval_path=os.path.join(DATA, "prefs_eval.jsonl"))
+  c.data.max_prompt_len = 0
+  c.dpo = dict(beta=0.1, loss_type=a.get("loss", "sigmoid"), label_smoothing=0.0,
+               reference="auto")
+  c.optim.update(lr=5e-4 if c.adapter.kind != "none" else 5e-6, warmup_steps=10)
+  c.train.update(steps=200, batch_size=8, seq_len=256, eval_every=50, save_every=50)
+  if a.get("smoke"):
+    c.train.update(steps=4, batch_size=4, seq_len=256, eval_every=2, save_every=2)
+  return c

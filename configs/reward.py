@@ -1,0 +1,22 @@
+"""Bradley-Terry reward model on preference pairs.
+
+  python experiments/reward.py --config=configs/reward.py --workdir=/tmp/rm \
+      --config.model.hf_path=/path/to/hf_dir
+
+A scalar `score` head on the decoder, read at the last real token; the loss is
+-log σ(r_chosen - r_rejected - margin) plus optional centring. Exports to an HF
+*ForSequenceClassification checkpoint (`experiments/export.py --format=merged`).
+"""
+
+from configs import dpo as dpo_config
+
+
+def get_config(arg=None):
+  c = dpo_config.get_config(arg)
+  del c["dpo"]
+  c.reward = dict(margin=0.0, center_coef=0.0)
+  c.model.head = "score"
+  # The score head is new: it trains beside the adapter (PEFT's modules_to_save).
+  c.adapter.train_extra = "^score$"
+  c.optim.lr = 1e-3 if c.adapter.kind != "none" else 1e-5
+  return c

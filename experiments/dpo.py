@@ -1,0 +1,186 @@
+"""Direct preference optimisation (sigmoid, IPO, hinge, robust/cDPO) from an SFT model.
+
+  python experiments/dpo.py --config=configs/dpo.py --workdir=/tmp/dpo \
+      --config.model.hf_path=/path/to/sft_hf --config.dpo.beta=0.1
+
+The reference model is the same params with the adapters switched off when training adapters
+(no second copy in memory), a frozen copy of the initial params for full fine-tuning, or
+log-probabilities precomputed in one pass (`--config.dpo.reference=precomputed`). Logged per
+step: rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps of both
+sides and the per-token policy-to-reference KL on chosen responses. Rerunning resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ftjax import checkpoint, cli, lora, metrics as metrics_lib, partition  # noqa: E402
+from ftjax import workdir as wd  # noqa: E402
+from ftjax.data import preference as pref_data  # noqa: E402
+from ftjax.train import common, preference  # noqa: E402
+
+
+def define_flags():
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/dpo.py:arg).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where the config, metrics and checkpoints go.")
+
+
+FLAGS = flags.FLAGS
+REF_KEY = "reference"  # a frozen copy of the initial params (full fine-tuning), beside the rest
+
+
+def reference(model, config, params):
+  """(reference model, params -> reference params, extra frozen leaves)."""
+  if config.adapter.kind != "none":
+    return lora.disable(model), (lambda p: p), {}
+  return model, (lambda p: p[REF_KEY]), {REF_KEY: params}
+
+
+def precompute_reference(ref_model, ref_params, batches) -> dict:
+  """Reference (sum, mean) logps keyed by each row's bytes: one pass before training."""
+  fn = jax.jit(lambda p, b: preference.side_logps(ref_model, p, b))
+  table = {}
+  for batch in batches:
+    sums, means = map(np.asarray, jax.device_get(fn(ref_params, batch)))
+    for i in range(len(sums)):
+      table[_row_key(batch, i)] = (float(sums[i]), float(means[i]))
+  return table
+
+
+def _row_key(batch, i):
+  return batch["inputs"][i].tobytes() + batch["weights"][i].tobytes()
+
+
+def attach_reference(batch: dict, table: dict) -> dict:
+  vals = [table[_row_key(batch, i)] for i in range(batch["inputs"].shape[0])]
+  return {**batch, "ref_logps": np.array([v[0] for v in vals], np.float32),
+          "ref_logps_mean": np.array([v[1] for v in vals], np.float32)}
+
+
+def evaluate(eval_fn, trainable, batches) -> dict:
+  sums, n = {}, 0.0
+  for batch in batches:
+    loss_sum, pairs, aux = jax.device_get(eval_fn(trainable, batch))
+    n += float(pairs)
+    for k, v in {"loss": loss_sum, **aux}.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  return {f"eval_{k}": v / max(n, 1.0) for k, v in sums.items()}
+
+
+def run(config, workdir: str) -> dict:
+  # ---- setup
+  wd.save_config(config, workdir)
+  t, d = config.train, config.dpo
+  model, params, tok, base_ref = wd.build_model(config)
+  ref_model, ref_params_fn, ref_frozen = reference(model, config, params)
+  trainable, frozen, labels = common.split_params(params, wd.rules(config))
+  frozen = {**frozen, **ref_frozen}
+  schedule, tx = wd.optimizer(config)
+  state = common.init_state(trainable, tx, int(t.seed))
+  logging.info("%s", partition.format_summary(partition.summary(params, labels,
+                                                                state["opt_state"])))
+  del params
+
+  # ---- restore
+  ckpt = checkpoint.Checkpointer(workdir, keep=int(t.keep), async_save=bool(t.async_save),
+                                 best_metric="eval_loss")
+  data_state, start = None, 0
+  if ckpt.latest_step() is not None:
+    state, data_state, extra = ckpt.restore(target=state)
+    if base_ref.get("kind") == "hf":
+      checkpoint.check_base(extra, base_ref["path"])
+    start = int(state["step"])
+    logging.info("resumed from step %d of %s", start, workdir)
+  data = pref_data.build_preference_dataset(wd.data_config(config), tok, int(t.seq_len),
+                                            int(t.batch_size), seed=int(t.seed),
+                                            state=data_state)
+  logging.info("preference data: %s", data.stats)
+  eval_batches = data.eval_batches()
+  if t.eval_batches:
+    eval_batches = eval_batches[:int(t.eval_batches)]
+  table = None
+  if d.reference == "precomputed":
+    full = partition.merge(trainable, frozen)
+    table = precompute_reference(ref_model, jax.device_get(ref_params_fn(full)),
+                                 pref_data.eval_batches(data.train.examples, int(t.batch_size),
+                                                        int(t.seq_len), pad_id=data.pad_id)
+                                 + eval_batches)
+  elif d.reference != "auto":
+    raise ValueError(f"config.dpo.reference={d.reference!r}: expected auto or precomputed")
+
+  step_fn = jax.jit(preference.make_dpo_step(
+      model, ref_model, ref_params_fn, tx, schedule, beta=float(d.beta), loss_type=d.loss_type,
+      label_smoothing=float(d.label_smoothing), grad_accum=int(t.grad_accum)),
+      donate_argnums=0)
+  eval_fn = jax.jit(lambda tr, b: preference.dpo_loss_fn(
+      partition.merge(tr, frozen), b, None, model=model, ref_model=ref_model,
+      ref_params_fn=ref_params_fn, beta=float(d.beta), loss_type=d.loss_type,
+      label_smoothing=float(d.label_smoothing)))
+  prep = (lambda b: attach_reference(b, table)) if table is not None else (lambda b: b)
+  eval_batches = [prep(b) for b in eval_batches]
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+  bar = metrics_lib.ProgressBar(int(t.steps), initial=start)
+  extra = {"base": base_ref}
+  last = {}
+
+  def save(step, eval_metrics=None):
+    checkpoint.assert_finite(state, f"train state at step {step}")
+    ckpt.save(step, state, data.train.state, eval_metrics, extra)
+
+  # ---- loop
+  try:
+    with checkpoint.PreemptionHandler() as preempt:
+      step = start
+      while step < t.steps:
+        batch = preference.interleave_for_accum(prep(next(data.train)), int(t.grad_accum))
+        state, m = step_fn(state, frozen, batch)
+        step += 1
+        if step % t.log_every == 0 or step == t.steps:
+          m = preference.per_pair_means(jax.device_get(m))
+          if not np.isfinite(m["loss"]):
+            raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping without "
+                                     "saving (lower optim.lr or dpo.beta)")
+          writer.write(step, m)
+          bar.update(step, m)
+          last = m
+        eval_metrics = None
+        if eval_batches and (step % t.eval_every == 0 or step == t.steps):
+          eval_metrics = evaluate(eval_fn, state["params"], eval_batches)
+          writer.write(step, eval_metrics)
+          logging.info("step %d: %s", step, eval_metrics)
+          last = {**last, **eval_metrics}
+        if step % t.save_every == 0 or eval_metrics is not None:
+          save(step, eval_metrics)
+        if preempt.requested:
+          logging.warning("SIGTERM: saving step %d and exiting", step)
+          break
+    # ---- final save
+    save(step)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+    bar.close()
+    writer.close()
+  last["step"] = step
+  return last
+
+
+def main(argv):
+  del argv
+  if FLAGS.workdir is None or FLAGS.config is None:
+    raise ValueError("--config and --workdir are required")
+  logging.info("done: %s", run(FLAGS.config, FLAGS.workdir))
+
+
+if __name__ == "__main__":
+  cli.run(main, define_flags)

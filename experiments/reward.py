@@ -1,0 +1,140 @@
+"""Bradley-Terry reward model: a scalar head on the decoder, trained on preference pairs.
+
+  python experiments/reward.py --config=configs/reward.py --workdir=/tmp/rm \
+      --config.model.hf_path=/path/to/hf_dir
+  python experiments/export.py --workdir=/tmp/rm --out=/tmp/rm_hf   # *ForSequenceClassification
+
+Loss -log σ(r_chosen - r_rejected - margin) (+ centring); works with LoRA and 4-bit bases (the
+score head trains beside the adapter). Logged: loss, accuracy, mean rewards and margin; eval
+accuracy on held-out pairs. Rerunning resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ftjax import checkpoint, cli, metrics as metrics_lib, partition  # noqa: E402
+from ftjax import workdir as wd  # noqa: E402
+from ftjax.data import preference as pref_data  # noqa: E402
+from ftjax.train import common, preference  # noqa: E402
+
+
+def define_flags():
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/reward.py:arg).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where the config, metrics and checkpoints go.")
+
+
+FLAGS = flags.FLAGS
+def evaluate(eval_fn, trainable, batches) -> dict:
+  sums, n = {}, 0.0
+  for batch in batches:
+    loss_sum, pairs, aux = jax.device_get(eval_fn(trainable, batch))
+    n += float(pairs)
+    for k, v in {"loss": loss_sum, **aux}.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  return {f"eval_{k}": v / max(n, 1.0) for k, v in sums.items()}
+
+
+def run(config, workdir: str) -> dict:
+  # ---- setup
+  wd.save_config(config, workdir)
+  t, rc = config.train, config.reward
+  if config.model.head != "score":
+    raise ValueError("config.model.head must be 'score' for a reward model")
+  model, params, tok, base_ref = wd.build_model(config)
+  trainable, frozen, labels = common.split_params(params, wd.rules(config))
+  schedule, tx = wd.optimizer(config)
+  state = common.init_state(trainable, tx, int(t.seed))
+  logging.info("%s", partition.format_summary(partition.summary(params, labels,
+                                                                state["opt_state"])))
+  del params
+
+  # ---- restore
+  ckpt = checkpoint.Checkpointer(workdir, keep=int(t.keep), async_save=bool(t.async_save),
+                                 best_metric="eval_loss")
+  data_state, start = None, 0
+  if ckpt.latest_step() is not None:
+    state, data_state, extra = ckpt.restore(target=state)
+    if base_ref.get("kind") == "hf":
+      checkpoint.check_base(extra, base_ref["path"])
+    start = int(state["step"])
+    logging.info("resumed from step %d of %s", start, workdir)
+  data = pref_data.build_preference_dataset(wd.data_config(config), tok, int(t.seq_len),
+                                            int(t.batch_size), seed=int(t.seed),
+                                            state=data_state)
+  logging.info("preference data: %s", data.stats)
+  eval_batches = data.eval_batches()
+  if t.eval_batches:
+    eval_batches = eval_batches[:int(t.eval_batches)]
+  margin = float(rc.margin) or None
+  step_fn = jax.jit(preference.make_reward_step(model, tx, schedule, int(t.grad_accum), margin,
+                                                float(rc.center_coef)), donate_argnums=0)
+  eval_fn = jax.jit(lambda tr, b: preference.reward_loss_fn(
+      partition.merge(tr, frozen), b, None, model=model, margin=margin,
+      center_coef=float(rc.center_coef)))
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+  bar = metrics_lib.ProgressBar(int(t.steps), initial=start)
+  extra = {"base": base_ref}
+  last = {}
+
+  def save(step, eval_metrics=None):
+    checkpoint.assert_finite(state, f"train state at step {step}")
+    ckpt.save(step, state, data.train.state, eval_metrics, extra)
+
+  # ---- loop
+  try:
+    with checkpoint.PreemptionHandler() as preempt:
+      step = start
+      while step < t.steps:
+        batch = preference.interleave_for_accum(next(data.train), int(t.grad_accum))
+        state, m = step_fn(state, frozen, batch)
+        step += 1
+        if step % t.log_every == 0 or step == t.steps:
+          m = preference.per_pair_means(jax.device_get(m))
+          if not np.isfinite(m["loss"]):
+            raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping without "
+                                     "saving (lower optim.lr)")
+          writer.write(step, m)
+          bar.update(step, m)
+          last = m
+        eval_metrics = None
+        if eval_batches and (step % t.eval_every == 0 or step == t.steps):
+          eval_metrics = evaluate(eval_fn, state["params"], eval_batches)
+          writer.write(step, eval_metrics)
+          logging.info("step %d: %s", step, eval_metrics)
+          last = {**last, **eval_metrics}
+        if step % t.save_every == 0 or eval_metrics is not None:
+          save(step, eval_metrics)
+        if preempt.requested:
+          logging.warning("SIGTERM: saving step %d and exiting", step)
+          break
+    # ---- final save
+    save(step)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+    bar.close()
+    writer.close()
+  last["step"] = step
+  return last
+
+
+def main(argv):
+  del argv
+  if FLAGS.workdir is None or FLAGS.config is None:
+    raise ValueError("--config and --workdir are required")
+  logging.info("done: %s", run(FLAGS.config, FLAGS.workdir))
+
+
+if __name__ == "__main__":
+  cli.run(main, define_flags)

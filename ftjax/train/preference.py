@@ -1,0 +1,135 @@
+"""Reward modelling and DPO: pure losses over preference batches (loops in experiments/).
+
+A preference batch holds B pairs as 2B rows: rows [0, B) are the chosen responses, rows
+[B, 2B) the matching rejected ones (see `ftjax.data.preference`), so both sides go through
+one forward pass. `inputs`, `targets`, `weights`, `segment_ids`, `positions`: [2B, T].
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from ftjax import losses
+from ftjax.train import common
+
+
+def _apply(model, params, batch, rng=None):
+  seg = batch["segment_ids"]
+  return model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                     mask=seg > 0, rngs=None if rng is None else {"dropout": rng})
+
+
+def full_sequences(batch: dict) -> tuple[jax.Array, jax.Array]:
+  """The whole token rows [2B, T+1] and their mask, EOS included (inputs drop the last token)."""
+  n = (batch["segment_ids"] > 0).sum(-1)  # [2B] input length = sequence length - 1
+  rows = jnp.arange(batch["inputs"].shape[0])
+  last = jnp.take_along_axis(batch["targets"], jnp.maximum(n - 1, 0)[:, None], -1)[:, 0]
+  tokens = jnp.concatenate([batch["inputs"], jnp.zeros_like(batch["inputs"][:, :1])], axis=1)
+  tokens = tokens.at[rows, n].set(last)
+  mask = jnp.arange(tokens.shape[1])[None, :] <= n[:, None]
+  return tokens, mask
+
+
+def rewards_of(model, params, batch: dict, rng=None) -> jax.Array:
+  """Scalar reward per row [2B], read at the last real token (EOS) as HF's classifiers do."""
+  tokens, mask = full_sequences(batch)
+  scores = model.apply({"params": params}, tokens, mask=mask,
+                       rngs=None if rng is None else {"dropout": rng})  # [2B, T+1]
+  last = mask.sum(-1) - 1
+  return jnp.take_along_axis(scores, last[:, None], -1)[:, 0]
+
+
+def reward_loss_fn(params, batch, rng, *, model, margin: Optional[float] = None,
+                   center_coef: float = 0.0):
+  """Bradley-Terry: -log σ(r_chosen - r_rejected - margin); returns (sum, pairs, aux sums)."""
+  r = rewards_of(model, params, batch, rng)
+  b = r.shape[0] // 2
+  rc, rr = r[:b], r[b:]
+  valid = (batch["weights"][:b].sum(-1) > 0).astype(jnp.float32)  # padding pairs count zero
+  m = 0.0 if margin is None else margin
+  per_pair = -jax.nn.log_sigmoid(rc - rr - m) + center_coef * jnp.square(rc + rr)
+  aux = {"accuracy": ((rc > rr) * valid).sum(), "reward_chosen": (rc * valid).sum(),
+         "reward_rejected": (rr * valid).sum(), "margin": ((rc - rr) * valid).sum()}
+  return (per_pair * valid).sum(), valid.sum(), aux
+
+
+def side_logps(model, params, batch, rng=None) -> tuple[jax.Array, jax.Array]:
+  """Summed and mean response logprobs per row: ([2B], [2B])."""
+  logits = _apply(model, params, batch, rng)
+  tok = losses.token_logprobs(logits, batch["targets"])
+  return losses.sequence_logps_sum_and_mean(tok, batch["weights"])
+
+
+def dpo_loss_fn(params, batch, rng, *, model, ref_model, ref_params_fn, beta: float,
+                loss_type: str, label_smoothing: float):
+  """DPO family over one batch; returns (sum of pair losses, pairs, aux sums).
+
+  The reference log-probabilities come from `batch["ref_logps"]` ([2B], precomputed) when
+  present, else from `ref_model` on `ref_params_fn(params)`: the same params with the
+  adapters switched off (no second copy of the model), or a frozen initial copy.
+  """
+  sums, means = side_logps(model, params, batch, rng)
+  if "ref_logps" in batch:
+    ref_sums, ref_means = batch["ref_logps"], batch["ref_logps_mean"]
+  else:
+    ref_sums, ref_means = side_logps(ref_model, jax.lax.stop_gradient(ref_params_fn(params)),
+                                     batch)
+    ref_sums, ref_means = jax.lax.stop_gradient(ref_sums), jax.lax.stop_gradient(ref_means)
+  pol, ref = (means, ref_means) if loss_type == "ipo" else (sums, ref_sums)
+  b = pol.shape[0] // 2
+  per_pair, rc, rr = losses.dpo_loss(pol[:b], pol[b:], ref[:b], ref[b:], beta=beta,
+                                     loss_type=loss_type, label_smoothing=label_smoothing)
+  valid = (batch["weights"][:b].sum(-1) > 0).astype(jnp.float32)
+  n_chosen = jnp.maximum(batch["weights"][:b].sum(-1), 1.0)
+  aux = {"rewards/chosen": (rc * valid).sum(), "rewards/rejected": (rr * valid).sum(),
+         "rewards/accuracies": ((rc > rr) * valid).sum(),
+         "rewards/margins": ((rc - rr) * valid).sum(),
+         "logps/chosen": (sums[:b] * valid).sum(), "logps/rejected": (sums[b:] * valid).sum(),
+         # Per-token KL(policy || reference) estimated on the chosen responses.
+         "kl/chosen": jax.lax.stop_gradient(((sums[:b] - ref_sums[:b]) / n_chosen) * valid).sum()}
+  return (per_pair * valid).sum(), valid.sum(), aux
+
+
+def make_reward_step(model, tx, schedule, grad_accum=1, margin=None, center_coef=0.0):
+  loss_fn = functools.partial(reward_loss_fn, model=model, margin=margin,
+                              center_coef=center_coef)
+  return functools.partial(common.update_step, loss_fn=loss_fn, tx=tx, schedule=schedule,
+                           grad_accum=grad_accum)
+
+
+def make_dpo_step(model, ref_model, ref_params_fn, tx, schedule, *, beta, loss_type,
+                  label_smoothing=0.0, grad_accum=1):
+  loss_fn = functools.partial(dpo_loss_fn, model=model, ref_model=ref_model,
+                              ref_params_fn=ref_params_fn, beta=beta, loss_type=loss_type,
+                              label_smoothing=label_smoothing)
+  return functools.partial(common.update_step, loss_fn=loss_fn, tx=tx, schedule=schedule,
+                           grad_accum=grad_accum)
+
+
+def per_pair_means(metrics: dict) -> dict:
+  """Aux sums of `update_step` divided by the number of pairs (its `target_tokens`)."""
+  n = max(float(metrics["target_tokens"]), 1.0)
+  return {k: (float(v) / n if ("/" in k or k in ("accuracy", "reward_chosen", "reward_rejected",
+                                                  "margin")) else float(v))
+          for k, v in metrics.items()}
+
+
+def interleave_for_accum(batch: dict, grad_accum: int) -> dict:
+  """Reorder [chosen B; rejected B] rows so that each of `grad_accum` micro-batches (consecutive
+  row blocks, as `update_step` splits them) holds its own chosen rows then their rejected rows."""
+  if grad_accum == 1:
+    return batch
+
+  def f(x):
+    two_b = x.shape[0]
+    b = two_b // 2
+    if b % grad_accum:
+      raise ValueError(f"{b} pairs per batch do not split into {grad_accum} micro-batches")
+    x = x.reshape((2, grad_accum, b // grad_accum) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((two_b,) + x.shape[3:])
+
+  return jax.tree_util.tree_map(f, batch)
