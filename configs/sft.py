@@ -35,7 +35,9 @@ def get_config(arg=None):
                    targets="all-linear", rslora=False, dora=kind == "dora", init="kaiming",
                    length=16, reparam=False, reparam_hidden=512, train_extra="")
   c.quant = dict(kind=a.get("quant", "none"), block_size=64, double_quant=True)
-  c.data = dict(path="", sources=[], format=a.get("format", "chat"), fields={}, packing=True,
+  # Prompt tuning prepends soft tokens to each row, so it takes one example per row.
+  c.data = dict(path="", sources=[], format=a.get("format", "chat"), fields={},
+                packing=kind != "prompt",
                 overflow="truncate", skip_malformed=False, loss_on_prompt=False,
                 chat_template=False, eval_path="", eval_fraction=0.0, seed=0)
   c.optim = dict(name="adamw", lr=2e-4 if kind != "none" else 3e-5, schedule="cosine",

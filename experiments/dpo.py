@@ -21,6 +21,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ftjax import checkpoint, cli, lora, metrics as metrics_lib, partition  # noqa: E402
@@ -43,7 +44,8 @@ def reference(model, config, params):
   """(reference model, params -> reference params, extra frozen leaves)."""
   if config.adapter.kind != "none":
     return lora.disable(model), (lambda p: p), {}
-  return model, (lambda p: p[REF_KEY]), {REF_KEY: params}
+  # A real copy: the trainable params share these buffers and the step donates them.
+  return model, (lambda p: p[REF_KEY]), {REF_KEY: jax.tree_util.tree_map(jnp.copy, params)}
 
 
 def precompute_reference(ref_model, ref_params, batches) -> dict:

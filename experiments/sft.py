@@ -57,6 +57,9 @@ def run(config, workdir: str) -> dict:
   if t.batch_size % t.grad_accum:
     raise ValueError(f"config.train.batch_size={t.batch_size} is not divisible by "
                      f"config.train.grad_accum={t.grad_accum}")
+  if config.adapter.kind == "prompt" and config.data.packing:
+    raise ValueError("config.data.packing must be False with prompt tuning (the soft prompt "
+                     "precedes each row, not each packed example)")
   model, params, tok, base_ref = wd.build_model(config)
   trainable, frozen, labels = common.split_params(params, wd.rules(config))
   del params

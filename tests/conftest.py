@@ -8,6 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import os.path  # noqa: E402,F401
+import shutil  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -84,3 +87,35 @@ def batch_with_padding(rng: np.random.Generator, b=3, t=12, side="right"):
       mask[i, :t - n] = False
   tokens[~mask] = 0
   return tokens, mask
+
+
+@pytest.fixture(scope="session")
+def base_dir(hf_models, tmp_path_factory):
+  """The tiny llama with a tokenizer of the same vocab (320) trained on support tickets."""
+  import ftjax
+  from ftjax.demo import support
+  d = str(tmp_path_factory.mktemp("base"))
+  shutil.copytree(hf_models["llama"][0], d, dirs_exist_ok=True)
+  texts = [" ".join(m["content"] for m in t["messages"]) for t in support.make_tickets(300, 5)]
+  ftjax.tokenizer.train_bpe_tokenizer(texts, 320, d)
+  return d
+
+
+@pytest.fixture(scope="session")
+def chat_files(tmp_path_factory):
+  from ftjax.demo import support
+  d = tmp_path_factory.mktemp("chat")
+  train, ev = str(d / "train.jsonl"), str(d / "eval.jsonl")
+  support.write_jsonl(train, support.make_tickets(48, 0))
+  support.write_jsonl(ev, support.make_tickets(8, 1))
+  return train, ev
+
+
+@pytest.fixture(scope="session")
+def pref_files(tmp_path_factory):
+  from ftjax.demo import support
+  d = tmp_path_factory.mktemp("prefs")
+  train, ev = str(d / "prefs_train.jsonl"), str(d / "prefs_eval.jsonl")
+  support.write_jsonl(train, support.make_preference_pairs(96, 0))
+  support.write_jsonl(ev, support.make_preference_pairs(24, 1))
+  return train, ev

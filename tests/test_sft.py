@@ -25,25 +25,6 @@ from ftjax.demo import support
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def base_dir(hf_models, tmp_path_factory):
-  """The tiny llama with a tokenizer of the same vocab (320) trained on support tickets."""
-  d = str(tmp_path_factory.mktemp("base"))
-  shutil.copytree(hf_models["llama"][0], d, dirs_exist_ok=True)
-  texts = [" ".join(m["content"] for m in t["messages"]) for t in support.make_tickets(300, 5)]
-  ftjax.tokenizer.train_bpe_tokenizer(texts, 320, d)
-  return d
-
-
-@pytest.fixture(scope="module")
-def chat_files(tmp_path_factory):
-  d = tmp_path_factory.mktemp("chat")
-  train, ev = str(d / "train.jsonl"), str(d / "eval.jsonl")
-  support.write_jsonl(train, support.make_tickets(48, 0))
-  support.write_jsonl(ev, support.make_tickets(8, 1))
-  return train, ev
-
-
 def make_config(base_dir, train, ev, **train_kw):
   c = sft_config.get_config("adapter=lora,smoke")
   c.model.hf_path = base_dir

@@ -18,6 +18,8 @@ def sft_loss_fn(params: dict, batch: dict, rng: jax.Array, *, model) -> tuple:
   """
   seg = batch.get("segment_ids")
   mask = None if seg is None else seg > 0
+  if model.spec.prefix_of("prompt") is not None:
+    seg = None  # one example per row (packing is refused with prompt tuning): the mask suffices
   logits = model.apply({"params": params}, batch["inputs"], positions=batch.get("positions"),
                        mask=mask, segment_ids=seg,
                        rngs=None if rng is None else {"dropout": rng})

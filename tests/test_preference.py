@@ -1,0 +1,132 @@
+"""Reward models and DPO: reference log-probs, log 2 at the start, HF export, short runs."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import ftjax
+from configs import dpo as dpo_config
+from configs import reward as reward_config
+from experiments import dpo as dpo_exp
+from experiments import export as export_exp
+from experiments import reward as reward_exp
+from ftjax import lora, partition, workdir as wd
+from ftjax.data import preference as pref_data
+from ftjax.train import common, preference
+
+
+def _batch(base_dir, pref_files, n=4):
+  tok = ftjax.tokenizer.load_tokenizer(base_dir)
+  data = pref_data.build_preference_dataset({"sources": [{"path": pref_files[0]}],
+                                             "format": "chat"}, tok, 352, n)
+  return next(data.train)
+
+
+def test_reference_logps_with_adapters_off_equal_the_base(base_dir, pref_files):
+  base_model, base = ftjax.load_pretrained(base_dir)
+  model, params = ftjax.load_pretrained(base_dir, lora=ftjax.LoraConfig(rank=4))
+  flat = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.3 if str(p[-1].key) == "lora_b" else x, params)  # B != 0
+  batch = _batch(base_dir, pref_files)
+  ref = preference.side_logps(base_model, base, batch)
+  off = preference.side_logps(lora.disable(model), flat, batch)
+  on = preference.side_logps(model, flat, batch)
+  np.testing.assert_array_equal(np.asarray(off[0]), np.asarray(ref[0]))
+  assert np.abs(np.asarray(on[0]) - np.asarray(ref[0])).max() > 1e-2
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
+def test_first_step_policy_equals_reference(base_dir, pref_files, loss_type):
+  model, params = ftjax.load_pretrained(base_dir, lora=ftjax.LoraConfig(rank=4))
+  batch = _batch(base_dir, pref_files)
+  beta = 0.1
+  loss_sum, n, aux = preference.dpo_loss_fn(
+      params, batch, None, model=model, ref_model=lora.disable(model),
+      ref_params_fn=lambda p: p, beta=beta, loss_type=loss_type,
+      label_smoothing=0.1 if loss_type == "robust" else 0.0)
+  expected = {"sigmoid": math.log(2), "robust": math.log(2), "hinge": 1.0,
+              "ipo": (1 / (2 * beta)) ** 2}[loss_type]
+  np.testing.assert_allclose(float(loss_sum / n), expected, rtol=1e-6)
+  assert float(aux["rewards/chosen"]) == 0.0 and float(aux["rewards/rejected"]) == 0.0
+
+
+def test_grad_accumulation_keeps_pairs_together(base_dir, pref_files):
+  model, params = ftjax.load_pretrained(base_dir, lora=ftjax.LoraConfig(rank=2))
+  trainable, frozen, _ = common.split_params(params, partition.rules_for("lora"))
+  trainable = jax.tree_util.tree_map(lambda x: x + 0.05, trainable)  # policy != reference
+  schedule = common.make_schedule(1e-3, 10)
+  tx = common.make_optimizer("adamw", schedule)
+  batch = _batch(base_dir, pref_files, n=4)
+  out = {}
+  for k in (1, 2, 4):
+    step = jax.jit(preference.make_dpo_step(model, lora.disable(model), lambda p: p, tx,
+                                            schedule, beta=0.1, loss_type="sigmoid",
+                                            grad_accum=k))
+    _, m = step(common.init_state(trainable, tx, 0), frozen,
+                preference.interleave_for_accum(batch, k))
+    out[k] = m
+  for k in (2, 4):
+    np.testing.assert_allclose(out[k]["loss"], out[1]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(out[k]["grad_norm"], out[1]["grad_norm"], rtol=1e-4)
+
+
+def _config(cfg, base_dir, pref_files, **train):
+  cfg.model.hf_path = base_dir
+  cfg.data.path, cfg.data.eval_path = pref_files
+  cfg.train.update(seq_len=352, **train)
+  return cfg
+
+
+def test_reward_model_learns_and_exports(base_dir, pref_files, tmp_path):
+  cfg = _config(reward_config.get_config("smoke"), base_dir, pref_files, steps=60,
+                batch_size=8, eval_every=60, save_every=60)
+  cfg.optim.lr = 5e-3
+  out = reward_exp.run(cfg, str(tmp_path / "rm"))
+  # A zero head ties every pair (accuracy 0, loss log 2 at the start); training separates
+  # held-out pairs (24 of them here, on a tiny random base).
+  assert out["eval_accuracy"] > 0.6 and out["eval_loss"] < math.log(2) - 0.1, out
+  hf_dir = export_exp.run(str(tmp_path / "rm"), str(tmp_path / "rm_hf"), "merged")
+  hf_rm = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
+  model, params, tok, _ = wd.load_trained(str(tmp_path / "rm"))
+  batch = _batch(base_dir, pref_files)
+  ours = np.asarray(preference.rewards_of(model, params, batch))
+  tokens, mask = map(np.asarray, preference.full_sequences(batch))
+  with torch.no_grad():
+    ref = hf_rm(input_ids=torch.tensor(tokens, dtype=torch.long),
+                attention_mask=torch.tensor(mask.astype(np.int64))).logits[:, 0].numpy()
+  np.testing.assert_allclose(ours, ref, atol=1e-4)
+  assert hf_rm.config.pad_token_id == tok.pad_token_id
+
+
+@pytest.mark.parametrize("adapter,reference", [("lora", "auto"), ("lora", "precomputed"),
+                                               ("none", "auto")])
+def test_dpo_raises_heldout_preference_accuracy(base_dir, pref_files, tmp_path, adapter,
+                                                reference):
+  cfg = _config(dpo_config.get_config(f"adapter={adapter},smoke"), base_dir, pref_files,
+                steps=30, batch_size=8, eval_every=30, save_every=30)
+  cfg.dpo.reference = reference
+  cfg.optim.lr = 5e-3 if adapter == "lora" else 1e-3
+  out = dpo_exp.run(cfg, str(tmp_path / "dpo"))
+  # At the start policy == reference: every implicit reward is 0 and the loss is log 2.
+  assert out["eval_rewards/accuracies"] > 0.75, out
+  assert out["eval_loss"] < math.log(2)
+  assert out["eval_rewards/margins"] > 0
+
+
+def test_precomputed_reference_matches_live_reference(base_dir, pref_files):
+  model, params = ftjax.load_pretrained(base_dir, lora=ftjax.LoraConfig(rank=2))
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.1 if str(p[-1].key) == "lora_b" else x, params)
+  batch = _batch(base_dir, pref_files)
+  table = dpo_exp.precompute_reference(lora.disable(model), params, [batch])
+  kw = dict(model=model, ref_model=lora.disable(model), ref_params_fn=lambda p: p, beta=0.2,
+            loss_type="sigmoid", label_smoothing=0.0)
+  live = preference.dpo_loss_fn(params, batch, None, **kw)
+  pre = preference.dpo_loss_fn(params, dpo_exp.attach_reference(batch, table), None, **kw)
+  np.testing.assert_allclose(float(pre[0]), float(live[0]), rtol=1e-5)
+  assert jnp.isfinite(pre[0])
