@@ -27,6 +27,7 @@ setup(
         "tqdm>=4.66",
         "tokenizers>=0.20",
         "tensorboardX>=2.6",
+        "matplotlib>=3.7",  # tables and plots of sweeps (the DPO beta study)
     ],
     extras_require={
         # torch is pinned: 2.13.0 is the CPU build our test machines carry; other specs pull CUDA.

@@ -40,14 +40,8 @@ def generate_replies(model, params, tokenizer, prompts: Sequence[Sequence[dict]]
     ids = [chat_prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
     if max_prompt_len:
       ids = [x[-max_prompt_len:] for x in ids]
-    t = max(len(x) for x in ids)
     n = len(ids)
-    rows = batch_size  # a fixed batch size keeps one compilation
-    tokens = np.full((rows, t), pad, np.int32)
-    mask = np.zeros((rows, t), bool)
-    for i, x in enumerate(ids):
-      tokens[i, t - len(x):], mask[i, t - len(x):] = x, True
-    tokens[n:, -1], mask[n:, -1] = pad, True  # filler rows
+    tokens, mask = left_pad(ids, pad, batch_size)  # a fixed batch size keeps one compilation
     res = sampling.generate(model, params, tokens, mask, max_new_tokens=max_new_tokens,
                             rng=jax.random.PRNGKey(seed + start), temperature=temperature,
                             eos_id=eos or None, pad_id=pad)
@@ -67,4 +61,52 @@ def generation_metrics(replies: Sequence[str], examples: Sequence[dict],
     for k in scores[0]:
       vals = [s[k] for s in scores if not np.isnan(s[k])]
       out[k] = float(np.mean(vals)) if vals else float("nan")
+  return out
+
+
+def left_pad(ids: Sequence[Sequence[int]], pad_id: int, rows: Optional[int] = None):
+  """Token lists -> left-padded int32 [rows, T] and bool mask; extra filler rows are valid
+  single pad tokens (the sampler wants the last column unmasked)."""
+  rows = rows or len(ids)
+  t = max(len(x) for x in ids)
+  tokens = np.full((rows, t), pad_id, np.int32)
+  mask = np.zeros((rows, t), bool)
+  for i, x in enumerate(ids):
+    tokens[i, t - len(x):], mask[i, t - len(x):] = x, True
+  mask[len(ids):, -1] = True
+  return tokens, mask
+
+
+def response_logprobs(model, params, prompt_tokens, prompt_mask, tokens, mask) -> np.ndarray:
+  """Training-forward logprobs [B, M] of sampled `tokens` [B, M] after left-padded prompts
+  (0 where `mask` is False): what the reference model assigns to the policy's samples."""
+  seq = np.concatenate([prompt_tokens, tokens], axis=1)
+  full_mask = np.concatenate([prompt_mask, mask], axis=1)
+  logits = model.apply({"params": params}, seq, mask=full_mask)
+  t = prompt_tokens.shape[1]
+  lp = jax.nn.log_softmax(logits[:, t - 1:-1].astype(np.float32), axis=-1)
+  picked = np.take_along_axis(np.asarray(lp), tokens[..., None].astype(np.int64), -1)[..., 0]
+  return np.where(mask, picked, 0.0)
+
+
+def sample_replies(model, params, tokenizer, prompts: Sequence[Sequence[dict]],
+                   max_new_tokens: int = 64, batch_size: int = 16, temperature: float = 1.0,
+                   seed: int = 0) -> list[dict]:
+  """Sampled replies with their tokens and the policy's logprobs, per prompt:
+  {"text", "prompt_tokens", "prompt_mask", "tokens", "mask", "logprobs"} (arrays per row)."""
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  eos = sorted({e for e in (tokenizer.eos_token_id, model.cfg.eos_token_id)
+                if isinstance(e, int)})
+  out = []
+  for start in range(0, len(prompts), batch_size):
+    ids = [chat_prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
+    tokens, mask = left_pad(ids, pad, batch_size)
+    res = sampling.generate(model, params, tokens, mask, max_new_tokens=max_new_tokens,
+                            rng=jax.random.PRNGKey(seed + start), temperature=temperature,
+                            eos_id=eos or None, pad_id=pad)
+    toks, keep, lps = map(np.asarray, (res.tokens, res.mask, res.logprobs))
+    for i in range(len(ids)):
+      out.append({"text": tokenizer.decode(toks[i][keep[i]], skip_special_tokens=True).strip(),
+                  "prompt_tokens": tokens[i], "prompt_mask": mask[i], "tokens": toks[i],
+                  "mask": keep[i], "logprobs": lps[i]})
   return out
