@@ -46,9 +46,12 @@ def get_config(arg=None):
   c.train = dict(steps=500, batch_size=8, seq_len=512, grad_accum=1, seed=0, log_every=10,
                  eval_every=100, save_every=100, keep=2, eval_batches=0, early_stop_patience=0,
                  async_save=True)
-  c.mesh = dict(shape="data=-1")
+  # pjit: jax.jit with shardings on the mesh; pmap: data parallel over local devices.
+  c.parallel = "pjit"
+  c.mesh = dict(shape="data=-1", rules={}, distributed=False)
   if a.get("smoke"):
     c.train.update(steps=4, batch_size=4, seq_len=64, log_every=2, eval_every=2, save_every=2)
+    c.mesh.shape = "data=1"
     c.optim.warmup_steps = 1
     c.adapter.update(rank=4, length=4)
   return c

@@ -60,11 +60,17 @@ def run(config, workdir: str) -> dict:
   if config.adapter.kind == "prompt" and config.data.packing:
     raise ValueError("config.data.packing must be False with prompt tuning (the soft prompt "
                      "precedes each row, not each packed example)")
+  par = wd.parallel(config)
+  par.check_batch(int(t.batch_size))
+  if par.mode == "pmap" and t.batch_size // par.n_batch_shards % t.grad_accum:
+    raise ValueError("config.train.batch_size / devices must divide by config.train.grad_accum")
   model, params, tok, base_ref = wd.build_model(config)
+  params = par.params(model, params)
   trainable, frozen, labels = common.split_params(params, wd.rules(config))
   del params
   schedule, tx = wd.optimizer(config)
-  state = common.init_state(trainable, tx, int(t.seed))
+  with par.context():
+    state = jax.jit(lambda tr: common.init_state(tr, tx, int(t.seed)))(trainable)
   logging.info("model %s (%s), adapter %s, quant %s", model.cfg.family,
                config.model.hf_path or config.model.preset, config.adapter.kind,
                config.quant.kind)
@@ -80,16 +86,27 @@ def run(config, workdir: str) -> dict:
       checkpoint.check_base(extra, base_ref["path"])
     start = int(state["step"])
     logging.info("resumed from step %d of %s", start, workdir)
+  # Each host reads its own rows of every global batch.
   data = data_lib.build_dataset(wd.data_config(config), tok, int(t.seq_len), int(t.batch_size),
-                                seed=int(t.seed), state=data_state)
+                                seed=int(t.seed), state=data_state,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
   logging.info("train data: %s", data.stats)
   eval_batches = data.eval_batches()
   if t.eval_batches:
     eval_batches = eval_batches[:int(t.eval_batches)]
 
-  step_fn = jax.jit(sft.make_step(model, tx, schedule, int(t.grad_accum)), donate_argnums=0)
-  eval_fn = jax.jit(lambda trainable, batch: sft.eval_step(
-      partition.merge(trainable, frozen), batch, model=model))
+  step_fn = par.compile(lambda axis: sft.make_step(model, tx, schedule, int(t.grad_accum), axis),
+                        state, frozen)
+  eval_jit = jax.jit(lambda trainable, frz, batch: sft.eval_step(
+      partition.merge(trainable, frz), batch, model=model))
+  host_frozen = frozen
+
+  def eval_fn(trainable, batch):
+    with par.context():
+      return eval_jit(trainable, host_frozen, batch)
+
+  state, frozen = par.state(state), par.frozen(frozen)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
   throughput = metrics_lib.Throughput(model.cfg, int(t.seq_len))
   bar = metrics_lib.ProgressBar(int(t.steps), initial=start)
@@ -97,8 +114,9 @@ def run(config, workdir: str) -> dict:
   best, bad_evals, last = float("inf"), 0, {}
 
   def save(step, eval_metrics=None, force=False):
-    checkpoint.assert_finite(state, f"train state at step {step}")
-    ckpt.save(step, state, data.train.state, eval_metrics, extra, force=force)
+    host = par.host_state(state)
+    checkpoint.assert_finite(host, f"train state at step {step}")
+    ckpt.save(step, host, data.train.state, eval_metrics, extra, force=force)
 
   # ---- loop (the checkpointer, writer and bar are closed on any exit: no half-written save)
   try:
@@ -106,11 +124,11 @@ def run(config, workdir: str) -> dict:
       step = start
       while step < t.steps:
         batch = next(data.train)
-        state, m = step_fn(state, frozen, batch)
+        tokens = int(batch["weights"].size) * jax.process_count()
+        state, m = step_fn(state, frozen, par.batch(batch))
         step += 1
-        tokens = int(batch["weights"].size)
         if step % t.log_every == 0 or step == t.steps:
-          m = {k: float(v) for k, v in jax.device_get(m).items()}
+          m = {k: float(v) for k, v in jax.device_get(par.metrics(m)).items()}
           if not np.isfinite(m["loss"]):
             raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping without "
                                      "saving (lower optim.lr, or check the data)")
@@ -120,7 +138,7 @@ def run(config, workdir: str) -> dict:
           last = m
         eval_metrics = None
         if eval_batches and (step % t.eval_every == 0 or step == t.steps):
-          eval_metrics = evaluate(eval_fn, state["params"], eval_batches)
+          eval_metrics = evaluate(eval_fn, par.host_state(state)["params"], eval_batches)
           writer.write(step, eval_metrics)
           logging.info("step %d: %s", step, eval_metrics)
           last = {**last, **eval_metrics}

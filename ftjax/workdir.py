@@ -124,6 +124,28 @@ def optimizer(config):
   return schedule, tx
 
 
+def parallel(config):
+  """The run's placement (`config.parallel`: pjit on `config.mesh`, or pmap), after
+  `jax.distributed.initialize()` when `config.mesh.distributed` (multi-host)."""
+  from ftjax import sharding
+  mesh = config.mesh
+  if _get(mesh, "distributed", False):
+    init_distributed()
+  rules = sharding.rules_from_config(dict(_get(mesh, "rules", {}) or {}))
+  return sharding.Parallel(_get(config, "parallel", "pjit"), mesh.shape, rules)
+
+
+_DISTRIBUTED = False
+
+
+def init_distributed():
+  """jax.distributed.initialize() once; on Cloud TPU pods and Slurm it needs no arguments."""
+  global _DISTRIBUTED
+  if not _DISTRIBUTED:
+    jax.distributed.initialize()
+    _DISTRIBUTED = True
+
+
 def save_config(config, workdir: str):
   os.makedirs(workdir, exist_ok=True)
   tmp = os.path.join(workdir, "config.json.tmp")

@@ -8,7 +8,7 @@ hold no optimizer state.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -80,13 +80,14 @@ def _norm(tree) -> jax.Array:
 def update_step(state: dict, frozen: dict, batch: dict, *,
                 loss_fn: Callable[[dict, dict, jax.Array], tuple[jax.Array, jax.Array, dict]],
                 tx: optax.GradientTransformation, schedule: optax.Schedule,
-                grad_accum: int = 1) -> tuple[dict, dict]:
+                grad_accum: int = 1, axis_name: Optional[str] = None) -> tuple[dict, dict]:
   """One optimizer step over `grad_accum` micro-batches; pure, jit it with donate_argnums=0.
 
   `loss_fn(params, batch, rng) -> (loss_sum, n_targets, aux)` sees the full params tree
   (trainable merged over frozen). Gradients of the summed loss are accumulated over the
   micro-batches and divided once by the total target count: k micro-batches give the same
-  update as one batch k times larger.
+  update as one batch k times larger. Under `jax.pmap`, `axis_name` sums them (and the
+  counts) over devices first, so the update equals the single-device one.
   """
   rng = jax.random.fold_in(state["rng"], state["step"])
 
@@ -116,6 +117,8 @@ def update_step(state: dict, frozen: dict, batch: dict, *,
     zeros_aux = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
     init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros_aux, zeros_g)
     (loss_sum, n, aux, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(grad_accum)))
+  if axis_name is not None:
+    loss_sum, n, aux, grads = jax.lax.psum((loss_sum, n, aux, grads), axis_name)
   denom = jnp.maximum(n, 1.0)
   grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

@@ -27,11 +27,12 @@ def sft_loss_fn(params: dict, batch: dict, rng: jax.Array, *, model) -> tuple:
   return loss_sum, n, {}
 
 
-def make_step(model, tx, schedule, grad_accum: int = 1):
-  """step(state, frozen, batch) -> (state, metrics); jitted by the caller with donation."""
+def make_step(model, tx, schedule, grad_accum: int = 1, axis_name=None):
+  """step(state, frozen, batch) -> (state, metrics); jitted (or pmapped with `axis_name`) by
+  the caller, with donation."""
   return functools.partial(common.update_step,
                            loss_fn=functools.partial(sft_loss_fn, model=model), tx=tx,
-                           schedule=schedule, grad_accum=grad_accum)
+                           schedule=schedule, grad_accum=grad_accum, axis_name=axis_name)
 
 
 def eval_step(params: dict, batch: dict, *, model) -> dict:

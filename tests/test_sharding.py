@@ -1,0 +1,132 @@
+"""The same steps on 1 device, on data/fsdp/tensor meshes and under pmap (8 fake CPU devices)."""
+
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import ftjax
+from configs import sft as sft_config
+from experiments import sft as sft_exp
+from ftjax import checkpoint, metrics as metrics_lib, partition, sharding
+from ftjax.train import common, sft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESHES = [("pjit", "data=1"), ("pjit", "data=8"), ("pjit", "fsdp=8"),
+          ("pjit", "data=2,fsdp=2,tensor=2"), ("pmap", "data=-1")]
+
+
+def test_eight_fake_devices():
+  assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize("adapter", ["lora", "none"])
+def test_first_losses_equal_on_every_mesh(base_dir, chat_files, tmp_path, adapter):
+  losses = {}
+  for mode, shape in MESHES:
+    c = sft_config.get_config(f"adapter={adapter},smoke")
+    c.model.hf_path = base_dir
+    c.data.path, c.data.eval_path = chat_files[0], ""
+    c.parallel, c.mesh.shape = mode, shape
+    c.train.update(steps=3, batch_size=8, seq_len=352, log_every=1, save_every=100,
+                   eval_every=100, grad_accum=1)
+    wd = str(tmp_path / f"{mode}_{shape}")
+    sft_exp.run(c, wd)
+    losses[(mode, shape)] = [r["loss"] for r in metrics_lib.read_metrics(wd) if "loss" in r]
+  ref = losses[("pjit", "data=1")]
+  assert len(ref) == 3 and ref[0] != ref[-1]
+  for key, got in losses.items():
+    np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=str(key))
+
+
+def test_sampler_same_tokens_sharded(base_dir):
+  model, params = ftjax.load_pretrained(base_dir)
+  tokens = np.random.default_rng(0).integers(6, 320, (8, 12)).astype(np.int32)
+  plain = np.asarray(ftjax.generate(model, params, tokens, max_new_tokens=12).tokens)
+  mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+  sharded = sharding.shard_params(model, params, mesh)
+  assert tuple(sharded["layer_0"]["mlp"]["up_proj"]["kernel"].sharding.spec) == ("fsdp", "tensor")
+  with sharding.use_mesh(mesh):
+    out = ftjax.generate(model, sharded, jax.device_put(tokens, sharding.batch_sharding(mesh)),
+                         max_new_tokens=12)
+  np.testing.assert_array_equal(np.asarray(out.tokens), plain)
+
+
+def test_checkpoint_restores_on_another_mesh(base_dir, tmp_path):
+  model, params = ftjax.load_pretrained(base_dir, lora=ftjax.LoraConfig(rank=2))
+  trainable, _, _ = common.split_params(params, partition.rules_for("full"))
+  tx = common.make_optimizer("adamw", common.make_schedule(1e-3, 10))
+
+  def placed(spec, devices):
+    mesh = sharding.make_mesh(spec, devices)
+    tr = sharding.shard_params(model, trainable, mesh)
+    with sharding.use_mesh(mesh):
+      return jax.jit(lambda t: common.init_state(t, tx, 0))(tr)
+
+  state8 = placed("fsdp=4,tensor=2", jax.devices())
+  state8["params"] = jax.tree_util.tree_map(lambda x: x * 1.5 + 0.25, state8["params"])
+  ck = checkpoint.Checkpointer(str(tmp_path / "w"), async_save=False)
+  ck.save(1, state8)
+  for spec, devices in (("data=4", jax.devices()[:4]), ("data=1", jax.devices()[:1]),
+                        ("data=2,tensor=4", jax.devices())):
+    target = placed(spec, devices)
+    restored, _, _ = ck.restore(1, target=target)
+    leaf = restored["params"]["embed"]
+    assert leaf.sharding.mesh.devices.size == len(devices)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a),
+                                                                      np.asarray(b)),
+                           restored["params"], state8["params"])
+  ck.close()
+
+
+def test_steps_do_not_recompile(base_dir, chat_files):
+  model, params = ftjax.load_pretrained(base_dir, lora=ftjax.LoraConfig(rank=2))
+  par = sharding.Parallel("pjit", "data=2,fsdp=2,tensor=2")
+  params = par.params(model, params)
+  trainable, frozen, _ = common.split_params(params, partition.rules_for("lora"))
+  schedule = common.make_schedule(1e-3, 10)
+  tx = common.make_optimizer("adamw", schedule)
+  with par.context():
+    state = jax.jit(lambda t: common.init_state(t, tx, 0))(trainable)
+  inner = sft.make_step(model, tx, schedule)
+
+  def step_fn(state, frozen, batch):
+    return inner(state, frozen, batch)
+
+  traced = chex.assert_max_traces(step_fn, n=1)
+  step = par.compile(lambda axis: traced, state, frozen)
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    seq = rng.integers(6, 320, (8, 33)).astype(np.int32)
+    batch = {"inputs": seq[:, :-1], "targets": seq[:, 1:],
+             "weights": np.ones((8, 32), np.float32)}
+    state, m = step(state, frozen, par.batch(batch))
+  assert np.isfinite(float(m["loss"]))
+
+
+def test_param_without_rule_is_an_error(base_dir):
+  model, params = ftjax.load_pretrained(base_dir)
+  mesh = sharding.make_mesh("data=8")
+  rules = tuple((k, v) for k, v in sharding.RULES if k != "mlp")
+  with pytest.raises(ValueError, match=r"param layer_0/mlp/\w+_proj/kernel: logical axis 'mlp'"):
+    sharding.param_shardings(model, params, mesh, rules)
+  with pytest.raises(ValueError, match="unknown axis 'model'"):
+    sharding.make_mesh("model=8")
+  with pytest.raises(ValueError, match="do not divide"):
+    sharding.make_mesh("data=3,fsdp=-1")
+
+
+def test_indivisible_batch_fails_clearly(base_dir, chat_files, tmp_path):
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "sft.py"),
+         "--config=" + os.path.join(ROOT, "configs", "sft.py") + ":adapter=lora,smoke",
+         f"--workdir={tmp_path / 'w'}", f"--config.model.hf_path={base_dir}",
+         f"--config.data.path={chat_files[0]}", "--config.mesh.shape=data=8",
+         "--config.train.batch_size=12"]
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert res.returncode != 0
+  last = res.stderr.strip().splitlines()[-1]
+  assert "batch_size=12 does not divide over the 8 batch shards" in last, last
