@@ -83,12 +83,16 @@ def run(config, workdir: str) -> dict:
   # ---- setup
   wd.save_config(config, workdir)
   t, d = config.train, config.dpo
+  par = wd.parallel(config)
+  par.check_batch(int(t.batch_size))
   model, params, tok, base_ref = wd.build_model(config)
+  params = par.params(model, params)
   ref_model, ref_params_fn, ref_frozen = reference(model, config, params)
   trainable, frozen, labels = common.split_params(params, wd.rules(config))
   frozen = {**frozen, **ref_frozen}
   schedule, tx = wd.optimizer(config)
-  state = common.init_state(trainable, tx, int(t.seed))
+  with par.context():
+    state = jax.jit(lambda tr: common.init_state(tr, tx, int(t.seed)))(trainable)
   logging.info("%s", partition.format_summary(partition.summary(params, labels,
                                                                 state["opt_state"])))
   del params
@@ -105,7 +109,9 @@ def run(config, workdir: str) -> dict:
     logging.info("resumed from step %d of %s", start, workdir)
   data = pref_data.build_preference_dataset(wd.data_config(config), tok, int(t.seq_len),
                                             int(t.batch_size), seed=int(t.seed),
-                                            state=data_state)
+                                            state=data_state,
+                                            process_index=jax.process_index(),
+                                            process_count=jax.process_count())
   logging.info("preference data: %s", data.stats)
   eval_batches = data.eval_batches()
   if t.eval_batches:
@@ -120,35 +126,42 @@ def run(config, workdir: str) -> dict:
   elif d.reference != "auto":
     raise ValueError(f"config.dpo.reference={d.reference!r}: expected auto or precomputed")
 
-  step_fn = jax.jit(preference.make_dpo_step(
-      model, ref_model, ref_params_fn, tx, schedule, beta=float(d.beta), loss_type=d.loss_type,
-      label_smoothing=float(d.label_smoothing), grad_accum=int(t.grad_accum)),
-      donate_argnums=0)
-  eval_fn = jax.jit(lambda tr, b: preference.dpo_loss_fn(
-      partition.merge(tr, frozen), b, None, model=model, ref_model=ref_model,
-      ref_params_fn=ref_params_fn, beta=float(d.beta), loss_type=d.loss_type,
-      label_smoothing=float(d.label_smoothing)))
+  dpo_kw = dict(beta=float(d.beta), loss_type=d.loss_type,
+                label_smoothing=float(d.label_smoothing))
+  step_fn = par.compile(lambda axis: preference.make_dpo_step(
+      model, ref_model, ref_params_fn, tx, schedule, grad_accum=int(t.grad_accum),
+      axis_name=axis, **dpo_kw), state, frozen)
+  eval_jit = jax.jit(lambda tr, frz, b: preference.dpo_loss_fn(
+      partition.merge(tr, frz), b, None, model=model, ref_model=ref_model,
+      ref_params_fn=ref_params_fn, **dpo_kw))
+  host_frozen = frozen
+
+  def eval_fn(tr, b):
+    with par.context():
+      return eval_jit(tr, host_frozen, b)
   prep = (lambda b: attach_reference(b, table)) if table is not None else (lambda b: b)
   eval_batches = [prep(b) for b in eval_batches]
+  state, frozen = par.state(state), par.frozen(frozen)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
   bar = metrics_lib.ProgressBar(int(t.steps), initial=start)
   extra = {"base": base_ref}
   last = {}
 
   def save(step, eval_metrics=None):
-    checkpoint.assert_finite(state, f"train state at step {step}")
-    ckpt.save(step, state, data.train.state, eval_metrics, extra)
+    host = par.host_state(state)
+    checkpoint.assert_finite(host, f"train state at step {step}")
+    ckpt.save(step, host, data.train.state, eval_metrics, extra)
 
   # ---- loop
   try:
     with checkpoint.PreemptionHandler() as preempt:
       step = start
       while step < t.steps:
-        batch = preference.interleave_for_accum(prep(next(data.train)), int(t.grad_accum))
+        batch = par.pair_batch(prep(next(data.train)), int(t.grad_accum))
         state, m = step_fn(state, frozen, batch)
         step += 1
         if step % t.log_every == 0 or step == t.steps:
-          m = preference.per_pair_means(jax.device_get(m))
+          m = preference.per_pair_means(jax.device_get(par.metrics(m)))
           if not np.isfinite(m["loss"]):
             raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping without "
                                      "saving (lower optim.lr or dpo.beta)")
@@ -157,7 +170,7 @@ def run(config, workdir: str) -> dict:
           last = m
         eval_metrics = None
         if eval_batches and (step % t.eval_every == 0 or step == t.steps):
-          eval_metrics = evaluate(eval_fn, state["params"], eval_batches)
+          eval_metrics = evaluate(eval_fn, par.host_state(state)["params"], eval_batches)
           writer.write(step, eval_metrics)
           logging.info("step %d: %s", step, eval_metrics)
           last = {**last, **eval_metrics}

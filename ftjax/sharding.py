@@ -276,6 +276,19 @@ class Parallel:
     n = len(self.devices)
     return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in batch.items()}
 
+  def pair_batch(self, batch: dict, grad_accum: int = 1) -> dict:
+    """A preference batch ([chosen B; rejected B] rows) placed so that every device's (and
+    every micro-batch's) rows are its own chosen rows followed by their rejected rows."""
+    from ftjax.train.preference import interleave_for_accum
+    if jax.process_count() > 1:
+      raise NotImplementedError("preference training is single-host for now: each host's rows "
+                                "would interleave chosen and rejected in the global batch")
+    if self.mode == "pjit":
+      return put_batch(interleave_for_accum(batch, grad_accum), self.mesh)
+    n = len(self.devices)
+    blocks = interleave_for_accum(batch, n * grad_accum)
+    return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in blocks.items()}
+
   def host_state(self, state):
     """The state as checkpoints hold it (one replica under pmap)."""
     return state if self.mode == "pjit" else jax.tree_util.tree_map(lambda x: x[0], state)

@@ -130,3 +130,28 @@ def test_indivisible_batch_fails_clearly(base_dir, chat_files, tmp_path):
   assert res.returncode != 0
   last = res.stderr.strip().splitlines()[-1]
   assert "batch_size=12 does not divide over the 8 batch shards" in last, last
+
+
+@pytest.mark.parametrize("mode,shape", [("pjit", "data=1"), ("pjit", "data=2,fsdp=2,tensor=2"),
+                                        ("pmap", "data=-1")])
+def test_dpo_losses_equal_across_meshes(base_dir, pref_files, tmp_path, mode, shape):
+  from configs import dpo as dpo_config
+  from experiments import dpo as dpo_exp
+  c = dpo_config.get_config("adapter=lora,smoke")
+  c.model.hf_path = base_dir
+  c.data.path, c.data.eval_path = pref_files[0], ""
+  c.parallel, c.mesh.shape = mode, shape
+  # 8 pairs: under pmap each of the 8 devices takes one pair, so no accumulation there.
+  c.train.update(steps=3, batch_size=8, seq_len=352, log_every=1, save_every=100,
+                 eval_every=100, grad_accum=1 if mode == "pmap" else 2)
+  wd = str(tmp_path / "run")
+  dpo_exp.run(c, wd)
+  got = [r["loss"] for r in metrics_lib.read_metrics(wd) if "loss" in r]
+  # The reference: one device, no accumulation (computed once per session).
+  ref_dir = str(tmp_path.parent / "dpo_reference_run")
+  if not os.path.exists(os.path.join(ref_dir, "metrics.jsonl")):
+    c.parallel, c.mesh.shape, c.train.grad_accum = "pjit", "data=1", 1
+    dpo_exp.run(c, ref_dir)
+  ref = [r["loss"] for r in metrics_lib.read_metrics(ref_dir) if "loss" in r]
+  assert abs(ref[0] - np.log(2)) < 1e-5  # policy == reference at the first step
+  np.testing.assert_allclose(got, ref, atol=1e-5)

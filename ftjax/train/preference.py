@@ -94,20 +94,21 @@ def dpo_loss_fn(params, batch, rng, *, model, ref_model, ref_params_fn, beta: fl
   return (per_pair * valid).sum(), valid.sum(), aux
 
 
-def make_reward_step(model, tx, schedule, grad_accum=1, margin=None, center_coef=0.0):
+def make_reward_step(model, tx, schedule, grad_accum=1, margin=None, center_coef=0.0,
+                     axis_name=None):
   loss_fn = functools.partial(reward_loss_fn, model=model, margin=margin,
                               center_coef=center_coef)
   return functools.partial(common.update_step, loss_fn=loss_fn, tx=tx, schedule=schedule,
-                           grad_accum=grad_accum)
+                           grad_accum=grad_accum, axis_name=axis_name)
 
 
 def make_dpo_step(model, ref_model, ref_params_fn, tx, schedule, *, beta, loss_type,
-                  label_smoothing=0.0, grad_accum=1):
+                  label_smoothing=0.0, grad_accum=1, axis_name=None):
   loss_fn = functools.partial(dpo_loss_fn, model=model, ref_model=ref_model,
                               ref_params_fn=ref_params_fn, beta=beta, loss_type=loss_type,
                               label_smoothing=label_smoothing)
   return functools.partial(common.update_step, loss_fn=loss_fn, tx=tx, schedule=schedule,
-                           grad_accum=grad_accum)
+                           grad_accum=grad_accum, axis_name=axis_name)
 
 
 def per_pair_means(metrics: dict) -> dict:
