@@ -85,8 +85,7 @@ def run(config, workdir: str) -> dict:
   t, d = config.train, config.dpo
   par = wd.parallel(config)
   par.check_batch(int(t.batch_size))
-  model, params, tok, base_ref = wd.build_model(config)
-  params = par.params(model, params)
+  model, params, tok, base_ref = wd.build_model(config, par=par)
   ref_model, ref_params_fn, ref_frozen = reference(model, config, params)
   trainable, frozen, labels = common.split_params(params, wd.rules(config))
   frozen = {**frozen, **ref_frozen}

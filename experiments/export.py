@@ -36,6 +36,9 @@ def define_flags():
 FLAGS = flags.FLAGS
 
 def run(workdir: str, out: str, format: str = "merged", step=None, dtype=None) -> str:
+  import jax
+  if jax.process_index() != 0:  # several hosts: one writer
+    return out
   model, params, _, config = wd.load_trained(workdir, step)
   tok_dir = wd.tokenizer_path(config)
   if format == "merged":

@@ -53,8 +53,7 @@ def run(config, workdir: str) -> dict:
     raise ValueError("config.model.head must be 'score' for a reward model")
   par = wd.parallel(config)
   par.check_batch(int(t.batch_size))
-  model, params, tok, base_ref = wd.build_model(config)
-  params = par.params(model, params)
+  model, params, tok, base_ref = wd.build_model(config, par=par)
   trainable, frozen, labels = common.split_params(params, wd.rules(config))
   schedule, tx = wd.optimizer(config)
   with par.context():

@@ -64,8 +64,7 @@ def run(config, workdir: str) -> dict:
   par.check_batch(int(t.batch_size))
   if par.mode == "pmap" and t.batch_size // par.n_batch_shards % t.grad_accum:
     raise ValueError("config.train.batch_size / devices must divide by config.train.grad_accum")
-  model, params, tok, base_ref = wd.build_model(config)
-  params = par.params(model, params)
+  model, params, tok, base_ref = wd.build_model(config, par=par)
   trainable, frozen, labels = common.split_params(params, wd.rules(config))
   del params
   schedule, tx = wd.optimizer(config)

@@ -396,7 +396,8 @@ def _unbox(tree):
 
 def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[str] = None,
                     attention: str = "xla", remat: bool = False, lora=None, quant=None,
-                    prefix=None, rng: Optional[jax.Array] = None, **config_overrides):
+                    prefix=None, rng: Optional[jax.Array] = None, mesh=None, rules=None,
+                    **config_overrides):
   """Load a HF causal LM directory (or hub name) as (Decoder, params).
 
   Args:
@@ -410,6 +411,7 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
       tensor while streaming, so the full model never exists in float32.
     prefix: a `PrefixConfig` (prefix or prompt tuning), initialised beside the base.
     rng: key for the adapter initialisation (default PRNGKey(0)).
+    mesh, rules: place every tensor straight into its shards on this mesh (see sharding.py).
   """
   from ftjax.model import AdapterSpec
   path = resolve(path)
@@ -429,21 +431,32 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
     qcfg = QuantConfig(kind=quant)
   spec = AdapterSpec(lora=lora, quant=qcfg, prefix=prefix)
   model = Decoder(cfg, spec)
-  place = None
-  if qcfg is not None:
-    from ftjax import quant as quant_lib
-    np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+  np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+  target = None
+  if mesh is not None:
+    # Each tensor goes straight into its shards: the model never sits whole on one device.
+    from ftjax import sharding
+    abstract = jax.eval_shape(lambda: _unbox(model.init(jax.random.PRNGKey(0),
+                                                        jnp.zeros((1, 1), jnp.int32)))["params"])
+    target = sharding.param_shardings(model, abstract, mesh, rules or sharding.RULES)
 
-    def place(p, arr):
-      if p[-1] == "kernel" and spec.quant_for("/".join(p[:-1])):
-        return quant_lib.quantize(arr.astype(np.float32), qcfg)
-      return jnp.asarray(arr, dtype=np_dtype)
+  def place(p, arr):
+    if qcfg is not None and p[-1] == "kernel" and spec.quant_for("/".join(p[:-1])):
+      from ftjax import quant as quant_lib
+      out = quant_lib.quantize(arr.astype(np.float32), qcfg)
+    else:
+      out = jnp.asarray(arr, dtype=np_dtype)
+    if target is not None:
+      out = jax.tree_util.tree_map(jax.device_put, out, _get(target, p))
+    return out
 
   params = load_params(path, cfg, place)
   if lora is not None or prefix is not None:
     from ftjax import lora as lora_lib
     params = lora_lib.init_adapters(model, params,
                                     jax.random.PRNGKey(0) if rng is None else rng)
+    if target is not None:  # the (small) adapter leaves into their shards too
+      params = jax.tree_util.tree_map(jax.device_put, params, target)
   return model, params
 
 

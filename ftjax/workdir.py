@@ -65,13 +65,14 @@ def tokenizer_path(config) -> str:
   return hf.resolve(path)
 
 
-def build_model(config, rng: Optional[jax.Array] = None):
+def build_model(config, rng: Optional[jax.Array] = None, par=None):
   """(model, params, tokenizer, base_ref) from the config's model/adapter/quant sections.
 
   With `model.hf_path` the HF checkpoint is loaded (quantized while streaming, adapters
   initialised beside it); otherwise the `model.preset` shape is initialised from
   `model.seed` with the tokenizer's vocabulary (continued pretraining from scratch).
-  base_ref identifies the frozen base for checkpoint restores.
+  base_ref identifies the frozen base for checkpoint restores. With `par` (a pjit
+  `sharding.Parallel`), params are built or loaded straight into their shards.
   """
   m = config.model
   spec = adapter_spec(config)
@@ -83,6 +84,8 @@ def build_model(config, rng: Optional[jax.Array] = None):
     extra = {"head": head}
     if head == "score" and tok.pad_token_id is not None:
       extra["pad_token_id"] = tok.pad_token_id  # HF classifiers find the last token by it
+    if par is not None and par.mode == "pjit":
+      extra.update(mesh=par.mesh, rules=par.rules)
     model, params = hf.load_pretrained(
         m.hf_path, dtype=dtype, compute_dtype=cdt, attention=m.attention, remat=m.remat,
         lora=spec.lora, quant=spec.quant, prefix=spec.prefix, rng=rng, **extra)
@@ -93,7 +96,11 @@ def build_model(config, rng: Optional[jax.Array] = None):
       head=head,
       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
   model = Decoder(cfg, spec)
-  params = init_params(model, rng)
+  if par is not None and par.mode == "pjit":
+    from ftjax import sharding
+    params = sharding.sharded_init(model, rng, par.mesh, par.rules)
+  else:
+    params = init_params(model, rng)
   if spec.quant is not None:
     raise ValueError("config.quant needs a pretrained base (config.model.hf_path)")
   return model, params, tok, {"kind": "preset", "preset": m.preset, "seed": m.seed}

@@ -155,3 +155,22 @@ def test_dpo_losses_equal_across_meshes(base_dir, pref_files, tmp_path, mode, sh
   ref = [r["loss"] for r in metrics_lib.read_metrics(ref_dir) if "loss" in r]
   assert abs(ref[0] - np.log(2)) < 1e-5  # policy == reference at the first step
   np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_load_pretrained_straight_into_shards(base_dir):
+  model, params = ftjax.load_pretrained(base_dir, quant="nf4", lora=ftjax.LoraConfig(rank=2))
+  mesh = sharding.make_mesh("fsdp=4,tensor=2")
+  model_s, sharded = ftjax.load_pretrained(base_dir, quant="nf4", lora=ftjax.LoraConfig(rank=2),
+                                           mesh=mesh)
+  up = sharded["layer_0"]["mlp"]["up_proj"]
+  assert tuple(up["lora_a"].sharding.spec) == ("fsdp", None)
+  assert tuple(up["kernel"]["codes"].sharding.spec) == ("fsdp",)
+  assert tuple(sharded["embed"].sharding.spec) == ("tensor", "fsdp")
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a),
+                                                                    np.asarray(b)),
+                         params, sharded)
+  tokens = np.random.default_rng(0).integers(6, 320, (4, 9))
+  with sharding.use_mesh(mesh):
+    out = jax.jit(lambda p, t: model_s.apply({"params": p}, t))(sharded, tokens)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(model.apply({"params": params}, tokens)),
+                             atol=1e-5)
