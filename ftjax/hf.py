@@ -397,7 +397,7 @@ def _unbox(tree):
 def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[str] = None,
                     attention: str = "xla", remat: bool = False, lora=None, quant=None,
                     prefix=None, rng: Optional[jax.Array] = None, mesh=None, rules=None,
-                    **config_overrides):
+                    quant_targets: Optional[str] = None, **config_overrides):
   """Load a HF causal LM directory (or hub name) as (Decoder, params).
 
   Args:
@@ -412,6 +412,8 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
     prefix: a `PrefixConfig` (prefix or prompt tuning), initialised beside the base.
     rng: key for the adapter initialisation (default PRNGKey(0)).
     mesh, rules: place every tensor straight into its shards on this mesh (see sharding.py).
+    quant_targets: regex of the linear layers kept in 4 bits (default: all attention and MLP
+      projections); embeddings, norms and the output head always stay dense.
   """
   from ftjax.model import AdapterSpec
   path = resolve(path)
@@ -430,6 +432,8 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
     from ftjax.quant import QuantConfig
     qcfg = QuantConfig(kind=quant)
   spec = AdapterSpec(lora=lora, quant=qcfg, prefix=prefix)
+  if quant_targets:
+    spec = dataclasses.replace(spec, quant_targets=quant_targets)
   model = Decoder(cfg, spec)
   np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
   target = None

@@ -168,3 +168,13 @@ def test_lora_over_quantized_base(hf_models):
     wq = dense["layer_0"]["attn"]["q_proj"]["kernel"]
     rel = float(jnp.linalg.norm(wq - w) / jnp.linalg.norm(w))
     assert 0.02 < rel < 0.15, (kind, rel)
+
+
+def test_quant_targets_are_configurable(hf_models):
+  model, params = ftjax.load_pretrained(hf_models["llama"][0], quant="int4",
+                                        quant_targets=r"mlp/(up|down)_proj$")
+  assert isinstance(params["layer_0"]["mlp"]["up_proj"]["kernel"], dict)
+  assert not isinstance(params["layer_0"]["mlp"]["gate_proj"]["kernel"], dict)
+  assert not isinstance(params["layer_1"]["attn"]["q_proj"]["kernel"], dict)
+  tokens, mask = batch_with_padding(np.random.default_rng(6))
+  assert np.isfinite(_logits(model, params, tokens, mask)).all()
