@@ -31,24 +31,9 @@ def split_chat(example: dict) -> tuple[list[dict], str]:
 def generate_replies(model, params, tokenizer, prompts: Sequence[Sequence[dict]],
                      max_new_tokens: int = 64, batch_size: int = 16, temperature: float = 0.0,
                      seed: int = 0, max_prompt_len: Optional[int] = None) -> list[str]:
-  """Greedy (or sampled) replies to chat prompts, batched and left-padded."""
-  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  eos = sorted({e for e in (tokenizer.eos_token_id, model.cfg.eos_token_id)
-                if isinstance(e, int)})
-  out = []
-  for start in range(0, len(prompts), batch_size):
-    ids = [chat_prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
-    if max_prompt_len:
-      ids = [x[-max_prompt_len:] for x in ids]
-    n = len(ids)
-    tokens, mask = left_pad(ids, pad, batch_size)  # a fixed batch size keeps one compilation
-    res = sampling.generate(model, params, tokens, mask, max_new_tokens=max_new_tokens,
-                            rng=jax.random.PRNGKey(seed + start), temperature=temperature,
-                            eos_id=eos or None, pad_id=pad)
-    toks, keep = np.asarray(res.tokens), np.asarray(res.mask)
-    for i in range(n):
-      out.append(tokenizer.decode(toks[i][keep[i]], skip_special_tokens=True).strip())
-  return out
+  """Greedy (or sampled) reply texts to chat prompts, batched and left-padded."""
+  return [s["text"] for s in sample_replies(model, params, tokenizer, prompts, max_new_tokens,
+                                            batch_size, temperature, seed, max_prompt_len)]
 
 
 def generation_metrics(replies: Sequence[str], examples: Sequence[dict],
@@ -91,7 +76,7 @@ def response_logprobs(model, params, prompt_tokens, prompt_mask, tokens, mask) -
 
 def sample_replies(model, params, tokenizer, prompts: Sequence[Sequence[dict]],
                    max_new_tokens: int = 64, batch_size: int = 16, temperature: float = 1.0,
-                   seed: int = 0) -> list[dict]:
+                   seed: int = 0, max_prompt_len: Optional[int] = None) -> list[dict]:
   """Sampled replies with their tokens and the policy's logprobs, per prompt:
   {"text", "prompt_tokens", "prompt_mask", "tokens", "mask", "logprobs"} (arrays per row)."""
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -100,7 +85,9 @@ def sample_replies(model, params, tokenizer, prompts: Sequence[Sequence[dict]],
   out = []
   for start in range(0, len(prompts), batch_size):
     ids = [chat_prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
-    tokens, mask = left_pad(ids, pad, batch_size)
+    if max_prompt_len:
+      ids = [x[-max_prompt_len:] for x in ids]
+    tokens, mask = left_pad(ids, pad, batch_size)  # a fixed batch size keeps one compilation
     res = sampling.generate(model, params, tokens, mask, max_new_tokens=max_new_tokens,
                             rng=jax.random.PRNGKey(seed + start), temperature=temperature,
                             eos_id=eos or None, pad_id=pad)
