@@ -37,19 +37,20 @@ from typing import Any
 
 import numpy as np
 
-from ftjax.data.formats import (DataStats, FORMATS, count_tokens, fit, tokenize_example,
-                                tokenize_records)
+from ftjax.data.formats import (DataStats, FORMATS, collect_sources, count_tokens, fit,
+                                tokenize_example, tokenize_records)
 from ftjax.data.packing import BATCH_KEYS, make_batch, pack_rows
 from ftjax.data.pipeline import BatchIterator, eval_batches
-from ftjax.data.sources import DataError, Records, cfg_get, load_records, mix, mix_counts
+from ftjax.data.sources import (EVAL_STREAM, DataError, Records, cfg_get, describe,
+                                load_records, mix, mix_counts)
 
 __all__ = [
-    "BATCH_KEYS", "BatchIterator", "DataError", "DataStats", "FORMATS", "Records", "SFTData",
+    "EVAL_STREAM", "BATCH_KEYS", "BatchIterator", "DataError", "DataStats", "FORMATS", "Records",
+    "SFTData",
     "build_dataset", "count_tokens", "eval_batches", "fit", "load_records", "make_batch", "mix",
     "mix_counts", "pack_rows", "prepare_source", "tokenize_example", "tokenize_records",
 ]
 
-EVAL_STREAM = 0x6576616C  # keeps the eval hold-out's random stream apart from the others
 
 
 @dataclasses.dataclass
@@ -80,7 +81,7 @@ def prepare_source(source: Any, tokenizer, seq_len: int, data_config: Any = None
   opt = lambda k, d=None: cfg_get(source, k, cfg_get(data_config, k, d))
   fmt = opt("format")
   if fmt is None:
-    raise DataError(f"data source {_describe(source)}: no format (set data.format or the "
+    raise DataError(f"data source {describe(source)}: no format (set data.format or the "
                     f"source's format: {', '.join(FORMATS)})")
   if records is None:
     records = load_records(source)
@@ -104,39 +105,9 @@ def build_dataset(data_config: Any, tokenizer, seq_len: int, batch_size: int, *,
     state: a saved `SFTData.train.state` to resume from.
   """
   seed = int(cfg_get(data_config, "seed", seed))
-  sources = list(cfg_get(data_config, "sources", []))
-  if not sources:
-    raise DataError("data.sources is empty")
-  eval_fraction = float(cfg_get(data_config, "eval_fraction", 0.0))
-  if not 0.0 <= eval_fraction < 1.0:
-    raise DataError(f"data.eval_fraction must be in [0, 1), got {eval_fraction}")
-
-  parts, stats, eval_examples, eval_stats = [], DataStats(), [], DataStats()
-  for i, source in enumerate(sources):
-    records = load_records(source)
-    held = []
-    if eval_fraction > 0 and len(records) > 1:
-      n_eval = min(len(records) - 1, max(1, round(eval_fraction * len(records))))
-      perm = np.random.default_rng([seed, EVAL_STREAM, i]).permutation(len(records))
-      held = sorted(int(j) for j in perm[:n_eval])
-      keep = sorted(int(j) for j in perm[n_eval:])
-      ex, st = prepare_source(source, tokenizer, seq_len, data_config,
-                              records=records.take(held))
-      eval_examples += ex
-      eval_stats += st
-      records = records.take(keep)
-    ex, st = prepare_source(source, tokenizer, seq_len, data_config, records=records)
-    weight = float(cfg_get(source, "weight", 1.0))
-    if not ex and weight > 0:
-      raise DataError(f"data source {_describe(source)}: no usable examples ({st})")
-    parts.append((ex, weight))
-    stats += st
-  for source in cfg_get(data_config, "eval_sources", []):
-    ex, st = prepare_source(source, tokenizer, seq_len, data_config)
-    eval_examples += ex
-    eval_stats += st
-
-  train_examples = mix(parts, seed)
+  prepare = lambda source, records=None: prepare_source(source, tokenizer, seq_len, data_config,
+                                                       records=records)
+  train_examples, eval_examples, stats, eval_stats = collect_sources(data_config, prepare, seed)
   count_tokens(train_examples, stats)
   count_tokens(eval_examples, eval_stats)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -153,12 +124,3 @@ def build_dataset(data_config: Any, tokenizer, seq_len: int, batch_size: int, *,
   return SFTData(train=train, eval_examples=eval_examples, stats=stats, eval_stats=eval_stats,
                  seq_len=seq_len, eval_batch_size=eval_batch_size or batch_size, packing=packing,
                  pad_id=pad_id, process_index=process_index, process_count=process_count)
-
-
-def _describe(source: Any) -> str:
-  if isinstance(source, str):
-    return source
-  for k in ("path", "hub", "tfds"):
-    if cfg_get(source, k):
-      return str(cfg_get(source, k))
-  return repr(source)

@@ -33,11 +33,12 @@ dropped.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ftjax.data.sources import DataError, Records
+from ftjax.data.sources import (DataError, Records, cfg_get, describe, hold_out, load_records,
+                                mix)
 
 FORMATS = ("alpaca", "prompt_completion", "chat", "text")
 ROLES = ("system", "user", "assistant")
@@ -292,22 +293,11 @@ def tokenize_records(records: Records | Sequence[Mapping], tokenizer, format: st
   check_tokenizer(tokenizer, format, chat_template)
   if overflow not in OVERFLOW:
     raise DataError(f"unknown overflow mode {overflow!r} (use {', '.join(OVERFLOW)})")
-  if not isinstance(records, Records):
-    records = Records("<records>", records)
-  stats, examples = DataStats(records=len(records)), []
-  for i in range(len(records)):
-    try:
-      ex = tokenize_example(records[i], tokenizer, format, fields=fields,
-                            loss_on_prompt=loss_on_prompt, chat_template=chat_template,
-                            add_bos=add_bos)
-    except DataError as e:
-      msg = f"{records.where(i)}: {e}"
-      if not skip_malformed:
-        raise DataError(msg) from None
-      stats.skipped += 1
-      if len(stats.errors) < MAX_ERRORS:
-        stats.errors.append(msg)
-      continue
+  stats, examples = DataStats(), []
+  make = lambda r: tokenize_example(r, tokenizer, format, fields=fields,
+                                    loss_on_prompt=loss_on_prompt, chat_template=chat_template,
+                                    add_bos=add_bos)
+  for ex in each_record(records, make, skip_malformed, stats):
     fitted, event = fit(ex, seq_len, overflow)
     if event == "truncated":
       stats.truncated += 1
@@ -325,3 +315,56 @@ def count_tokens(examples: Sequence[dict], stats: DataStats) -> DataStats:
   stats.tokens = int(sum(len(e["tokens"]) for e in examples))
   stats.target_tokens = int(sum(int(e["loss_mask"][1:].sum()) for e in examples))
   return stats
+
+
+def each_record(records: Records | Sequence[Mapping], make: Callable[[Mapping], Any],
+                skip_malformed: bool, stats: DataStats):
+  """Yield make(record) for each record; a malformed one raises `DataError` naming its file and
+  row, or with `skip_malformed` is counted in `stats.skipped` (first messages kept)."""
+  if not isinstance(records, Records):
+    records = Records("<records>", records)
+  stats.records += len(records)
+  for i in range(len(records)):
+    try:
+      yield make(records[i])
+    except DataError as e:
+      msg = f"{records.where(i)}: {e}"
+      if not skip_malformed:
+        raise DataError(msg) from None
+      stats.skipped += 1
+      if len(stats.errors) < MAX_ERRORS:
+        stats.errors.append(msg)
+
+
+def collect_sources(data_config: Any, prepare: Callable, seed: int, noun: str = "examples"):
+  """Load and prepare every source of `data_config`: hold out `eval_fraction` of each (by seed),
+  add `eval_sources`, mix the train parts by weight.
+
+  `prepare(source, records=None) -> (examples, DataStats)`.
+  Returns (train_examples, eval_examples, train_stats, eval_stats).
+  """
+  sources = list(cfg_get(data_config, "sources", []))
+  if not sources:
+    raise DataError("data.sources is empty")
+  eval_fraction = float(cfg_get(data_config, "eval_fraction", 0.0))
+  if not 0.0 <= eval_fraction < 1.0:
+    raise DataError(f"data.eval_fraction must be in [0, 1), got {eval_fraction}")
+  parts, stats, eval_examples, eval_stats = [], DataStats(), [], DataStats()
+  for i, source in enumerate(sources):
+    records = load_records(source)
+    if eval_fraction > 0 and len(records) > 1:
+      held, records = hold_out(records, eval_fraction, seed, i)
+      ex, st = prepare(source, records=held)
+      eval_examples += ex
+      eval_stats += st
+    ex, st = prepare(source, records=records)
+    weight = float(cfg_get(source, "weight", 1.0))
+    if not ex and weight > 0:
+      raise DataError(f"data source {describe(source)}: no usable {noun} ({st})")
+    parts.append((ex, weight))
+    stats += st
+  for source in cfg_get(data_config, "eval_sources", []):
+    ex, st = prepare(source)
+    eval_examples += ex
+    eval_stats += st
+  return mix(parts, seed), eval_examples, stats, eval_stats

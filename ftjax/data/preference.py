@@ -57,15 +57,16 @@ apply.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ftjax.data import pipeline
-from ftjax.data.formats import (MAX_ERRORS, DataStats, _field, _ids, _messages, _pc_example,
-                                _render, _RowError, check_tokenizer)
+from ftjax.data.formats import (DataStats, _field, _ids, _messages, _pc_example,
+                                _render, _RowError, check_tokenizer, collect_sources,
+                                each_record)
 from ftjax.data.pipeline import BatchIterator
-from ftjax.data.sources import DataError, Records, cfg_get, load_records, mix
+from ftjax.data.sources import DataError, Records, cfg_get, describe, load_records
 
 PREFERENCE_FORMATS = ("pairs", "chat")
 PREFERENCE_OVERFLOW = ("truncate", "drop")
@@ -240,24 +241,6 @@ def fit_pair(example: dict, seq_len: int, overflow: str = "truncate",
 
 # --- many records --------------------------------------------------------------------------------
 
-def _each(records: Records | Sequence[Mapping], make: Callable[[Mapping], Any],
-          skip_malformed: bool, stats: DataStats):
-  """Yield make(record) for each record, raising (or counting) malformed rows with their place."""
-  if not isinstance(records, Records):
-    records = Records("<records>", records)
-  stats.records += len(records)
-  for i in range(len(records)):
-    try:
-      yield make(records[i])
-    except DataError as e:
-      msg = f"{records.where(i)}: {e}"
-      if not skip_malformed:
-        raise DataError(msg) from None
-      stats.skipped += 1
-      if len(stats.errors) < MAX_ERRORS:
-        stats.errors.append(msg)
-
-
 def count_pair_tokens(examples: Sequence[dict], stats: DataStats) -> DataStats:
   """Set stats.examples (pairs), tokens and target_tokens (both sides) from `examples`."""
   stats.examples = len(examples)
@@ -286,7 +269,7 @@ def tokenize_preference_records(records: Records | Sequence[Mapping], tokenizer,
   make = lambda r: tokenize_preference(r, tokenizer, format, fields=fields,
                                        chat_template=chat_template, add_bos=add_bos)
   stats, examples = DataStats(), []
-  for ex in _each(records, make, skip_malformed, stats):
+  for ex in each_record(records, make, skip_malformed, stats):
     ex, event = fit_pair(ex, seq_len, overflow, max_prompt_len, tokenizer.bos_token_id)
     if event == "truncated":
       stats.truncated += 1
@@ -422,7 +405,7 @@ def tokenize_prompts(records: Records | Sequence[Mapping], tokenizer, format: st
   make = lambda r: tokenize_prompt(r, tokenizer, format, fields=fields,
                                    chat_template=chat_template, add_bos=add_bos)
   stats, prompts = DataStats(), []
-  for p in _each(records, make, skip_malformed, stats):
+  for p in each_record(records, make, skip_malformed, stats):
     if max_len is not None and len(p) > max_len:
       p = _cut_left(p, max_len, tokenizer.bos_token_id)
       stats.truncated += 1
@@ -495,7 +478,7 @@ def prepare_preference_source(source: Any, tokenizer, seq_len: int, data_config:
   opt = lambda k, d=None: cfg_get(source, k, cfg_get(data_config, k, d))
   fmt = opt("format")
   if fmt is None:
-    raise DataError(f"data source {_describe(source)}: no format (set data.format or the "
+    raise DataError(f"data source {describe(source)}: no format (set data.format or the "
                     f"source's format: {', '.join(PREFERENCE_FORMATS)})")
   if records is None:
     records = load_records(source)
@@ -520,33 +503,10 @@ def build_preference_dataset(data_config: Any, tokenizer, seq_len: int, batch_si
     state: a saved `PreferenceData.train.state` to resume from.
   """
   seed = int(cfg_get(data_config, "seed", seed))
-  sources = list(cfg_get(data_config, "sources", []))
-  if not sources:
-    raise DataError("data.sources is empty")
-  eval_fraction = float(cfg_get(data_config, "eval_fraction", 0.0))
-  if not 0.0 <= eval_fraction < 1.0:
-    raise DataError(f"data.eval_fraction must be in [0, 1), got {eval_fraction}")
-
-  parts, stats, eval_examples, eval_stats = [], DataStats(), [], DataStats()
-  for i, source in enumerate(sources):
-    records = load_records(source)
-    if eval_fraction > 0 and len(records) > 1:
-      held, records = _hold_out(records, eval_fraction, seed, i)
-      ex, st = prepare_preference_source(source, tokenizer, seq_len, data_config, records=held)
-      eval_examples += ex
-      eval_stats += st
-    ex, st = prepare_preference_source(source, tokenizer, seq_len, data_config, records=records)
-    weight = float(cfg_get(source, "weight", 1.0))
-    if not ex and weight > 0:
-      raise DataError(f"data source {_describe(source)}: no usable pairs ({st})")
-    parts.append((ex, weight))
-    stats += st
-  for source in cfg_get(data_config, "eval_sources", []):
-    ex, st = prepare_preference_source(source, tokenizer, seq_len, data_config)
-    eval_examples += ex
-    eval_stats += st
-
-  train_examples = mix(parts, seed)
+  prepare = lambda source, records=None: prepare_preference_source(
+      source, tokenizer, seq_len, data_config, records=records)
+  train_examples, eval_examples, stats, eval_stats = collect_sources(data_config, prepare, seed,
+                                                                     "pairs")
   count_pair_tokens(train_examples, stats)
   count_pair_tokens(eval_examples, eval_stats)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -563,17 +523,3 @@ def build_preference_dataset(data_config: Any, tokenizer, seq_len: int, batch_si
                         eval_stats=eval_stats, seq_len=seq_len,
                         eval_batch_size=eval_batch_size or batch_size, pad_id=pad_id,
                         process_index=process_index, process_count=process_count)
-
-
-def _hold_out(records: Records, fraction: float, seed: int, i: int) -> tuple[Records, Records]:
-  """(held-out, kept) records of source i, chosen exactly as `build_dataset` chooses them."""
-  from ftjax.data import EVAL_STREAM  # here, not at the top: ftjax.data may import this module
-  n_eval = min(len(records) - 1, max(1, round(fraction * len(records))))
-  perm = np.random.default_rng([seed, EVAL_STREAM, i]).permutation(len(records))
-  return (records.take(sorted(int(j) for j in perm[:n_eval])),
-          records.take(sorted(int(j) for j in perm[n_eval:])))
-
-
-def _describe(source: Any) -> str:
-  from ftjax.data import _describe as describe  # see _hold_out
-  return describe(source)

@@ -227,3 +227,24 @@ def mix(sources_with_weights: Sequence[tuple[Sequence, float]], seed: int,
     perm = np.random.default_rng([seed, MIX_STREAM, i]).permutation(len(src))[:rest]
     out.extend(src[j] for j in np.sort(perm))
   return out
+
+
+EVAL_STREAM = 0x6576616C  # keeps the eval hold-out's random stream apart from the others
+
+
+def describe(source: Any) -> str:
+  """A source's name for messages: its path, hub name or TFDS name."""
+  if isinstance(source, str):
+    return source
+  for k in ("path", "hub", "tfds"):
+    if cfg_get(source, k):
+      return str(cfg_get(source, k))
+  return repr(source)
+
+
+def hold_out(records: Records, fraction: float, seed: int, i: int) -> tuple[Records, Records]:
+  """(held-out, kept) records of source i: `fraction` of them, chosen by (seed, i)."""
+  n_eval = min(len(records) - 1, max(1, round(fraction * len(records))))
+  perm = np.random.default_rng([seed, EVAL_STREAM, i]).permutation(len(records))
+  return (records.take(sorted(int(j) for j in perm[:n_eval])),
+          records.take(sorted(int(j) for j in perm[n_eval:])))
