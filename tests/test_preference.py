@@ -130,3 +130,52 @@ def test_precomputed_reference_matches_live_reference(base_dir, pref_files):
   pre = preference.dpo_loss_fn(params, dpo_exp.attach_reference(batch, table), None, **kw)
   np.testing.assert_allclose(float(pre[0]), float(live[0]), rtol=1e-5)
   assert jnp.isfinite(pre[0])
+
+
+def test_reward_readout_when_pad_is_eos(tmp_path):
+  """pad == eos: ftjax reads the same token as HF's classifier and TRL's RewardTrainer."""
+  from tests.conftest import hf_config
+  eos = pad = 2
+  hf_cfg = hf_config("llama")
+  hf_cfg.update(dict(eos_token_id=eos, pad_token_id=pad, num_labels=1))
+  torch.manual_seed(0)
+  src = transformers.LlamaForSequenceClassification(hf_cfg).eval()
+  with torch.no_grad():
+    src.score.weight.normal_(0.0, 1.0)
+  src.save_pretrained(str(tmp_path / "src"))
+  model, params = ftjax.load_pretrained(str(tmp_path / "src"))
+  assert model.cfg.head == "score" and model.cfg.pad_token_id == pad
+
+  rng = np.random.default_rng(0)
+  seqs = [np.r_[rng.integers(6, 320, 9), eos], np.r_[rng.integers(6, 320, 4), eos],
+          np.r_[rng.integers(6, 320, 3), eos, rng.integers(6, 320, 2), eos]]  # EOS mid-row too
+  t = max(map(len, seqs))
+  batch = {k: np.zeros((len(seqs), t - 1), np.int32)
+           for k in ("inputs", "targets", "segment_ids", "positions")}
+  for i, s in enumerate(seqs):
+    n = len(s) - 1
+    batch["inputs"][i, :n], batch["targets"][i, :n] = s[:-1], s[1:]
+    batch["segment_ids"][i, :n], batch["positions"][i, :n] = 1, np.arange(n)
+  ours = np.asarray(preference.rewards_of(model, params, batch))
+
+  # TRL's collator right-pads with pad_token_id; transformers pools by that id.
+  ids = np.full((len(seqs), t), pad, np.int64)
+  for i, s in enumerate(seqs):
+    ids[i, :len(s)] = s
+  attn = np.zeros_like(ids)
+  for i, s in enumerate(seqs):
+    attn[i, :len(s)] = 1
+  tokens, mask = map(np.asarray, preference.full_sequences(batch))
+  hf_rule = (torch.arange(t) * (torch.tensor(ids) != pad).int()).argmax(-1).numpy()
+  np.testing.assert_array_equal(
+      np.asarray(ftjax.model.score_index(tokens, mask, model.cfg.pad_token_id)), hf_rule)
+  assert list(hf_rule) == [len(s) - 2 for s in seqs]  # the token before the final EOS
+
+  ftjax.save_pretrained(model, params, str(tmp_path / "export"))
+  hf_rm = transformers.AutoModelForSequenceClassification.from_pretrained(
+      str(tmp_path / "export")).eval()
+  with torch.no_grad():
+    ref = hf_rm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(attn)).logits[:, 0]
+    direct = src(input_ids=torch.tensor(ids), attention_mask=torch.tensor(attn)).logits[:, 0]
+  np.testing.assert_allclose(ours, ref.numpy(), atol=1e-4)
+  np.testing.assert_allclose(ours, direct.numpy(), atol=1e-4)

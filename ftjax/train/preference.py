@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax import losses
+from ftjax.model import score_index
 from ftjax.train import common
 
 
@@ -35,11 +36,11 @@ def full_sequences(batch: dict) -> tuple[jax.Array, jax.Array]:
 
 
 def rewards_of(model, params, batch: dict, rng=None) -> jax.Array:
-  """Scalar reward per row [2B], read at the last real token (EOS) as HF's classifiers do."""
+  """Scalar reward per row [2B], read where HF's classifiers read it (see `score_index`)."""
   tokens, mask = full_sequences(batch)
   scores = model.apply({"params": params}, tokens, mask=mask,
                        rngs=None if rng is None else {"dropout": rng})  # [2B, T+1]
-  last = mask.sum(-1) - 1
+  last = score_index(tokens, mask, model.cfg.pad_token_id)
   return jnp.take_along_axis(scores, last[:, None], -1)[:, 0]
 
 
