@@ -477,26 +477,95 @@ def hf_tensors(cfg: ModelConfig, params: dict, dtype: Optional[str] = None
 
 
 def write_hf_dir(out_dir: str, write: Callable[[str], None]):
-  """Run `write(tmp_dir)`, then move its files into out_dir: no half-written export.
+  """Run `write(tmp_dir)`, then swap tmp_dir in for out_dir: no half-written export.
 
-  Files are built in a temporary sibling directory; only when all are complete do they
-  replace the old ones (stale weight shards are removed first).
+  Files are built in a temporary sibling directory; an interruption at any point leaves the
+  old directory or the new one complete at out_dir. Files of an old out_dir that no export
+  writes (a README, a tokenizer) are carried over, as hard links where the filesystem allows;
+  its old weights and configs are not (a shard count may shrink; a merged export over an
+  adapter must not leave adapter_config.json behind).
   """
   out_dir = os.path.abspath(out_dir)
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
+  _recover(out_dir)
   tmp = tempfile.mkdtemp(prefix=".ftjax-tmp-", dir=parent)
   try:
+    umask = os.umask(0o22)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the export's mode
     write(tmp)
     if not os.path.exists(out_dir):
       os.replace(tmp, out_dir)
       return
-    for old in glob.glob(os.path.join(out_dir, "model*.safetensors*")):
-      os.remove(old)
-    for name in os.listdir(tmp):
-      os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    for name in os.listdir(out_dir):
+      src, dst = os.path.join(out_dir, name), os.path.join(tmp, name)
+      if os.path.lexists(dst) or _is_export_file(name):
+        continue
+      if os.path.isdir(src) and not os.path.islink(src):
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+      else:
+        _link_or_copy(src, dst)
+    _swap(tmp, out_dir)  # tmp now holds the old directory
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_export_file(name: str) -> bool:
+  return (name.startswith(("model", "adapter_")) and ".safetensors" in name) or name in (
+      "config.json", "generation_config.json", "adapter_config.json")
+
+
+def _link_or_copy(src: str, dst: str):
+  try:
+    os.link(src, dst, follow_symlinks=False)
+  except OSError:
+    shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _backup(out_dir: str) -> str:
+  return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.ftjax-old")
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Atomically exchange two paths with Linux renameat2(RENAME_EXCHANGE); False if unavailable."""
+  try:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2
+    return libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b),
+                          rename_exchange) == 0
+  except (AttributeError, OSError):  # not Linux, old libc
+    return False
+
+
+def _swap(new: str, out_dir: str):
+  """Exchange the directories `new` and `out_dir` (afterwards `new` holds the old files).
+
+  Without renameat2, two renames: out_dir is briefly missing while the old directory sits at
+  `_backup(out_dir)`; a failure puts it back, and `_recover` does after a kill.
+  """
+  if _exchange(new, out_dir):
+    return
+  backup = _backup(out_dir)
+  shutil.rmtree(backup, ignore_errors=True)
+  os.replace(out_dir, backup)
+  try:
+    os.replace(new, out_dir)
+  except BaseException:
+    os.replace(backup, out_dir)
+    raise
+  os.replace(backup, new)
+
+
+def _recover(out_dir: str):
+  """Undo an export killed between the two renames of `_swap`'s fallback."""
+  backup = _backup(out_dir)
+  if os.path.isdir(backup):
+    if os.path.exists(out_dir):
+      shutil.rmtree(backup, ignore_errors=True)
+    else:
+      os.replace(backup, out_dir)
 
 
 def save_pretrained(model: Decoder, params: dict, out_dir: str, dtype: Optional[str] = None,

@@ -190,3 +190,46 @@ def test_failed_save_leaves_old_export_intact(hf_models, tmp_path):
   after = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
   assert before == after
   assert not [n for n in os.listdir(tmp_path) if n.startswith(".ftjax-tmp")]
+
+
+@pytest.mark.parametrize("exchange", ["renameat2", "two_renames"])
+def test_interrupted_save_leaves_old_or_new_export(hf_models, tmp_path, monkeypatch, exchange):
+  """A failure injected at each rename of an export over an existing one: old or new, whole."""
+  from ftjax import hf
+  if exchange == "two_renames":
+    monkeypatch.setattr(hf, "_exchange", lambda a, b: False)
+  path, _ = hf_models["llama"]
+  model, params = ftjax.load_pretrained(path)
+  new_params = jax.tree_util.tree_map(lambda x: x + 1.0, params)
+  out = str(tmp_path / "export")
+  contents = lambda d: {n: open(os.path.join(d, n), "rb").read() for n in sorted(os.listdir(d))}
+  ftjax.save_pretrained(model, new_params, str(tmp_path / "new"), max_shard_bytes=20_000)
+  new = contents(str(tmp_path / "new"))
+  real_replace = os.replace
+  for fail_at in range(1, 50):
+    shutil.rmtree(out, ignore_errors=True)
+    ftjax.save_pretrained(model, params, out)  # one shard
+    old = contents(out)
+    calls = [0]
+
+    def replace(src, dst, _at=fail_at):
+      calls[0] += 1
+      if calls[0] == _at:
+        raise KeyboardInterrupt("injected")
+      return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+      ftjax.save_pretrained(model, new_params, out, max_shard_bytes=20_000)  # several shards
+      done = True
+    except KeyboardInterrupt:
+      done = False
+    finally:
+      monkeypatch.setattr(os, "replace", real_replace)
+    hf._recover(out)  # what the next export does first
+    assert contents(out) == (new if done else old) or contents(out) == new, fail_at
+    if done:
+      break
+  assert done and fail_at > 2
+  assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+  transformers.AutoModelForCausalLM.from_pretrained(out)
