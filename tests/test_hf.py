@@ -212,7 +212,7 @@ def test_interrupted_save_leaves_old_or_new_export(hf_models, tmp_path, monkeypa
     old = contents(out)
     calls = [0]
 
-    def replace(src, dst, _at=fail_at):
+    def replace(src, dst, _at=fail_at, calls=calls):
       calls[0] += 1
       if calls[0] == _at:
         raise KeyboardInterrupt("injected")
