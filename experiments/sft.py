@@ -105,9 +105,11 @@ def run(config, workdir: str) -> dict:
     with par.context():
       return eval_jit(trainable, host_frozen, batch)
 
+  # Counted on the host trees: under pmap, par.state adds a device axis to every leaf.
+  throughput = metrics_lib.Throughput(flops_per_token=metrics_lib.train_flops_per_token(
+      model.cfg, int(t.seq_len), state["params"], frozen))
   state, frozen = par.state(state), par.frozen(frozen)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
-  throughput = metrics_lib.Throughput(model.cfg, int(t.seq_len))
   bar = metrics_lib.ProgressBar(int(t.steps), initial=start)
   extra = {"base": base_ref, "summary": summary}
   best, bad_evals, last = float("inf"), 0, {}
@@ -120,10 +122,10 @@ def run(config, workdir: str) -> dict:
   # ---- loop (the checkpointer, writer and bar are closed on any exit: no half-written save)
   try:
     with checkpoint.PreemptionHandler() as preempt:
-      step = start
+      step, tokens = start, 0  # tokens since the last log
       while step < t.steps:
         batch = next(data.train)
-        tokens = int(batch["weights"].size) * jax.process_count()
+        tokens += int(batch["weights"].size) * jax.process_count()
         state, m = step_fn(state, frozen, par.batch(batch))
         step += 1
         if step % t.log_every == 0 or step == t.steps:
@@ -131,7 +133,8 @@ def run(config, workdir: str) -> dict:
           if not np.isfinite(m["loss"]):
             raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping without "
                                      "saving (lower optim.lr, or check the data)")
-          m.update(throughput.update(tokens * t.log_every))
+          m.update(throughput.update(tokens))
+          tokens = 0
           writer.write(step, m)
           bar.update(step, m)
           last = m

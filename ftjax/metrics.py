@@ -73,8 +73,16 @@ class MetricsWriter:
       except ImportError:
         log.warning("tensorboardX is not installed; writing %s only", METRICS_FILE)
       else:
-        purge = None if resume_step is None else resume_step + 1
-        self._tb = SummaryWriter(os.path.join(workdir, TB_DIR), purge_step=purge, flush_secs=30)
+        purge = None
+        if resume_step is not None:
+          # purge_step only hides the old events in readers that honour it (TensorBoard's
+          # Python loader); dropping them from the files hides them from every reader.
+          drop_tensorboard_steps_after(os.path.join(workdir, TB_DIR), resume_step)
+          purge = resume_step + 1
+        # The default file name has one-second resolution: a resume within the same second
+        # would reopen (and truncate) the previous run's file.
+        self._tb = SummaryWriter(os.path.join(workdir, TB_DIR), purge_step=purge, flush_secs=30,
+                                 filename_suffix=f".{time.time_ns()}")
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Logs scalar `metrics` (jax/numpy/Python numbers) at `step`."""
@@ -128,6 +136,47 @@ def read_metrics(workdir: str) -> list[dict]:
   return out
 
 
+def drop_tensorboard_steps_after(tb_dir: str, step: int) -> None:
+  """Rewrite the event files of `tb_dir` without the summaries of steps > `step`.
+
+  Event files are TFRecords (u64 length, u32 masked crc, data, u32 masked crc); a torn last
+  record (a killed run) is dropped too.
+  """
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  from tensorboardX.record_writer import masked_crc32c
+  if not os.path.isdir(tb_dir):
+    return
+  for name in sorted(os.listdir(tb_dir)):
+    path = os.path.join(tb_dir, name)
+    if "tfevents" not in name or not os.path.isfile(path):
+      continue
+    with open(path, "rb") as f:
+      data = f.read()
+    kept, i, changed = [], 0, False
+    while i + 12 <= len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      if i + 12 + n + 4 > len(data):
+        break
+      record = data[i + 12:i + 12 + n]
+      i += 12 + n + 4
+      event = event_pb2.Event.FromString(record)
+      if event.HasField("summary") and event.step > step:
+        changed = True
+        continue
+      kept.append(record)
+    if not changed and i == len(data):
+      continue
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+      for record in kept:
+        header = struct.pack("<Q", len(record))
+        f.write(header + struct.pack("<I", masked_crc32c(header)) + record
+                + struct.pack("<I", masked_crc32c(record)))
+    os.replace(tmp, path)
+
+
 # ------------------------------------------------------------------------------------------------
 # Throughput and MFU
 
@@ -161,6 +210,40 @@ def peak_flops(device_kind: str | None = None) -> float | None:
   return None
 
 
+def train_flops_per_token(cfg: Any, seq_len: int, trainable: Any, frozen: Any = None) -> float:
+  """Forward+backward FLOPs per token of a train step: 6N for trained weights, 4N for frozen.
+
+  Each matmul weight costs 2 FLOPs per token forward and 2 backward for the activation
+  gradient (the layers below need it whether or not the weight trains); only a trained weight
+  adds 2 more for its own gradient. So a frozen base under LoRA counts 4N plus 6N for the LoRA
+  factors, full fine-tuning 6N as in `cfg.flops_per_token`. The input embedding lookup is no
+  matmul; attention scores and values count 3 x forward, as in `cfg.flops_per_token`.
+
+  Args:
+    cfg: the ModelConfig of the base.
+    seq_len: tokens per row (for the attention FLOPs).
+    trainable: the trained params tree (arrays or shape structs); frozen: the rest (only its
+      LoRA factors are read: frozen adapters still run forward and backward).
+  """
+  from flax import traverse_util
+  head = cfg.vocab_size * cfg.d_model if cfg.head == "lm" else 0  # score: in num_params
+  n_base = cfg.num_params(include_embeddings=False) + head
+  size = lambda x: int(np.prod(np.shape(x)))
+  trained_base = trained_lora = frozen_lora = 0
+  for key, leaf in traverse_util.flatten_dict(dict(trainable or {})).items():
+    if key[-1] in ("lora_a", "lora_b", "lora_magnitude"):
+      trained_lora += size(leaf)
+    elif key[0] == "embed":
+      trained_base += head if cfg.tie_embeddings else 0  # tied: also the output matmul
+    elif key[0] not in ("pos_embed", "prefix", "prompt"):
+      trained_base += size(leaf)
+  for key, leaf in traverse_util.flatten_dict(dict(frozen or {})).items():
+    if key[-1] in ("lora_a", "lora_b"):
+      frozen_lora += size(leaf)
+  attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+  return 4.0 * (n_base + frozen_lora) + 2.0 * trained_base + 6.0 * trained_lora + attn
+
+
 class Throughput:
   """Tokens/s over a sliding window of steps, and model FLOPs utilisation (MFU).
 
@@ -171,8 +254,9 @@ class Throughput:
   compilation out of the rate.
 
   MFU = tokens/s * flops_per_token / (peak FLOP/s per device * number of devices), with
-  `flops_per_token` from `cfg.flops_per_token(seq_len)` (6N plus attention). Omitted when the
-  device's peak is unknown (CPU) or no FLOP count was given.
+  `flops_per_token` from `cfg.flops_per_token(seq_len)` (6N plus attention: every weight
+  trained) unless given; with frozen weights pass `train_flops_per_token(...)`. Omitted when
+  the device's peak is unknown (CPU) or no FLOP count was given.
   """
 
   def __init__(self, cfg: Any = None, seq_len: int | None = None, *,

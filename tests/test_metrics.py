@@ -6,6 +6,7 @@ import json
 import os
 import struct
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -133,3 +134,75 @@ def test_progress_bar():
   assert "mfu=42.0%" in post
   assert "5/10" in out.getvalue()
   json.dumps(post)
+
+
+def test_resume_drops_replayed_steps_from_tensorboard(tmp_path):
+  """After a resume from step 3, steps 4-5 of the killed run are gone from every event file."""
+  wd = str(tmp_path)
+  with MetricsWriter(wd) as w:
+    for s in range(1, 6):
+      w.write(s, {"loss": 1.0 / s})
+  with MetricsWriter(wd, resume_step=3) as w:
+    for s in range(4, 7):
+      w.write(s, {"loss": 10.0 + s})
+  events = sorted(glob.glob(os.path.join(wd, "tensorboard", "events.out.tfevents.*")))
+  seen = [(step, v) for path in events for tag, step, v in _read_tb_scalars(path)]
+  assert sorted(s for s, _ in seen) == [1, 2, 3, 4, 5, 6]
+  assert dict(seen) == pytest.approx({1: 1.0, 2: 0.5, 3: 1 / 3, 4: 14.0, 5: 15.0, 6: 16.0})
+
+
+def _matmul_weights(params):
+  """Dense matmul weights of a params tree, counted from the arrays (not from the config)."""
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(params)
+  return sum(v.size for k, v in flat.items() if k[-1] in ("kernel", "lm_head", "score"))
+
+
+def test_sft_throughput_counts_frozen_base_and_last_partial_interval(
+    base_dir, chat_files, monkeypatch, tmp_path):
+  from configs import sft as sft_config
+  from experiments import sft as sft_exp
+  from ftjax import metrics as metrics_lib
+  calls = {"tokens": []}
+
+  class Recorder(metrics_lib.Throughput):
+    def __init__(self, *a, **kw):
+      super().__init__(*a, **kw)
+      calls["flops"] = self.flops_per_token
+
+    def update(self, tokens):
+      calls["tokens"].append(tokens)
+      return super().update(tokens)
+
+  monkeypatch.setattr(metrics_lib, "Throughput", Recorder)
+  c = sft_config.get_config("adapter=lora,smoke")
+  c.model.hf_path = base_dir
+  c.data.path, c.data.eval_path = chat_files
+  c.train.update(seq_len=352, batch_size=2, grad_accum=1, steps=3, log_every=2, eval_every=100,
+                 save_every=100)
+  sft_exp.run(c, str(tmp_path / "run"))
+  per_step = 2 * 352
+  assert calls["tokens"] == [2 * per_step, per_step]  # step 3 is a one-step interval
+
+  model, params = ftjax.load_pretrained(base_dir)
+  cfg = model.cfg
+  n = _matmul_weights(params)  # untied llama: the kernels and lm_head
+  lora_model, lora_params = ftjax.load_pretrained(
+      base_dir, lora=ftjax.LoraConfig(rank=c.adapter.rank, targets=c.adapter.targets))
+  n_lora = sum(x.size for x in jax.tree_util.tree_leaves(ftjax.lora.adapter_params(lora_params)))
+  attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 352
+  # Frozen base: 4N (forward + activation gradients), trained LoRA: 6N. Norms are not
+  # matmuls, hence the tolerance.
+  assert calls["flops"] == pytest.approx(4 * n + 6 * n_lora + attn, rel=5e-3)
+
+
+def test_train_flops_full_fine_tuning_is_6n():
+  cfg = ftjax.get_preset("tiny")
+  params = ftjax.model.init_params(ftjax.model.Decoder(cfg), jax.random.PRNGKey(0))
+  full = metrics_lib_train_flops(cfg, 128, params)
+  assert full == pytest.approx(cfg.flops_per_token(128), rel=1e-9)
+
+
+def metrics_lib_train_flops(cfg, seq_len, trainable, frozen=None):
+  from ftjax.metrics import train_flops_per_token
+  return train_flops_per_token(cfg, seq_len, trainable, frozen)
