@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from typing import Optional
@@ -152,12 +153,42 @@ def merge(model: Decoder, params: dict) -> tuple[Decoder, dict]:
 
 
 def _module_names(cfg) -> dict[str, str]:
-  """ftjax layer path -> HF module name, for linear layers."""
+  """ftjax layer path -> HF module name, for linear layers (GPT-2's q, k, v -> one c_attn)."""
   out = {}
   for entry in hf.tensor_map(cfg):
-    if entry.kind == "T" and entry.hf.endswith(".weight") and entry.paths[0][-1] == "kernel":
-      out["/".join(entry.paths[0][:-1])] = entry.hf[:-len(".weight")]
+    if not entry.hf.endswith(".weight") or entry.paths[0][-1] != "kernel":
+      continue
+    if entry.kind == "T" or cfg.family == "gpt2":  # GPT-2's Conv1D kernels are [in, out]
+      for path in entry.paths:
+        out["/".join(path[:-1])] = entry.hf[:-len(".weight")]
   return out
+
+
+def _fused_scale_alpha(lcfg: LoraConfig, parts: int) -> float:
+  """lora_alpha of a rank parts*r module with the scale of rank r (alpha/r or alpha/sqrt r)."""
+  return lcfg.alpha * (math.sqrt(parts) if lcfg.rslora else parts)
+
+
+def _fuse_qkv(layers: list[str], leaves: dict, rank: int) -> tuple[np.ndarray, np.ndarray]:
+  """q/k/v LoRAs of rank r as one rank-3r LoRA on the fused [D, 3D] c_attn kernel.
+
+  [x_q, x_k, x_v] = x @ [A_q B_q, A_k B_k, A_v B_v] = x @ [A_q A_k A_v] @ blockdiag(B_q, B_k,
+  B_v): A stacked along the rank, B block-diagonal. A projection without a LoRA gets zero
+  blocks (its delta stays zero: both of its factors' gradients are zero).
+  """
+  d_in = next(leaves[(lay, "lora_a")].shape[0] for lay in layers if (lay, "lora_a") in leaves)
+  outs = []
+  for lay in layers:
+    out = leaves.get((lay, "lora_b"))
+    outs.append(out.shape[1] if out is not None else None)
+  d_out = next(o for o in outs if o is not None)
+  a = np.zeros((d_in, 3 * rank), np.float32)
+  b = np.zeros((3 * rank, 3 * d_out), np.float32)
+  for g, lay in enumerate(layers):
+    if (lay, "lora_a") in leaves:
+      a[:, g * rank:(g + 1) * rank] = leaves[(lay, "lora_a")]
+      b[g * rank:(g + 1) * rank, g * d_out:(g + 1) * d_out] = leaves[(lay, "lora_b")]
+  return a, b
 
 
 def save_adapter(model: Decoder, params: dict, out_dir: str,
@@ -165,6 +196,8 @@ def save_adapter(model: Decoder, params: dict, out_dir: str,
   """Write a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`).
 
   LoRA/DoRA as PEFT's LORA; prefix and prompt tuning as PREFIX_TUNING / PROMPT_TUNING.
+  GPT-2's q/k/v LoRAs of rank r go out as one rank-3r LoRA on PEFT's fused `c_attn` (see
+  `_fuse_qkv`), with `rank_pattern`/`alpha_pattern` keeping alpha/r.
 
   `peft.PeftModel.from_pretrained(base, out_dir)` loads it with the same logits.
   """
@@ -176,33 +209,45 @@ def save_adapter(model: Decoder, params: dict, out_dir: str,
     return prefix.save_prefix_adapter(model, params, out_dir, base_model_name_or_path)
   if lcfg is None:
     raise ValueError("save_adapter: the model has no adapter")
-  if model.cfg.family == "gpt2":
-    raise ValueError("save_adapter: PEFT stores GPT-2 q/k/v as one fused c_attn module; export "
-                     "GPT-2 LoRA merged (format=merged) instead")
+  gpt2 = model.cfg.family == "gpt2"
+  if gpt2 and lcfg.dora:
+    raise ValueError("save_adapter: DoRA on GPT-2 has no PEFT export (the fused c_attn "
+                     "magnitude); export it merged (format=merged) instead")
   names = _module_names(model.cfg)
   flat = traverse_util.flatten_dict(adapter_params(params))
-  tensors, modules = [], []
+  leaves, by_module = {}, {}
   for key in sorted(flat):
     layer, leaf = "/".join(key[:-1]), key[-1]
     if layer not in names:
       raise ValueError(f"save_adapter: no HF module for layer {layer}")
-    mod = names[layer]
-    arr = np.asarray(jax.device_get(flat[key]), np.float32)
-    if leaf == "lora_a":
-      tensors.append((f"base_model.model.{mod}.lora_A.weight", arr.T.copy()))
-      modules.append(mod)
-    elif leaf == "lora_b":
-      tensors.append((f"base_model.model.{mod}.lora_B.weight", arr.T.copy()))
+    leaves[(layer, leaf)] = np.asarray(jax.device_get(flat[key]), np.float32)
+    by_module.setdefault(names[layer], set()).add(layer)
+  tensors, fused = [], []
+  for mod in sorted(by_module):
+    prefix_ = f"base_model.model.{mod}"
+    if mod.endswith(".c_attn") and gpt2:
+      layer0 = sorted(by_module[mod])[0].rsplit("/", 1)[0]
+      a, b = _fuse_qkv([f"{layer0}/{x}_proj" for x in "qkv"], leaves, lcfg.rank)
+      fused.append(mod)
     else:
-      tensors.append((f"base_model.model.{mod}.lora_magnitude_vector", arr))
+      (layer,) = by_module[mod]
+      a, b = leaves[(layer, "lora_a")], leaves[(layer, "lora_b")]
+      if (layer, "lora_magnitude") in leaves:
+        tensors.append((f"{prefix_}.lora_magnitude_vector", leaves[(layer, "lora_magnitude")]))
+    tensors.append((f"{prefix_}.lora_A.weight", a.T.copy()))
+    tensors.append((f"{prefix_}.lora_B.weight", b.T.copy()))
+  modules = sorted(by_module)
   short = sorted({m.rsplit(".", 1)[-1] for m in modules})
-  all_with_short = [m for m in names.values() if m.rsplit(".", 1)[-1] in short]
-  targets = short if sorted(all_with_short) == sorted(modules) else sorted(modules)
+  all_with_short = sorted({m for m in names.values() if m.rsplit(".", 1)[-1] in short})
+  targets = short if all_with_short == modules else modules
   config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lcfg.rank,
             "lora_alpha": lcfg.alpha, "lora_dropout": lcfg.dropout, "target_modules": targets,
             "use_rslora": lcfg.rslora, "use_dora": lcfg.dora, "bias": "none",
-            "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None,
+            "fan_in_fan_out": gpt2, "init_lora_weights": True, "modules_to_save": None,
             "base_model_name_or_path": base_model_name_or_path, "inference_mode": True}
+  if fused:
+    config["rank_pattern"] = {"c_attn": 3 * lcfg.rank}
+    config["alpha_pattern"] = {"c_attn": _fused_scale_alpha(lcfg, 3)}
 
   def write(tmp):
     with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
@@ -210,6 +255,38 @@ def save_adapter(model: Decoder, params: dict, out_dir: str,
     st_io.write(os.path.join(tmp, "adapter_model.safetensors"), tensors)
 
   hf.write_hf_dir(out_dir, write)
+
+
+def _pattern_value(patterns: dict, module: str, default):
+  """PEFT's rank_pattern/alpha_pattern lookup: the first key matching the module name's end."""
+  for key, value in (patterns or {}).items():
+    if re.match(rf"(.*\.)?({key})$", module):
+      return value
+  return default
+
+
+def _split_qkv(fpath: str, mod: str, a: np.ndarray, b: np.ndarray):
+  """Inverse of `_fuse_qkv`: rank-3k c_attn factors (a [D, 3k], b [3k, 3D]) -> {g: (a, b)}.
+
+  Only the block form splits exactly; a general fused LoRA (what PEFT trains from its own
+  init) mixes q, k and v and has no per-projection equivalent.
+  """
+  r, d3 = b.shape
+  if r % 3 or d3 % 3:
+    raise hf.CheckpointError(f"{fpath}: {mod} LoRA has rank {r}, not 3k: a general fused c_attn "
+                             "LoRA cannot be split into q/k/v LoRAs (merge it in PEFT instead)")
+  k, d = r // 3, d3 // 3
+  out = {}
+  for g in range(3):
+    for h in range(3):
+      if g != h and np.any(b[g * k:(g + 1) * k, h * d:(h + 1) * d]):
+        raise hf.CheckpointError(
+            f"{fpath}: {mod} LoRA is not block-diagonal over q/k/v (a general fused c_attn "
+            "LoRA); it cannot be split into q/k/v LoRAs (merge it in PEFT instead)")
+    ag, bg = a[:, g * k:(g + 1) * k], b[g * k:(g + 1) * k, g * d:(g + 1) * d]
+    if np.any(ag) or np.any(bg):  # all-zero blocks: a projection ftjax did not adapt
+      out[g] = (ag, bg)
+  return out
 
 
 def load_adapter(model: Decoder, params: dict, adapter_dir: str) -> tuple[Decoder, dict]:
@@ -227,33 +304,62 @@ def load_adapter(model: Decoder, params: dict, adapter_dir: str) -> tuple[Decode
     return prefix.load_prefix_adapter(model, params, adapter_dir, acfg)
   if acfg.get("peft_type") != "LORA":
     raise hf.CheckpointError(f"{cfg_path}: peft_type {acfg.get('peft_type')!r} is not LORA")
-  if acfg.get("rank_pattern") or acfg.get("alpha_pattern"):
-    raise hf.CheckpointError(f"{cfg_path}: per-module rank_pattern/alpha_pattern is not supported")
   fpath = os.path.join(adapter_dir, "adapter_model.safetensors")
   if not os.path.exists(fpath):
     raise hf.CheckpointError(f"{fpath}: missing (pickle adapter_model.bin is refused)")
   f = st_io.SafetensorsFile(fpath)
-  by_module = {v: k for k, v in _module_names(model.cfg).items()}
+  layers_of: dict[str, list[str]] = {}
+  for layer, mod in _module_names(model.cfg).items():
+    layers_of.setdefault(mod, []).append(layer)  # GPT-2's c_attn: [q, k, v]
   rx = re.compile(r"^base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|"
                   r"lora_magnitude_vector(?:\.weight)?)$")
-  leaves, layers = {}, set()
+  raw: dict[str, dict] = {}
   for name in f.names():
     m = rx.match(name)
     if not m:
       raise hf.CheckpointError(f"{fpath}: tensor {name!r} is not a LoRA tensor ftjax understands")
     mod, kind = m.groups()
-    if mod not in by_module:
+    if mod not in layers_of:
       raise hf.CheckpointError(f"{fpath}: tensor {name!r} targets module {mod!r}, which the base "
                                f"{model.cfg.family} model does not have (wrong base model?)")
-    layer = by_module[mod]
-    layers.add(layer)
-    arr = f.get(name).astype(np.float32)
-    leaf = {"lora_A.weight": "lora_a", "lora_B.weight": "lora_b"}.get(kind, "lora_magnitude")
-    leaves[tuple(layer.split("/")) + (leaf,)] = arr.T if leaf != "lora_magnitude" else arr
-  pattern = "(" + "|".join(re.escape(p) + "$" for p in sorted(layers)) + ")"
-  lcfg = LoraConfig(rank=int(acfg["r"]), alpha=float(acfg["lora_alpha"]),
-                    dropout=float(acfg.get("lora_dropout") or 0.0), targets=pattern,
-                    rslora=bool(acfg.get("use_rslora")), dora=bool(acfg.get("use_dora")))
+    raw.setdefault(mod, {})[kind.split(".")[0]] = f.get(name).astype(np.float32)
+  rslora, dora = bool(acfg.get("use_rslora")), bool(acfg.get("use_dora"))
+  scale_of = lambda alpha, r: alpha / (math.sqrt(r) if rslora else r)
+  r0, alpha0 = int(acfg["r"]), float(acfg["lora_alpha"])
+  per_layer = {}  # layer -> (a [in, k], b [k, out], PEFT scale, magnitude or None)
+  for mod, parts in raw.items():
+    if "lora_A" not in parts or "lora_B" not in parts:
+      raise hf.CheckpointError(f"{fpath}: {mod} has no lora_A/lora_B pair")
+    scale = scale_of(float(_pattern_value(acfg.get("alpha_pattern"), mod, alpha0)),
+                     int(_pattern_value(acfg.get("rank_pattern"), mod, r0)))
+    a, b = parts["lora_A"].T, parts["lora_B"].T
+    layers = layers_of[mod]
+    if len(layers) == 3:  # GPT-2 c_attn
+      if dora:
+        raise hf.CheckpointError(f"{fpath}: DoRA on GPT-2's fused c_attn cannot be split into "
+                                 "q/k/v adapters")
+      for g, (ag, bg) in _split_qkv(fpath, mod, a, b).items():
+        per_layer[layers[g]] = (ag, bg, scale, None)
+    else:
+      per_layer[layers[0]] = (a, b, scale, parts.get("lora_magnitude_vector"))
+  ranks = sorted({a.shape[1] for a, _, _, _ in per_layer.values()})
+  if len(ranks) != 1:
+    raise hf.CheckpointError(f"{fpath}: LoRA ranks {ranks} differ across modules; ftjax uses one "
+                             "rank for all layers")
+  # One ftjax rank and scale (the adapter's global alpha/r); a module whose PEFT scale differs
+  # (alpha_pattern, GPT-2's fused c_attn) gets its B rescaled, so every delta is unchanged.
+  rank, scale0 = ranks[0], scale_of(alpha0, r0)
+  alpha = scale0 * (math.sqrt(rank) if rslora else rank)
+  leaves = {}
+  for layer, (a, b, scale, mag) in per_layer.items():
+    key = tuple(layer.split("/"))
+    leaves[key + ("lora_a",)] = a
+    leaves[key + ("lora_b",)] = b if scale == scale0 else b * (scale / scale0)
+    if mag is not None:
+      leaves[key + ("lora_magnitude",)] = mag
+  pattern = "(" + "|".join(re.escape(p) + "$" for p in sorted(per_layer)) + ")"
+  lcfg = LoraConfig(rank=rank, alpha=alpha, dropout=float(acfg.get("lora_dropout") or 0.0),
+                    targets=pattern, rslora=rslora, dora=dora)
   new_model = model.clone(spec=dataclasses.replace(model.spec, lora=lcfg))
   shapes = jax.eval_shape(lambda: new_model.init(jax.random.PRNGKey(0),
                                                  jnp.zeros((1, 1), jnp.int32)))["params"]

@@ -178,3 +178,78 @@ def test_quant_targets_are_configurable(hf_models):
   assert not isinstance(params["layer_1"]["attn"]["q_proj"]["kernel"], dict)
   tokens, mask = batch_with_padding(np.random.default_rng(6))
   assert np.isfinite(_logits(model, params, tokens, mask)).all()
+
+
+@pytest.mark.parametrize("targets,rslora", [("all-linear", False), ("qv", False),
+                                            ("attn", True)])
+def test_gpt2_lora_exports_as_fused_c_attn(hf_models, targets, rslora, tmp_path):
+  """q/k/v LoRAs of rank r are one rank-3r LoRA on PEFT's c_attn (A stacked, B block-diagonal)."""
+  path, torch_base = hf_models["gpt2"]
+  cfg = ftjax.LoraConfig(rank=2, alpha=6, targets=targets, rslora=rslora)
+  model, params = ftjax.load_pretrained(path, lora=cfg)
+  params = _randomize_b(params)
+  out = str(tmp_path / "adapter")
+  ftjax.save_adapter(model, params, out)
+  acfg = json.load(open(os.path.join(out, "adapter_config.json")))
+  assert acfg["rank_pattern"] == {"c_attn": 6}
+  base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+  peft_model = peft.PeftModel.from_pretrained(base, out).eval()
+  tokens, mask = batch_with_padding(np.random.default_rng(1))
+  ref = _torch_logits(peft_model, tokens, mask)
+  ours = _logits(model, params, tokens, mask)
+  assert np.abs(ours - ref)[mask].max() <= 1e-4
+  assert np.abs(ours - _torch_logits(torch_base, tokens, mask))[mask].max() > 1e-2
+  # And back: the same layers adapted, the same logits.
+  m2, p2 = ftjax.load_adapter(*ftjax.load_pretrained(path), out)
+  assert lora.target_paths(m2) == lora.target_paths(model)
+  assert np.abs(_logits(m2, p2, tokens, mask) - ours)[mask].max() <= 1e-5
+
+
+def _peft_gpt2_c_attn(path, out, block: bool):
+  base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+  pcfg = peft.LoraConfig(r=6, lora_alpha=9, target_modules=["c_attn", "c_fc"],
+                         rank_pattern={"c_fc": 2}, alpha_pattern={"c_fc": 5},
+                         init_lora_weights=False, fan_in_fan_out=True)
+  pm = peft.get_peft_model(base, pcfg).eval()
+  if block:
+    with torch.no_grad():
+      for name, p in pm.named_parameters():
+        if name.endswith("c_attn.lora_B.default.weight"):  # [3D, 3k]
+          d, k = p.shape[0] // 3, p.shape[1] // 3
+          for g in range(3):
+            for h in range(3):
+              if g != h:
+                p[g * d:(g + 1) * d, h * k:(h + 1) * k] = 0.0
+  pm.save_pretrained(out)
+  return pm
+
+
+def test_peft_gpt2_block_c_attn_imports_and_round_trips(hf_models, tmp_path):
+  path, _ = hf_models["gpt2"]
+  pm = _peft_gpt2_c_attn(path, str(tmp_path / "peft"), block=True)
+  model, params = ftjax.load_adapter(*ftjax.load_pretrained(path), str(tmp_path / "peft"))
+  assert model.spec.lora.rank == 2
+  assert len(lora.target_paths(model)) == 2 * 4  # q, k, v and up_proj in 2 layers
+  tokens, mask = batch_with_padding(np.random.default_rng(2))
+  ref = _torch_logits(pm, tokens, mask)
+  ours = _logits(model, params, tokens, mask)
+  assert np.abs(ours - ref)[mask].max() <= 1e-4
+  ftjax.save_adapter(model, params, str(tmp_path / "again"))
+  base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+  again = peft.PeftModel.from_pretrained(base, str(tmp_path / "again")).eval()
+  assert np.abs(_torch_logits(again, tokens, mask) - ref)[mask].max() <= 1e-4
+  from ftjax import st_io
+  a = st_io.SafetensorsFile(os.path.join(str(tmp_path / "peft"), "adapter_model.safetensors"))
+  b = st_io.SafetensorsFile(os.path.join(str(tmp_path / "again"), "adapter_model.safetensors"))
+  for name in a.names():
+    if ".c_attn." in name:
+      np.testing.assert_allclose(b.get(name), a.get(name), atol=1e-6)
+
+
+def test_peft_gpt2_general_c_attn_is_refused(hf_models, tmp_path):
+  path, _ = hf_models["gpt2"]
+  _peft_gpt2_c_attn(path, str(tmp_path / "peft"), block=False)
+  model, params = ftjax.load_pretrained(path)
+  with pytest.raises(ftjax.CheckpointError, match="c_attn LoRA is not block-diagonal") as e:
+    ftjax.load_adapter(model, params, str(tmp_path / "peft"))
+  assert "\n" not in str(e.value)
