@@ -1,12 +1,18 @@
 """Throughput and memory benchmarks of the ftjax decoder on random params, one device.
 
-  python experiments/bench.py --bench=forward,train_step --preset=llama-3.2-1b --batch=8 \
+  python experiments/bench.py --bench=forward,lora_step,full_step --preset=llama-3.2-1b --batch=8 \
       --seq_len=2048 --dtype=bfloat16 --steps=20 --out=/tmp/bench.jsonl
 
 Benches (`--bench`, a comma list or repeated; `--attention` runs each listed implementation):
   forward       jitted `model.apply` -> logits; tokens/s, achieved TFLOP/s and MFU.
-  train_step    forward + backward of the next-token cross-entropy and an optax adamw update
-                (full fine-tuning, state donated); tokens/s, TFLOP/s and MFU.
+  lora_step     the real SFT update step (`train/common.update_step` with the SFT loss, as
+  qlora_step    experiments/sft.py runs it): LoRA on all linear layers (--rank, alpha 2*rank)
+  full_step     over a dense base, over an NF4 base, or full fine-tuning; adamw, state donated.
+                Reports tokens/s, model TFLOP/s and MFU (frozen kernels counted 4 FLOPs per
+                param and token: no weight gradients), compile seconds, the compiled step's
+                memory (arguments + temporaries) and the device's peak memory where it has one.
+                With --peer=hf the same workload runs in transformers + PEFT (bitsandbytes NF4
+                for qlora_step, CUDA only) and the ratio is printed.
   generate      `ftjax.generate` (prefill of a --seq_len prompt, then --max_new_tokens greedy
                 decode steps); decoded tokens/s (the prefill time is inside the timed call).
   quant_memory  bytes of the linear kernels in float32, bfloat16, NF4 and int4 (each with and
@@ -17,8 +23,11 @@ FLOPs (2 per multiply-add; embedding gathers, norms, RoPE and softmax are not co
   forward per token = 2 * (N_nonembedding + V * D)       linear kernels and the logits matmul
                       + 4 * L * N * H * T                 QK^T and PV over the full T x T square
   which is `cfg.flops_per_token(T) / 3`; a train step is 3x the forward (`cfg.flops_per_token`,
-  the PaLM / MaxText count). The attention term has no causal discount: ftjax passes a boolean
-  mask, so neither the XLA einsums nor cuDNN skip the masked half.
+  the PaLM / MaxText count). With frozen kernels (LoRA, QLoRA) the backward computes activation
+  gradients (2 per param) but no weight gradients, so a frozen matmul param costs 4 FLOPs per
+  token and a trained one 6 (`step_flops_per_token`). The attention term has no causal
+  discount: ftjax passes a boolean mask, so neither the XLA einsums nor cuDNN skip the masked
+  half.
 MFU = achieved FLOP/s / the chip's dense bf16 peak (table below), reported only when the compute
 dtype is bfloat16 and the device kind is in the table.
 
@@ -46,14 +55,15 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 import ftjax  # noqa: E402
 from ftjax.config import ModelConfig  # noqa: E402
 from ftjax.model import AdapterSpec  # noqa: E402
 
-BENCHES = ("forward", "train_step", "generate", "quant_memory")
+BENCHES = ("forward", "lora_step", "qlora_step", "full_step", "generate", "quant_memory")
+STEP_BENCHES = ("lora_step", "qlora_step", "full_step")
+PEERS = ("none", "hf")
 ATTENTIONS = ("xla", "dot_product")
 
 # Dense bf16 peak FLOP/s per chip, matched in order as substrings of the lower-cased
@@ -76,7 +86,7 @@ def define_flags():
   """Flags of the command line; defined only when run as a script, so that importing this module
   (tests) adds nothing to absl's global registry, where experiments/generate.py already holds
   --dtype, --attention and friends."""
-  flags.DEFINE_multi_string("bench", ["forward,train_step,generate,quant_memory"],
+  flags.DEFINE_multi_string("bench", ["forward,lora_step,full_step,generate,quant_memory"],
                             f"Benches, a comma list or repeated: {', '.join(BENCHES)}.")
   flags.DEFINE_string("preset", "tiny", "Model preset (ftjax.PRESETS).")
   flags.DEFINE_integer("batch", 4, "Batch size B.")
@@ -88,7 +98,9 @@ def define_flags():
   flags.DEFINE_integer("steps", 10, "Timed calls per bench.")
   flags.DEFINE_integer("warmup", 2, "Untimed calls before timing (at least 1: it compiles).")
   flags.DEFINE_integer("max_new_tokens", 32, "Decoded tokens per sequence for generate.")
-  flags.DEFINE_bool("remat", False, "Rematerialise each block in train_step.")
+  flags.DEFINE_bool("remat", False, "Rematerialise each block in the train steps.")
+  flags.DEFINE_integer("rank", 16, "LoRA rank of lora_step and qlora_step (alpha = 2 * rank).")
+  flags.DEFINE_enum("peer", "none", list(PEERS), "hf: the same step in transformers + PEFT.")
   flags.DEFINE_integer("seed", 0, "Seed of the random params and tokens.")
   flags.DEFINE_string("out", None, "JSON-lines file to append one record per row to.")
 
@@ -169,37 +181,83 @@ def bench_forward(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup
   return rec, times, n, rec["flops_per_token"] * n
 
 
-def next_token_loss(model: nn.Module, params: dict, tokens: jax.Array) -> jax.Array:
-  """Mean cross-entropy of tokens[:, 1:] under the logits of tokens[:, :-1]. tokens [B, T]."""
-  logits = model.apply({"params": params}, tokens)[:, :-1]  # [B, T-1, V] float32
-  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+def _adapter_spec(bench: str, rank: int) -> AdapterSpec:
+  if bench == "full_step":
+    return AdapterSpec()
+  quant = ftjax.QuantConfig(kind="nf4", double_quant=True) if bench == "qlora_step" else None
+  return AdapterSpec(lora=ftjax.LoraConfig(rank=rank, alpha=2.0 * rank, targets="all-linear"),
+                     quant=quant)
 
 
-def bench_train_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int,
-                     seed: int, **_) -> Timed:
-  model, params = _init(cfg, seed)
-  tokens = _tokens(cfg, batch, seq_len, seed)
-  tx = optax.adamw(1e-5, weight_decay=0.01)
+def step_flops_per_token(cfg: ModelConfig, seq_len: int, trained_matmul: int,
+                         frozen_matmul: int) -> float:
+  """Train-step FLOPs per token: 6 per trained matmul param, 4 per frozen one (activation
+  gradients only), attention 3x its forward. With everything trained this is
+  `cfg.flops_per_token(seq_len)`."""
+  attention = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+  return 6.0 * trained_matmul + 4.0 * frozen_matmul + 3.0 * attention
 
-  def step(state, tokens):
-    params, opt_state = state
-    loss, grads = jax.value_and_grad(lambda p: next_token_loss(model, p, tokens))(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
 
-  step = jax.jit(step, donate_argnums=0)
-  box = [(params, tx.init(params))]
-  del params  # donated by the first step
+def _matmul_params(model, trainable: dict, frozen: dict) -> tuple[int, int]:
+  """(trained, frozen) parameter counts of the model's matmuls, counted as the forward FLOP
+  count does (every param but embeddings, plus the V x D logits matmul)."""
+  cfg = model.cfg
+  trained = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(trainable))
+  total = cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.d_model
+  if not frozen:  # full fine-tuning
+    return total, 0
+  return trained, total
+
+
+def _memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  return {"argument_bytes": int(m.argument_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes),
+          "output_bytes": int(m.output_size_in_bytes),
+          "step_bytes": int(m.argument_size_in_bytes + m.temp_size_in_bytes)}
+
+
+def bench_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int, seed: int,
+               bench: str = "lora_step", rank: int = 16, **_) -> Timed:
+  """The SFT update step of experiments/sft.py on random params and tokens."""
+  from ftjax import partition
+  from ftjax.train import common, sft
+  model = ftjax.Decoder(cfg, _adapter_spec(bench, rank))
+  params = ftjax.init_params(model, jax.random.PRNGKey(seed))
+  kind = "full" if bench == "full_step" else "lora"
+  trainable, frozen, _ = common.split_params(params, partition.rules_for(kind))
+  del params
+  schedule = common.make_schedule(1e-5, 1000, 0, "constant")
+  tx = common.make_optimizer("adamw", schedule, weight_decay=0.01)
+  state = jax.jit(lambda tr: common.init_state(tr, tx, seed))(trainable)
+  tokens = _tokens(cfg, batch, seq_len + 1, seed)
+  batch_ = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "weights": jnp.ones((batch, seq_len), jnp.float32)}
+  t0 = time.perf_counter()
+  compiled = jax.jit(sft.make_step(model, tx, schedule), donate_argnums=0).lower(
+      state, frozen, batch_).compile()
+  compile_s = time.perf_counter() - t0
+  trained_n, frozen_n = _matmul_params(model, trainable, frozen)
+  del trainable
+  box = [state]
+  del state
 
   def call():
-    box[0], loss = step(box[0], tokens)
-    return loss
+    box[0], m = compiled(box[0], frozen, batch_)
+    return m["loss"]
 
-  compile_s, times = time_calls(call, steps, warmup)
-  n = batch * seq_len
-  rec = {"compile_s": compile_s, "flops_per_token": cfg.flops_per_token(seq_len),
-         "final_loss": float(call())}
-  return rec, times, n, rec["flops_per_token"] * n
+  first_s, times = time_calls(call, steps, warmup)
+  fpt = step_flops_per_token(cfg, seq_len, trained_n, frozen_n)
+  rec = {"compile_s": compile_s, "first_call_s": first_s, "flops_per_token": fpt,
+         "trained_matmul_params": trained_n, "frozen_matmul_params": frozen_n,
+         "final_loss": float(call()), **_memory(compiled)}
+  if bench != "full_step":
+    rec["rank"] = rank
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    rec["peak_bytes"] = int(stats["peak_bytes_in_use"])
+  return rec, times, batch * seq_len, fpt * batch * seq_len
 
 
 def bench_generate(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int,
@@ -264,7 +322,8 @@ def bench_quant_memory(cfg: ModelConfig, seed: int, **_) -> dict:
                "params in bfloat16 (float32 for the float32 column)")}
 
 
-TIMED = {"forward": bench_forward, "train_step": bench_train_step, "generate": bench_generate}
+TIMED = {"forward": bench_forward, "generate": bench_generate,
+         **{b: bench_step for b in STEP_BENCHES}}
 
 
 def _split(values: Sequence[str] | str) -> list[str]:
@@ -301,6 +360,16 @@ def format_table(records: list[dict]) -> str:
       continue
     med = r["median_s"] * 1e3
     note = f"decoded {r['max_new_tokens']} tok/seq" if r["bench"] == "generate" else ""
+    if r["bench"] in STEP_BENCHES:
+      note = f"step memory {_human(r['step_bytes'])}" if "step_bytes" in r else ""
+      if "peak_bytes" in r:
+        note += f", device peak {_human(r['peak_bytes'])}"
+      if "peer_tokens_per_s" in r:
+        note += (f"; hf-peft {r['peer_tokens_per_s']:,.0f} tok/s"
+                 + (f" {_human(r['peer_peak_bytes'])}" if "peer_peak_bytes" in r else "")
+                 + f", ratio {r['ratio']:.2f}x")
+      elif "peer_skipped" in r:
+        note += f"; hf-peft skipped: {r['peer_skipped']}"
     rows.append(f"{r['bench']:<12} {r['attention']:<11} {med:>10.3f} {r['compile_s']:>9.2f} "
                 f"{r['tokens_per_s']:>12,.0f} {_fmt(r.get('tflops_per_s'), '9.3f'):>9} "
                 f"{_fmt(r.get('mfu'), '6.1%'):>6}  {note}".rstrip())
@@ -311,10 +380,13 @@ def run(benches: Sequence[str] | str = BENCHES, preset: str = "tiny", batch: int
         seq_len: int = 128, attention: Sequence[str] | str = ATTENTIONS,
         dtype: str = "float32", compute_dtype: Optional[str] = None, steps: int = 10,
         warmup: int = 2, max_new_tokens: int = 32, remat: bool = False, seed: int = 0,
-        out: Optional[str] = None, verbose: bool = True) -> list[dict]:
+        out: Optional[str] = None, verbose: bool = True, rank: int = 16, peer: str = "none"
+        ) -> list[dict]:
   """Run each bench (timed ones once per attention implementation); returns the records.
 
   Prints the table when `verbose`; appends one JSON line per record to `out` when given.
+  With `peer="hf"`, each step bench record also holds the transformers + PEFT figures of the
+  same workload (`peer_*` fields) and `ratio` = ftjax tokens/s / peer tokens/s.
   """
   benches, attention = _split(benches), _split(attention)
   for b in benches:
@@ -323,6 +395,13 @@ def run(benches: Sequence[str] | str = BENCHES, preset: str = "tiny", batch: int
   for a in attention:
     if a not in ATTENTIONS:
       raise ValueError(f"--attention={a!r}: expected some of {', '.join(ATTENTIONS)}")
+  if peer not in PEERS:
+    raise ValueError(f"--peer={peer!r}: expected one of {', '.join(PEERS)}")
+  if peer == "hf":
+    from experiments import bench_peer
+    why = bench_peer.available()
+    if why:
+      raise ValueError(why)
   if batch < 1 or seq_len < 2 or steps < 1 or max_new_tokens < 1:
     raise ValueError(f"bench: need batch >= 1, seq_len >= 2, steps >= 1, max_new_tokens >= 1; "
                      f"got {batch}, {seq_len}, {steps}, {max_new_tokens}")
@@ -333,17 +412,24 @@ def run(benches: Sequence[str] | str = BENCHES, preset: str = "tiny", batch: int
             "compute_dtype": compute_dtype, "device_kind": device.device_kind,
             "platform": device.platform, "n_params": base.num_params(), "jax": jax.__version__}
   kw = dict(batch=batch, seq_len=seq_len, steps=steps, warmup=warmup, seed=seed,
-            max_new_tokens=max_new_tokens)
+            max_new_tokens=max_new_tokens, rank=rank)
   records = []
   for b in benches:
     if b == "quant_memory":  # shapes only: independent of attention and dtypes
       records.append({"bench": b, "attention": None, **common, **bench_quant_memory(base, seed)})
       continue
     for a in attention:
-      rec, times, n_tokens, flops = TIMED[b](base.replace(attention=a), **kw)
+      cfg = base.replace(attention=a)
+      rec, times, n_tokens, flops = TIMED[b](cfg, bench=b, **kw)
       rec = {"bench": b, "attention": a, **common, "steps": steps, "warmup": max(warmup, 1),
              **rec}
-      records.append(_throughput(rec, times, n_tokens, flops))
+      rec = _throughput(rec, times, n_tokens, flops)
+      if peer == "hf" and b in STEP_BENCHES:
+        rec.update(bench_peer.peer_step(cfg, b, batch, seq_len, steps, warmup, rank, remat,
+                                        seed))
+        if "peer_tokens_per_s" in rec:
+          rec["ratio"] = rec["tokens_per_s"] / rec["peer_tokens_per_s"]
+      records.append(rec)
   if verbose:
     print(f"preset={preset} ({base.num_params():,} params) B={batch} T={seq_len} "
           f"params={dtype} compute={compute_dtype} device={device.device_kind} "
@@ -362,7 +448,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   F = flags.FLAGS
   run(F.bench, F.preset, F.batch, F.seq_len, F.attention, F.dtype, F.compute_dtype, F.steps,
-      F.warmup, F.max_new_tokens, F.remat, F.seed, F.out)
+      F.warmup, F.max_new_tokens, F.remat, F.seed, F.out, rank=F.rank, peer=F.peer)
 
 
 def _entry():

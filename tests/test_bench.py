@@ -33,16 +33,31 @@ def test_peak_flops_table():
 def test_run_every_bench(tmp_path, capsys):
   out = str(tmp_path / "bench.jsonl")
   records = bench.run(bench.BENCHES, preset="tiny", batch=2, seq_len=32, attention="xla",
-                      steps=2, warmup=1, max_new_tokens=4, out=out)
+                      steps=2, warmup=1, max_new_tokens=4, out=out, rank=4)
   by_bench = {r["bench"]: r for r in records}
-  assert list(by_bench) == list(bench.BENCHES) and len(records) == 4
-  for name in ("forward", "train_step", "generate"):
+  assert list(by_bench) == list(bench.BENCHES) and len(records) == len(bench.BENCHES)
+  for name in ("forward", "generate") + bench.STEP_BENCHES:
     r = by_bench[name]
     assert r["tokens_per_s"] > 0 and r["median_s"] > 0 and r["attention"] == "xla"
     assert r["device_kind"] == "cpu" and r["compute_dtype"] == "float32"
     assert "mfu" not in r  # no peak for a CPU
   assert by_bench["forward"]["tflops_per_s"] > 0
-  assert by_bench["train_step"]["flops_per_token"] == ftjax.get_preset("tiny").flops_per_token(32)
+  tiny = ftjax.get_preset("tiny")
+  full = by_bench["full_step"]
+  assert full["flops_per_token"] == tiny.flops_per_token(32)  # everything trained: 6N
+  lora = by_bench["lora_step"]
+  # LoRA r=4 on every linear kernel of the tiny preset, counted by hand: A [in, 4] + B [4, out].
+  d, f, n, kv, h, lay = 64, 128, 4, 2, 16, 2
+  kernels = [(d, n * h), (d, kv * h), (d, kv * h), (n * h, d), (d, f), (d, f), (f, d)]
+  n_lora = lay * sum(4 * (i + o) for i, o in kernels)
+  assert lora["trained_matmul_params"] == n_lora
+  n_matmul = tiny.num_params(include_embeddings=False) + tiny.vocab_size * tiny.d_model
+  attention = 4 * lay * n * h * 32
+  assert lora["flops_per_token"] == 6 * n_lora + 4 * n_matmul + 3 * attention
+  for r in (full, lora, by_bench["qlora_step"]):
+    assert r["compile_s"] > 0 and r["step_bytes"] > 0 and r["final_loss"] > 0
+  # Fewer bytes with a 4-bit base: the kernels are a fraction of the tiny model's params.
+  assert by_bench["qlora_step"]["argument_bytes"] < lora["argument_bytes"]
   q = by_bench["quant_memory"]
   bpp = q["bytes_per_param"]
   assert bpp["bfloat16"] == 2.0 and bpp["float32"] == 4.0
@@ -50,7 +65,7 @@ def test_run_every_bench(tmp_path, capsys):
   assert 0.5 < bpp["int4_dq"] <= 0.53
   assert q["linear_params"] + q["other_params"] == ftjax.get_preset("tiny").num_params()
   table = capsys.readouterr().out
-  assert "quant_memory" in table and "train_step" in table
+  assert "quant_memory" in table and "lora_step" in table and "step memory" in table
   with open(out) as f:
     lines = [json.loads(line) for line in f]
   assert [r["bench"] for r in lines] == list(bench.BENCHES)
@@ -72,3 +87,18 @@ def test_cli(tmp_path):
   with open(out) as f:
     (rec,) = [json.loads(line) for line in f]
   assert rec["bench"] == "forward" and rec["tokens_per_s"] > 0
+
+
+def test_peer_hf_on_cpu():
+  """--peer=hf runs the same LoRA step in transformers + PEFT (torch CPU here) beside ftjax's."""
+  records = bench.run("lora_step,qlora_step", preset="tiny", batch=2, seq_len=16,
+                      attention="xla", steps=2, warmup=1, rank=4, peer="hf", verbose=False)
+  lora, qlora = records
+  assert lora["peer"] == "hf-peft" and lora["peer_tokens_per_s"] > 0
+  assert lora["ratio"] == pytest.approx(lora["tokens_per_s"] / lora["peer_tokens_per_s"])
+  assert "ratio" not in qlora and "CUDA" in qlora["peer_skipped"]
+
+
+def test_run_rejects_unknown_peer():
+  with pytest.raises(ValueError, match="peer"):
+    bench.run("lora_step", peer="nemo")
