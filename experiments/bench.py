@@ -25,7 +25,7 @@ FLOPs (2 per multiply-add; embedding gathers, norms, RoPE and softmax are not co
   which is `cfg.flops_per_token(T) / 3`; a train step is 3x the forward (`cfg.flops_per_token`,
   the PaLM / MaxText count). With frozen kernels (LoRA, QLoRA) the backward computes activation
   gradients (2 per param) but no weight gradients, so a frozen matmul param costs 4 FLOPs per
-  token and a trained one 6 (`step_flops_per_token`). The attention term has no causal
+  token and a trained one 6 (`metrics.train_flops_per_token`). The attention term has no causal
   discount: ftjax passes a boolean mask, so neither the XLA einsums nor cuDNN skip the masked
   half.
 MFU = achieved FLOP/s / the chip's dense bf16 peak (table below), reported only when the compute
@@ -189,26 +189,6 @@ def _adapter_spec(bench: str, rank: int) -> AdapterSpec:
                      quant=quant)
 
 
-def step_flops_per_token(cfg: ModelConfig, seq_len: int, trained_matmul: int,
-                         frozen_matmul: int) -> float:
-  """Train-step FLOPs per token: 6 per trained matmul param, 4 per frozen one (activation
-  gradients only), attention 3x its forward. With everything trained this is
-  `cfg.flops_per_token(seq_len)`."""
-  attention = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-  return 6.0 * trained_matmul + 4.0 * frozen_matmul + 3.0 * attention
-
-
-def _matmul_params(model, trainable: dict, frozen: dict) -> tuple[int, int]:
-  """(trained, frozen) parameter counts of the model's matmuls, counted as the forward FLOP
-  count does (every param but embeddings, plus the V x D logits matmul)."""
-  cfg = model.cfg
-  trained = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(trainable))
-  total = cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.d_model
-  if not frozen:  # full fine-tuning
-    return total, 0
-  return trained, total
-
-
 def _memory(compiled) -> dict:
   m = compiled.memory_analysis()
   if m is None:
@@ -221,7 +201,7 @@ def _memory(compiled) -> dict:
 def bench_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int, seed: int,
                bench: str = "lora_step", rank: int = 16, **_) -> Timed:
   """The SFT update step of experiments/sft.py on random params and tokens."""
-  from ftjax import partition
+  from ftjax import metrics, partition
   from ftjax.train import common, sft
   model = ftjax.Decoder(cfg, _adapter_spec(bench, rank))
   params = ftjax.init_params(model, jax.random.PRNGKey(seed))
@@ -238,7 +218,8 @@ def bench_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: i
   compiled = jax.jit(sft.make_step(model, tx, schedule), donate_argnums=0).lower(
       state, frozen, batch_).compile()
   compile_s = time.perf_counter() - t0
-  trained_n, frozen_n = _matmul_params(model, trainable, frozen)
+  fpt = metrics.train_flops_per_token(cfg, seq_len, trainable, frozen)
+  n_trained = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(trainable))
   del trainable
   box = [state]
   del state
@@ -248,9 +229,8 @@ def bench_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: i
     return m["loss"]
 
   first_s, times = time_calls(call, steps, warmup)
-  fpt = step_flops_per_token(cfg, seq_len, trained_n, frozen_n)
   rec = {"compile_s": compile_s, "first_call_s": first_s, "flops_per_token": fpt,
-         "trained_matmul_params": trained_n, "frozen_matmul_params": frozen_n,
+         "trainable_params": n_trained,
          "final_loss": float(call()), **_memory(compiled)}
   if bench != "full_step":
     rec["rank"] = rank

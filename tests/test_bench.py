@@ -50,7 +50,7 @@ def test_run_every_bench(tmp_path, capsys):
   d, f, n, kv, h, lay = 64, 128, 4, 2, 16, 2
   kernels = [(d, n * h), (d, kv * h), (d, kv * h), (n * h, d), (d, f), (d, f), (f, d)]
   n_lora = lay * sum(4 * (i + o) for i, o in kernels)
-  assert lora["trained_matmul_params"] == n_lora
+  assert lora["trainable_params"] == n_lora
   n_matmul = tiny.num_params(include_embeddings=False) + tiny.vocab_size * tiny.d_model
   attention = 4 * lay * n * h * 32
   assert lora["flops_per_token"] == 6 * n_lora + 4 * n_matmul + 3 * attention
