@@ -67,6 +67,7 @@ from ftjax.data.formats import (DataStats, _field, _ids, _messages, _pc_example,
                                 each_record)
 from ftjax.data.pipeline import BatchIterator
 from ftjax.data.sources import DataError, Records, cfg_get, describe, load_records
+from ftjax.errors import UserError
 
 PREFERENCE_FORMATS = ("pairs", "chat")
 PREFERENCE_OVERFLOW = ("truncate", "drop")
@@ -424,7 +425,8 @@ def prompt_batches(prompts: Sequence[np.ndarray], batch_size: int, *, pad_id: in
   column unmasked).
   """
   if batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
+    raise UserError(f"train.batch_size {batch_size} is not divisible by {process_count} "
+                    "processes")
   local = batch_size // process_count
   out = []
   for start in range(0, len(prompts), batch_size):
@@ -481,7 +483,7 @@ def prepare_preference_source(source: Any, tokenizer, seq_len: int, data_config:
     raise DataError(f"data source {describe(source)}: no format (set data.format or the "
                     f"source's format: {', '.join(PREFERENCE_FORMATS)})")
   if records is None:
-    records = load_records(source)
+    records = load_records(source, bool(opt("skip_malformed", False)))
   return tokenize_preference_records(
       records, tokenizer, fmt, seq_len, fields=opt("fields"), overflow=opt("overflow", "truncate"),
       skip_malformed=bool(opt("skip_malformed", False)),
