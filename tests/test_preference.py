@@ -75,6 +75,22 @@ def test_grad_accumulation_keeps_pairs_together(base_dir, pref_files):
     np.testing.assert_allclose(out[k]["grad_norm"], out[1]["grad_norm"], rtol=1e-4)
 
 
+@pytest.mark.parametrize("get_config", [dpo_config.get_config, reward_config.get_config])
+def test_configs_take_no_demo_data_by_default(get_config, tmp_path):
+  cfg = get_config("smoke")
+  assert (cfg.data.path, cfg.data.eval_path, cfg.data.format) == ("", "", "auto")
+  with pytest.raises(ValueError, match="config.data.path"):
+    wd.data_config(cfg)
+  own = tmp_path / "own.jsonl"  # a run on the user's data evaluates on nothing else
+  cfg.data.path = str(own)
+  assert "eval_sources" not in wd.data_config(cfg)
+  demo = get_config("data=support,smoke")
+  assert demo.data.path.endswith("prefs_train.jsonl") and demo.data.format == "chat"
+  assert demo.data.eval_path.endswith("prefs_eval.jsonl")
+  with pytest.raises(ftjax.errors.UserError, match="data='mine'"):
+    get_config("data=mine")
+
+
 def _config(cfg, base_dir, pref_files, **train):
   cfg.model.hf_path = base_dir
   cfg.data.path, cfg.data.eval_path = pref_files
