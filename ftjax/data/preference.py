@@ -52,9 +52,9 @@ weights on both sides. For sampling-based evaluation, `tokenize_prompt(s)` gives
 exactly as its pair starts, and `prompt_batches` left-pads prompts for `sampling.generate`.
 
 `build_preference_dataset` reads the keys of `ftjax.data.build_dataset`'s config (sources,
-format: auto | pairs | chat, fields, overflow: truncate | drop, skip_malformed, chat_template, add_bos,
-eval_fraction, eval_sources, seed) plus `max_prompt_len`; `packing` and `loss_on_prompt` do not
-apply.
+format: auto | pairs | chat, fields, overflow: truncate | drop, skip_malformed, chat_template,
+add_bos, eval_fraction, eval_sources, seed) plus `max_prompt_len`; `packing` and
+`loss_on_prompt` do not apply.
 """
 
 from __future__ import annotations
