@@ -1,11 +1,14 @@
 """DPO (and IPO, hinge, robust/cDPO) from an SFT model, on preference pairs.
 
   python experiments/dpo.py --config=configs/dpo.py --workdir=/tmp/dpo \
-      --config.model.hf_path=/path/to/sft_hf --config.dpo.beta=0.1
+      --config.model.hf_path=/path/to/sft_hf --config.data.path=prefs.jsonl --config.dpo.beta=0.1
 
-The default data are the support demo's pairs (the gold reply beats one that invents an order
-number, drops the brand voice or escalates wrongly), chat form. The arg takes the keys of
-configs/sft.py (adapter=, quant=, model=, smoke) plus `loss=sigmoid|ipo|hinge|robust`.
+`data.path` is required (a comma list of files; `data.eval_path` optional): rows in any of TRL's
+preference layouts (`data.format=auto`, the default), or `format=pairs|chat` to insist on one.
+`data=support` picks the support demo's pairs instead (the gold reply beats one that invents an
+order number, drops the brand voice or escalates wrongly; chat form) and their eval split. The
+arg takes the keys of configs/sft.py (adapter=, quant=, model=, format=, smoke) plus
+`loss=sigmoid|ipo|hinge|robust` and `data=support`.
 `dpo.reference`: auto (adapters off when training adapters, else a frozen copy of the initial
 params) | precomputed (one pass over the data before training).
 """
@@ -13,6 +16,7 @@ params) | precomputed (one pass over the data before training).
 import os
 
 from configs import sft as sft_config
+from ftjax.errors import UserError
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ftjax", "demo",
                     "data")
@@ -21,8 +25,15 @@ DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 def get_config(arg=None):
   a = sft_config.parse_arg(arg)
   c = sft_config.get_config(arg)
-  c.data.update(format="chat", path=os.path.join(DATA, "prefs_train.jsonl"),
-                eval_path=os.path.join(DATA, "prefs_eval.jsonl"))
+  data = a.get("data", "")
+  if data not in ("", "support"):
+    raise UserError(f"configs/dpo.py: data={data!r}: expected support (or no data= and "
+                    "--config.data.path=FILE)")
+  # No default files: a run on the user's data must not evaluate on the demo's.
+  c.data.update(format=a.get("format", "auto"), path="", eval_path="")
+  if data == "support":
+    c.data.update(format="chat", path=os.path.join(DATA, "prefs_train.jsonl"),
+                  eval_path=os.path.join(DATA, "prefs_eval.jsonl"))
   c.data.max_prompt_len = 0
   c.dpo = dict(beta=0.1, loss_type=a.get("loss", "sigmoid"), label_smoothing=0.0,
                reference="auto")

@@ -1,7 +1,10 @@
 """Bradley-Terry reward model on preference pairs.
 
   python experiments/reward.py --config=configs/reward.py --workdir=/tmp/rm \
-      --config.model.hf_path=/path/to/hf_dir
+      --config.model.hf_path=/path/to/hf_dir --config.data.path=prefs.jsonl
+
+Data as in configs/dpo.py: `data.path` is required (TRL's preference layouts, format=auto), or
+the arg `data=support` for the demo's pairs.
 
 A scalar `score` head on the decoder, read at the last real token; the loss is
 -log σ(r_chosen - r_rejected - margin) plus optional centring. Exports to an HF

@@ -78,7 +78,8 @@ def run(workdir: str, betas, sft_dir=None, steps=60, n_prompts=48, loss="sigmoid
   rows = [{"beta": None, "label": "SFT (reference)",
            **measure(ref[0], ref[1], tok, ref, pairs, max_new)}]
   for beta in betas:
-    cfg = dpo_config.get_config("adapter=lora,loss=" + loss + (",smoke" if smoke else ""))
+    cfg = dpo_config.get_config("data=support,adapter=lora,loss=" + loss
+                                + (",smoke" if smoke else ""))
     cfg.model.hf_path = sft_dir
     cfg.dpo.beta = float(beta)
     cfg.train.update(steps=steps, eval_every=steps, save_every=steps, seq_len=256)

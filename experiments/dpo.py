@@ -23,10 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import traverse_util  # noqa: E402
 
 from ftjax import checkpoint, cli, lora, metrics as metrics_lib, partition  # noqa: E402
 from ftjax import workdir as wd  # noqa: E402
 from ftjax.data import preference as pref_data  # noqa: E402
+from ftjax.errors import UserError  # noqa: E402
 from ftjax.train import common, preference  # noqa: E402
 
 
@@ -41,11 +43,44 @@ REF_KEY = "reference"  # a frozen copy of the initial params (full fine-tuning),
 
 
 def reference(model, config, params):
-  """(reference model, params -> reference params, extra frozen leaves)."""
-  if config.adapter.kind != "none":
-    return lora.disable(model), (lambda p: p), {}
+  """(reference model, params -> reference params, extra frozen leaves).
+
+  The reference is the initial model. With adapters it is the same params with the adapters
+  switched off, except the base leaves `adapter.train_extra` makes trainable: those move with
+  training, so a frozen copy of their initial values stands in for them. Full fine-tuning keeps
+  a frozen copy of everything. With `dpo.reference=precomputed` no copy is kept: the reference
+  log-probs are computed once from the initial params (`precompute_reference`).
+  """
+  ref_model = lora.disable(model) if config.adapter.kind != "none" else model
+  if config.dpo.reference == "precomputed":
+    def no_params(p):
+      raise AssertionError("precomputed reference: every batch carries ref_logps")
+    return ref_model, no_params, {}
+  moving = _moving_base_leaves(config, params)
+  if not moving:
+    return ref_model, (lambda p: p), {}
   # A real copy: the trainable params share these buffers and the step donates them.
-  return model, (lambda p: p[REF_KEY]), {REF_KEY: jax.tree_util.tree_map(jnp.copy, params)}
+  copy = {REF_KEY: traverse_util.unflatten_dict(
+      {k: jnp.copy(v) for k, v in moving.items()})}
+
+  def ref_params(p):
+    flat = traverse_util.flatten_dict({k: v for k, v in p.items() if k != REF_KEY})
+    flat.update(traverse_util.flatten_dict(p[REF_KEY]))
+    return traverse_util.unflatten_dict(flat)
+  return ref_model, ref_params, copy
+
+
+def _moving_base_leaves(config, params) -> dict:
+  """Flat {path: leaf} of the trainable leaves that the reference model reads: all of them for
+  full fine-tuning, the `adapter.train_extra` ones beside adapters."""
+  trainable = partition.split(params, partition.label_params(params, wd.rules(config)))[0]
+  flat = traverse_util.flatten_dict(trainable)
+  if config.adapter.kind == "none":
+    return flat
+  adapter_only = partition.rules_for(config.adapter.kind)
+  adapter = traverse_util.flatten_dict(
+      partition.split(params, partition.label_params(params, adapter_only))[0])
+  return {k: v for k, v in flat.items() if k not in adapter}
 
 
 def precompute_reference(ref_model, ref_params, batches) -> dict:
@@ -85,6 +120,8 @@ def run(config, workdir: str) -> dict:
   t, d = config.train, config.dpo
   par = wd.parallel(config)
   par.check_batch(int(t.batch_size))
+  if d.reference not in ("auto", "precomputed"):
+    raise UserError(f"config.dpo.reference={d.reference!r}: expected auto or precomputed")
   model, params, tok, base_ref = wd.build_model(config, par=par)
   ref_model, ref_params_fn, ref_frozen = reference(model, config, params)
   trainable, frozen, labels = common.split_params(params, wd.rules(config))
@@ -94,7 +131,9 @@ def run(config, workdir: str) -> dict:
     state = jax.jit(lambda tr: common.init_state(tr, tx, int(t.seed)))(trainable)
   logging.info("%s", partition.format_summary(partition.summary(params, labels,
                                                                 state["opt_state"])))
-  del params
+  # The initial params live on only for a precomputed reference, until its table is built.
+  init_params = params if d.reference == "precomputed" else None
+  del params, trainable
 
   # ---- restore
   ckpt = checkpoint.Checkpointer(workdir, keep=int(t.keep), async_save=bool(t.async_save),
@@ -117,13 +156,11 @@ def run(config, workdir: str) -> dict:
     eval_batches = eval_batches[:int(t.eval_batches)]
   table = None
   if d.reference == "precomputed":
-    full = partition.merge(trainable, frozen)
-    table = precompute_reference(ref_model, jax.device_get(ref_params_fn(full)),
+    table = precompute_reference(ref_model, init_params,
                                  pref_data.eval_batches(data.train.examples, int(t.batch_size),
                                                         int(t.seq_len), pad_id=data.pad_id)
                                  + eval_batches)
-  elif d.reference != "auto":
-    raise ValueError(f"config.dpo.reference={d.reference!r}: expected auto or precomputed")
+    del init_params
 
   dpo_kw = dict(beta=float(d.beta), loss_type=d.loss_type,
                 label_smoothing=float(d.label_smoothing))

@@ -5,10 +5,15 @@
 
 `--prompt` may be given several times (one batch, left-padded). `--chat` renders each prompt
 as a user turn with the tokenizer's chat template (optionally after `--system`).
+
+`--model` may also be a PEFT adapter directory (adapter_config.json + adapter_model.safetensors):
+its base is `--base`, else the adapter config's `base_model_name_or_path`; the tokenizer is the
+adapter directory's when it holds one, else the base's.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -21,6 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ftjax import cli  # noqa: E402
+from ftjax.errors import UserError  # noqa: E402
 import ftjax  # noqa: E402
 from ftjax.tokenizer import load_tokenizer  # noqa: E402
 
@@ -30,6 +36,8 @@ def define_flags():
   several experiment modules into one process without flag clashes."""
   flags.DEFINE_string("model", None, "HF model directory (config.json + safetensors), hub name, "
                       "or an ftjax training workdir.")
+  flags.DEFINE_string("base", None, "Base model for a PEFT adapter --model (default: the "
+                      "adapter config's base_model_name_or_path).")
   flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: --model).")
   flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch.")
   flags.DEFINE_bool("chat", False, "Render prompts with the tokenizer's chat template.")
@@ -83,15 +91,44 @@ def eos_ids(tokenizer, cfg) -> list[int]:
   return sorted(out)
 
 
+def adapter_base(adapter_dir: str, base: str | None = None) -> str:
+  """The base model of a PEFT adapter directory: `base`, else its adapter config's."""
+  if base:
+    return base
+  cfg_path = os.path.join(adapter_dir, "adapter_config.json")
+  try:
+    with open(cfg_path) as f:
+      base = json.load(f).get("base_model_name_or_path")
+  except json.JSONDecodeError as e:
+    raise UserError(f"{cfg_path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+  if not base:
+    raise UserError(f"{cfg_path}: no base_model_name_or_path; pass --base=HF_DIR")
+  return base
+
+
+def _has_tokenizer(path: str) -> bool:
+  return any(os.path.exists(os.path.join(path, f))
+             for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
 def run(model_path, prompts, tokenizer_path=None, chat=False, system=None, max_new_tokens=64,
         temperature=0.0, top_k=0, top_p=1.0, n_samples=1, seed=0, dtype="float32",
-        compute_dtype=None, attention="xla"):
+        compute_dtype=None, attention="xla", base=None):
   """Generate completions; returns a list of strings (n_samples per prompt, grouped).
 
-  model_path is an HF directory (or hub name) or an ftjax training workdir (its latest
-  checkpoint, adapters applied).
+  model_path is an HF directory (or hub name), a PEFT adapter directory (on `base` or the base
+  its config names) or an ftjax training workdir (its latest checkpoint, adapters applied).
   """
-  if os.path.isdir(os.path.join(model_path, "checkpoints")):
+  is_adapter = (os.path.exists(os.path.join(model_path, "adapter_config.json"))
+                and not os.path.exists(os.path.join(model_path, "config.json")))
+  if is_adapter:
+    base_path = adapter_base(model_path, base)
+    model, params = ftjax.load_pretrained(base_path, dtype=dtype, compute_dtype=compute_dtype,
+                                          attention=attention)
+    model, params = ftjax.load_adapter(model, params, model_path)
+    tokenizer = load_tokenizer(tokenizer_path or (
+        model_path if _has_tokenizer(model_path) else ftjax.hf.resolve(base_path)))
+  elif os.path.isdir(os.path.join(model_path, "checkpoints")):
     from ftjax import workdir as wd
     model, params, tokenizer, _ = wd.load_trained(model_path)
     if tokenizer_path:
@@ -119,7 +156,7 @@ def main(argv):
     raise app.UsageError("--model and at least one --prompt are required")
   texts = run(FLAGS.model, FLAGS.prompt, FLAGS.tokenizer, FLAGS.chat, FLAGS.system,
               FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.n_samples,
-              FLAGS.seed, FLAGS.dtype, FLAGS.compute_dtype, FLAGS.attention)
+              FLAGS.seed, FLAGS.dtype, FLAGS.compute_dtype, FLAGS.attention, FLAGS.base)
   n = FLAGS.n_samples
   for i, text in enumerate(texts):
     print(f"--- prompt {i // n}" + (f" sample {i % n}" if n > 1 else ""))

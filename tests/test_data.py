@@ -169,6 +169,31 @@ def test_invalid_json_line_and_blank_lines(tok, tmp_path):
     tokenize_records(load_records(path), tok, "text", 64)  # row numbers are line numbers
 
 
+def test_skip_malformed_skips_invalid_json_lines(tok, tmp_path):
+  # Line 2 holds a lone "\r" (text mode splits there), line 3 is broken JSON after a non-ASCII
+  # prefix, line 4 is not UTF-8; rows keep their line numbers.
+  path = tmp_path / "mixed.jsonl"
+  path.write_bytes(b'{"text": "a"}\n{"text":\r "b"}\n{"text": "\xc3\xa9", oops}\n'
+                   b'{"text": "\xff"}\n{"txt": "c"}\n{"text": "d"}\n')
+  with pytest.raises(DataError) as err:
+    load_records(str(path))
+  # Python's own column for line 3 (1-based, in characters).
+  with pytest.raises(json.JSONDecodeError) as ref:
+    json.loads('{"text": "\u00e9", oops}')
+  assert str(err.value) == (f"{path}: row 3: invalid JSON (Expecting property name enclosed in "
+                            f"double quotes, column {ref.value.colno})")
+  data = {"sources": [{"path": str(path)}], "format": "text", "skip_malformed": True}
+  ds = build_dataset(data, tok, seq_len=16, batch_size=2)
+  assert (ds.stats.records, ds.stats.skipped, ds.stats.examples) == (6, 3, 3)
+  assert [e.split(": ")[1] for e in ds.stats.errors] == ["row 3", "row 4", "row 5"]
+  assert "invalid UTF-8" in ds.stats.errors[1]
+
+
+def test_data_errors_are_user_errors():
+  from ftjax.errors import UserError
+  assert issubclass(DataError, UserError)
+
+
 # --- overflow ----------------------------------------------------------------------------------
 
 def test_overflow_truncate_drop_split(tok):

@@ -145,7 +145,12 @@ def test_chat_boundary_inside_a_token(tok, tiny_tokenizer_dir):
      "field 'rejected' equals 'chosen'"),
     ("pairs", {"prompt": "a", "chosen": "  ", "rejected": "b"}, "field 'chosen' is empty"),
     ("pairs", {"prompt": "a", "chosen": "b"}, "field 'rejected' is missing"),
-    ("pairs", {"chosen": "b", "rejected": "c"}, "field 'prompt' is missing"),
+    ("pairs", {"chosen": "a b", "rejected": "a b c"},
+     "field 'chosen' has nothing after the prompt it shares with the other side"),
+    ("pairs", {"prompt": "a", "chosen": [GOOD], "rejected": [BAD]},
+     "field 'chosen' is a list: message lists take format=chat (or auto)"),
+    ("chat", {"prompt": "a", "chosen": "b", "rejected": "c"},
+     "field 'chosen' is a string: plain-text pairs take format=pairs (or auto)"),
     ("pairs", {"prompt": "a", "chosen": 3, "rejected": "c"}, "field 'chosen' should be a string"),
     ("chat", {"chosen": PROMPT + [GOOD], "rejected": PROMPT + [GOOD]},
      "field 'rejected' equals 'chosen'"),
@@ -407,3 +412,42 @@ def test_build_preference_dataset(tok, tmp_path):
   assert sum(int(b["valid"].sum()) for b in prompts) == len(data.eval_examples)
   with pytest.raises(DataError, match="no format"):
     pref.build_preference_dataset({"sources": [{"path": a}]}, tok, 48, 4)
+
+
+# --- the rows TRL takes --------------------------------------------------------------------------
+
+Q = [{"role": "user", "content": "Where is my order?"}]
+TRL_LAYOUTS = {  # TRL's four preference layouts (docs: "Dataset formats")
+    "standard_explicit": {"prompt": "Where is my order?", "chosen": " It shipped on Monday.",
+                          "rejected": " No idea."},
+    "standard_implicit": {"chosen": "Where is my order? It shipped on Monday.",
+                          "rejected": "Where is my order? No idea."},
+    "conversational_explicit": {"prompt": Q, "chosen": [GOOD], "rejected": [BAD]},
+    "conversational_implicit": {"chosen": Q + [GOOD], "rejected": Q + [BAD]},
+}
+
+
+def test_auto_takes_trl_layouts_as_trl_does(tok, tmp_path):
+  """Each of TRL's layouts through DPOTrainer's own dataset preparation (prompt extraction,
+  conversational detection, tokenization) and through format=auto: same prompt and responses."""
+  import types
+  from datasets import Dataset
+  from trl import DPOConfig, DPOTrainer
+  args = DPOConfig(output_dir=str(tmp_path), dataset_num_proc=None, report_to=[], use_cpu=True,
+                   bf16=False)
+  for name, row in TRL_LAYOUTS.items():
+    trl = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=tok),
+                                      Dataset.from_list([row]), tok, args, name)[0]
+    ex = pref.tokenize_preference(row, tok, "auto")
+    p = ex["prompt_len"]
+    prompt = list(ex["chosen"][:p])
+    if name.startswith("standard"):
+      assert prompt[0] == BOS  # ftjax starts non-chat sequences with BOS; TRL's do not
+      prompt = prompt[1:]
+    assert prompt == trl["prompt_ids"], name
+    for side in ("chosen", "rejected"):
+      response = list(ex[side][p:])
+      # TRL keeps what the chat template puts after the end-of-turn token (a newline), which
+      # ftjax leaves out of the sequence: compare up to the end-of-turn / EOS token.
+      assert response == trl[f"{side}_ids"][:len(response)] and response[-1] == END, (name, side)
+      assert tok.decode(trl[f"{side}_ids"][len(response):]).strip() == "", (name, side)

@@ -40,6 +40,54 @@ def test_reference_logps_with_adapters_off_equal_the_base(base_dir, pref_files):
   assert np.abs(np.asarray(on[0]) - np.asarray(ref[0])).max() > 1e-2
 
 
+def _reference_setup(base_dir, pref_files, arg, reference="auto", train_extra=""):
+  cfg = dpo_config.get_config(arg)
+  cfg.model.hf_path = base_dir
+  cfg.adapter.train_extra = train_extra
+  cfg.dpo.reference = reference
+  model, params, _, _ = wd.build_model(cfg)
+  return cfg, model, params, _batch(base_dir, pref_files)
+
+
+def test_reference_stays_put_when_train_extra_moves_base_leaves(base_dir, pref_files):
+  # The trained base leaves (here the final norm) change the model; the reference must not.
+  cfg, model, params, batch = _reference_setup(base_dir, pref_files, "adapter=lora,smoke",
+                                               train_extra="final_norm")
+  ref_model, ref_params_fn, ref_frozen = dpo_exp.reference(model, cfg, params)
+  trainable, frozen, _ = common.split_params(params, wd.rules(cfg))
+  assert any("final_norm" in jax.tree_util.keystr(p)
+             for p, _ in jax.tree_util.tree_leaves_with_path(trainable))
+  moved = jax.tree_util.tree_map(lambda x: x * 1.5 + 0.1, trainable)  # as after some steps
+  full = partition.merge(moved, {**frozen, **ref_frozen})
+  base_model, base = ftjax.load_pretrained(base_dir)  # the initial model: the true reference
+  want = preference.side_logps(base_model, base, batch)[0]
+  got = preference.side_logps(ref_model, ref_params_fn(full), batch)[0]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(preference.side_logps(ref_model, full, batch)[0])
+                - np.asarray(want)).max() > 1e-3  # the moved leaves do change the logps
+
+
+def test_full_finetuning_reference_copies(base_dir, pref_files):
+  cfg, model, params, batch = _reference_setup(base_dir, pref_files, "adapter=none,smoke")
+  _, fn, ref_frozen = dpo_exp.reference(model, cfg, params)
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  assert sum(x.size for x in jax.tree_util.tree_leaves(ref_frozen)) == n_params
+  # Precomputed: the reference log-probs come from the initial params once; no copy is kept.
+  cfg, model, params, batch = _reference_setup(base_dir, pref_files, "adapter=none,smoke",
+                                               reference="precomputed")
+  _, _, ref_frozen = dpo_exp.reference(model, cfg, params)
+  assert jax.tree_util.tree_leaves(ref_frozen) == []
+
+
+def test_full_finetuning_precomputed_run(base_dir, pref_files, tmp_path):
+  cfg = _config(dpo_config.get_config("adapter=none,smoke"), base_dir, pref_files, steps=1,
+                log_every=1, eval_every=1, save_every=1, batch_size=2, eval_batches=1)
+  cfg.dpo.reference = "precomputed"
+  out = dpo_exp.run(cfg, str(tmp_path / "dpo"))
+  # Step 1's policy is the reference it was computed from.
+  np.testing.assert_allclose(out["loss"], math.log(2), rtol=1e-5)
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
 def test_first_step_policy_equals_reference(base_dir, pref_files, loss_type):
   model, params = ftjax.load_pretrained(base_dir, lora=ftjax.LoraConfig(rank=4))
@@ -73,6 +121,22 @@ def test_grad_accumulation_keeps_pairs_together(base_dir, pref_files):
   for k in (2, 4):
     np.testing.assert_allclose(out[k]["loss"], out[1]["loss"], rtol=1e-5)
     np.testing.assert_allclose(out[k]["grad_norm"], out[1]["grad_norm"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("get_config", [dpo_config.get_config, reward_config.get_config])
+def test_configs_take_no_demo_data_by_default(get_config, tmp_path):
+  cfg = get_config("smoke")
+  assert (cfg.data.path, cfg.data.eval_path, cfg.data.format) == ("", "", "auto")
+  with pytest.raises(ValueError, match="config.data.path"):
+    wd.data_config(cfg)
+  own = tmp_path / "own.jsonl"  # a run on the user's data evaluates on nothing else
+  cfg.data.path = str(own)
+  assert "eval_sources" not in wd.data_config(cfg)
+  demo = get_config("data=support,smoke")
+  assert demo.data.path.endswith("prefs_train.jsonl") and demo.data.format == "chat"
+  assert demo.data.eval_path.endswith("prefs_eval.jsonl")
+  with pytest.raises(ftjax.errors.UserError, match="data='mine'"):
+    get_config("data=mine")
 
 
 def _config(cfg, base_dir, pref_files, **train):

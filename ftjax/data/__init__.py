@@ -84,7 +84,7 @@ def prepare_source(source: Any, tokenizer, seq_len: int, data_config: Any = None
     raise DataError(f"data source {describe(source)}: no format (set data.format or the "
                     f"source's format: {', '.join(FORMATS)})")
   if records is None:
-    records = load_records(source)
+    records = load_records(source, bool(opt("skip_malformed", False)))
   return tokenize_records(records, tokenizer, fmt, seq_len, fields=opt("fields"),
                           overflow=opt("overflow", "truncate"),
                           skip_malformed=bool(opt("skip_malformed", False)),

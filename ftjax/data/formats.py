@@ -323,7 +323,9 @@ def each_record(records: Records | Sequence[Mapping], make: Callable[[Mapping], 
   row, or with `skip_malformed` is counted in `stats.skipped` (first messages kept)."""
   if not isinstance(records, Records):
     records = Records("<records>", records)
-  stats.records += len(records)
+  stats.records += len(records) + len(records.invalid)
+  stats.skipped += len(records.invalid)  # unreadable rows `load_records` already left out
+  stats.errors = (stats.errors + records.invalid)[:MAX_ERRORS]
   for i in range(len(records)):
     try:
       yield make(records[i])
@@ -351,7 +353,8 @@ def collect_sources(data_config: Any, prepare: Callable, seed: int, noun: str = 
     raise DataError(f"data.eval_fraction must be in [0, 1), got {eval_fraction}")
   parts, stats, eval_examples, eval_stats = [], DataStats(), [], DataStats()
   for i, source in enumerate(sources):
-    records = load_records(source)
+    records = load_records(source, bool(cfg_get(source, "skip_malformed",
+                                                cfg_get(data_config, "skip_malformed", False))))
     if eval_fraction > 0 and len(records) > 1:
       held, records = hold_out(records, eval_fraction, seed, i)
       ex, st = prepare(source, records=held)

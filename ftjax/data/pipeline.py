@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from ftjax.data import packing as pk
+from ftjax.errors import UserError
 
 
 class BatchIterator:
@@ -37,9 +38,10 @@ class BatchIterator:
       process_index, process_count: this process's share of each global batch.
     """
     if not examples:
-      raise ValueError("no training examples")
+      raise UserError("no training examples (check data.path / data.sources)")
     if batch_size % process_count:
-      raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
+      raise UserError(f"train.batch_size {batch_size} is not divisible by {process_count} "
+                      "processes")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     self.examples = examples
@@ -105,7 +107,8 @@ def eval_batches(examples: Sequence[dict], batch_size: int, seq_len: int, *, pac
                  process_count: int = 1) -> list[dict[str, np.ndarray]]:
   """One pass over `examples` in order; the last batch is completed with all-padding rows."""
   if batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
+    raise UserError(f"train.batch_size {batch_size} is not divisible by {process_count} "
+                      "processes")
   order = range(len(examples))
   lengths = [pk.example_length(e) for e in examples]
   rows = pk.pack_rows(lengths, order, seq_len, pack_window) if packing else pk.single_rows(order)

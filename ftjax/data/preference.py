@@ -2,10 +2,13 @@
 
 Formats (field names map through `fields`, e.g. `{"chosen": "good", "role": "from"}`):
 
+  auto   each row as TRL reads it: `chat` when chosen, rejected or prompt is a message list
+         (TRL's "conversational" rows), else `pairs` (its "standard" rows).
   pairs  prompt, chosen, rejected: strings. `[bos] + prompt + response + [eos]`, the prompt and
          the response tokenized separately (as `formats` does for prompt_completion); with
          `chat_template=True` the prompt is one user turn and the response one assistant turn,
-         rendered with the tokenizer's chat template.
+         rendered with the tokenizer's chat template. Without a `prompt` field the prompt is
+         implicit: the common prefix of chosen and rejected (TRL's `extract_prompt`).
   chat   chosen, rejected: message lists [{role, content}] that share the prompt turns and end
          with different assistant turns (the HH-RLHF / UltraFeedback-binarized layout; a
          `prompt` string beside them is ignored). Or `prompt` a message list and chosen /
@@ -49,9 +52,9 @@ weights on both sides. For sampling-based evaluation, `tokenize_prompt(s)` gives
 exactly as its pair starts, and `prompt_batches` left-pads prompts for `sampling.generate`.
 
 `build_preference_dataset` reads the keys of `ftjax.data.build_dataset`'s config (sources,
-format: pairs | chat, fields, overflow: truncate | drop, skip_malformed, chat_template, add_bos,
-eval_fraction, eval_sources, seed) plus `max_prompt_len`; `packing` and `loss_on_prompt` do not
-apply.
+format: auto | pairs | chat, fields, overflow: truncate | drop, skip_malformed, chat_template,
+add_bos, eval_fraction, eval_sources, seed) plus `max_prompt_len`; `packing` and
+`loss_on_prompt` do not apply.
 """
 
 from __future__ import annotations
@@ -67,8 +70,9 @@ from ftjax.data.formats import (DataStats, _field, _ids, _messages, _pc_example,
                                 each_record)
 from ftjax.data.pipeline import BatchIterator
 from ftjax.data.sources import DataError, Records, cfg_get, describe, load_records
+from ftjax.errors import UserError
 
-PREFERENCE_FORMATS = ("pairs", "chat")
+PREFERENCE_FORMATS = ("auto", "pairs", "chat")
 PREFERENCE_OVERFLOW = ("truncate", "drop")
 
 
@@ -84,9 +88,53 @@ def _prompt_list(record: Mapping, fields: Mapping[str, str]) -> list[dict]:
   return _messages({key: list(record[key]) + [filler]}, {**fields, "messages": key})[:-1]
 
 
+def is_conversational(record: Mapping, fields: Mapping[str, str]) -> bool:
+  """Whether a row holds message lists (TRL's `is_conversational`): chosen, rejected or prompt is
+  a list whose first item is an object with a role."""
+  role_key = fields.get("role", "role")
+  for name in ("chosen", "rejected", "prompt"):
+    value = record.get(fields.get(name, name))
+    if isinstance(value, list) and value and isinstance(value[0], Mapping):
+      return role_key in value[0]
+  return False
+
+
+def _resolve(format: str, record: Mapping, fields: Mapping[str, str]) -> str:
+  if format == "auto":
+    return "chat" if is_conversational(record, fields) else "pairs"
+  return format
+
+
+def _pair_strings(record: Mapping, fields: Mapping[str, str]) -> tuple[str, str, str]:
+  """(prompt, chosen, rejected) of a pairs-format record. Without a prompt field the prompt is
+  implicit: the longest common prefix of chosen and rejected, less a space that ends it, as
+  TRL's `extract_prompt` takes it."""
+  ck, rk, pk = (fields.get(k, k) for k in ("chosen", "rejected", "prompt"))
+  for key in (ck, rk, pk):
+    if isinstance(record.get(key), list):
+      raise _RowError(key, "is a list: message lists take format=chat (or auto)")
+  chosen = _field(record, fields, "chosen")
+  rejected = _field(record, fields, "rejected")
+  if record.get(pk) is not None:
+    return _field(record, fields, "prompt", allow_empty=True), chosen, rejected
+  n = 0
+  while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+    n += 1
+  if 0 < n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
+    n -= 1
+  for key, text in ((ck, chosen[n:]), (rk, rejected[n:])):
+    if not text.strip():
+      raise _RowError(key, f"has nothing after the prompt it shares with the other side "
+                      f"(no '{pk}' field, so the prompt is their common prefix)")
+  return chosen[:n], chosen[n:], rejected[n:]
+
+
 def _pair_messages(record: Mapping, fields: Mapping[str, str]):
   """(prompt turns, chosen turn, rejected turn) of a chat-format record."""
   ck, rk, pk = (fields.get(k, k) for k in ("chosen", "rejected", "prompt"))
+  for key in (ck, rk):
+    if isinstance(record.get(key), str):
+      raise _RowError(key, "is a string: plain-text pairs take format=pairs (or auto)")
   chosen = _messages(record, {**fields, "messages": ck})
   rejected = _messages(record, {**fields, "messages": rk})
   prompt = record.get(pk)
@@ -166,13 +214,13 @@ def tokenize_preference(record: Mapping, tokenizer, format: str, *,
   try:
     if not isinstance(record, Mapping):
       raise _RowError("*", f"row should be an object, got {type(record).__name__}")
-    if format == "chat":
+    if _resolve(format, record, fields) == "chat":
+      if format == "auto":
+        _check_chat(tokenizer)
       return _chat_pair(tokenizer, *_pair_messages(record, fields), fields)
-    if format != "pairs":
+    if format not in PREFERENCE_FORMATS:
       raise _unknown_format(format)
-    prompt = _field(record, fields, "prompt", allow_empty=True)
-    chosen = _field(record, fields, "chosen")
-    rejected = _field(record, fields, "rejected")
+    prompt, chosen, rejected = _pair_strings(record, fields)
     if chosen.strip() == rejected.strip():
       raise _RowError(fields.get("rejected", "rejected"),
                       f"equals '{fields.get('chosen', 'chosen')}'")
@@ -197,6 +245,15 @@ def _check(tokenizer, format: str, chat_template: bool):
   if format not in PREFERENCE_FORMATS:
     raise _unknown_format(format)
   check_tokenizer(tokenizer, "chat" if format == "chat" else "prompt_completion", chat_template)
+
+
+def _check_chat(tokenizer):
+  """format=auto met a conversational row: the tokenizer must be able to render it. A plain
+  UserError, not a DataError, so that skip_malformed does not skip every row for it."""
+  try:
+    check_tokenizer(tokenizer, "chat")
+  except DataError as e:
+    raise UserError(f"data.format=auto found message lists: {e}") from None
 
 
 # --- overflow ------------------------------------------------------------------------------------
@@ -376,12 +433,15 @@ def tokenize_prompt(record: Mapping, tokenizer, format: str = "pairs", *,
       raise _RowError("*", f"row should be an object, got {type(record).__name__}")
     if format not in PREFERENCE_FORMATS:
       raise _unknown_format(format)
-    if format == "chat" and record.get(fields.get("chosen", "chosen")) is not None:
+    format = _resolve(format, record, fields)
+    has_pair = record.get(fields.get("chosen", "chosen")) is not None
+    if format == "chat" and has_pair:
       messages = _pair_messages(record, fields)[0]
     elif isinstance(record.get(fields.get("prompt", "prompt")), list):
       messages = _prompt_list(record, fields)
     else:
-      text = _field(record, fields, "prompt", allow_empty=True)
+      text = (_pair_strings(record, fields)[0] if has_pair
+              else _field(record, fields, "prompt", allow_empty=True))
       if format != "chat" and not chat_template:
         bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
         return np.asarray(bos + (_ids(tokenizer, text) if text else []), np.int32)
@@ -424,7 +484,8 @@ def prompt_batches(prompts: Sequence[np.ndarray], batch_size: int, *, pad_id: in
   column unmasked).
   """
   if batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
+    raise UserError(f"train.batch_size {batch_size} is not divisible by {process_count} "
+                    "processes")
   local = batch_size // process_count
   out = []
   for start in range(0, len(prompts), batch_size):
@@ -481,7 +542,7 @@ def prepare_preference_source(source: Any, tokenizer, seq_len: int, data_config:
     raise DataError(f"data source {describe(source)}: no format (set data.format or the "
                     f"source's format: {', '.join(PREFERENCE_FORMATS)})")
   if records is None:
-    records = load_records(source)
+    records = load_records(source, bool(opt("skip_malformed", False)))
   return tokenize_preference_records(
       records, tokenizer, fmt, seq_len, fields=opt("fields"), overflow=opt("overflow", "truncate"),
       skip_malformed=bool(opt("skip_malformed", False)),

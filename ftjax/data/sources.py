@@ -20,11 +20,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ftjax.errors import UserError
 
 MIX_STREAM = 0x6D6978  # keeps mix's random streams apart from the epoch shuffles
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """Bad input data or data config; the message is one line naming the file, row and field."""
 
 
@@ -41,10 +42,14 @@ class Records(Sequence):
   Python (str, int, float, list, dict) when read.
   """
 
-  def __init__(self, name: str, data: Sequence, rows: Sequence[int] | None = None):
+  def __init__(self, name: str, data: Sequence, rows: Sequence[int] | None = None,
+               invalid: Sequence[str] = ()):
     self.name = name
     self._data = data
     self._rows = rows
+    # Messages for rows that could not be read at all (invalid JSON), skipped by
+    # `load_records(..., skip_malformed=True)`; counted once, by whoever tokenizes these records.
+    self.invalid = list(invalid)
 
   def __len__(self) -> int:
     return len(self._data)
@@ -82,8 +87,12 @@ def to_python(x: Any) -> Any:
   return x
 
 
-def load_records(source: Any) -> Records:
-  """Read one source (see the module docstring) into `Records`."""
+def load_records(source: Any, skip_malformed: bool = False) -> Records:
+  """Read one source (see the module docstring) into `Records`.
+
+  A JSONL line that is not valid JSON raises `DataError`, or with `skip_malformed` is left out
+  and its message kept in `records.invalid`.
+  """
   if isinstance(source, str):
     source = {"path": source}
   kinds = [k for k in ("path", "hub", "tfds") if cfg_get(source, k)]
@@ -91,7 +100,7 @@ def load_records(source: Any) -> Records:
     raise DataError(f"data source {dict(source)!r}: give exactly one of 'path', 'hub', 'tfds'")
   kind = kinds[0]
   if kind == "path":
-    records = _load_file(str(cfg_get(source, "path")))
+    records = _load_file(str(cfg_get(source, "path")), skip_malformed)
   elif kind == "hub":
     records = _load_hub(cfg_get(source, "hub"), cfg_get(source, "split", "train"),
                         cfg_get(source, "config"))
@@ -100,7 +109,9 @@ def load_records(source: Any) -> Records:
                          cfg_get(source, "data_dir"))
   limit = cfg_get(source, "limit")
   if limit is not None and limit < len(records):
+    invalid = records.invalid
     records = records.take(range(int(limit)))
+    records.invalid = invalid
   return records
 
 
@@ -117,14 +128,14 @@ class _Take(Sequence):
     return self._data[self._indices[i]]
 
 
-def _load_file(path: str) -> Records:
+def _load_file(path: str, skip_malformed: bool = False) -> Records:
   if not os.path.exists(path):
     raise DataError(f"{path}: no such file")
   ext = os.path.splitext(path)[1].lower()
   if ext == ".jsonl":
-    return _load_jsonl(path)
+    return _load_jsonl(path, skip_malformed)
   if ext == ".json":
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
       try:
         obj = json.load(f)
       except json.JSONDecodeError as e:
@@ -144,18 +155,27 @@ def _load_file(path: str) -> Records:
   raise DataError(f"{path}: unknown file type {ext!r} (use .json, .jsonl, .parquet or .csv)")
 
 
-def _load_jsonl(path: str) -> Records:
-  data, rows = [], []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
+def _load_jsonl(path: str, skip_malformed: bool = False) -> Records:
+  data, rows, invalid = [], [], []
+  # Lines are split on b"\n" only, as JSONL defines them: text mode would also split on a lone
+  # "\r" (and so miscount rows), and one undecodable byte would fail the whole file.
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte-order mark
       try:
+        line = raw.decode("utf-8")
+        if not line.strip():
+          continue
         data.append(json.loads(line))
+        rows.append(lineno)
+      except UnicodeDecodeError as e:
+        invalid.append(f"{path}: row {lineno}: invalid UTF-8 (byte {e.start + 1} of the line)")
       except json.JSONDecodeError as e:
-        raise DataError(f"{path}: row {lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-      rows.append(lineno)
-  return Records(path, data, rows)
+        invalid.append(f"{path}: row {lineno}: invalid JSON ({e.msg}, column {e.colno})")
+      if invalid and not skip_malformed:
+        raise DataError(invalid[0])
+  return Records(path, data, rows, invalid)
 
 
 def _load_hub(name: str, split: str, config: str | None) -> Records:
@@ -246,5 +266,6 @@ def hold_out(records: Records, fraction: float, seed: int, i: int) -> tuple[Reco
   """(held-out, kept) records of source i: `fraction` of them, chosen by (seed, i)."""
   n_eval = min(len(records) - 1, max(1, round(fraction * len(records))))
   perm = np.random.default_rng([seed, EVAL_STREAM, i]).permutation(len(records))
-  return (records.take(sorted(int(j) for j in perm[:n_eval])),
-          records.take(sorted(int(j) for j in perm[n_eval:])))
+  kept = records.take(sorted(int(j) for j in perm[n_eval:]))
+  kept.invalid = records.invalid  # counted once, with the train part
+  return records.take(sorted(int(j) for j in perm[:n_eval])), kept
