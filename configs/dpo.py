@@ -5,7 +5,8 @@
 
 The default data are the support demo's pairs (the gold reply beats one that invents an order
 number, drops the brand voice or escalates wrongly), chat form. The arg takes the keys of
-configs/sft.py (adapter=, quant=, model=, smoke) plus `loss=sigmoid|ipo|hinge|robust`.
+configs/sft.py (model=, adapter=, quant=, format=, smoke) plus `loss=sigmoid|ipo|hinge|robust`;
+print the resolved config with --print_config.
 `dpo.reference`: auto (adapters off when training adapters, else a frozen copy of the initial
 params) | precomputed (one pass over the data before training).
 """
@@ -14,13 +15,16 @@ import os
 
 from configs import sft as sft_config
 
+ARG_KEYS = sft_config.ARG_KEYS + ("loss",)
+
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ftjax", "demo",
                     "data")
 
 
-def get_config(arg=None):
-  a = sft_config.parse_arg(arg)
-  c = sft_config.get_config(arg)
+def get_config(arg=None, where="configs/dpo.py", known=ARG_KEYS):
+  a = sft_config.parse_arg(arg, known, where)
+  c = sft_config.get_config(",".join(p for p in (arg or "").split(",")
+                                     if p.strip().partition("=")[0] in sft_config.ARG_KEYS))
   c.data.update(format="chat", path=os.path.join(DATA, "prefs_train.jsonl"),
                 eval_path=os.path.join(DATA, "prefs_eval.jsonl"))
   c.data.max_prompt_len = 0
