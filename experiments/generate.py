@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 
 from ftjax import cli  # noqa: E402
 import ftjax  # noqa: E402
+from ftjax.errors import UserError  # noqa: E402
 from ftjax.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def encode_prompts(tokenizer, prompts, chat=False, system=None):
   for p in prompts:
     if chat:
       if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("--chat: the tokenizer has no chat_template")
+        raise UserError("--chat: the tokenizer has no chat_template")
       messages = ([{"role": "system", "content": system}] if system else []) + [
           {"role": "user", "content": p}]
       text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -124,14 +125,6 @@ def main(argv):
   for i, text in enumerate(texts):
     print(f"--- prompt {i // n}" + (f" sample {i % n}" if n > 1 else ""))
     print(text)
-
-
-def _entry():
-  try:
-    app.run(main)
-  except (ftjax.CheckpointError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
 
 
 if __name__ == "__main__":

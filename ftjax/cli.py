@@ -66,13 +66,21 @@ def parse_flags(argv: list[str]) -> list[str]:
   except UserError as e:  # raised by a config file's get_config / parse_arg
     _die(one_line(e))
   except flags.Error as e:
-    _die(one_line(e))
+    # config_flags re-raises it as a UserError holding the traceback text; the innermost
+    # UserError in the chain is the original one-line message.
+    cause, link = None, e
+    while link is not None:
+      cause = link if isinstance(link, UserError) else cause
+      link = link.__cause__ or link.__context__
+    if cause is None and "config file" in str(e) and len(str(e).splitlines()) > 1:
+      raise  # a bug in a config file: its traceback matters
+    _die(one_line(cause or e))
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     # ml_collections raises these for an override naming no field or of the wrong type; a bug
     # in a config file raises other types, or these outside any flag's parse, and keeps its
     # traceback.
     name = _failing_flag(e.__traceback__)
-    if name is None or not name.startswith("config"):
+    if name is None or "." not in name:  # not an override: a bug in a config file
       raise
     _die(f"--{name}: {_override_message(e)}")
 

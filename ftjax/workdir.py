@@ -157,6 +157,12 @@ def init_distributed():
     _DISTRIBUTED = True
 
 
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir` holds a checkpoint directory from an earlier run (reads only)."""
+  d = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
 def save_config(config, workdir: str):
   os.makedirs(workdir, exist_ok=True)
   tmp = os.path.join(workdir, "config.json.tmp")
@@ -181,6 +187,11 @@ def load_trained(workdir: str, step: Any = None):
   training time); the checkpoint's trainable params are merged over it.
   """
   config = load_config(workdir)
+  # Checked before the Checkpointer, which would create an empty checkpoints/ here.
+  if not has_checkpoints(workdir):
+    raise UserError(f"{workdir}: no checkpoint to restore (the run saved none yet)")
+  if step not in (None, "best") and not str(step).isdigit():
+    raise UserError(f"step={step!r}: expected a step number or 'best'")
   model, params, tok, base_ref = build_model(config)
   trainable, frozen, _ = common.split_params(params, rules(config))
   ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep), async_save=False)
@@ -189,6 +200,8 @@ def load_trained(workdir: str, step: Any = None):
       step = ckpt.best_step() or ckpt.latest_step()
     elif step is not None:
       step = int(step)
+      if step not in ckpt.all_steps():
+        raise UserError(f"{workdir}: no checkpoint for step {step} (have {ckpt.all_steps()})")
     if ckpt.latest_step() is None:
       raise UserError(f"{workdir}: no checkpoint to restore")
     _, tx = optimizer(config)

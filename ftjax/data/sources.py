@@ -20,11 +20,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ftjax.errors import UserError
+
 
 MIX_STREAM = 0x6D6978  # keeps mix's random streams apart from the epoch shuffles
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """Bad input data or data config; the message is one line naming the file, row and field."""
 
 
