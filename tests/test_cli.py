@@ -160,7 +160,7 @@ def test_signal_on_one_host_stops_every_host_at_the_same_step():
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
            for i in range(2)]
   outs = [p.communicate(timeout=120) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-2000:]
   last = [o.strip().splitlines()[-1] for o, _ in outs]  # after gloo's own prints
   assert last == [f"stopped at step 3 by signal {int(signal.SIGINT)}"] * 2
