@@ -6,22 +6,26 @@
 
 stage=pretrain: a small `demo` decoder trained from scratch on retail text (format text).
 stage=sft: LoRA SFT on the support tickets (chat format, assistant turns only in the loss).
-Add `smoke` to shrink the step counts for CI.
+Arg keys: stage=pretrain|sft, smoke (shrink the step counts for CI). Print the resolved
+config with --print_config.
 """
 
 import os
 
 from configs import sft as sft_config
+from ftjax.errors import UserError
+
+ARG_KEYS = ("stage", "smoke")
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ftjax", "demo",
                     "data")
 
 
 def get_config(arg=None):
-  a = sft_config.parse_arg(arg)
+  a = sft_config.parse_arg(arg, ARG_KEYS, "configs/demo.py")
   stage = a.get("stage", "sft")
   if stage not in ("pretrain", "sft"):
-    raise ValueError(f"configs/demo.py: stage={stage!r}: expected pretrain or sft")
+    raise UserError(f"configs/demo.py: stage={stage!r}: expected pretrain or sft")
   smoke = bool(a.get("smoke"))
   if stage == "pretrain":
     c = sft_config.get_config("adapter=none,format=text,model=demo")

@@ -7,8 +7,9 @@
 preference layouts (`data.format=auto`, the default), or `format=pairs|chat` to insist on one.
 `data=support` picks the support demo's pairs instead (the gold reply beats one that invents an
 order number, drops the brand voice or escalates wrongly; chat form) and their eval split. The
-arg takes the keys of configs/sft.py (adapter=, quant=, model=, format=, smoke) plus
-`loss=sigmoid|ipo|hinge|robust` and `data=support`.
+arg takes the keys of configs/sft.py (model=, adapter=, quant=, format=, smoke) plus
+`loss=sigmoid|ipo|hinge|robust` and `data=support`; print the resolved config with
+--print_config.
 `dpo.reference`: auto (adapters off when training adapters, else a frozen copy of the initial
 params) | precomputed (one pass over the data before training).
 """
@@ -18,16 +19,19 @@ import os
 from configs import sft as sft_config
 from ftjax.errors import UserError
 
+ARG_KEYS = sft_config.ARG_KEYS + ("data", "loss")
+
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ftjax", "demo",
                     "data")
 
 
-def get_config(arg=None):
-  a = sft_config.parse_arg(arg)
-  c = sft_config.get_config(arg)
+def get_config(arg=None, where="configs/dpo.py", known=ARG_KEYS):
+  a = sft_config.parse_arg(arg, known, where)
+  c = sft_config.get_config(",".join(p for p in (arg or "").split(",")
+                                     if p.strip().partition("=")[0] in sft_config.ARG_KEYS))
   data = a.get("data", "")
   if data not in ("", "support"):
-    raise UserError(f"configs/dpo.py: data={data!r}: expected support (or no data= and "
+    raise UserError(f"{where}: data={data!r}: expected support (or no data= and "
                     "--config.data.path=FILE)")
   # No default files: a run on the user's data must not evaluate on the demo's.
   c.data.update(format=a.get("format", "auto"), path="", eval_path="")

@@ -6,16 +6,22 @@
 Data as in configs/dpo.py: `data.path` is required (TRL's preference layouts, format=auto), or
 the arg `data=support` for the demo's pairs.
 
-A scalar `score` head on the decoder, read at the last real token; the loss is
--log σ(r_chosen - r_rejected - margin) plus optional centring. Exports to an HF
-*ForSequenceClassification checkpoint (`experiments/export.py --format=merged`).
+A scalar `score` head on the decoder, read at the last real token that is not padding (as
+transformers' *ForSequenceClassification does); the loss is -log σ(r_chosen - r_rejected -
+margin) plus optional centring. Exports to an HF *ForSequenceClassification checkpoint
+(`experiments/export.py --format=merged`).
+The arg takes the keys of configs/sft.py (model=, adapter=, quant=, format=, smoke) plus
+`data=support`. Print the resolved config with --print_config.
 """
 
 from configs import dpo as dpo_config
+from configs import sft as sft_config
+
+ARG_KEYS = sft_config.ARG_KEYS + ("data",)
 
 
 def get_config(arg=None):
-  c = dpo_config.get_config(arg)
+  c = dpo_config.get_config(arg, "configs/reward.py", ARG_KEYS)
   del c["dpo"]
   c.reward = dict(margin=0.0, center_coef=0.0)
   c.model.head = "score"

@@ -9,18 +9,27 @@ The arg is a comma list of `key=value` or flags:
   quant=KIND        none | nf4 | int4 (frozen base in 4 bits; needs an adapter)
   format=FMT        chat | alpaca | prompt_completion | text
   smoke             shrink everything so the config runs in CI in seconds
+Print the resolved config (arg and --config.* overrides applied) with --print_config.
 """
 
 import ml_collections
 
+from ftjax.errors import UserError
 
-def parse_arg(arg):
+ARG_KEYS = ("model", "adapter", "quant", "format", "smoke")
+
+
+def parse_arg(arg, known=ARG_KEYS, where="configs/sft.py"):
+  """`"a=1,smoke"` -> {"a": "1", "smoke": True}; an unknown key is a UserError listing `known`."""
   out = {}
   for part in (arg or "").split(","):
     part = part.strip()
     if not part:
       continue
     k, _, v = part.partition("=")
+    if k not in known:
+      raise UserError(f"{where}: unknown arg key {k!r} in {arg!r}; known keys: "
+                      f"{', '.join(known)}")
     out[k] = v if v else True
   return out
 

@@ -74,6 +74,9 @@ def evaluate(loaded, n: int) -> dict:
 def run(workdir: str, base: str | None = None, smoke: bool = False, eval_examples: int = 48
         ) -> dict:
   t0 = time.time()
+  if base is not None:  # a bad --base fails before the workdir is made
+    from ftjax import hf
+    hf.resolve(base)
   os.makedirs(workdir, exist_ok=True)
   times = {}
   if base is None:

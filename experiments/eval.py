@@ -25,6 +25,7 @@ from ftjax import cli  # noqa: E402
 import ftjax  # noqa: E402
 from ftjax import data as data_lib, evaluation, workdir as wd  # noqa: E402
 from ftjax.demo import support  # noqa: E402
+from ftjax.errors import UserError  # noqa: E402
 from ftjax.train import sft  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def load(workdir=None, model_path=None, step=None):
     model, params, tok, _ = wd.load_trained(workdir, step)
     return model, params, tok
   if not model_path:
-    raise ValueError("one of --workdir or --model is required")
+    raise UserError("one of --workdir or --model is required")
   model, params = ftjax.load_pretrained(model_path)
   return model, params, ftjax.tokenizer.load_tokenizer(ftjax.hf.resolve(model_path))
 

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ftjax import cli  # noqa: E402
 import ftjax  # noqa: E402
 from ftjax import hf, workdir as wd  # noqa: E402
+from ftjax.errors import UserError  # noqa: E402
 
 
 def define_flags():
@@ -45,7 +46,7 @@ def run(workdir: str, out: str, format: str = "merged", step=None, dtype=None) -
     ftjax.save_pretrained(model, params, out, dtype=dtype, tokenizer_from=tok_dir)
   else:
     if model.spec.lora is None and model.spec.prefix is None:
-      raise ValueError(f"{workdir}: the run trained no adapter (adapter.kind=none); "
+      raise UserError(f"{workdir}: the run trained no adapter (adapter.kind=none); "
                        "use --format=merged")
     ftjax.save_adapter(model, params, out, base_model_name_or_path=config.model.hf_path or None)
     hf.copy_tokenizer(tok_dir, out)

@@ -62,7 +62,7 @@ def encode_prompts(tokenizer, prompts, chat=False, system=None):
   for p in prompts:
     if chat:
       if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("--chat: the tokenizer has no chat_template")
+        raise UserError("--chat: the tokenizer has no chat_template")
       messages = ([{"role": "system", "content": system}] if system else []) + [
           {"role": "user", "content": p}]
       text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -161,14 +161,6 @@ def main(argv):
   for i, text in enumerate(texts):
     print(f"--- prompt {i // n}" + (f" sample {i % n}" if n > 1 else ""))
     print(text)
-
-
-def _entry():
-  try:
-    app.run(main)
-  except (ftjax.CheckpointError, ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
 
 
 if __name__ == "__main__":

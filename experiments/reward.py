@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import flags, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from ftjax import checkpoint, cli, metrics as metrics_lib, partition  # noqa: E402
 from ftjax import workdir as wd  # noqa: E402
 from ftjax.data import preference as pref_data  # noqa: E402
+from ftjax.errors import Diverged, Interrupted, UserError  # noqa: E402
 from ftjax.train import common, preference  # noqa: E402
 
 
@@ -46,11 +47,10 @@ def evaluate(eval_fn, trainable, batches) -> dict:
 
 
 def run(config, workdir: str) -> dict:
-  # ---- setup
-  wd.save_config(config, workdir)
+  # ---- setup: config, model and data are checked before anything is written
   t, rc = config.train, config.reward
   if config.model.head != "score":
-    raise ValueError("config.model.head must be 'score' for a reward model")
+    raise UserError("config.model.head must be 'score' for a reward model")
   par = wd.parallel(config)
   par.check_batch(int(t.batch_size))
   model, params, tok, base_ref = wd.build_model(config, par=par)
@@ -62,21 +62,35 @@ def run(config, workdir: str) -> dict:
                                                                 state["opt_state"])))
   del params
 
+  # Each host reads its own rows of every global batch. A fresh run reads its data before
+  # anything is written, so a bad file leaves no workdir; a resume reads it once, at the
+  # restored position.
+  def build_data(state):
+    return pref_data.build_preference_dataset(wd.data_config(config), tok, int(t.seq_len),
+                                              int(t.batch_size), seed=int(t.seed),
+                                              state=state,
+                                              process_index=jax.process_index(),
+                                              process_count=jax.process_count())
+
+  data = None if wd.has_checkpoints(workdir) else build_data(None)
+
   # ---- restore
+  wd.save_config(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, keep=int(t.keep), async_save=bool(t.async_save),
                                  best_metric="eval_loss")
-  data_state, start = None, 0
-  if ckpt.latest_step() is not None:
-    state, data_state, extra = ckpt.restore(target=state)
-    if base_ref.get("kind") == "hf":
-      checkpoint.check_base(extra, base_ref["path"])
-    start = int(state["step"])
-    logging.info("resumed from step %d of %s", start, workdir)
-  data = pref_data.build_preference_dataset(wd.data_config(config), tok, int(t.seq_len),
-                                            int(t.batch_size), seed=int(t.seed),
-                                            state=data_state,
-                                            process_index=jax.process_index(),
-                                            process_count=jax.process_count())
+  try:
+    data_state, start = None, 0
+    if ckpt.latest_step() is not None:
+      state, data_state, extra = ckpt.restore(target=state)
+      if base_ref.get("kind") == "hf":
+        checkpoint.check_base(extra, base_ref["path"])
+      start = int(state["step"])
+      logging.info("resumed from step %d of %s", start, workdir)
+    if data is None or data_state:
+      data = build_data(data_state)
+  except BaseException:
+    ckpt.close()  # an async checkpointer left open prints an orbax thread traceback at exit
+    raise
   logging.info("preference data: %s", data.stats)
   eval_batches = data.eval_batches()
   if t.eval_batches:
@@ -115,8 +129,8 @@ def run(config, workdir: str) -> dict:
         if step % t.log_every == 0 or step == t.steps:
           m = preference.per_pair_means(jax.device_get(par.metrics(m)))
           if not np.isfinite(m["loss"]):
-            raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping without "
-                                     "saving (lower optim.lr)")
+            raise Diverged(f"loss is {m['loss']} at step {step}; stopping without "
+                           "saving (lower optim.lr)")
           writer.write(step, m)
           bar.update(step, m)
           last = m
@@ -128,8 +142,8 @@ def run(config, workdir: str) -> dict:
           last = {**last, **eval_metrics}
         if step % t.save_every == 0 or eval_metrics is not None:
           save(step, eval_metrics)
-        if preempt.requested:
-          logging.warning("SIGTERM: saving step %d and exiting", step)
+        if preempt.any_requested():
+          logging.warning("signal %s: saving step %d and exiting", preempt.signum, step)
           break
     # ---- final save
     save(step)
@@ -138,6 +152,8 @@ def run(config, workdir: str) -> dict:
     ckpt.close()
     bar.close()
     writer.close()
+  if preempt.requested:
+    raise Interrupted(preempt.signum, step, workdir)
   last["step"] = step
   return last
 
@@ -145,7 +161,7 @@ def run(config, workdir: str) -> dict:
 def main(argv):
   del argv
   if FLAGS.workdir is None or FLAGS.config is None:
-    raise ValueError("--config and --workdir are required")
+    raise app.UsageError("--config and --workdir are required")
   logging.info("done: %s", run(FLAGS.config, FLAGS.workdir))
 
 

@@ -4,8 +4,9 @@
       --config.model.hf_path=/path/to/hf_dir --config.data.path=train.jsonl
 
 Rerunning the same command on the same workdir resumes from the latest checkpoint, exactly.
-SIGTERM (preemption) saves a checkpoint and exits. The loop reads top to bottom: setup,
-restore, loop (step, log, eval, save), final save.
+SIGTERM (preemption) or SIGINT (Ctrl-C) saves a checkpoint and exits non-zero with a line
+saying how to resume; config, model and data are checked before anything is written to the
+workdir. The loop reads top to bottom: setup, restore, loop (step, log, eval, save), final save.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np  # noqa: E402
 from ftjax import cli  # noqa: E402
 from ftjax import checkpoint, data as data_lib, metrics as metrics_lib, partition  # noqa: E402
 from ftjax import workdir as wd  # noqa: E402
+from ftjax.errors import Diverged, Interrupted, UserError  # noqa: E402
 from ftjax.train import common, sft  # noqa: E402
 
 
@@ -51,19 +53,18 @@ def evaluate(eval_fn, params, batches) -> dict:
 
 def run(config, workdir: str) -> dict:
   """Train; returns the last logged metrics (and eval metrics) as floats."""
-  # ---- setup
-  wd.save_config(config, workdir)
+  # ---- setup: config, model and data are checked before anything is written
   t = config.train
   if t.batch_size % t.grad_accum:
-    raise ValueError(f"config.train.batch_size={t.batch_size} is not divisible by "
-                     f"config.train.grad_accum={t.grad_accum}")
+    raise UserError(f"config.train.batch_size={t.batch_size} is not divisible by "
+                    f"config.train.grad_accum={t.grad_accum}")
   if config.adapter.kind == "prompt" and config.data.packing:
-    raise ValueError("config.data.packing must be False with prompt tuning (the soft prompt "
-                     "precedes each row, not each packed example)")
+    raise UserError("config.data.packing must be False with prompt tuning (the soft prompt "
+                    "precedes each row, not each packed example)")
   par = wd.parallel(config)
   par.check_batch(int(t.batch_size))
   if par.mode == "pmap" and t.batch_size // par.n_batch_shards % t.grad_accum:
-    raise ValueError("config.train.batch_size / devices must divide by config.train.grad_accum")
+    raise UserError("config.train.batch_size / devices must divide by config.train.grad_accum")
   model, params, tok, base_ref = wd.build_model(config, par=par)
   trainable, frozen, labels = common.split_params(params, wd.rules(config))
   del params
@@ -76,20 +77,33 @@ def run(config, workdir: str) -> dict:
   summary = partition.summary(partition.merge(trainable, frozen), labels, state["opt_state"])
   logging.info("%s", partition.format_summary(summary))
 
+  # Each host reads its own rows of every global batch. A fresh run reads its data before
+  # anything is written, so a bad file leaves no workdir; a resume reads it once, at the
+  # restored position.
+  def build_data(state):
+    return data_lib.build_dataset(wd.data_config(config), tok, int(t.seq_len), int(t.batch_size),
+                                  seed=int(t.seed), state=state,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+
+  data = None if wd.has_checkpoints(workdir) else build_data(None)
+
   # ---- restore
+  wd.save_config(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, keep=int(t.keep), async_save=bool(t.async_save))
-  data_state, start = None, 0
-  if ckpt.latest_step() is not None:
-    state, data_state, extra = ckpt.restore(target=state)
-    if base_ref.get("kind") == "hf":
-      checkpoint.check_base(extra, base_ref["path"])
-    start = int(state["step"])
-    logging.info("resumed from step %d of %s", start, workdir)
-  # Each host reads its own rows of every global batch.
-  data = data_lib.build_dataset(wd.data_config(config), tok, int(t.seq_len), int(t.batch_size),
-                                seed=int(t.seed), state=data_state,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count())
+  try:
+    data_state, start = None, 0
+    if ckpt.latest_step() is not None:
+      state, data_state, extra = ckpt.restore(target=state)
+      if base_ref.get("kind") == "hf":
+        checkpoint.check_base(extra, base_ref["path"])
+      start = int(state["step"])
+      logging.info("resumed from step %d of %s", start, workdir)
+    if data is None or data_state:
+      data = build_data(data_state)
+  except BaseException:
+    ckpt.close()  # an async checkpointer left open prints an orbax thread traceback at exit
+    raise
   logging.info("train data: %s", data.stats)
   eval_batches = data.eval_batches()
   if t.eval_batches:
@@ -131,8 +145,8 @@ def run(config, workdir: str) -> dict:
         if step % t.log_every == 0 or step == t.steps:
           m = {k: float(v) for k, v in jax.device_get(par.metrics(m)).items()}
           if not np.isfinite(m["loss"]):
-            raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping without "
-                                     "saving (lower optim.lr, or check the data)")
+            raise Diverged(f"loss is {m['loss']} at step {step}; stopping without "
+                           "saving (lower optim.lr, or check the data)")
           m.update(throughput.update(tokens))
           tokens = 0
           writer.write(step, m)
@@ -154,8 +168,8 @@ def run(config, workdir: str) -> dict:
           logging.info("early stop at step %d: eval loss has not improved for %d evals", step,
                        bad_evals)
           break
-        if preempt.requested:
-          logging.warning("SIGTERM: saving step %d and exiting", step)
+        if preempt.any_requested():
+          logging.warning("signal %s: saving step %d and exiting", preempt.signum, step)
           break
 
     # ---- final save
@@ -165,6 +179,8 @@ def run(config, workdir: str) -> dict:
     ckpt.close()
     bar.close()
     writer.close()
+  if preempt.requested:
+    raise Interrupted(preempt.signum, step, workdir)
   last["step"] = step
   return last
 

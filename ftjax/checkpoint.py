@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ftjax.errors import UserError
+
 
 class _DropNoMetricsWarning(logging.Filter):
   """Orbax warns on every save without metrics once best_fn is set; most of ours are such."""
@@ -117,7 +119,7 @@ def base_fingerprint(path: str) -> str:
   files = sorted(os.listdir(path))
   st_files = [f for f in files if f.endswith(".safetensors")]
   if not st_files:
-    raise FileNotFoundError(f"{path}: no *.safetensors files to fingerprint")
+    raise UserError(f"{path}: no *.safetensors files to fingerprint")
   h = hashlib.sha256()
   cfg = os.path.join(path, "config.json")
   if os.path.exists(cfg):
@@ -130,10 +132,10 @@ def base_fingerprint(path: str) -> str:
     with open(fname, "rb") as f:
       raw = f.read(8)
       if len(raw) != 8:
-        raise ValueError(f"{fname}: truncated safetensors file (no header length)")
+        raise UserError(f"{fname}: truncated safetensors file (no header length)")
       (n,) = struct.unpack("<Q", raw)
       if 8 + n > size:
-        raise ValueError(f"{fname}: safetensors header length {n} exceeds file size {size}")
+        raise UserError(f"{fname}: safetensors header length {n} exceeds file size {size}")
       header = f.read(n)
       h.update(name.encode() + struct.pack("<QQ", size, n) + header)
       start, length = 8 + n, size - 8 - n
@@ -155,7 +157,7 @@ def base_reference(path: str) -> dict:
   return {"path": os.path.abspath(path), "fingerprint": base_fingerprint(path)}
 
 
-class BaseModelChangedError(ValueError):
+class BaseModelChangedError(UserError):
   """The frozen base under a checkpoint no longer matches the one it was trained on."""
 
 
@@ -222,7 +224,7 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, keep_best: bool = True,
                best_metric: str = "eval_loss", async_save: bool = True):
     if keep < 1:
-      raise ValueError(f"Checkpointer keep must be >= 1, got {keep}")
+      raise UserError(f"Checkpointer keep must be >= 1, got {keep}")
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.best_metric = best_metric
     self.keep_best = keep_best
@@ -332,11 +334,11 @@ class Checkpointer:
     where = f"checkpoint {self.directory}/{step}"
     missing = [k for k in want if k not in stored]
     if missing:
-      raise ValueError(f"{where}: target leaf '{missing[0]}' is not in the checkpoint "
+      raise UserError(f"{where}: target leaf '{missing[0]}' is not in the checkpoint "
                        f"({len(missing)} missing; stored e.g. {sorted(stored)[:3]})")
     unexpected = [k for k in stored if k not in want]
     if unexpected:
-      raise ValueError(f"{where}: checkpoint leaf '{unexpected[0]}' has no place in the target "
+      raise UserError(f"{where}: checkpoint leaf '{unexpected[0]}' has no place in the target "
                        f"({len(unexpected)} extra)")
     for name, leaf in want.items():
       if not hasattr(leaf, "dtype"):
@@ -345,7 +347,7 @@ class Checkpointer:
       s = stored[name]
       s_shape, s_dtype = tuple(getattr(s, "shape", ())), getattr(s, "dtype", None)
       if s_shape != shape or (s_dtype is not None and np.dtype(s_dtype) != dtype):
-        raise ValueError(f"{where}: leaf '{name}' is {s_dtype}{list(s_shape)} on disk but the "
+        raise UserError(f"{where}: leaf '{name}' is {s_dtype}{list(s_shape)} on disk but the "
                          f"target wants {dtype}{list(shape)}")
 
   def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict, dict]:
@@ -386,19 +388,22 @@ class Checkpointer:
 
 
 class PreemptionHandler:
-  """Context manager turning SIGTERM into a flag the loop polls, so it can save and exit.
+  """Context manager turning SIGTERM and SIGINT (Ctrl-C) into a flag the loop polls, so it can
+  save and exit.
 
     with PreemptionHandler() as preempt:
       for step in ...:
         ...
-        if preempt.requested:   # multi-host: preempt.any_requested()
+        if preempt.any_requested():   # every process, every step
           ckpt.save(step, ...); break
 
-  The previous handler is restored on exit. Must be entered on the main thread (Python only
+  `any_requested()` agrees across processes, so a signal to one host stops every host after
+  the same step (a host that stopped alone would leave the others waiting in a collective).
+  The previous handlers are restored on exit. Must be entered on the main thread (Python only
   delivers signals there).
   """
 
-  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
     self.signals = tuple(signals)
     self.requested = False
     self.signum: int | None = None
@@ -407,7 +412,7 @@ class PreemptionHandler:
   def _handle(self, signum, frame):
     del frame
     self.requested = True
-    self.signum = signum
+    self.signum = self.signum or signum
 
   def __enter__(self):
     if threading.current_thread() is not threading.main_thread():
@@ -422,9 +427,19 @@ class PreemptionHandler:
     self._old.clear()
 
   def any_requested(self) -> bool:
-    """True if any process got the signal; a collective, so call it on every process alike."""
+    """True if any process got a signal; a collective, so call it on every process alike.
+
+    A process that learns of another's signal takes that signal's number as its own `signum`,
+    so every host reports the same reason.
+    """
     if jax.process_count() == 1:
       return self.requested
     from jax.experimental import multihost_utils
-    flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
-    return bool(np.asarray(flags).any())
+    # One int per process: 0 for no signal, else the signal number.
+    flags = np.asarray(multihost_utils.process_allgather(
+        np.asarray(self.signum if self.requested else 0, np.int32)))
+    if not flags.any():
+      return False
+    self.requested = True
+    self.signum = self.signum or int(flags[flags != 0][0])
+    return True

@@ -1,22 +1,114 @@
-"""Entry-point glue shared by the experiment scripts: bad input is one line and exit code 1."""
+"""Entry-point glue shared by the experiment scripts: bad input is one line and exit code 1.
+
+`run(main, define_flags)` parses the flags itself so that a bad `--config.x` override (a typo,
+a wrong type) or a config file's `UserError` is one line too, adds `--print_config` to scripts
+with a `--config` flag (prints the resolved config, overrides applied, and exits), and turns
+`errors.UserError` / `errors.Diverged` into `error: <one line>` with exit code 1 and
+`errors.Interrupted` into a line saying how to resume with exit code 128 + signal (the shell's
+convention for a process ended by a signal). Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import sys
 from typing import Callable
 
-from absl import app
+from absl import app, flags
+
+from ftjax.errors import Diverged, Interrupted, UserError
+
+FLAGS = flags.FLAGS
 
 # What a user's input can cause (a typo, a missing file, a bad row, a diverged run): one line,
 # no traceback. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, OSError, FloatingPointError)
+USER_ERRORS = (UserError, Diverged)
+
+
+def one_line(e: BaseException) -> str:
+  """The first non-empty line of an exception's message (its type name if there is none)."""
+  msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+  lines = [ln.strip() for ln in str(msg).strip().splitlines() if ln.strip()]
+  return lines[0] if lines else type(e).__name__
+
+
+def _failing_flag(tb) -> str | None:
+  """The flag whose parse raised, from the traceback's frames: `config.train.stpes` for an
+  override (ml_collections parses every `--config.*` override inside the `config` flag)."""
+  name = None
+  while tb is not None:
+    local = tb.tb_frame.f_locals
+    obj = local.get("self")
+    if isinstance(obj, flags.Flag):
+      name = obj.name
+      path = next((local[k] for k in ("field_path", "override") if isinstance(local.get(k), str)),
+                  None)
+      if path:
+        name = f"{obj.name}.{path}"
+    tb = tb.tb_next
+  return name
+
+
+def _override_message(e: BaseException) -> str:
+  # ConfigDict wraps its KeyError (with a "Did you mean" line) in an AttributeError.
+  inner = e.args[0] if e.args and isinstance(e.args[0], BaseException) else e
+  lines = [ln.strip().strip("'\"") for ln in
+           str(inner.args[0] if isinstance(inner, KeyError) and inner.args else inner).splitlines()]
+  lines = [ln for ln in lines if ln]
+  if isinstance(inner, (KeyError, AttributeError)) and lines:
+    return f"no such config field {lines[0]!r}" + (f" ({lines[1]})" if len(lines) > 1 else "")
+  return "; ".join(lines) or type(e).__name__
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing where every bad flag or config override ends in one line, exit 1."""
+  try:
+    return FLAGS(argv)
+  except UserError as e:  # raised by a config file's get_config / parse_arg
+    _die(one_line(e))
+  except flags.Error as e:
+    # config_flags re-raises it as a UserError holding the traceback text; the innermost
+    # UserError in the chain is the original one-line message.
+    cause, link = None, e
+    while link is not None:
+      cause = link if isinstance(link, UserError) else cause
+      link = link.__cause__ or link.__context__
+    if cause is None and "config file" in str(e) and len(str(e).splitlines()) > 1:
+      raise  # a bug in a config file: its traceback matters
+    _die(one_line(cause or e))
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections raises these for an override naming no field or of the wrong type; a bug
+    # in a config file raises other types, or these outside any flag's parse, and keeps its
+    # traceback.
+    name = _failing_flag(e.__traceback__)
+    if name is None or "." not in name:  # not an override: a bug in a config file
+      raise
+    _die(f"--{name}: {_override_message(e)}")
+
+
+def _die(msg: str, code: int = 1):
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(code)
 
 
 def run(main: Callable, define_flags: Callable[[], None]):
   define_flags()
+  has_config = "config" in FLAGS
+  if has_config:
+    flags.DEFINE_bool("print_config", False, "Print the resolved config (the config file with "
+                      "its arg and --config.* overrides applied) and exit.")
+
+  def _main(argv):
+    if has_config and FLAGS.print_config:
+      if FLAGS.config is None:
+        raise app.UsageError("--print_config needs --config")
+      print(FLAGS.config.to_json_best_effort(indent=2, sort_keys=False))
+      return
+    main(argv)
+
   try:
-    app.run(main)
+    app.run(_main, flags_parser=parse_flags)
   except USER_ERRORS as e:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
+    _die(one_line(e))
+  except Interrupted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(128 + (e.signum or 15))

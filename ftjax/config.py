@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+from ftjax.errors import UserError
+
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
 
 
@@ -211,7 +213,7 @@ PRESETS: dict[str, ModelConfig] = {
 def get_preset(name: str, **overrides) -> ModelConfig:
   """A named preset, optionally with fields replaced."""
   if name not in PRESETS:
-    raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    raise UserError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
   return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 

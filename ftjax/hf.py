@@ -22,6 +22,7 @@ import numpy as np
 
 from ftjax import st_io
 from ftjax.config import ModelConfig
+from ftjax.errors import UserError
 from ftjax.model import Decoder
 
 log = logging.getLogger("ftjax")
@@ -40,7 +41,7 @@ _ACTS_BACK = {"gpt2": {"gelu_tanh": "gelu_new", "gelu": "gelu", "silu": "silu"},
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint that cannot be loaded; the message names the file and the tensor."""
 
 

@@ -24,6 +24,8 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ftjax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -58,18 +60,18 @@ def parse_shape(spec: str, n_devices: Optional[int] = None) -> dict[str, int]:
       continue
     k, _, v = part.partition("=")
     if k not in MESH_AXES:
-      raise ValueError(f"mesh.shape: unknown axis {k!r}; axes are {MESH_AXES}")
+      raise UserError(f"mesh.shape: unknown axis {k!r}; axes are {MESH_AXES}")
     shape[k] = int(v)
   free = [k for k, v in shape.items() if v == -1]
   if len(free) > 1:
-    raise ValueError(f"mesh.shape {spec!r}: at most one axis may be -1")
+    raise UserError(f"mesh.shape {spec!r}: at most one axis may be -1")
   fixed = math.prod(v for v in shape.values() if v != -1)
   if free:
     if n % fixed:
-      raise ValueError(f"mesh.shape {spec!r}: {n} devices do not divide by {fixed}")
+      raise UserError(f"mesh.shape {spec!r}: {n} devices do not divide by {fixed}")
     shape[free[0]] = n // fixed
   if math.prod(shape.values()) != n:
-    raise ValueError(f"mesh.shape {spec!r} has {math.prod(shape.values())} devices; "
+    raise UserError(f"mesh.shape {spec!r} has {math.prod(shape.values())} devices; "
                      f"there are {n}")
   return shape
 
@@ -175,7 +177,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def check_batch(batch_size: int, mesh: Mesh, what: str = "config.train.batch_size"):
   n = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if batch_size % n:
-    raise ValueError(f"{what}={batch_size} does not divide over the data x fsdp = {n} batch "
+    raise UserError(f"{what}={batch_size} does not divide over the data x fsdp = {n} batch "
                      f"shards of mesh {dict(mesh.shape)}")
 
 
@@ -212,7 +214,7 @@ class Parallel:
 
   def __init__(self, mode: str = "pjit", mesh_shape: str = "data=-1", rules=RULES):
     if mode not in ("pjit", "pmap"):
-      raise ValueError(f"config.parallel={mode!r}: expected pjit or pmap")
+      raise UserError(f"config.parallel={mode!r}: expected pjit or pmap")
     self.mode, self.rules = mode, rules
     if mode == "pjit":
       spec, n = _subset_spec(mesh_shape, jax.device_count())
@@ -227,7 +229,7 @@ class Parallel:
     if batch_size % self.n_batch_shards:
       where = (f"mesh {dict(self.mesh.shape)}" if self.mesh is not None
                else f"{self.n_batch_shards} pmap devices")
-      raise ValueError(f"{what}={batch_size} does not divide over the {self.n_batch_shards} "
+      raise UserError(f"{what}={batch_size} does not divide over the {self.n_batch_shards} "
                        f"batch shards of {where}")
 
   def context(self):

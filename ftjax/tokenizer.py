@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
+from ftjax.errors import UserError
+
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
 
 # Each turn is `<|role|>\n content <|end|>\n`; the generation prompt opens an assistant turn.
@@ -47,4 +49,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str):
 def load_tokenizer(path: str):
   """An HF tokenizer from a local directory (no remote code)."""
   from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+  if not os.path.isdir(path):
+    raise UserError(f"{path}: no such tokenizer directory")
+  try:
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+  except (OSError, ValueError) as e:  # missing or unreadable tokenizer files
+    msg = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    raise UserError(f"{path}: cannot load a tokenizer ({msg.strip()})") from None

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import jax
 
 from ftjax import checkpoint, hf, partition
+from ftjax.errors import UserError
 from ftjax.config import LoraConfig, PrefixConfig, get_preset
 from ftjax.model import AdapterSpec, Decoder, init_params
 from ftjax.quant import QuantConfig
@@ -31,21 +32,24 @@ def adapter_spec(config) -> AdapterSpec:
   a, q = config.adapter, config.quant
   kind = a.kind
   if kind not in ADAPTER_KINDS:
-    raise ValueError(f"config.adapter.kind={kind!r}: expected one of {ADAPTER_KINDS}")
+    raise UserError(f"config.adapter.kind={kind!r}: expected one of {ADAPTER_KINDS}")
   if q.kind not in ("none", "nf4", "int4"):
-    raise ValueError(f"config.quant.kind={q.kind!r}: expected none, nf4 or int4")
+    raise UserError(f"config.quant.kind={q.kind!r}: expected none, nf4 or int4")
   if q.kind != "none" and kind == "none":
-    raise ValueError("config.quant.kind needs an adapter: a 4-bit base cannot be fully "
+    raise UserError("config.quant.kind needs an adapter: a 4-bit base cannot be fully "
                      "fine-tuned (set config.adapter.kind=lora)")
-  lora = prefix = None
-  if kind == "lora":
-    lora = LoraConfig(rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=a.targets,
-                      rslora=a.rslora, init=a.init, dora=a.dora)
-  elif kind in ("prefix", "prompt"):
-    prefix = PrefixConfig(kind=kind, length=a.length, reparam=a.reparam,
-                          reparam_hidden=a.reparam_hidden)
-  quant = None if q.kind == "none" else QuantConfig(kind=q.kind, block_size=q.block_size,
-                                                     double_quant=q.double_quant)
+  lora = prefix = quant = None
+  try:  # the dataclasses check their fields; here the fields come from the user's config
+    if kind == "lora":
+      lora = LoraConfig(rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=a.targets,
+                        rslora=a.rslora, init=a.init, dora=a.dora)
+    elif kind in ("prefix", "prompt"):
+      prefix = PrefixConfig(kind=kind, length=a.length, reparam=a.reparam,
+                            reparam_hidden=a.reparam_hidden)
+    if q.kind != "none":
+      quant = QuantConfig(kind=q.kind, block_size=q.block_size, double_quant=q.double_quant)
+  except ValueError as e:
+    raise UserError(f"config.adapter / config.quant: {e}") from None
   return AdapterSpec(lora=lora, quant=quant, prefix=prefix)
 
 
@@ -61,7 +65,7 @@ def tokenizer_path(config) -> str:
   m = config.model
   path = m.tokenizer or m.hf_path
   if not path:
-    raise ValueError("config.model.tokenizer is required when no config.model.hf_path is given")
+    raise UserError("config.model.tokenizer is required when no config.model.hf_path is given")
   return hf.resolve(path)
 
 
@@ -102,7 +106,7 @@ def build_model(config, rng: Optional[jax.Array] = None, par=None):
   else:
     params = init_params(model, rng)
   if spec.quant is not None:
-    raise ValueError("config.quant needs a pretrained base (config.model.hf_path)")
+    raise UserError("config.quant needs a pretrained base (config.model.hf_path)")
   return model, params, tok, {"kind": "preset", "preset": m.preset, "seed": m.seed}
 
 
@@ -117,7 +121,7 @@ def data_config(config) -> dict:
   if not d.get("max_prompt_len"):
     d.pop("max_prompt_len", None)
   if not d.get("sources"):
-    raise ValueError("config.data.path (or config.data.sources) is required")
+    raise UserError("config.data.path (or config.data.sources) is required")
   return d
 
 
@@ -153,6 +157,12 @@ def init_distributed():
     _DISTRIBUTED = True
 
 
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir` holds a checkpoint directory from an earlier run (reads only)."""
+  d = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
 def save_config(config, workdir: str):
   os.makedirs(workdir, exist_ok=True)
   tmp = os.path.join(workdir, "config.json.tmp")
@@ -165,7 +175,7 @@ def load_config(workdir: str):
   import ml_collections
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: missing; not an ftjax workdir")
+    raise UserError(f"{path}: missing; not an ftjax workdir")
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
@@ -177,6 +187,11 @@ def load_trained(workdir: str, step: Any = None):
   training time); the checkpoint's trainable params are merged over it.
   """
   config = load_config(workdir)
+  # Checked before the Checkpointer, which would create an empty checkpoints/ here.
+  if not has_checkpoints(workdir):
+    raise UserError(f"{workdir}: no checkpoint to restore (the run saved none yet)")
+  if step not in (None, "best") and not str(step).isdigit():
+    raise UserError(f"step={step!r}: expected a step number or 'best'")
   model, params, tok, base_ref = build_model(config)
   trainable, frozen, _ = common.split_params(params, rules(config))
   ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep), async_save=False)
@@ -185,8 +200,10 @@ def load_trained(workdir: str, step: Any = None):
       step = ckpt.best_step() or ckpt.latest_step()
     elif step is not None:
       step = int(step)
+      if step not in ckpt.all_steps():
+        raise UserError(f"{workdir}: no checkpoint for step {step} (have {ckpt.all_steps()})")
     if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"{workdir}: no checkpoint to restore")
+      raise UserError(f"{workdir}: no checkpoint to restore")
     _, tx = optimizer(config)
     target = jax.eval_shape(lambda: common.init_state(trainable, tx, int(config.train.seed)))
     state, _, extra = ckpt.restore(step, target=target)

@@ -130,8 +130,9 @@ def test_interrupted_run_resumes_exactly(base_dir, chat_files, tmp_path, sig, de
     assert _latest(interrupted) < steps, f"interruption {i}: the run finished before the kill"
     if i:
       assert "resumed from step" in err
-    if sig == signal.SIGTERM:
-      assert proc.returncode == 0, err[-2000:]  # saved and exited cleanly
+    if sig == signal.SIGTERM:  # saved, and exited non-zero saying how to resume
+      assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+      assert "rerun the same command to resume" in err.strip().splitlines()[-1], err[-2000:]
   res = subprocess.run(_cmd(args, interrupted), capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-2000:]
   assert "resumed from step" in res.stderr

@@ -1,0 +1,166 @@
+"""The experiment scripts' command line: one-line errors, nothing written on bad input, Ctrl-C
+saves and says how to resume, --print_config, and a signal on one host stops every host."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from configs import demo as demo_config, dpo as dpo_config, reward as reward_config
+from configs import sft as sft_config
+from ftjax import cli, workdir as wd
+from ftjax.errors import UserError
+from tests.test_sft import _args, _cmd, _latest, _wait_for_new_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+
+
+def _script(name, *args):
+  return [sys.executable, os.path.join(ROOT, "experiments", name), *args]
+
+
+def _error_lines(stderr: str) -> list[str]:
+  return [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(base_dir, chat_files, tmp_path):
+  train, ev = chat_files
+  bad_json = tmp_path / "bad.jsonl"
+  with open(train) as f:
+    rows = f.read().splitlines()
+  bad_json.write_text("\n".join(rows[:2] + ['{"messages": [}'] + rows[2:]) + "\n")
+  no_data = [a for a in _args(base_dir, train, ev, 2, 1) if "data." not in a]
+  sft = lambda extra, w: _cmd(_args(base_dir, train, ev, 2, 1) + extra, w)  # noqa: E731
+  # name -> (command, what the one error line must name)
+  cases = {
+      "typo": (sft(["--config.train.stpes=10"], "{w}"), ["config.train.stpes", "steps"]),
+      "arg_key": ([*_script("sft.py"), "--config=" + os.path.join(ROOT, "configs", "sft.py")
+                   + ":adaptr=lora", "--workdir={w}"], ["adaptr", "adapter, quant"]),
+      "missing_file": (sft(["--config.data.path=/nonexistent/train.jsonl"], "{w}"),
+                       ["/nonexistent/train.jsonl"]),
+      "no_data_path": (_cmd(no_data, "{w}"), ["config.data.path"]),
+      "bad_json_row": (sft([f"--config.data.path={bad_json}"], "{w}"),
+                       ["bad.jsonl", "row 3", "JSON"]),
+      "export_no_ckpt": (_script("export.py", "--workdir={w0}", "--out={w}"),
+                         ["no checkpoint"]),
+  }
+  # A workdir that holds a config but no checkpoint (a run stopped before its first save).
+  w0 = str(tmp_path / "w0")
+  wd.save_config(sft_config.get_config("smoke"), w0)
+  procs = {}
+  for name, (cmd, _) in cases.items():
+    cmd = [c.format(w=str(tmp_path / name), w0=w0) for c in cmd]
+    procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env=ENV)
+  for name, proc in procs.items():
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, (name, err[-3000:])
+    assert "Traceback" not in err and "cannot schedule new futures" not in err, (name, err)
+    lines = _error_lines(err)
+    assert len(lines) == 1, (name, err[-3000:])
+    for needle in cases[name][1]:
+      assert needle in lines[0], (name, lines[0])
+    assert not os.path.exists(tmp_path / name), (name, os.listdir(tmp_path / name))
+  assert os.listdir(w0) == ["config.json"]  # export did not create checkpoints/ there
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch, capsys):
+  """Only UserError is one line: a plain ValueError (a bug) propagates with its traceback."""
+  from absl import flags
+
+  def bug(argv):
+    raise ValueError("a bug")
+
+  def user(argv):
+    raise UserError("config.x: bad\nsecond line")
+
+  monkeypatch.setattr(sys, "argv", ["prog"])
+  define = lambda: None  # noqa: E731
+  with pytest.raises(ValueError, match="a bug"):
+    cli.run(bug, define)
+  flags.FLAGS.unparse_flags()
+  with pytest.raises(SystemExit) as e:
+    cli.run(user, define)
+  assert e.value.code == 1
+  assert capsys.readouterr().err == "error: config.x: bad\n"
+
+
+def test_config_arg_keys_are_checked_and_documented():
+  for mod, keys in [(sft_config, ["model", "adapter", "quant", "format", "smoke"]),
+                    (dpo_config, ["loss", "adapter", "smoke"]),
+                    (reward_config, ["adapter", "smoke"]),
+                    (demo_config, ["stage", "smoke"])]:
+    with pytest.raises(UserError, match="unknown arg key 'bogus'.*known keys: .*smoke"):
+      mod.get_config("smoke,bogus=1")
+    for k in keys:
+      assert k in mod.__doc__ and k in mod.ARG_KEYS, (mod.__name__, k)
+  assert dpo_config.get_config("loss=ipo,smoke").dpo.loss_type == "ipo"
+  with pytest.raises(UserError, match="'loss'"):  # a reward model has no DPO loss
+    reward_config.get_config("loss=ipo")
+
+
+def test_print_config_shows_overrides(tmp_path):
+  res = subprocess.run(
+      _script("dpo.py", "--config=" + os.path.join(ROOT, "configs", "dpo.py") + ":loss=ipo,smoke",
+              "--config.train.steps=7", "--print_config"),
+      capture_output=True, text=True, timeout=300, env=ENV)
+  assert res.returncode == 0, res.stderr[-2000:]
+  cfg = json.loads(res.stdout)
+  assert cfg["train"]["steps"] == 7 and cfg["dpo"]["loss_type"] == "ipo"
+  assert cfg["adapter"]["kind"] == "lora"
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(base_dir, chat_files, tmp_path):
+  train, ev = chat_files
+  w = str(tmp_path / "run")
+  proc = subprocess.Popen(_cmd(_args(base_dir, train, ev, 200, 2), w), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, env=ENV)
+  assert _wait_for_new_checkpoint(proc, w, 0), proc.stderr.read()[-2000:]
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  assert "SIGINT" in last and "rerun the same command to resume" in last, last
+  assert 2 <= _latest(w) < 200  # the step it stopped at was saved
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+_WORKER = """
+import os, signal, sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+from ftjax import checkpoint
+with checkpoint.PreemptionHandler() as preempt:
+  step = 0
+  while step < 1000:
+    step += 1
+    if jax.process_index() == 1 and step == 3:
+      os.kill(os.getpid(), signal.SIGINT)  # only this host gets Ctrl-C
+    if preempt.any_requested():
+      break
+print(f"stopped at step {step} by signal {preempt.signum}", flush=True)
+"""
+
+
+def test_signal_on_one_host_stops_every_host_at_the_same_step():
+  addr = f"localhost:{_free_port()}"
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, addr, str(i)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+           for i in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+  last = [o.strip().splitlines()[-1] for o, _ in outs]  # after gloo's own prints
+  assert last == [f"stopped at step 3 by signal {int(signal.SIGINT)}"] * 2
