@@ -54,7 +54,10 @@ def get_config(arg=None):
                  b2=0.999, eps=1e-8)
   c.train = dict(steps=500, batch_size=8, seq_len=512, grad_accum=1, seed=0, log_every=10,
                  eval_every=100, save_every=100, keep=2, eval_batches=0, early_stop_patience=0,
-                 async_save=True)
+                 async_save=True,
+                 # Positions of T per LM-head chunk in the loss: the step holds one chunk's
+                 # [B, chunk, V] float32 logits, not [B, T, V]. 0 = all at once.
+                 logprob_chunk=256)
   # pjit: jax.jit with shardings on the mesh; pmap: data parallel over local devices.
   c.parallel = "pjit"
   c.mesh = dict(shape="data=-1", rules={}, distributed=False)

@@ -83,9 +83,9 @@ def _moving_base_leaves(config, params) -> dict:
   return {k: v for k, v in flat.items() if k not in adapter}
 
 
-def precompute_reference(ref_model, ref_params, batches) -> dict:
+def precompute_reference(ref_model, ref_params, batches, chunk: int = 0) -> dict:
   """Reference (sum, mean) logps keyed by each row's bytes: one pass before training."""
-  fn = jax.jit(lambda p, b: preference.side_logps(ref_model, p, b))
+  fn = jax.jit(lambda p, b: preference.side_logps(ref_model, p, b, chunk=chunk))
   table = {}
   for batch in batches:
     sums, means = map(np.asarray, jax.device_get(fn(ref_params, batch)))
@@ -172,11 +172,11 @@ def run(config, workdir: str) -> dict:
     table = precompute_reference(ref_model, init_params,
                                  pref_data.eval_batches(data.train.examples, int(t.batch_size),
                                                         int(t.seq_len), pad_id=data.pad_id)
-                                 + eval_batches)
+                                 + eval_batches, int(t.logprob_chunk))
     del init_params
 
   dpo_kw = dict(beta=float(d.beta), loss_type=d.loss_type,
-                label_smoothing=float(d.label_smoothing))
+                label_smoothing=float(d.label_smoothing), chunk=int(t.logprob_chunk))
   step_fn = par.compile(lambda axis: preference.make_dpo_step(
       model, ref_model, ref_params_fn, tx, schedule, grad_accum=int(t.grad_accum),
       axis_name=axis, **dpo_kw), state, frozen)

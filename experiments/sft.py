@@ -109,10 +109,11 @@ def run(config, workdir: str) -> dict:
   if t.eval_batches:
     eval_batches = eval_batches[:int(t.eval_batches)]
 
-  step_fn = par.compile(lambda axis: sft.make_step(model, tx, schedule, int(t.grad_accum), axis),
-                        state, frozen)
+  chunk = int(t.logprob_chunk)
+  step_fn = par.compile(lambda axis: sft.make_step(model, tx, schedule, int(t.grad_accum), axis,
+                                                   chunk), state, frozen)
   eval_jit = jax.jit(lambda trainable, frz, batch: sft.eval_step(
-      partition.merge(trainable, frz), batch, model=model))
+      partition.merge(trainable, frz), batch, model=model, chunk=chunk))
   host_frozen = frozen
 
   def eval_fn(trainable, batch):

@@ -5,12 +5,14 @@ Shapes use the letters of `model.py` (B batch, T length, V vocab).
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import jax
 import jax.numpy as jnp
 
 
-def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """log p(target) per position.
+def logprobs_from_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """log p(target) per position, from logits already in hand.
 
   Args:
     logits: float [B, T, V] (any float dtype; computed in float32).
@@ -23,20 +25,57 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def sft_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
-             ) -> tuple[jax.Array, jax.Array]:
+def token_logprobs(hidden: jax.Array, head: Callable[[jax.Array], jax.Array],
+                   targets: jax.Array, mask: Optional[jax.Array] = None, chunk: int = 0
+                   ) -> jax.Array:
+  """log p(target) per position from hidden states, `chunk` positions of T at a time.
+
+  Each chunk's logits [B, C, V] are built, reduced to [B, C] and dropped; the backward pass
+  recomputes them (`jax.checkpoint`), so neither pass holds the [B, T, V] float32 logits, only
+  one chunk's. The result equals `logprobs_from_logits(head(hidden), targets)` to float32
+  rounding, value and gradient.
+
+  Args:
+    hidden: [B, T, D] final hidden states (`Decoder(..., return_hidden=True)`).
+    head: hidden [B, C, D] -> float logits [B, C, V], e.g. `heads.lm_logits` over the params.
+    targets: int [B, T].
+    mask: optional bool or float [B, T]; positions where it is 0 give 0.
+    chunk: positions per chunk; 0 (or >= T) computes all logits at once.
+  Returns:
+    float32 [B, T].
+  """
+  b, t = targets.shape
+  piece = lambda h, y: logprobs_from_logits(head(h), y)
+  if chunk <= 0 or chunk >= t:
+    lp = piece(hidden, targets)
+  else:
+    n = -(-t // chunk)
+    pad = n * chunk - t  # the padded tail is computed and dropped
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    y = jnp.pad(targets, ((0, 0), (0, pad)))
+    h = h.reshape(b, n, chunk, h.shape[-1]).swapaxes(0, 1)  # [n, B, C, D]
+    y = y.reshape(b, n, chunk).swapaxes(0, 1)  # [n, B, C]
+    lp = jax.lax.map(jax.checkpoint(lambda hy: piece(*hy)), (h, y))  # [n, B, C]
+    lp = lp.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+  if mask is not None:
+    lp = jnp.where(mask.astype(bool), lp, 0.0)
+  return lp
+
+
+def sft_loss(token_logps: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Masked next-token cross-entropy, as a sum and a token count (normalise outside).
 
   Returning the sum lets gradient accumulation divide by the total number of target tokens
   across micro-batches, which makes k micro-batches equal one batch k times larger.
 
   Args:
-    logits: float [B, T, V]; targets: int [B, T]; weights: float [B, T] (0 on non-targets).
+    token_logps: float [B, T] log p(target) (`token_logprobs`, `logprobs_from_logits`);
+    weights: float [B, T] (0 on non-targets).
   Returns:
     (sum of -log p over weighted tokens, sum of weights), both float32 scalars.
   """
   w = weights.astype(jnp.float32)
-  return -(token_logprobs(logits, targets) * w).sum(), w.sum()
+  return -(token_logps.astype(jnp.float32) * w).sum(), w.sum()
 
 
 LOSSES = {"sft": sft_loss}
@@ -134,6 +173,32 @@ def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
   return losses, chosen_rewards, rejected_rewards
 
 
+def dpo_metric_sums(chosen_rewards: jax.Array, rejected_rewards: jax.Array,
+                    policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
+                    weights: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+  """Weighted sums of `dpo_metrics`' quantities (divide by the pair count outside).
+
+  Sums rather than means let a trainer add them over micro-batches and devices and skip
+  padding pairs (weight 0) before dividing once.
+
+  Args:
+    as `dpo_metrics`; weights: optional float [B] (default 1 per pair).
+  Returns:
+    dict of float32 scalars, `dpo_metrics`' keys.
+  """
+  f32 = lambda x: jax.lax.stop_gradient(x).astype(jnp.float32)
+  rc, rr = f32(chosen_rewards), f32(rejected_rewards)
+  w = jnp.ones_like(rc) if weights is None else f32(weights)
+  return {
+      "rewards/chosen": (rc * w).sum(),
+      "rewards/rejected": (rr * w).sum(),
+      "rewards/accuracies": ((rc > rr) * w).sum(),
+      "rewards/margins": ((rc - rr) * w).sum(),
+      "logps/chosen": (f32(policy_chosen_logps) * w).sum(),
+      "logps/rejected": (f32(policy_rejected_logps) * w).sum(),
+  }
+
+
 def dpo_metrics(chosen_rewards: jax.Array, rejected_rewards: jax.Array,
                 policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array
                 ) -> dict[str, jax.Array]:
@@ -145,16 +210,24 @@ def dpo_metrics(chosen_rewards: jax.Array, rejected_rewards: jax.Array,
   Returns:
     dict of float32 scalars: rewards/{chosen,rejected,accuracies,margins}, logps/{chosen,rejected}.
   """
-  f32 = lambda x: jax.lax.stop_gradient(x).astype(jnp.float32)
-  rc, rr = f32(chosen_rewards), f32(rejected_rewards)
-  return {
-      "rewards/chosen": rc.mean(),
-      "rewards/rejected": rr.mean(),
-      "rewards/accuracies": (rc > rr).astype(jnp.float32).mean(),
-      "rewards/margins": (rc - rr).mean(),
-      "logps/chosen": f32(policy_chosen_logps).mean(),
-      "logps/rejected": f32(policy_rejected_logps).mean(),
-  }
+  sums = dpo_metric_sums(chosen_rewards, rejected_rewards, policy_chosen_logps,
+                         policy_rejected_logps)
+  return {k: v / chosen_rewards.shape[0] for k, v in sums.items()}
+
+
+def bradley_terry_losses(chosen_scores: jax.Array, rejected_scores: jax.Array,
+                         margin: jax.Array | float | None = None, center_coef: float = 0.0
+                         ) -> jax.Array:
+  """Per-pair terms of `bradley_terry_loss` (whose mean it is): float32 [B].
+
+  A trainer sums these over the real pairs (skipping padding) and divides once.
+  """
+  rc, rr = chosen_scores.astype(jnp.float32), rejected_scores.astype(jnp.float32)
+  diff = rc - rr if margin is None else rc - rr - jnp.asarray(margin, jnp.float32)  # [B]
+  losses = -jax.nn.log_sigmoid(diff)
+  if center_coef:
+    losses = losses + center_coef * jnp.square(rc + rr)
+  return losses
 
 
 def bradley_terry_loss(chosen_scores: jax.Array, rejected_scores: jax.Array,
@@ -172,11 +245,8 @@ def bradley_terry_loss(chosen_scores: jax.Array, rejected_scores: jax.Array,
   Returns:
     (loss, accuracy): float32 scalars; accuracy is the fraction with r_c > r_r (no margin).
   """
+  loss = bradley_terry_losses(chosen_scores, rejected_scores, margin, center_coef).mean()
   rc, rr = chosen_scores.astype(jnp.float32), rejected_scores.astype(jnp.float32)
-  diff = rc - rr if margin is None else rc - rr - jnp.asarray(margin, jnp.float32)  # [B]
-  loss = -jax.nn.log_sigmoid(diff).mean()
-  if center_coef:
-    loss = loss + center_coef * jnp.mean((rc + rr) ** 2)
   accuracy = jax.lax.stop_gradient(rc > rr).astype(jnp.float32).mean()
   return loss, accuracy
 

@@ -12,6 +12,8 @@ Call signature:
   logits = model.apply({"params": p}, tokens)                       # [B, T] -> [B, T, V] fp32
   logits = model.apply(..., tokens, positions=pos, mask=m, segment_ids=seg)
   logits, cache = model.apply(..., tokens, mask=m, cache=cache)    # incremental decoding
+  hidden = model.apply(..., tokens, return_hidden=True)            # [B, T, D]; heads.py maps
+                                                                    # it to logits/score/value
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax import heads
 from ftjax.config import LORA_TARGET_PRESETS, LoraConfig, ModelConfig, PrefixConfig
 
 Array = jax.Array
@@ -473,21 +476,22 @@ class Decoder(nn.Module):
       new_layers.append(layer_cache)
     x = _norm(cfg, "final_norm")(x)
     x = x[:, n_soft:]  # outputs for the real tokens only
+    # Heads live in heads.py as functions of (params, hidden); they are created here so that
+    # `init` builds them and `apply` keeps returning logits (or scores).
     if return_hidden:
       out = x
     elif cfg.head == "score":
       kernel = self.param("score", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                ("embed", None)),
+                                                                heads.AXES["score"]),
                           (cfg.d_model, 1), pdt)
-      out = jnp.einsum("BTD,DO->BTO", x, kernel.astype(dt),
-                       preferred_element_type=jnp.float32)[..., 0]  # [B, T]
+      out = heads.score({"score": kernel}, x, cfg)  # [B, T]
     elif cfg.tie_embeddings:
-      out = jnp.einsum("BTD,VD->BTV", x, embed.astype(dt), preferred_element_type=jnp.float32)
+      out = heads.lm_logits({"embed": embed}, x, cfg)  # [B, T, V]
     else:
       kernel = self.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                  ("embed", "vocab")),
+                                                                  heads.AXES["lm_head"]),
                           (cfg.d_model, cfg.vocab_size), pdt)
-      out = jnp.einsum("BTD,DV->BTV", x, kernel.astype(dt), preferred_element_type=jnp.float32)
+      out = heads.lm_logits({"lm_head": kernel}, x, cfg)  # [B, T, V]
     if cache is None:
       return out
     new_cache = {"layers": new_layers, "mask": key_valid, "index": cache["index"] + t_all}

@@ -215,15 +215,15 @@ def test_sequence_logps_masks():
   sums, means = L.sequence_logps_sum_and_mean(tok, mask.astype(jnp.float32))
   np.testing.assert_allclose(np.asarray(sums), [-9.0, -1.0, 0.0])
   np.testing.assert_allclose(np.asarray(means), [-3.0, -0.5, 0.0])
-  # Composes with token_logprobs: the masked sum of log p(target) over completion positions.
+  # Composes with logprobs_from_logits: the masked sum of log p(target) over completion positions.
   rng = np.random.default_rng(4)
   logits = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
   targets = jnp.asarray(rng.integers(0, 11, (2, 5)))
   m = jnp.asarray([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]], jnp.float32)
   lp = np.asarray(jax.nn.log_softmax(logits))
   want = [sum(lp[b, t, int(targets[b, t])] for t in range(5) if m[b, t]) for b in range(2)]
-  np.testing.assert_allclose(np.asarray(L.sequence_logps(L.token_logprobs(logits, targets), m)),
-                             want, rtol=1e-5)
+  got = L.sequence_logps(L.logprobs_from_logits(logits, targets), m)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
 
 
 # ---- Bradley-Terry reward-model loss --------------------------------------------------------

@@ -13,15 +13,17 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from ftjax import losses
+from ftjax import heads, losses
 from ftjax.model import score_index
 from ftjax.train import common
 
 
-def _apply(model, params, batch, rng=None):
+def _hidden(model, params, batch, rng=None):
+  """Final hidden states [2B, T, D] of the input rows."""
   seg = batch["segment_ids"]
   return model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                     mask=seg > 0, rngs=None if rng is None else {"dropout": rng})
+                     mask=seg > 0, return_hidden=True,
+                     rngs=None if rng is None else {"dropout": rng})
 
 
 def full_sequences(batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -38,10 +40,11 @@ def full_sequences(batch: dict) -> tuple[jax.Array, jax.Array]:
 def rewards_of(model, params, batch: dict, rng=None) -> jax.Array:
   """Scalar reward per row [2B], read where HF's classifiers read it (see `score_index`)."""
   tokens, mask = full_sequences(batch)
-  scores = model.apply({"params": params}, tokens, mask=mask,
-                       rngs=None if rng is None else {"dropout": rng})  # [2B, T+1]
+  hidden = model.apply({"params": params}, tokens, mask=mask, return_hidden=True,
+                       rngs=None if rng is None else {"dropout": rng})  # [2B, T+1, D]
   last = score_index(tokens, mask, model.cfg.pad_token_id)
-  return jnp.take_along_axis(scores, last[:, None], -1)[:, 0]
+  picked = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [2B, D]
+  return heads.score(params, picked, model.cfg)
 
 
 def reward_loss_fn(params, batch, rng, *, model, margin: Optional[float] = None,
@@ -51,34 +54,34 @@ def reward_loss_fn(params, batch, rng, *, model, margin: Optional[float] = None,
   b = r.shape[0] // 2
   rc, rr = r[:b], r[b:]
   valid = (batch["weights"][:b].sum(-1) > 0).astype(jnp.float32)  # padding pairs count zero
-  m = 0.0 if margin is None else margin
-  per_pair = -jax.nn.log_sigmoid(rc - rr - m) + center_coef * jnp.square(rc + rr)
+  per_pair = losses.bradley_terry_losses(rc, rr, margin, center_coef)
   aux = {"accuracy": ((rc > rr) * valid).sum(), "reward_chosen": (rc * valid).sum(),
          "reward_rejected": (rr * valid).sum(), "margin": ((rc - rr) * valid).sum()}
   return (per_pair * valid).sum(), valid.sum(), aux
 
 
-def side_logps(model, params, batch, rng=None) -> tuple[jax.Array, jax.Array]:
-  """Summed and mean response logprobs per row: ([2B], [2B])."""
-  logits = _apply(model, params, batch, rng)
-  tok = losses.token_logprobs(logits, batch["targets"])
+def side_logps(model, params, batch, rng=None, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Summed and mean response logprobs per row: ([2B], [2B]); `chunk` as `token_logprobs`."""
+  hidden = _hidden(model, params, batch, rng)
+  head = lambda h: heads.lm_logits(params, h, model.cfg)
+  tok = losses.token_logprobs(hidden, head, batch["targets"], batch["weights"] != 0, chunk)
   return losses.sequence_logps_sum_and_mean(tok, batch["weights"])
 
 
 def dpo_loss_fn(params, batch, rng, *, model, ref_model, ref_params_fn, beta: float,
-                loss_type: str, label_smoothing: float):
+                loss_type: str, label_smoothing: float, chunk: int = 0):
   """DPO family over one batch; returns (sum of pair losses, pairs, aux sums).
 
   The reference log-probabilities come from `batch["ref_logps"]` ([2B], precomputed) when
   present, else from `ref_model` on `ref_params_fn(params)`: the same params with the
   adapters switched off (no second copy of the model), or a frozen initial copy.
   """
-  sums, means = side_logps(model, params, batch, rng)
+  sums, means = side_logps(model, params, batch, rng, chunk)
   if "ref_logps" in batch:
     ref_sums, ref_means = batch["ref_logps"], batch["ref_logps_mean"]
   else:
     ref_sums, ref_means = side_logps(ref_model, jax.lax.stop_gradient(ref_params_fn(params)),
-                                     batch)
+                                     batch, chunk=chunk)
     ref_sums, ref_means = jax.lax.stop_gradient(ref_sums), jax.lax.stop_gradient(ref_means)
   pol, ref = (means, ref_means) if loss_type == "ipo" else (sums, ref_sums)
   b = pol.shape[0] // 2
@@ -86,10 +89,7 @@ def dpo_loss_fn(params, batch, rng, *, model, ref_model, ref_params_fn, beta: fl
                                      loss_type=loss_type, label_smoothing=label_smoothing)
   valid = (batch["weights"][:b].sum(-1) > 0).astype(jnp.float32)
   n_chosen = jnp.maximum(batch["weights"][:b].sum(-1), 1.0)
-  aux = {"rewards/chosen": (rc * valid).sum(), "rewards/rejected": (rr * valid).sum(),
-         "rewards/accuracies": ((rc > rr) * valid).sum(),
-         "rewards/margins": ((rc - rr) * valid).sum(),
-         "logps/chosen": (sums[:b] * valid).sum(), "logps/rejected": (sums[b:] * valid).sum(),
+  aux = {**losses.dpo_metric_sums(rc, rr, sums[:b], sums[b:], valid),
          # Per-token KL(policy || reference) estimated on the chosen responses.
          "kl/chosen": jax.lax.stop_gradient(((sums[:b] - ref_sums[:b]) / n_chosen) * valid).sum()}
   return (per_pair * valid).sum(), valid.sum(), aux
@@ -104,10 +104,10 @@ def make_reward_step(model, tx, schedule, grad_accum=1, margin=None, center_coef
 
 
 def make_dpo_step(model, ref_model, ref_params_fn, tx, schedule, *, beta, loss_type,
-                  label_smoothing=0.0, grad_accum=1, axis_name=None):
+                  label_smoothing=0.0, grad_accum=1, axis_name=None, chunk=0):
   loss_fn = functools.partial(dpo_loss_fn, model=model, ref_model=ref_model,
                               ref_params_fn=ref_params_fn, beta=beta, loss_type=loss_type,
-                              label_smoothing=label_smoothing)
+                              label_smoothing=label_smoothing, chunk=chunk)
   return functools.partial(common.update_step, loss_fn=loss_fn, tx=tx, schedule=schedule,
                            grad_accum=grad_accum, axis_name=axis_name)
 

@@ -1,0 +1,52 @@
+"""Output heads over the decoder's final hidden states: LM logits, a score, a value.
+
+`Decoder(..., return_hidden=True)` gives hidden [B, T, D] (after the final norm); each head is
+a small function `(params, hidden) -> out` over the full params tree, so one trunk feeds
+several heads (PPO's policy and value) and a loss can apply the LM head one chunk of T at a
+time (`losses.token_logprobs`) instead of holding [B, T, V] float32 logits.
+
+Param paths: `embed` [V, D] (tied LM head), `lm_head` [D, V], `score` [D, 1], `value` [D, 1].
+Heads are plain matrices (never LoRA-wrapped nor quantized), so they read the arrays directly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ftjax.config import ModelConfig
+
+# Logical axes of each head param, for sharding rules (see model.Decoder, which creates them).
+AXES = {"lm_head": ("embed", "vocab"), "score": ("embed", None), "value": ("embed", None)}
+
+
+def lm_logits(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Next-token logits: hidden [..., D] -> float32 [..., V] (the tied embedding if configured)."""
+  dt = jnp.dtype(cfg.dtype)
+  x = hidden.astype(dt)
+  if cfg.tie_embeddings:
+    return jnp.einsum("...D,VD->...V", x, params["embed"].astype(dt),
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum("...D,DV->...V", x, params["lm_head"].astype(dt),
+                    preferred_element_type=jnp.float32)
+
+
+def _scalar(kernel: jax.Array, hidden: jax.Array, dt) -> jax.Array:
+  return jnp.einsum("...D,DO->...O", hidden.astype(dt), kernel.astype(dt),
+                    preferred_element_type=jnp.float32)[..., 0]
+
+
+def score(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Reward-model score (HF's *ForSequenceClassification `score`): [..., D] -> float32 [...]."""
+  return _scalar(params["score"], hidden, jnp.dtype(cfg.dtype))
+
+
+def value(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """State value for PPO's critic on the policy's trunk: [..., D] -> float32 [...]."""
+  return _scalar(params["value"], hidden, jnp.dtype(cfg.dtype))
+
+
+def init_value(cfg: ModelConfig) -> dict:
+  """A zero value head `{"value": [D, 1]}` to merge into the params; trainable, like `score`
+  for reward models (zero, so every value starts at 0 whatever the trunk)."""
+  return {"value": jnp.zeros((cfg.d_model, 1), jnp.dtype(cfg.param_dtype))}
