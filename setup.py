@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="ftjax",
     version="0.1.0",
-    description="Fine-tuning and post-training of decoder LMs (LoRA, QLoRA, SFT, DPO, PPO, GRPO) "
+    description="Fine-tuning of decoder LMs (LoRA, QLoRA, SFT, reward models, DPO) "
                 "in JAX/Flax with Hugging Face checkpoint parity",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
@@ -17,6 +17,7 @@ setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
         "transformers>=4.46",
+        "jinja2>=3.1.6",  # transformers' apply_chat_template needs it but does not require it
         "datasets>=3.0",
         "einops>=0.8",
         "absl-py>=2.0",

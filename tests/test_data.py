@@ -129,6 +129,19 @@ def test_chat_needs_a_template(tok):
     tokenize_records([{"messages": CHAT}], plain, "chat", 64, skip_malformed=True)
 
 
+def test_missing_jinja2_is_not_a_data_error(tok, monkeypatch):
+  # A fresh `pip install -e .` once lacked jinja2: that must surface as the ImportError it is,
+  # not as "row 1: field 'messages' is rejected by the chat template" (nor be skipped).
+  from transformers.utils import chat_template_utils as ctu
+  monkeypatch.setattr(ctu, "is_jinja_available", lambda: False)
+  ctu._compile_jinja_template.cache_clear()
+  try:
+    with pytest.raises(ImportError, match="jinja2"):
+      tokenize_records([{"messages": CHAT}], tok, "chat", 64, skip_malformed=True)
+  finally:
+    ctu._compile_jinja_template.cache_clear()
+
+
 # --- malformed rows ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt,row,message", [

@@ -148,6 +148,8 @@ def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
   try:
     return tokenizer.apply_chat_template(messages, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
+  except ImportError:
+    raise  # a missing package (jinja2) is the install's fault, not the row's
   except Exception as e:  # a template may reject a conversation (e.g. no system role)
     raise _RowError("messages", f"is rejected by the chat template ({type(e).__name__}: "
                     f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
