@@ -38,6 +38,7 @@ Records go to stdout as a table and, with --out, are appended to a JSON-lines fi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -280,13 +281,14 @@ def bench_quant_memory(cfg: ModelConfig, seed: int, **_) -> dict:
   n_layer0 = sum(math.prod(s) for s in layer0.values())
 
   per_layer = {name: 0 for name in QUANT_FORMATS}
-  key = jax.random.PRNGKey(seed)
-  for i, shape in enumerate(layer0.values()):
-    # Flat: quantize blocks the C-order flattened kernel anyway, and equal sizes share a compile.
-    w = jax.random.normal(jax.random.fold_in(key, i), (math.prod(shape),), jnp.float32) * 0.02
+  for shape in layer0.values():
+    # Flat: quantize blocks the C-order flattened kernel anyway. Storage bytes depend only on
+    # the shapes and dtypes quantize returns, so trace it (eval_shape) rather than compile and
+    # run it once per kernel size and format.
+    w = jax.ShapeDtypeStruct((math.prod(shape),), jnp.float32)
     for name, qcfg in QUANT_FORMATS.items():
-      per_layer[name] += _nbytes(ftjax.quant.quantize(w, qcfg))
-    del w
+      per_layer[name] += _nbytes(jax.eval_shape(functools.partial(ftjax.quant.quantize,
+                                                                  cfg=qcfg), w))
   linear_bytes = {"float32": 4 * n_linear, "bfloat16": 2 * n_linear}
   linear_bytes.update({name: b * len(layers) for name, b in per_layer.items()})
   bytes_per_param = {name: b / n_linear for name, b in linear_bytes.items()}
