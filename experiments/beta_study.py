@@ -82,7 +82,8 @@ def run(workdir: str, betas, sft_dir=None, steps=60, n_prompts=48, loss="sigmoid
                                 + (",smoke" if smoke else ""))
     cfg.model.hf_path = sft_dir
     cfg.dpo.beta = float(beta)
-    cfg.train.update(steps=steps, eval_every=steps, save_every=steps, seq_len=256)
+    cfg.train.update(steps=steps, eval_every=steps, save_every=steps, seq_len=256,
+                     eval_batches=2 if smoke else 0)  # smoke: not all 96 held-out pairs
     run_dir = os.path.join(workdir, f"dpo_beta{beta}")
     out = dpo_exp.run(cfg, run_dir)
     model, params, _, _ = wd.load_trained(run_dir)
