@@ -290,3 +290,110 @@ def test_bitsandbytes_parity(out, n_in):
            "scale_absmax": st2.state2.absmax.numpy(), "scale_offset": st2.offset.numpy()}
   np.testing.assert_allclose(np.asarray(quant.dequantize(bnb_q, cfg)),
                              _bnb_dequantize(F, p2, st2, weight.shape).T, rtol=1e-6, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def llama64(tmp_path_factory):
+  """A tiny HF Llama whose inputs (64, 128) are whole multiples of the 64-blocks."""
+  import torch
+  import transformers as T
+  torch.manual_seed(0)
+  cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
+                      initializer_range=0.2, bos_token_id=None, eos_token_id=None,
+                      pad_token_id=None)
+  d = str(tmp_path_factory.mktemp("llama64"))
+  T.AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(d)
+  return d
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_model_matches_transformers_bitsandbytes(llama64, double_quant):
+  """load_pretrained(quant=nf4) gives BitsAndBytesConfig(load_in_4bit, nf4)'s base: the same
+  dequantized weights (double quant: up to bitsandbytes' one-step nested rounding) and logits."""
+  F = pytest.importorskip("bitsandbytes.functional")
+  import torch
+  import transformers as T
+
+  import ftjax
+  from ftjax import hf as hf_lib
+
+  bnb_cfg = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                 bnb_4bit_use_double_quant=double_quant,
+                                 bnb_4bit_compute_dtype=torch.float32)
+  ref = T.AutoModelForCausalLM.from_pretrained(llama64, quantization_config=bnb_cfg,
+                                               device_map="cpu", dtype=torch.float32).eval()
+  cfg = quant.QuantConfig("nf4", 64, double_quant=double_quant)
+  model, params = ftjax.load_pretrained(llama64, quant=cfg)
+  plain, dense = ftjax.merge(model, params)  # every 4-bit kernel dequantized, nothing else
+  # bitsandbytes 0.50's CPU Linear4bit forward is not an exact float32 x @ W^T (1.7e-2 off on a
+  # q_proj, logits up to 0.19 off), so the 1e-4 logits reference is the float model on
+  # bitsandbytes' own dequantized weights.
+  exact = T.AutoModelForCausalLM.from_pretrained(llama64, dtype=torch.float32).eval()
+  n_quantized = 0
+  for name, ours in hf_lib.hf_tensors(plain.cfg, dense):
+    module = ref.get_submodule(name.removesuffix(".weight"))
+    if not hasattr(module.weight, "quant_state"):
+      continue
+    n_quantized += 1
+    theirs = F.dequantize_4bit(module.weight.data, module.weight.quant_state).numpy()
+    exact.get_submodule(name.removesuffix(".weight")).weight.data = torch.from_numpy(theirs)
+    if not double_quant:
+      np.testing.assert_array_equal(ours, theirs, err_msg=name)
+    else:
+      # A nested code one step off moves a block scale by at most one dynamic-map step (0.0140625
+      # at the top) times its 256-block's absmax.
+      step = 0.0140625 * float(module.weight.quant_state.state2.absmax.max())
+      assert np.abs(ours - theirs).max() <= step, name
+      # The rest differ by ulps (the float32 offset's summation order, FMA).
+      assert np.mean(np.isclose(ours, theirs, rtol=1e-6, atol=1e-9)) > 0.95, name
+  assert n_quantized == 2 * 7
+
+  tokens = np.random.default_rng(0).integers(0, 320, (2, 11))
+  with torch.no_grad():
+    want = exact(torch.from_numpy(tokens)).logits.numpy()
+  got = np.asarray(model.apply({"params": params}, tokens))
+  # Double quant: the few block scales one nested step off move logits by up to 3.3e-4.
+  np.testing.assert_allclose(got, want, atol=1e-3 if double_quant else 1e-4, rtol=0)
+
+
+def test_nf4_lora_train_step_memory_below_bf16():
+  """A compiled LoRA train step over an NF4 base needs (arguments + temporaries) at least 60% of
+  the kernels' bf16 bytes less than over a bf16 base: no dequantized kernel is kept for the
+  backward pass."""
+  import optax
+
+  from ftjax import config as config_lib
+  from ftjax import model as model_lib
+  from ftjax import partition
+  from ftjax.train import common, sft
+
+  cfg = config_lib.ModelConfig(family="llama", vocab_size=256, d_model=256, n_layers=4,
+                               n_heads=4, n_kv_heads=4, head_dim=64, mlp_dim=1024,
+                               param_dtype="bfloat16", dtype="bfloat16")
+  tx = optax.adam(1e-3)
+  batch = {"inputs": jax.ShapeDtypeStruct((2, 32), jnp.int32),
+           "targets": jax.ShapeDtypeStruct((2, 32), jnp.int32),
+           "weights": jax.ShapeDtypeStruct((2, 32), jnp.float32)}
+
+  def step_bytes(qcfg):
+    model = model_lib.Decoder(cfg, model_lib.AdapterSpec(lora=config_lib.LoraConfig(rank=4),
+                                                         quant=qcfg))
+    params = jax.eval_shape(lambda: model_lib.init_params(model, jax.random.PRNGKey(0)))
+    trainable, frozen, _ = common.split_params(params, partition.rules_for("lora"))
+    state = jax.eval_shape(lambda t: common.init_state(t, tx, 0), trainable)
+    step = sft.make_step(model, tx, optax.constant_schedule(1e-3))
+    mem = jax.jit(step, donate_argnums=0).lower(state, frozen, batch).compile().memory_analysis()
+    return mem.argument_size_in_bytes + mem.temp_size_in_bytes, params
+
+  nf4, q_params = step_bytes(quant.QuantConfig("nf4", 64, double_quant=True))
+  bf16, _ = step_bytes(None)
+  kernels = [v for k, v in _flat(q_params).items() if k[-2] == "kernel" and k[-1] == "codes"]
+  kernel_bf16 = sum(2 * 2 * v.size for v in kernels)  # codes hold two values a byte
+  assert kernel_bf16 > 0.8 * 4 * 7 * 256 * 1024 // 2  # the MLP and attention kernels
+  assert bf16 - nf4 >= 0.6 * kernel_bf16, (bf16, nf4, kernel_bf16)
+
+
+def _flat(tree):
+  from flax import traverse_util
+  return traverse_util.flatten_dict(tree)
