@@ -114,12 +114,17 @@ class Linear(nn.Module):
       kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape,
                           self.param_dtype)
       kernel = kernel.astype(self.dtype)
+      y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel)
     else:
       from ftjax import quant
-      packed = self.param("kernel", lambda key: quant.quantize(init(key, shape, jnp.float32),
-                                                               qcfg))
-      kernel = quant.dequantize(packed, qcfg, shape, self.dtype)  # inside the jitted matmul
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel)
+
+      def quant_init(key):  # codes and scales carry the kernel's axes: they shard like it
+        q = quant.quantize(init(key, shape, jnp.float32), qcfg)
+        names = quant.logical_names(q, self.axes)
+        return {k: nn.Partitioned(v, names[k]) for k, v in q.items()}
+      packed = self.param("kernel", quant_init)
+      y = quant.matmul(x, packed, qcfg, self.dtype)  # custom VJP: no dense kernel kept
+      kernel = None  # built below only where DoRA needs the dense matrix
     lcfg = self.spec.lora_for(path)
     if lcfg is not None:
       if lcfg.rank > min(shape):
@@ -132,6 +137,8 @@ class Linear(nn.Module):
                                                             ("lora", self.axes[1])),
                      (lcfg.rank, shape[1]), self.param_dtype)
       if lcfg.dora:
+        if kernel is None:
+          kernel = quant.dequantize(packed, qcfg, shape, self.dtype)
         mag = self.param("lora_magnitude", nn.with_logical_partitioning(
             lambda key, s, d: jnp.linalg.norm(kernel.astype(jnp.float32), axis=0).astype(d),
             (self.axes[1],)), (shape[1],), self.param_dtype)

@@ -4,22 +4,36 @@ Pure functions on plain dicts of arrays, so a quantized kernel can sit in a flax
 place of its float kernel:
 
   cfg = QuantConfig("nf4", block_size=64, double_quant=True)
-  q = quantize(kernel, cfg)                                   # [in, out] -> dict of arrays
-  w = dequantize(q, cfg, kernel.shape, jnp.bfloat16)          # [in, out], jittable
-  y = quantized_matmul(x, q, cfg, kernel.shape, jnp.bfloat16) # [..., in] -> [..., out]
+  q = quantize(kernel, cfg)                          # [..., in, out] -> dict of arrays
+  w = dequantize(q, cfg, dtype=jnp.bfloat16)         # [..., in, out], jittable
+  y = matmul(x, q, cfg, jnp.bfloat16)                # [..., in] -> [..., out], custom VJP
 
-Layout. The kernel (any shape; ftjax kernels are [in, out]) is flattened in C order and cut into
-consecutive blocks of `block_size` values, so for an [in, out] kernel with out % block_size == 0
-each block is a run of `block_size` output columns within one input row. bitsandbytes flattens the
-torch weight [out, in] the same way, i.e. its blocks run along `in`: the codes agree bit for bit
-with `bitsandbytes.functional.quantize_4bit` when both get the same array, and differ in blocking
-(not in format) when we get kernel = weight.T. Sizes not divisible by `block_size` raise a
-ValueError; every LLM kernel is a multiple of 64.
+Layout: bitsandbytes'. A HF/torch weight is [out, in] = kernel.T and bitsandbytes flattens it in
+C order and cuts it into consecutive blocks of `block_size`, so blocks run along `in` within one
+output row (when in < block_size, a block covers block_size / in whole rows). We block the
+[in, out] kernel the same way, so `dequantize(quantize(weight.T))` is
+`dequantize_4bit(quantize_4bit(weight)).T`, bit for bit without double quant. Leading dims
+(stacked layers [L, in, out]) are batched: each matrix is quantized on its own, as
+bitsandbytes quantizes each nn.Linear.
+
+Every code and scale array keeps the kernel's two trailing axes, in kernel orientation, so it
+carries the kernel's logical axis names and shards like a dense kernel (`logical_names`):
+
+  kind   key            dtype        shape                      when
+  nf4    codes          uint8        [..., in / 2, out]         always
+  int4   codes          int4         [..., in, out]             always
+  both   scale          scale_dtype  [..., in / bi, out / bo]   not double_quant
+  both   scale_codes    uint8        [..., in / bi, out / bo]   double_quant
+  both   scale_absmax   float32      [..., ceil(nb / 256)]      double_quant
+  both   scale_offset   float32      [...]                      double_quant
+
+with (bi, bo) = (block_size, 1) when in % block_size == 0, else (in, block_size / in), and
+nb = in * out / block_size. Other shapes raise a ValueError. The NF4 byte [j, o] holds the codes
+of (2j, o) (high nibble) and (2j + 1, o): bitsandbytes' packed bytes, transposed.
 
 NF4 follows bitsandbytes (kQuantizeBlockwise / dQuantizeNF4 and the CPU `quantize_4bit`):
 absmax per block; code = nearest NF4_CODEBOOK value of w * (1 / absmax), ties to the lower code
-(the `x > midpoint` tree); two codes per byte, the first in the high nibble:
-byte[i] = code[2i] << 4 | code[2i + 1].
+(the `x > midpoint` tree).
 
 int4 is symmetric: scale = absmax / 7, values round(w / scale) (half to even), which lie in
 [-7, 7] by construction and are clipped there; -8 is never used so that 0 is exact and the range
@@ -28,26 +42,16 @@ on CPU an int4 element may occupy a byte).
 
 Double quant (QLoRA section 3, bitsandbytes `compress_statistics=True`) applies to the float32
 per-block scales (NF4 absmax or int4 scale): offset = mean, then (scale - offset) is quantized in
-blocks of 256 with bitsandbytes' signed 8-bit dynamic map, nearest value ties to the lower code.
-The 4-bit codes are computed with the exact float32 scale, as in bitsandbytes. Stored keys:
-
-  kind   key            dtype        shape                     when
-  nf4    codes          uint8        [n / 2]                   always
-  int4   codes          int4         [n]                       always
-  both   scale          scale_dtype  [n / bs]                  not double_quant
-  both   scale_codes    uint8        [n / bs]                  double_quant
-  both   scale_absmax   float32      [ceil(n / bs / 256)]      double_quant
-  both   scale_offset   float32      []                        double_quant
-
-For NF4 `scale` is bitsandbytes' `absmax`. With double quant `scale_dtype` is unused (nested
-statistics are float32, as in bitsandbytes). The shape is not stored; pass it to `dequantize`.
+blocks of 256, taken in bitsandbytes' order (the scales of output row 0 first), with its signed
+8-bit dynamic map, nearest value ties to the lower code. The 4-bit codes are computed with the
+exact float32 scale, as in bitsandbytes. For NF4 `scale` is bitsandbytes' `absmax`. With double
+quant `scale_dtype` is unused (nested statistics are float32, as in bitsandbytes).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -128,7 +132,8 @@ class QuantConfig:
 
   Attributes:
     kind: "nf4" (QLoRA NormalFloat4, bitsandbytes layout) or "int4" (symmetric, jnp.int4).
-    block_size: values per scale, consecutive in the C-order flattened kernel; even.
+    block_size: values per scale, consecutive in the C-order flattened [out, in] weight
+      (bitsandbytes' `blocksize`); even.
     double_quant: quantize the float32 per-block scales to 8 bits (QLoRA double quantization).
     scale_dtype: dtype of the per-block scales when not double_quant ("float32" or "bfloat16").
   """
@@ -147,129 +152,187 @@ class QuantConfig:
       raise ValueError(f"QuantConfig.scale_dtype must be a float dtype, got {self.scale_dtype!r}")
 
 
-def _check_size(shape, cfg: QuantConfig) -> int:
-  n = math.prod(shape)
-  if n == 0 or n % cfg.block_size:
-    raise ValueError(f"cannot quantize a kernel of shape {tuple(shape)} ({n} values) in blocks of "
-                     f"{cfg.block_size}: the size must be a positive multiple of the block size")
-  return n
+def block_shape(shape, cfg: QuantConfig) -> tuple[int, int]:
+  """(bi, bo): a block spans bi inputs x bo outputs of an [..., in, out] kernel, as in
+  bitsandbytes' C-order blocking of the [out, in] weight."""
+  shape = tuple(int(d) for d in shape)
+  bs = cfg.block_size
+  # bitsandbytes' flat blocks of the [out, in] weight are one of these two rectangles; NF4
+  # packs input pairs, so in is even.
+  if len(shape) >= 2 and shape[-2] > 0 and shape[-1] > 0 and shape[-2] % 2 == 0:
+    n_in, n_out = shape[-2], shape[-1]
+    if n_in % bs == 0:
+      return bs, 1
+    if bs % n_in == 0 and n_out % (bs // n_in) == 0:
+      return n_in, bs // n_in
+  raise ValueError(f"cannot quantize a kernel of shape {shape} in blocks of {bs}: want "
+                   f"[..., in, out] with in a multiple of {bs}, or an even in dividing {bs} "
+                   f"and out a multiple of {bs} / in")
+
+
+def _nested_index(nbi: int, nbo: int) -> Array:
+  """[nbi, nbo] -> which 256-block of bitsandbytes' flat (out-major) scale order holds it."""
+  bi = jnp.arange(nbi, dtype=jnp.int32)[:, None]
+  bo = jnp.arange(nbo, dtype=jnp.int32)[None, :]
+  return (bo * nbi + bi) // NESTED_BLOCK_SIZE
 
 
 def _quantize_scales(scale: Array) -> dict[str, Array]:
-  """Double quant of float32 scales [nb] -> codes [nb], absmax [ceil(nb / 256)], offset []."""
-  nb = scale.shape[0]
-  offset = jnp.mean(scale)
-  x = scale - offset                                                  # [nb]
+  """Double quant of float32 scales [..., nbi, nbo] in bitsandbytes' order."""
+  *lead, nbi, nbo = scale.shape
+  nb = nbi * nbo
+  flat = jnp.swapaxes(scale, -1, -2).reshape(*lead, nb)             # [..., nb], out-major
+  offset = jnp.mean(flat, axis=-1)                                  # [...]
+  x = flat - offset[..., None]
   # Zero padding leaves each 256-block's absmax as bitsandbytes' partial last block has it.
-  x = jnp.pad(x, (0, -nb % NESTED_BLOCK_SIZE)).reshape(-1, NESTED_BLOCK_SIZE)  # [nb2, 256]
-  absmax = jnp.max(jnp.abs(x), axis=-1)                               # [nb2]
-  normed = x / jnp.where(absmax > 0, absmax, 1.0)[:, None]            # bnb CPU divides here
-  codes = jnp.searchsorted(jnp.asarray(_midpoints(DYNAMIC_MAP)), normed, side="left")
-  return {"scale_codes": codes.reshape(-1)[:nb].astype(jnp.uint8), "scale_absmax": absmax,
+  pad = [(0, 0)] * len(lead) + [(0, -nb % NESTED_BLOCK_SIZE)]
+  x = jnp.pad(x, pad).reshape(*lead, -1, NESTED_BLOCK_SIZE)         # [..., nb2, 256]
+  absmax = jnp.max(jnp.abs(x), axis=-1)                             # [..., nb2]
+  normed = x / jnp.where(absmax > 0, absmax, 1.0)[..., None]        # bnb CPU divides here
+  codes = jnp.searchsorted(jnp.asarray(_midpoints(DYNAMIC_MAP)), normed.reshape(-1),
+                           side="left").reshape(*lead, -1)[..., :nb]
+  codes = jnp.swapaxes(codes.reshape(*lead, nbo, nbi), -1, -2)      # [..., nbi, nbo]
+  return {"scale_codes": codes.astype(jnp.uint8), "scale_absmax": absmax,
           "scale_offset": offset}
 
 
-def _dequantize_scales(q: dict[str, Array], nb: int) -> Array:
-  """Inverse of `_quantize_scales`: float32 [nb]."""
-  values = jnp.asarray(DYNAMIC_MAP)[q["scale_codes"].astype(jnp.int32)]  # [nb]
-  absmax = jnp.repeat(q["scale_absmax"], NESTED_BLOCK_SIZE)[:nb]          # [nb]
-  return values * absmax + q["scale_offset"]
+def _dequantize_scales(q: dict[str, Array]) -> Array:
+  """Inverse of `_quantize_scales`: float32 [..., nbi, nbo]."""
+  nbi, nbo = q["scale_codes"].shape[-2:]
+  values = jnp.asarray(DYNAMIC_MAP)[q["scale_codes"].astype(jnp.int32)]   # [..., nbi, nbo]
+  absmax = q["scale_absmax"][..., _nested_index(nbi, nbo)]                # [..., nbi, nbo]
+  return values * absmax + q["scale_offset"][..., None, None]
+
+
+def _blocks(w: Array, bi: int, bo: int) -> Array:
+  *lead, n_in, n_out = w.shape
+  return w.reshape(*lead, n_in // bi, bi, n_out // bo, bo)
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def _quantize(w: Array, cfg: QuantConfig) -> dict[str, Array]:
-  blocks = w.reshape(-1, cfg.block_size).astype(jnp.float32)  # [nb, bs]
-  absmax = jnp.max(jnp.abs(blocks), axis=-1)                  # [nb]
-  scale = absmax if cfg.kind == "nf4" else absmax / INT4_MAX  # [nb] float32
+  bi, bo = block_shape(w.shape, cfg)
+  blocks = _blocks(w.astype(jnp.float32), bi, bo)             # [..., nbi, bi, nbo, bo]
+  absmax = jnp.max(jnp.abs(blocks), axis=(-3, -1))            # [..., nbi, nbo]
+  scale = absmax if cfg.kind == "nf4" else absmax / INT4_MAX  # float32
   if cfg.double_quant:
     q = _quantize_scales(scale)
   else:
     q = {"scale": scale.astype(cfg.scale_dtype)}
     scale = q["scale"].astype(jnp.float32)  # quantize against the scale dequantize will see
+  scale = scale[..., :, None, :, None]
 
   if cfg.kind == "nf4":
     # x * (1 / absmax), not x / absmax: bitsandbytes multiplies by the reciprocal.
     inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
-    normed = jnp.clip(blocks * inv[:, None], -1.0, 1.0).reshape(-1)          # [n]
-    codes = jnp.searchsorted(jnp.asarray(_midpoints(NF4_CODEBOOK)), normed, side="left")
-    codes = codes.astype(jnp.uint8).reshape(-1, 2)                            # [n / 2, 2]
-    q["codes"] = (codes[:, 0] << 4) | codes[:, 1]                             # [n / 2]
+    normed = jnp.clip(blocks * inv, -1.0, 1.0).reshape(w.shape)              # [..., in, out]
+    codes = jnp.searchsorted(jnp.asarray(_midpoints(NF4_CODEBOOK)), normed.reshape(-1),
+                             side="left").astype(jnp.uint8)
+    codes = codes.reshape(*w.shape[:-2], w.shape[-2] // 2, 2, w.shape[-1])  # [..., in/2, 2, out]
+    q["codes"] = (codes[..., 0, :] << 4) | codes[..., 1, :]                  # [..., in/2, out]
   else:
-    values = jnp.round(blocks / jnp.where(scale > 0, scale, 1.0)[:, None])   # [nb, bs]
-    q["codes"] = jnp.clip(values, -INT4_MAX, INT4_MAX).astype(jnp.int4).reshape(-1)  # [n]
+    values = jnp.round(blocks / jnp.where(scale > 0, scale, 1.0))
+    q["codes"] = jnp.clip(values, -INT4_MAX, INT4_MAX).astype(jnp.int4).reshape(w.shape)
   return q
 
 
 def quantize(w: np.ndarray | Array, cfg: QuantConfig) -> dict[str, Array]:
-  """Quantize a kernel (float, any shape; ftjax kernels are [in, out]) blockwise to 4 bits.
+  """Quantize a kernel [..., in, out] (float) blockwise to 4 bits in bitsandbytes' layout.
 
   Runs as one jitted, vectorised program (compiled once per shape and cfg) on the default device;
   wrap the call in `jax.default_device(jax.devices("cpu")[0])` to keep it on the host.
 
   Returns:
-    A plain dict of arrays (keys in the module docstring); n = w.size, bs = cfg.block_size.
+    A plain dict of arrays (keys and shapes in the module docstring).
   """
-  _check_size(np.shape(w), cfg)
+  block_shape(np.shape(w), cfg)
   return _quantize(jnp.asarray(w), cfg)
 
 
-def dequantize(q: dict[str, Array], cfg: QuantConfig, shape, dtype=jnp.float32) -> Array:
+def kernel_shape(q: dict[str, Array], cfg: QuantConfig) -> tuple[int, ...]:
+  """The [..., in, out] shape of the kernel `q` holds."""
+  *lead, n_in, n_out = q["codes"].shape
+  return (*lead, n_in * (2 if cfg.kind == "nf4" else 1), n_out)
+
+
+def logical_names(q: dict[str, Array], axes: tuple) -> dict[str, tuple]:
+  """Logical axis names of each array of `q` for a kernel with names `axes` ([in, out]): codes
+  and scales keep both (so they shard like the dense kernel); the nested statistics are tiny
+  and replicated."""
+  return {k: axes if k in ("codes", "scale", "scale_codes") else (None,) * np.ndim(v)
+          for k, v in q.items()}
+
+
+def dequantize(q: dict[str, Array], cfg: QuantConfig, shape=None, dtype=jnp.float32) -> Array:
   """The kernel back from `quantize`: codebook value * block scale, computed in float32.
 
-  Traceable; jit it with cfg, shape and dtype static (`quantized_matmul` does).
+  Traceable; jit it with cfg and dtype static.
 
   Args:
     q: the dict `quantize` returned.
     cfg: the config it was quantized with.
-    shape: the original kernel shape, e.g. (in, out).
+    shape: optional, checked: the kernel shape [..., in, out] (read from the codes).
     dtype: the output dtype.
 
   Returns:
-    [*shape] in `dtype`.
+    [..., in, out] in `dtype`.
   """
-  shape = tuple(shape)
-  n = _check_size(shape, cfg)
-  nb = n // cfg.block_size
+  full = kernel_shape(q, cfg)
+  if shape is not None and tuple(shape) != full:
+    raise ValueError(f"{cfg.kind} codes of shape {q['codes'].shape} hold a kernel of shape "
+                     f"{full}, not {tuple(shape)}")
+  bi, bo = block_shape(full, cfg)
+  scale = _dequantize_scales(q) if cfg.double_quant else q["scale"].astype(jnp.float32)
   codes = q["codes"]
-  if codes.size * (2 if cfg.kind == "nf4" else 1) != n:
-    raise ValueError(f"{cfg.kind} codes of size {codes.size} do not fit a kernel of shape {shape}")
-  if cfg.double_quant:
-    scale = _dequantize_scales(q, nb)                                 # [nb]
-  else:
-    scale = q["scale"].astype(jnp.float32)                            # [nb]
-
   if cfg.kind == "nf4":
-    codes = jnp.stack([codes >> 4, codes & 0xF], axis=-1)             # [n / 2, 2]
-    values = jnp.asarray(NF4_CODEBOOK)[codes.reshape(-1).astype(jnp.int32)]  # [n]
+    codes = jnp.stack([codes >> 4, codes & 0xF], axis=-2).reshape(full)   # [..., in, out]
+    values = jnp.asarray(NF4_CODEBOOK)[codes.astype(jnp.int32)]
   else:
-    values = codes.astype(jnp.float32)                                # [n]
-  w = values.reshape(nb, cfg.block_size) * scale[:, None]            # [nb, bs]
-  return w.reshape(shape).astype(dtype)
+    values = codes.astype(jnp.float32)
+  w = _blocks(values, bi, bo) * scale[..., :, None, :, None]             # [..., nbi, bi, nbo, bo]
+  return w.reshape(full).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "shape", "dtype"))
-def _quantized_matmul(x, q, cfg, shape, dtype):
-  kernel = dequantize(q, cfg, shape, dtype)                           # [in, out]
-  return jnp.einsum("...i,io->...o", x.astype(dtype), kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(x: Array, q: dict[str, Array], cfg: QuantConfig, precision) -> Array:
+  return jnp.einsum("...i,io->...o", x, dequantize(q, cfg, dtype=x.dtype), precision=precision)
 
 
-def quantized_matmul(x: Array, q: dict[str, Array], cfg: QuantConfig, shape,
-                     dtype=jnp.bfloat16) -> Array:
-  """x @ dequantize(q) in the compute `dtype`, dequantizing inside one jitted program.
+def _matmul_fwd(x, q, cfg, precision):
+  # The residual is q itself (already held as a param): no dequantized kernel outlives the
+  # forward matmul, and x is not needed for a gradient that only flows to x.
+  return _matmul(x, q, cfg, precision), q
+
+
+def _matmul_bwd(cfg, precision, q, dy):
+  w = dequantize(q, cfg, dtype=dy.dtype)                                 # again, [in, out]
+  dx = jnp.einsum("...o,io->...i", dy, w, precision=precision)
+  # The base is frozen: no cotangent for codes (float0) or scales (zeros, never used).
+  dq = {k: (np.zeros(v.shape, jax.dtypes.float0) if not jnp.issubdtype(v.dtype, jnp.floating)
+            else jnp.zeros_like(v)) for k, v in q.items()}
+  return dx, dq
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x: Array, q: dict[str, Array], cfg: QuantConfig, dtype=jnp.bfloat16,
+           precision=None) -> Array:
+  """x @ dequantize(q) in the compute `dtype`; the backward pass dequantizes again.
 
   Args:
     x: [..., in].
     q: a quantized [in, out] kernel.
     cfg: its QuantConfig.
-    shape: (in, out).
     dtype: the compute dtype of both operands and the result.
+    precision: passed to the einsum (e.g. HIGHEST for true float32 matmuls).
 
   Returns:
-    [..., out] in `dtype`.
+    [..., out] in `dtype`; the gradient flows to x only.
   """
-  if len(shape) != 2:
-    raise ValueError(f"quantized_matmul wants a 2-D [in, out] kernel shape, got {tuple(shape)}")
-  return _quantized_matmul(x, q, cfg, tuple(int(d) for d in shape), jnp.dtype(dtype))
+  if q["codes"].ndim != 2:
+    raise ValueError(f"quant.matmul wants one 2-D kernel, got codes of shape {q['codes'].shape}")
+  return _matmul(x.astype(dtype), q, cfg, precision)
 
 
 def _bits(dtype: Any) -> int:

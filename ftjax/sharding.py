@@ -2,9 +2,8 @@
 
 Every param carries logical axis names (`model.py`); `RULES` maps them to the mesh axes
 `data`, `fsdp` and `tensor` and is plain data (override it in the config's `mesh.rules`).
-A param whose names have no rule is an error that names the param. 4-bit kernels (flat code
-and scale arrays) follow their base kernel: split along their only axis over the mesh axes of
-the kernel's input dimension (rows of the C-order kernel are contiguous), when that divides.
+A param whose names have no rule is an error that names the param. 4-bit kernels' code and
+scale arrays carry their kernel's two logical names (quant.py), so they shard like it.
 
   mesh = make_mesh("data=2,fsdp=2,tensor=2")
   with use_mesh(mesh, rules):                       # activation constraints need the rules
@@ -125,10 +124,8 @@ def param_shardings(model, params: Any, mesh: Mesh, rules=RULES) -> Any:
   Logical names come from the model's boxed params; an axis whose size the mesh axes do not
   divide is replicated (e.g. 2 kv heads on tensor=4) rather than failing.
   """
-  from ftjax.model import Decoder
   rules = dict(rules)
   names = _logical_names(model)
-  plain = _logical_names(Decoder(model.cfg))  # 4-bit kernels are boxed only in a plain model
   flat = traverse_util.flatten_dict(params)
   out = {}
   for key, leaf in flat.items():
@@ -136,10 +133,6 @@ def param_shardings(model, params: Any, mesh: Mesh, rules=RULES) -> Any:
     shape = leaf.shape
     if names.get(key) is not None:
       axes = [_mesh_axes(n, rules, where) for n in names[key]]
-    elif len(key) > 1 and key[-2] == "kernel" and plain.get(key[:-1]) is not None:
-      # A 4-bit kernel's flat arrays: follow the kernel's input-dim (row) sharding.
-      first = _mesh_axes(plain[key[:-1]][0], rules, where)
-      axes = [first] + [None] * (len(shape) - 1) if shape else []
     else:
       raise ValueError(f"param {where} has no logical axis names, so no sharding rule matches")
     axes = [a if _fits(d, a, mesh) else None for d, a in zip(shape, axes)]

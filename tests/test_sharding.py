@@ -164,7 +164,14 @@ def test_load_pretrained_straight_into_shards(base_dir):
                                            mesh=mesh)
   up = sharded["layer_0"]["mlp"]["up_proj"]
   assert tuple(up["lora_a"].sharding.spec) == ("fsdp", None)
-  assert tuple(up["kernel"]["codes"].sharding.spec) == ("fsdp",)
+  # 4-bit codes and scales keep the kernel's two axes: a quantized q_proj keeps its tensor axis.
+  assert tuple(up["kernel"]["codes"].sharding.spec) == ("fsdp", "tensor")
+  q_proj = sharded["layer_0"]["attn"]["q_proj"]["kernel"]
+  assert tuple(q_proj["codes"].sharding.spec) == ("fsdp", "tensor")
+  assert q_proj["codes"].addressable_shards[0].data.shape == (32 // 2 // 4, 32 // 2)
+  # in = 32 < 64: one scale per 2 output columns, [1, 16], split over tensor only.
+  assert tuple(q_proj["scale_codes"].sharding.spec) == (None, "tensor")
+  assert tuple(q_proj["scale_absmax"].sharding.spec) in ((), (None,))
   assert tuple(sharded["embed"].sharding.spec) == ("tensor", "fsdp")
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a),
                                                                     np.asarray(b)),
