@@ -38,11 +38,13 @@ def get_config(arg=None):
   a = parse_arg(arg)
   c = ml_collections.ConfigDict()
   c.model = dict(hf_path="", preset=a.get("model", "tiny"), tokenizer="", dtype="float32",
-                 compute_dtype="", attention="xla", remat=False, seed=0, head="lm")
+                 compute_dtype="", attention="xla", remat=False, seed=0, head="lm",
+                 matmul_precision="auto")  # auto: full float32 dots when computing in float32
   kind = a.get("adapter", "lora")
   c.adapter = dict(kind="lora" if kind == "dora" else kind, rank=8, alpha=16.0, dropout=0.0,
                    targets="all-linear", rslora=False, dora=kind == "dora", init="kaiming",
-                   length=16, reparam=False, reparam_hidden=512, train_extra="")
+                   length=16, reparam=False, reparam_hidden=512, train_extra="",
+                   dtype="float32")  # trainable adapter params, whatever model.dtype is
   c.quant = dict(kind=a.get("quant", "none"), block_size=64, double_quant=True)
   # Prompt tuning prepends soft tokens to each row, so it takes one example per row.
   c.data = dict(path="", sources=[], format=a.get("format", "chat"), fields={},

@@ -9,9 +9,27 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
+
 from ftjax.errors import UserError
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
+# "auto" plus the names jax.lax.Precision accepts.
+MATMUL_PRECISIONS = ("auto", "highest", "float32", "high", "tensorfloat32", "bfloat16_3x",
+                     "default", "bfloat16", "fastest")
+
+
+def dot_precision(name: str, dtype: Any) -> Optional[jax.lax.Precision]:
+  """The `precision=` of a dot computed in `dtype` under ModelConfig.matmul_precision `name`.
+
+  "auto" asks for full float32 when the compute dtype is float32: GPUs otherwise round
+  float32 operands to TF32 and TPUs to bf16 passes, a 1e-2 logit gap to the reference.
+  """
+  if name == "auto":
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+  return jax.lax.Precision(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +76,14 @@ class ModelConfig:
   # Numerics and implementation.
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype; logits are always float32
+  # Trainable adapter params (LoRA/DoRA, prefixes, soft prompts, the score head) are kept and
+  # optimised in this dtype whatever `param_dtype` is: small updates vanish in a bf16 master
+  # copy (PEFT keeps adapters in float32 too). They are cast to `dtype` inside the matmul.
+  adapter_dtype: str = "float32"
+  # `precision=` of every dot: "auto" is full float32 when `dtype` is float32 (GPUs would
+  # otherwise round operands to TF32, TPUs to bf16 passes) and the backend default otherwise;
+  # or a jax.lax.Precision name (highest, high, tensorfloat32, default, ...).
+  matmul_precision: str = "auto"
   attention: str = "xla"  # xla (einsum) | dot_product (jax.nn.dot_product_attention; cuDNN on GPU)
   remat: bool = False
   # Output head: "lm" (next-token logits [B, T, V]) or "score" (a scalar per position [B, T],
@@ -84,6 +110,12 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.head={self.head!r}: expected lm or score")
     if self.attention not in ("xla", "dot_product"):
       raise ValueError(f"ModelConfig.attention={self.attention!r}: expected xla or dot_product")
+    if self.adapter_dtype not in ADAPTER_DTYPES:
+      raise ValueError(f"ModelConfig.adapter_dtype={self.adapter_dtype!r}: expected one of "
+                       f"{ADAPTER_DTYPES}")
+    if self.matmul_precision not in MATMUL_PRECISIONS:
+      raise ValueError(f"ModelConfig.matmul_precision={self.matmul_precision!r}: expected one "
+                       f"of {MATMUL_PRECISIONS}")
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)

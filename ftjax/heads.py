@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ftjax.config import ModelConfig
+from ftjax.config import ModelConfig, dot_precision
 
 # Logical axes of each head param, for sharding rules (see model.Decoder, which creates them).
 AXES = {"lm_head": ("embed", "vocab"), "score": ("embed", None), "value": ("embed", None)}
@@ -24,29 +24,32 @@ def lm_logits(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
   """Next-token logits: hidden [..., D] -> float32 [..., V] (the tied embedding if configured)."""
   dt = jnp.dtype(cfg.dtype)
   x = hidden.astype(dt)
+  prec = dot_precision(cfg.matmul_precision, dt)
   if cfg.tie_embeddings:
     return jnp.einsum("...D,VD->...V", x, params["embed"].astype(dt),
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=jnp.float32, precision=prec)
   return jnp.einsum("...D,DV->...V", x, params["lm_head"].astype(dt),
-                    preferred_element_type=jnp.float32)
+                    preferred_element_type=jnp.float32, precision=prec)
 
 
-def _scalar(kernel: jax.Array, hidden: jax.Array, dt) -> jax.Array:
+def _scalar(kernel: jax.Array, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+  dt = jnp.dtype(cfg.dtype)
   return jnp.einsum("...D,DO->...O", hidden.astype(dt), kernel.astype(dt),
-                    preferred_element_type=jnp.float32)[..., 0]
+                    preferred_element_type=jnp.float32,
+                    precision=dot_precision(cfg.matmul_precision, dt))[..., 0]
 
 
 def score(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
   """Reward-model score (HF's *ForSequenceClassification `score`): [..., D] -> float32 [...]."""
-  return _scalar(params["score"], hidden, jnp.dtype(cfg.dtype))
+  return _scalar(params["score"], hidden, cfg)
 
 
 def value(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
   """State value for PPO's critic on the policy's trunk: [..., D] -> float32 [...]."""
-  return _scalar(params["value"], hidden, jnp.dtype(cfg.dtype))
+  return _scalar(params["value"], hidden, cfg)
 
 
 def init_value(cfg: ModelConfig) -> dict:
   """A zero value head `{"value": [D, 1]}` to merge into the params; trainable, like `score`
   for reward models (zero, so every value starts at 0 whatever the trunk)."""
-  return {"value": jnp.zeros((cfg.d_model, 1), jnp.dtype(cfg.param_dtype))}
+  return {"value": jnp.zeros((cfg.d_model, 1), jnp.dtype(cfg.adapter_dtype))}

@@ -340,20 +340,21 @@ def safetensors_files(path: str) -> list[str]:
 
 def load_params(path: str, cfg: ModelConfig,
                 place: Optional[Callable[[tuple, np.ndarray], Any]] = None) -> dict:
-  """Stream HF safetensors into an ftjax params tree for `cfg` (param_dtype applied).
+  """Stream HF safetensors into an ftjax params tree for `cfg` (param_dtype applied; a score
+  head, trained as an adapter, in adapter_dtype).
 
   Args:
     path: local HF directory.
     cfg: the ModelConfig the params must fit.
     place: optional `place(path, host_array) -> array` that puts one param where it belongs
-      (a sharded device_put, a quantizer); default `jnp.asarray` in cfg.param_dtype.
+      (a sharded device_put, a quantizer); default `jnp.asarray` of the array as given.
   """
   entries = {en.hf: en for en in tensor_map(cfg)}
-  shapes = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0),
-                                                    jnp.zeros((1, 1), jnp.int32)))["params"]
-  shapes = jax.tree_util.tree_map(lambda s: s.shape, _unbox(shapes))
-  dtype = np.dtype(jnp.dtype(cfg.param_dtype))
-  place = place or (lambda p, a: jnp.asarray(a, dtype=dtype))
+  abstract = _unbox(jax.eval_shape(lambda: Decoder(cfg).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"])
+  shapes = jax.tree_util.tree_map(lambda s: s.shape, abstract)
+  dtypes = jax.tree_util.tree_map(lambda s: np.dtype(s.dtype), abstract)
+  place = place or (lambda p, a: jnp.asarray(a))
   params: dict = {}
   seen, unexpected = set(), []
   for fpath in safetensors_files(path):
@@ -372,14 +373,14 @@ def load_params(path: str, cfg: ModelConfig,
                               f" expected {list(want)} from config.json")
       arr = f.get(raw_name)
       for p, part in zip(entry.paths, _to_params(entry, arr)):
-        _set(params, p, place(p, np.asarray(part).astype(dtype)))
+        _set(params, p, place(p, np.asarray(part).astype(_get(dtypes, p))))
       del arr
       seen.add(name)
   missing = [n for n in entries if n not in seen]
   if cfg.head == "score" and "score.weight" in missing:
     # A causal-LM checkpoint loaded as a reward model: a fresh (zero) score head.
     log.info("%s: no score.weight; the reward head starts at zero", path)
-    _set(params, ("score",), place(("score",), np.zeros((cfg.d_model, 1), dtype)))
+    _set(params, ("score",), place(("score",), np.zeros((cfg.d_model, 1), dtypes["score"])))
     missing.remove("score.weight")
   if missing:
     raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from the safetensors files"
@@ -398,7 +399,8 @@ def _unbox(tree):
 def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[str] = None,
                     attention: str = "xla", remat: bool = False, lora=None, quant=None,
                     prefix=None, rng: Optional[jax.Array] = None, mesh=None, rules=None,
-                    quant_targets: Optional[str] = None, **config_overrides):
+                    quant_targets: Optional[str] = None, adapter_dtype: str = "float32",
+                    **config_overrides):
   """Load a HF causal LM directory (or hub name) as (Decoder, params).
 
   Args:
@@ -415,13 +417,16 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
     mesh, rules: place every tensor straight into its shards on this mesh (see sharding.py).
     quant_targets: regex of the linear layers kept in 4 bits (default: all attention and MLP
       projections); embeddings, norms and the output head always stay dense.
+    adapter_dtype: dtype of the trainable adapter params (LoRA, prefix, prompt, score head),
+      whatever `dtype` is; they are cast to the compute dtype inside the matmul.
+    config_overrides: other ModelConfig fields, e.g. matmul_precision="tensorfloat32".
   """
   from ftjax.model import AdapterSpec
   path = resolve(path)
   hf_cfg = read_hf_config(path)
   cfg = config_from_hf(hf_cfg, os.path.join(path, "config.json"), param_dtype=dtype,
                        dtype=compute_dtype or dtype, attention=attention, remat=remat,
-                       **config_overrides)
+                       adapter_dtype=adapter_dtype, **config_overrides)
   gen = os.path.join(path, "generation_config.json")
   if os.path.exists(gen):
     with open(gen) as f:
@@ -436,7 +441,6 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
   if quant_targets:
     spec = dataclasses.replace(spec, quant_targets=quant_targets)
   model = Decoder(cfg, spec)
-  np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
   target = None
   if mesh is not None:
     # Each tensor goes straight into its shards: the model never sits whole on one device.
@@ -450,7 +454,7 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
       from ftjax import quant as quant_lib
       out = quant_lib.quantize(arr.astype(np.float32), qcfg)
     else:
-      out = jnp.asarray(arr, dtype=np_dtype)
+      out = jnp.asarray(arr)  # load_params cast it to the param's dtype
     if target is not None:
       out = jax.tree_util.tree_map(jax.device_put, out, _get(target, p))
     return out

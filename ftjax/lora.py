@@ -365,7 +365,7 @@ def load_adapter(model: Decoder, params: dict, adapter_dir: str) -> tuple[Decode
                                                  jnp.zeros((1, 1), jnp.int32)))["params"]
   from flax import linen as nn
   want = traverse_util.flatten_dict(nn.meta.unbox(shapes))
-  pdt = jnp.dtype(model.cfg.param_dtype)
+  adt = jnp.dtype(model.cfg.adapter_dtype)
   for key, arr in leaves.items():
     if key not in want:
       raise hf.CheckpointError(f"{fpath}: no parameter {'/'.join(key)} in the base model")
@@ -376,5 +376,5 @@ def load_adapter(model: Decoder, params: dict, adapter_dir: str) -> tuple[Decode
   missing = [k for k in want if _is_adapter_leaf(k) and k not in leaves]
   if missing:
     raise hf.CheckpointError(f"{fpath}: tensor for {'/'.join(missing[0])} is missing")
-  adapter = traverse_util.unflatten_dict({k: jnp.asarray(v, pdt) for k, v in leaves.items()})
+  adapter = traverse_util.unflatten_dict({k: jnp.asarray(v, adt) for k, v in leaves.items()})
   return new_model, with_adapter(params, adapter)

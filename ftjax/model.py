@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import heads
-from ftjax.config import LORA_TARGET_PRESETS, LoraConfig, ModelConfig, PrefixConfig
+from ftjax.config import (LORA_TARGET_PRESETS, LoraConfig, ModelConfig, PrefixConfig,
+                          dot_precision)
 
 Array = jax.Array
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -102,6 +103,8 @@ class Linear(nn.Module):
   use_bias: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  adapter_dtype: Any = jnp.float32  # LoRA/DoRA leaves; cast to `dtype` in the matmul
+  precision: str = "auto"  # a ModelConfig.matmul_precision name
   spec: AdapterSpec = AdapterSpec()
 
   @nn.compact
@@ -110,11 +113,12 @@ class Linear(nn.Module):
     shape = (x.shape[-1], self.features)
     init = nn.initializers.normal(0.02)
     qcfg = self.spec.quant_for(path)
+    prec = dot_precision(self.precision, self.dtype)
     if qcfg is None:
       kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape,
                           self.param_dtype)
       kernel = kernel.astype(self.dtype)
-      y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel)
+      y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel, precision=prec)
     else:
       from ftjax import quant
 
@@ -123,7 +127,7 @@ class Linear(nn.Module):
         names = quant.logical_names(q, self.axes)
         return {k: nn.Partitioned(v, names[k]) for k, v in q.items()}
       packed = self.param("kernel", quant_init)
-      y = quant.matmul(x, packed, qcfg, self.dtype)  # custom VJP: no dense kernel kept
+      y = quant.matmul(x, packed, qcfg, self.dtype, prec)  # custom VJP: no dense kernel kept
       kernel = None  # built below only where DoRA needs the dense matrix
     lcfg = self.spec.lora_for(path)
     if lcfg is not None:
@@ -132,26 +136,28 @@ class Linear(nn.Module):
       a_init = (_kaiming_uniform_a_sqrt5 if lcfg.init == "kaiming"
                 else nn.initializers.normal(1.0 / lcfg.rank))
       a = self.param("lora_a", nn.with_logical_partitioning(a_init, (self.axes[0], "lora")),
-                     (shape[0], lcfg.rank), self.param_dtype)
+                     (shape[0], lcfg.rank), self.adapter_dtype)
       b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
                                                             ("lora", self.axes[1])),
-                     (lcfg.rank, shape[1]), self.param_dtype)
+                     (lcfg.rank, shape[1]), self.adapter_dtype)
       if lcfg.dora:
         if kernel is None:
           kernel = quant.dequantize(packed, qcfg, shape, self.dtype)
         mag = self.param("lora_magnitude", nn.with_logical_partitioning(
             lambda key, s, d: jnp.linalg.norm(kernel.astype(jnp.float32), axis=0).astype(d),
-            (self.axes[1],)), (shape[1],), self.param_dtype)
+            (self.axes[1],)), (shape[1],), self.adapter_dtype)
       if self.spec.adapters_enabled:
         xa = x
         if lcfg.dropout > 0 and self.has_rng("dropout"):
           xa = nn.Dropout(lcfg.dropout, deterministic=False)(x)
         a, b = a.astype(self.dtype), b.astype(self.dtype)
-        delta = jnp.einsum("...i,ir,ro->...o", xa.astype(self.dtype), a, b) * lcfg.scale
+        delta = jnp.einsum("...i,ir,ro->...o", xa.astype(self.dtype), a, b,
+                           precision=prec) * lcfg.scale
         if lcfg.dora:
           # PEFT's DoRA: m / ||W + s B A|| (row norm, detached) rescales base and LoRA outputs.
-          w = kernel.astype(jnp.float32) + lcfg.scale * (a.astype(jnp.float32)
-                                                         @ b.astype(jnp.float32))
+          w = kernel.astype(jnp.float32) + lcfg.scale * jnp.matmul(
+              a.astype(jnp.float32), b.astype(jnp.float32),
+              precision=dot_precision(self.precision, jnp.float32))
           norm = jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))
           factor = (mag.astype(jnp.float32) / norm).astype(self.dtype)
           y = factor * (y + delta)
@@ -253,11 +259,13 @@ def attention_mask(q_idx: Array, k_idx: Array, key_valid: Array,
   return allowed
 
 
-def dot_attention(q: Array, k: Array, v: Array, allowed: Array, impl: str) -> Array:
+def dot_attention(q: Array, k: Array, v: Array, allowed: Array, impl: str,
+                  prec: Optional[jax.lax.Precision] = None) -> Array:
   """Grouped-query attention.
 
   Args:
     q: [B, T, N, H]; k, v: [B, S, K, H]; allowed: bool [B, T, S].
+    prec: `precision=` of both einsums (see `dot_precision`).
   Returns:
     [B, T, N, H] in v's dtype; softmax in float32.
   """
@@ -265,12 +273,17 @@ def dot_attention(q: Array, k: Array, v: Array, allowed: Array, impl: str) -> Ar
   kv = k.shape[2]
   scale = h ** -0.5
   if impl == "dot_product":
-    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale)
+    if prec is None:
+      return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale)
+    # It takes no precision argument; its XLA path reads the default at trace time.
+    with jax.default_matmul_precision(prec.name.lower()):
+      return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale)
   q = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32,
+                      precision=prec) * scale
   scores = jnp.where(allowed[:, None, None], scores, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, precision=prec)
   return out.reshape(b, t, n, h)
 
 
@@ -284,7 +297,9 @@ class Attention(nn.Module):
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     b, t, _ = x.shape
     n, kv, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    lin = functools.partial(Linear, dtype=dt, param_dtype=pdt, spec=self.spec)
+    lin = functools.partial(Linear, dtype=dt, param_dtype=pdt,
+                            adapter_dtype=_dtype(cfg.adapter_dtype),
+                            precision=cfg.matmul_precision, spec=self.spec)
     q = lin(n * h, ("embed", "q_heads"), cfg.qkv_bias, name="q_proj")(x).reshape(b, t, n, h)
     k = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="k_proj")(x).reshape(b, t, kv, h)
     v = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="v_proj")(x).reshape(b, t, kv, h)
@@ -309,7 +324,8 @@ class Attention(nn.Module):
       k = jnp.concatenate([jnp.broadcast_to(prefix[0].astype(dt), (b, p, kv, h)), k], axis=1)
       v = jnp.concatenate([jnp.broadcast_to(prefix[1].astype(dt), (b, p, kv, h)), v], axis=1)
       allowed = jnp.concatenate([jnp.ones((b, t, p), bool), allowed], axis=-1)
-    out = dot_attention(q, k, v, allowed, cfg.attention)  # [B, T, N, H]
+    out = dot_attention(q, k, v, allowed, cfg.attention,
+                        dot_precision(cfg.matmul_precision, dt))  # [B, T, N, H]
     out = out.reshape(b, t, n * h)
     out = lin(cfg.d_model, ("q_heads", "embed"), cfg.o_bias, name="o_proj")(out)
     return out, cache
@@ -323,7 +339,9 @@ class Mlp(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     lin = functools.partial(Linear, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
-                            use_bias=cfg.mlp_bias, spec=self.spec)
+                            adapter_dtype=_dtype(cfg.adapter_dtype),
+                            precision=cfg.matmul_precision, use_bias=cfg.mlp_bias,
+                            spec=self.spec)
     act = _act(cfg.activation)
     if cfg.gated_mlp:
       hidden = act(lin(cfg.mlp_dim, ("embed", "mlp"), name="gate_proj")(x)) * lin(
@@ -373,7 +391,7 @@ class PrefixEncoder(nn.Module):
   def __call__(self) -> Array:
     cfg, pc = self.cfg, self.prefix
     shape = (cfg.n_layers, 2, pc.length, cfg.n_kv_heads, cfg.head_dim)
-    pdt = _dtype(cfg.param_dtype)
+    pdt = _dtype(cfg.adapter_dtype)  # trainable: see ModelConfig.adapter_dtype
     if not pc.reparam:
       return self.param("kv", nn.with_logical_partitioning(
           nn.initializers.normal(pc.init_std), ("layers", None, "prefix", "kv_heads", "head_dim")),
@@ -382,8 +400,10 @@ class PrefixEncoder(nn.Module):
     emb = self.param("embedding", nn.with_logical_partitioning(
         nn.initializers.normal(1.0), ("prefix", "embed")), (pc.length, cfg.d_model), pdt)
     width = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim
-    h = jnp.tanh(Linear(pc.reparam_hidden, ("embed", "mlp"), True, name="mlp_in")(emb))
-    out = Linear(width, ("mlp", "kv_heads"), True, name="mlp_out")(h)  # [P, L*2*K*H]
+    lin = functools.partial(Linear, use_bias=True, param_dtype=pdt,
+                            precision=cfg.matmul_precision)
+    h = jnp.tanh(lin(pc.reparam_hidden, ("embed", "mlp"), name="mlp_in")(emb))
+    out = lin(width, ("mlp", "kv_heads"), name="mlp_out")(h)  # [P, L*2*K*H]
     # PEFT's layout of a flat prefix row: (layer, key/value, kv head, head dim).
     out = out.reshape(pc.length, cfg.n_layers, 2, cfg.n_kv_heads, cfg.head_dim)
     return out.transpose(1, 2, 0, 3, 4)
@@ -427,7 +447,7 @@ class Decoder(nn.Module):
     if prompt_cfg is not None:
       soft = self.param("prompt", nn.with_logical_partitioning(
           nn.initializers.normal(prompt_cfg.init_std), ("prefix", "embed")),
-                        (prompt_cfg.length, cfg.d_model), pdt)
+                        (prompt_cfg.length, cfg.d_model), _dtype(cfg.adapter_dtype))
       if segment_ids is not None:
         raise ValueError("prompt tuning does not combine with packed sequences (segment_ids)")
       if not decode:
@@ -490,7 +510,7 @@ class Decoder(nn.Module):
     elif cfg.head == "score":
       kernel = self.param("score", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                 heads.AXES["score"]),
-                          (cfg.d_model, 1), pdt)
+                          (cfg.d_model, 1), _dtype(cfg.adapter_dtype))  # new, trained
       out = heads.score({"score": kernel}, x, cfg)  # [B, T]
     elif cfg.tie_embeddings:
       out = heads.lm_logits({"embed": embed}, x, cfg)  # [B, T, V]

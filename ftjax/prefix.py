@@ -62,7 +62,7 @@ def load_prefix_adapter(model: Decoder, params: dict, adapter_dir: str, acfg: di
     raise hf.CheckpointError(f"{fpath}: tensor 'prompt_embeddings' is missing")
   emb = f.get("prompt_embeddings").astype(np.float32)
   cfg, p = model.cfg, int(acfg["num_virtual_tokens"])
-  pdt = jnp.dtype(cfg.param_dtype)
+  adt = jnp.dtype(cfg.adapter_dtype)
   if acfg["peft_type"] == "PREFIX_TUNING":
     if acfg.get("prefix_projection"):
       raise hf.CheckpointError(f"{fpath}: prefix_projection=True adapters are not supported")
@@ -77,7 +77,7 @@ def load_prefix_adapter(model: Decoder, params: dict, adapter_dir: str, acfg: di
   params = dict(params)
   if kind == "prefix":
     kv = emb.reshape(p, cfg.n_layers, 2, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2, 0, 3, 4)
-    params["prefix"] = {"kv": jnp.asarray(kv, pdt)}
+    params["prefix"] = {"kv": jnp.asarray(kv, adt)}
   else:
-    params["prompt"] = jnp.asarray(emb, pdt)
+    params["prompt"] = jnp.asarray(emb, adt)
   return model.clone(spec=spec), params

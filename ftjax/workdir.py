@@ -14,8 +14,9 @@ from typing import Any, Optional
 import jax
 
 from ftjax import checkpoint, hf, partition
+from ftjax.config import (ADAPTER_DTYPES, MATMUL_PRECISIONS, LoraConfig, PrefixConfig,
+                          get_preset)
 from ftjax.errors import UserError
-from ftjax.config import LoraConfig, PrefixConfig, get_preset
 from ftjax.model import AdapterSpec, Decoder, init_params
 from ftjax.quant import QuantConfig
 from ftjax.tokenizer import load_tokenizer
@@ -53,6 +54,19 @@ def adapter_spec(config) -> AdapterSpec:
   return AdapterSpec(lora=lora, quant=quant, prefix=prefix)
 
 
+def numerics_config(config) -> dict:
+  """ModelConfig's adapter_dtype and matmul_precision from `adapter.dtype` and
+  `model.matmul_precision` (configs saved before these keys existed get the defaults)."""
+  out = dict(adapter_dtype=_get(config.adapter, "dtype", "float32"),
+             matmul_precision=_get(config.model, "matmul_precision", "auto"))
+  checks = (("adapter.dtype", out["adapter_dtype"], ADAPTER_DTYPES),
+            ("model.matmul_precision", out["matmul_precision"], MATMUL_PRECISIONS))
+  for key, value, allowed in checks:
+    if value not in allowed:
+      raise UserError(f"config.{key}={value!r}: expected one of {', '.join(allowed)}")
+  return out
+
+
 def rules(config) -> list:
   """Trainable-parameter rules: the adapter's set, with `adapter.train_extra` regexes first."""
   extra = [(rx, partition.TRAIN) for rx in _get(config.adapter, "train_extra", "").split(",")
@@ -84,6 +98,7 @@ def build_model(config, rng: Optional[jax.Array] = None, par=None):
   rng = jax.random.PRNGKey(m.seed) if rng is None else rng
   dtype, cdt = m.dtype, m.compute_dtype or m.dtype
   head = _get(m, "head", "lm")
+  numerics = numerics_config(config)
   if m.hf_path:
     extra = {"head": head}
     if head == "score" and tok.pad_token_id is not None:
@@ -92,12 +107,12 @@ def build_model(config, rng: Optional[jax.Array] = None, par=None):
       extra.update(mesh=par.mesh, rules=par.rules)
     model, params = hf.load_pretrained(
         m.hf_path, dtype=dtype, compute_dtype=cdt, attention=m.attention, remat=m.remat,
-        lora=spec.lora, quant=spec.quant, prefix=spec.prefix, rng=rng, **extra)
+        lora=spec.lora, quant=spec.quant, prefix=spec.prefix, rng=rng, **numerics, **extra)
     path = hf.resolve(m.hf_path)
     return model, params, tok, {"kind": "hf", **checkpoint.base_reference(path)}
   cfg = get_preset(m.preset).replace(
       vocab_size=len(tok), param_dtype=dtype, dtype=cdt, attention=m.attention, remat=m.remat,
-      head=head,
+      head=head, **numerics,
       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
   model = Decoder(cfg, spec)
   if par is not None and par.mode == "pjit":
