@@ -277,3 +277,25 @@ def test_preemption_handler():
         break
     assert p.requested and p.any_requested()
   assert signal.getsignal(signal.SIGTERM) == old
+
+
+def test_restore_float32_adapters_over_bf16_base(tmp_path):
+  from ftjax import partition
+  from ftjax.config import LoraConfig, get_preset
+  from ftjax.model import AdapterSpec, Decoder, init_params
+  from ftjax.train import common
+  cfg = get_preset("tiny", n_layers=1, param_dtype="bfloat16", dtype="bfloat16")
+  params = init_params(Decoder(cfg, AdapterSpec(lora=LoraConfig(rank=2))), jax.random.PRNGKey(0))
+  trainable, frozen, _ = common.split_params(params, partition.rules_for("lora"))
+  tx = optax.adamw(1e-3)
+  state = common.init_state(trainable, tx, 0)
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), trainable)
+  _, state["opt_state"] = tx.update(grads, state["opt_state"], trainable)
+  with Checkpointer(str(tmp_path), async_save=False) as ck:
+    ck.save(1, state)
+    restored, _, _ = ck.restore(target=jax.eval_shape(lambda: state))
+  assert_trees_equal(restored, state)
+  floats = [x.dtype for x in jax.tree.leaves((restored["params"], restored["opt_state"]))
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  assert floats and set(floats) == {jnp.dtype("float32")}
+  assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype("bfloat16")}

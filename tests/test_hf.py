@@ -233,3 +233,14 @@ def test_interrupted_save_leaves_old_or_new_export(hf_models, tmp_path, monkeypa
   assert done and fail_at > 2
   assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
   transformers.AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_bf16_base_keeps_trainable_heads_float32(hf_models):
+  path, _ = hf_models["qwen2"]
+  _, params = ftjax.load_pretrained(path, dtype="bfloat16", head="score",
+                                    prefix=ftjax.PrefixConfig("prompt", length=2))
+  assert params["embed"].dtype == jnp.bfloat16
+  assert params["score"].dtype == jnp.float32 and params["prompt"].dtype == jnp.float32
+  _, params = ftjax.load_pretrained(path, dtype="bfloat16", head="score",
+                                    adapter_dtype="bfloat16")
+  assert params["score"].dtype == jnp.bfloat16

@@ -253,3 +253,36 @@ def test_peft_gpt2_general_c_attn_is_refused(hf_models, tmp_path):
   with pytest.raises(ftjax.CheckpointError, match="c_attn LoRA is not block-diagonal") as e:
     ftjax.load_adapter(model, params, str(tmp_path / "peft"))
   assert "\n" not in str(e.value)
+
+
+def test_float32_adapter_over_bf16_base_exports_to_peft(hf_models, tmp_path):
+  path, _ = hf_models["llama"]
+  model, params = ftjax.load_pretrained(path, dtype="bfloat16", compute_dtype="float32",
+                                        lora=ftjax.LoraConfig(rank=4, alpha=8))
+  params = _randomize_b(params)
+  flat = traverse_util.flatten_dict(params)
+  adapter = {k: np.asarray(v) for k, v in flat.items() if k[-1] in lora.LORA_LEAVES}
+  assert {v.dtype for v in adapter.values()} == {np.dtype("float32")}
+  assert flat[("embed",)].dtype == jnp.bfloat16
+  out = str(tmp_path / "adapter")
+  ftjax.save_adapter(model, params, out)
+  # The file keeps the float32 values (a bf16 copy would be bf16-representable).
+  from ftjax import st_io
+  f = st_io.SafetensorsFile(os.path.join(out, "adapter_model.safetensors"))
+  a = adapter[("layer_0", "attn", "q_proj", "lora_a")]
+  saved = f.get("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
+  np.testing.assert_array_equal(saved, a.T)
+  assert np.any(a.astype(jnp.bfloat16).astype(np.float32) != a)
+  # PEFT on the same bf16-rounded base, computing in float32 as ftjax does here.
+  base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).float()
+  peft_model = peft.PeftModel.from_pretrained(base.eval(), out).eval()
+  tokens, mask = batch_with_padding(np.random.default_rng(5))
+  ref = _torch_logits(peft_model, tokens, mask)
+  assert np.abs(_logits(model, params, tokens, mask) - ref)[mask].max() <= 1e-4
+  # And back: imported leaves are float32 and exact.
+  base_model, base_params = ftjax.load_pretrained(path, dtype="bfloat16")
+  _, params2 = ftjax.load_adapter(base_model, base_params, out)
+  flat2 = traverse_util.flatten_dict(params2)
+  for k, v in adapter.items():
+    assert flat2[k].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(flat2[k]), v)

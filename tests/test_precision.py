@@ -1,4 +1,4 @@
-"""Numerics: float32 adapters over a bf16 base, and float32 compute lowering to full-precision dots."""
+"""Numerics: float32 adapters over a bf16 base; float32 compute lowers to full-precision dots."""
 
 import functools
 
