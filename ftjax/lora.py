@@ -137,7 +137,7 @@ def merge(model: Decoder, params: dict) -> tuple[Decoder, dict]:
       w = dense_kernel(model, path, node["kernel"], shapes[path])
       if "lora_a" in node and lcfg is not None:
         a, b = node["lora_a"].astype(jnp.float32), node["lora_b"].astype(jnp.float32)
-        w = w + lcfg.scale * (a @ b)
+        w = w + lcfg.scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
         if "lora_magnitude" in node:
           w = w * (node["lora_magnitude"].astype(jnp.float32) / jnp.linalg.norm(w, axis=0))
       out["kernel"] = w.astype(pdt)
