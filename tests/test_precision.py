@@ -173,3 +173,8 @@ def test_quantized_matmul_takes_the_precision():
     text = jax.jit(lambda x, q, p=prec: quant.quantized_matmul(x, q, cfg, w.shape, jnp.float32, p)
                    ).lower(x, q).as_text()
     assert all(want in ln for ln in _dot_lines(text)) and _dot_lines(text)
+
+
+def test_value_head_is_float32_over_bf16_base():
+  from ftjax import heads
+  assert heads.init_value(get_preset("tiny", **BF16))["value"].dtype == jnp.float32
