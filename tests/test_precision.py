@@ -10,7 +10,7 @@ import pytest
 from flax import linen as nn
 
 from ftjax import partition, quant, workdir
-from ftjax.config import LoraConfig, PrefixConfig, get_preset
+from ftjax.config import LoraConfig, PrefixConfig, dot_precision, get_preset
 from ftjax.errors import UserError
 from ftjax.model import AdapterSpec, Decoder, init_params
 from ftjax.train import common, sft
@@ -169,10 +169,13 @@ def test_quantized_matmul_takes_the_precision():
   cfg = quant.QuantConfig("nf4", 64)
   q = quant.quantize(w, cfg)
   x = jnp.ones((2, 64))
-  for prec, want in (("auto", "HIGHEST"), ("tensorfloat32", "HIGH,")):
-    text = jax.jit(lambda x, q, p=prec: quant.quantized_matmul(x, q, cfg, w.shape, jnp.float32, p)
-                   ).lower(x, q).as_text()
-    assert all(want in ln for ln in _dot_lines(text)) and _dot_lines(text)
+  for name, want in (("auto", "HIGHEST"), ("tensorfloat32", "HIGH,")):
+    prec = dot_precision(name, jnp.float32)
+    # The custom VJP's backward dot too: differentiate with respect to x.
+    f = lambda x, q, p=prec: jax.grad(  # noqa: E731
+        lambda x: quant.matmul(x, q, cfg, jnp.float32, p).sum())(x)
+    dots = _dot_lines(jax.jit(f).lower(x, q).as_text())
+    assert dots and all(want in ln for ln in dots)
 
 
 def test_value_head_is_float32_over_bf16_base():
