@@ -137,9 +137,12 @@ def param_shardings(model, params: Any, mesh: Mesh, rules=RULES) -> Any:
     if names.get(key) is not None:
       axes = [_mesh_axes(n, rules, where) for n in names[key]]
     elif len(key) > 1 and key[-2] == "kernel" and plain.get(key[:-1]) is not None:
-      # A 4-bit kernel's flat arrays: follow the kernel's input-dim (row) sharding.
-      first = _mesh_axes(plain[key[:-1]][0], rules, where)
-      axes = [first] + [None] * (len(shape) - 1) if shape else []
+      # A 4-bit kernel's flat arrays: follow the kernel's input-dim (row) sharding; stacked
+      # ones ([L, ...] under scanned layers) keep the `layers` axis first.
+      kernel_names = plain[key[:-1]]
+      lead = [_mesh_axes(n, rules, where) for n in kernel_names[:kernel_names[0] == "layers"]]
+      first = _mesh_axes(kernel_names[len(lead)], rules, where)
+      axes = (lead + [first] + [None] * (len(shape) - len(lead) - 1))[:len(shape)]
     else:
       raise ValueError(f"param {where} has no logical axis names, so no sharding rule matches")
     axes = [a if _fits(d, a, mesh) else None for d, a in zip(shape, axes)]
