@@ -85,7 +85,7 @@ def test_compile_time_does_not_grow_with_depth():
 
 def test_deep_model_steps_compile_once():
   step, (state, frozen, batch) = _train_step(32)
-  traced = jax.jit(chex.assert_max_traces(step, n=1))
+  traced = jax.jit(chex.assert_max_traces(lambda *a: step(*a), n=1))
   losses = []
   for _ in range(3):
     state, metrics = traced(state, frozen, batch)
