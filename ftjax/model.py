@@ -299,9 +299,12 @@ class Attention(nn.Module):
     b, t, _ = x.shape
     n, kv, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     lin = functools.partial(Linear, dtype=dt, param_dtype=pdt, spec=self.spec)
-    q = lin(n * h, ("embed", "q_heads"), cfg.qkv_bias, name="q_proj")(x, layer).reshape(b, t, n, h)
-    k = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="k_proj")(x, layer).reshape(b, t, kv, h)
-    v = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="v_proj")(x, layer).reshape(b, t, kv, h)
+    q = lin(n * h, ("embed", "q_heads"), cfg.qkv_bias, name="q_proj")(x, layer)
+    q = q.reshape(b, t, n, h)
+    k = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="k_proj")(x, layer)
+    k = k.reshape(b, t, kv, h)
+    v = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="v_proj")(x, layer)
+    v = v.reshape(b, t, kv, h)
     if cfg.qk_norm:
       norm = functools.partial(Norm, "rmsnorm", cfg.norm_eps, axis_name="head_dim", dtype=dt,
                                param_dtype=pdt)
@@ -544,7 +547,7 @@ class Decoder(nn.Module):
     outs = []
     for i in range(n):
       per_layer = (jnp.asarray(i, jnp.int32),
-                   None if kv is None else jax.tree_util.tree_map(lambda a: a[i], kv),
+                   None if kv is None else jax.tree_util.tree_map(lambda a, i=i: a[i], kv),
                    None if prefix_kv is None else prefix_kv[i])
       x, layer_kv = block_cls(cfg, self.spec, name=f"layer_{i}")(x, per_layer, *shared)
       outs.append(layer_kv)

@@ -39,7 +39,7 @@ def test_unrolled_mode_matches_transformers_and_scanned(hf_models, family, tmp_p
   assert "layer_1" in params and "layers" not in params and "layers" in sp
   # The unrolled params are the stacked ones, unstacked.
   for i in range(model.cfg.n_layers):
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b[i]),
+    jax.tree_util.tree_map(lambda a, b, i=i: np.testing.assert_array_equal(a, b[i]),
                            params[f"layer_{i}"], sp["layers"])
   tokens, mask = batch_with_padding(np.random.default_rng(4))
   ours = _logits(model, params, tokens, mask)
