@@ -49,7 +49,8 @@ def test_sampler_same_tokens_sharded(base_dir):
   plain = np.asarray(ftjax.generate(model, params, tokens, max_new_tokens=12).tokens)
   mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
   sharded = sharding.shard_params(model, params, mesh)
-  assert tuple(sharded["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec) == (None, "fsdp", "tensor")
+  up = sharded["layers"]["mlp"]["up_proj"]["kernel"]  # [L, D, F]
+  assert tuple(up.sharding.spec) == (None, "fsdp", "tensor")
   with sharding.use_mesh(mesh):
     out = ftjax.generate(model, sharded, jax.device_put(tokens, sharding.batch_sharding(mesh)),
                          max_new_tokens=12)
