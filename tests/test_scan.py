@@ -77,8 +77,12 @@ def _compile_seconds(n_layers: int, scan: bool = True) -> float:
 
 def test_compile_time_does_not_grow_with_depth():
   _compile_seconds(2)  # warm up tracing caches shared by both
-  shallow = min(_compile_seconds(4) for _ in range(2))
-  deep = min(_compile_seconds(32) for _ in range(2))
+  # Interleaved, best of three: a busy machine slows single runs, not the minimum of each.
+  times = {4: [], 32: []}
+  for _ in range(3):
+    for n in times:
+      times[n].append(_compile_seconds(n))
+  shallow, deep = min(times[4]), min(times[32])
   print(f"train step compile: 4 layers {shallow:.2f} s, 32 layers {deep:.2f} s")
   assert deep <= 1.5 * shallow, (shallow, deep)
 
