@@ -262,7 +262,7 @@ def _nbytes(q: dict) -> int:
 
 def bench_quant_memory(cfg: ModelConfig, seed: int, **_) -> dict:
   """Bytes of the quantizable (all-linear) kernels per storage format, from shapes and layer 0."""
-  model = ftjax.Decoder(cfg)
+  model = ftjax.Decoder(cfg.replace(scan_layers=False))  # per-layer `layer_{i}` shapes
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
   flat = traverse_util.flatten_dict(nn.meta.unbox(shapes)["params"], sep="/")
   pattern = re.compile(AdapterSpec().quant_targets)  # what load_pretrained(quant=...) quantizes

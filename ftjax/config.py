@@ -86,6 +86,9 @@ class ModelConfig:
   matmul_precision: str = "auto"
   attention: str = "xla"  # xla (einsum) | dot_product (jax.nn.dot_product_attention; cuDNN on GPU)
   remat: bool = False
+  # Blocks run under a scan over stacked [L, ...] params (`layers/...`): trace and compile time
+  # do not grow with depth. False keeps one `layer_{i}` subtree per block (for debugging).
+  scan_layers: bool = True
   # Output head: "lm" (next-token logits [B, T, V]) or "score" (a scalar per position [B, T],
   # read at the last real token by reward models; HF's *ForSequenceClassification `score`).
   head: str = "lm"
@@ -265,7 +268,11 @@ class LoraConfig:
   Forward: h = W0 x + s * B(A(dropout(x))), s = alpha / rank (alpha / sqrt(rank) with rslora).
   A is initialised like PEFT (Kaiming-uniform, a=sqrt(5); or Gaussian std 1/rank), B = 0, so
   training starts exactly at the base model. `targets` is a preset name (qv, attn, mlp,
-  all-linear) or a regex searched in the layer path, e.g. "layer_(0|1)/attn/q_proj$".
+  all-linear) or a regex searched in the layer path, e.g. "attn/(q|v)_proj$" (paths are
+  `layers/attn/q_proj` under scanned layers, `layer_0/attn/q_proj` unrolled). `layers`, a tuple
+  of block indices, restricts LoRA to those blocks (PEFT's `layers_to_transform`): the stacked
+  [L, ...] adapter arrays keep zero slices for the other blocks, which the forward ignores and
+  so never get a gradient.
   """
 
   rank: int = 8
@@ -275,8 +282,13 @@ class LoraConfig:
   rslora: bool = False
   init: str = "kaiming"  # kaiming | gaussian
   dora: bool = False
+  layers: Optional[tuple[int, ...]] = None
 
   def __post_init__(self):
+    if self.layers is not None:
+      object.__setattr__(self, "layers", tuple(sorted({int(i) for i in self.layers})))
+      if not self.layers or min(self.layers) < 0:
+        raise ValueError(f"LoraConfig.layers={self.layers}: expected non-negative block indices")
     if self.rank < 1:
       raise ValueError(f"LoraConfig.rank={self.rank} must be >= 1")
     if self.init not in ("kaiming", "gaussian"):

@@ -8,6 +8,7 @@ Only safetensors are read (never pickle `.bin`), and no remote code runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import logging
@@ -177,37 +178,49 @@ class Entry:
 
   kind: "copy" (same layout), "T" (torch Linear [out, in] -> kernel [in, out]),
   "split3" (GPT-2's fused c_attn, split on the last axis into q, k, v).
+  layer: for a block's tensor under scanned layers, its slice of the stacked `layers/...`
+  params ([L, ...] arrays); None when the path holds the tensor alone.
   """
   hf: str
   paths: tuple[tuple[str, ...], ...]
   kind: str = "copy"
+  layer: Optional[int] = None
 
 
 def tensor_map(cfg: ModelConfig) -> list[Entry]:
   """Every HF tensor name of this config and where it goes in the ftjax params tree."""
   e: list[Entry] = []
-  one = lambda hf, path, kind="copy": e.append(Entry(hf, (tuple(path.split("/")),), kind))
+  i = None  # the block whose tensors `one` is adding (None outside the blocks)
+
+  def one(hf, path, kind="copy"):
+    e.append(Entry(hf, (tuple(path.split("/")),), kind, i if cfg.scan_layers else None))
+
+  def block(i):
+    return "layers" if cfg.scan_layers else f"layer_{i}"
+
   if cfg.family == "gpt2":
     one("transformer.wte.weight", "embed")
     one("transformer.wpe.weight", "pos_embed")
     for i in range(cfg.n_layers):
-      p, l = f"transformer.h.{i}", f"layer_{i}"
+      p, l = f"transformer.h.{i}", block(i)
       for hf_norm, norm in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
         one(f"{p}.{hf_norm}.weight", f"{l}/{norm}/scale")
         one(f"{p}.{hf_norm}.bias", f"{l}/{norm}/bias")
       for leaf, hfleaf in (("kernel", "weight"), ("bias", "bias")):
         e.append(Entry(f"{p}.attn.c_attn.{hfleaf}",
-                       tuple((l, "attn", f"{x}_proj", leaf) for x in "qkv"), "split3"))
+                       tuple((l, "attn", f"{x}_proj", leaf) for x in "qkv"), "split3",
+                       i if cfg.scan_layers else None))
         one(f"{p}.attn.c_proj.{hfleaf}", f"{l}/attn/o_proj/{leaf}")
         one(f"{p}.mlp.c_fc.{hfleaf}", f"{l}/mlp/up_proj/{leaf}")
         one(f"{p}.mlp.c_proj.{hfleaf}", f"{l}/mlp/down_proj/{leaf}")
+    i = None
     one("transformer.ln_f.weight", "final_norm/scale")
     one("transformer.ln_f.bias", "final_norm/bias")
     _head(cfg, one)
     return e
   one("model.embed_tokens.weight", "embed")
   for i in range(cfg.n_layers):
-    p, l = f"model.layers.{i}", f"layer_{i}"
+    p, l = f"model.layers.{i}", block(i)
     one(f"{p}.input_layernorm.weight", f"{l}/attn_norm/scale")
     one(f"{p}.post_attention_layernorm.weight", f"{l}/mlp_norm/scale")
     for x in "qkvo":
@@ -221,6 +234,7 @@ def tensor_map(cfg: ModelConfig) -> list[Entry]:
       one(f"{p}.mlp.{x}_proj.weight", f"{l}/mlp/{x}_proj/kernel", "T")
       if cfg.mlp_bias:
         one(f"{p}.mlp.{x}_proj.bias", f"{l}/mlp/{x}_proj/bias")
+  i = None
   one("model.norm.weight", "final_norm/scale")
   _head(cfg, one)
   return e
@@ -338,23 +352,76 @@ def safetensors_files(path: str) -> list[str]:
   raise CheckpointError(f"{path}: no model.safetensors (or sharded index) found")
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_slice(buf, value, i):
+  return jax.lax.dynamic_update_index_in_dim(buf, value.astype(buf.dtype), i, 0)
+
+
+class _Stacker:
+  """Per-layer tensors into preallocated [L, ...] device arrays, slice by slice.
+
+  The buffer of a stacked param is allocated (in its shards, when `shardings` is given) on its
+  first slice and updated in place (donated) for each further one, so loading holds one HF
+  tensor on the host at a time, as without stacking.
+  """
+
+  def __init__(self, n_layers: int, shardings=None):
+    self.n, self.shardings, self.bufs = n_layers, shardings, {}
+
+  def put(self, path: tuple, i: int, value):
+    buf = self.bufs.get(path)
+    if buf is None:
+      target = None if self.shardings is None else _get(self.shardings, path)
+
+      def alloc(v, sharding=None):
+        shape, dtype = (self.n,) + tuple(np.shape(v)), v.dtype
+        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+      buf = (jax.tree_util.tree_map(alloc, value) if target is None
+             else jax.tree_util.tree_map(alloc, value, target))
+    self.bufs[path] = jax.tree_util.tree_map(
+        lambda b, v: _write_slice(b, jnp.asarray(v), jnp.int32(i)), buf, value)
+
+  def into(self, params: dict):
+    for path, buf in self.bufs.items():
+      _set(params, path, buf)
+
+
 def load_params(path: str, cfg: ModelConfig,
-                place: Optional[Callable[[tuple, np.ndarray], Any]] = None) -> dict:
+                convert: Optional[Callable[[tuple, np.ndarray], Any]] = None,
+                shardings: Any = None) -> dict:
   """Stream HF safetensors into an ftjax params tree for `cfg` (param_dtype applied; a score
   head, trained as an adapter, in adapter_dtype).
+
+  Under scanned layers each block's tensor is written into its slice of the stacked [L, ...]
+  param as it streams in.
 
   Args:
     path: local HF directory.
     cfg: the ModelConfig the params must fit.
-    place: optional `place(path, host_array) -> array` that puts one param where it belongs
-      (a sharded device_put, a quantizer); default `jnp.asarray` of the array as given.
+    convert: optional `convert(param_path, host_array) -> array or dict of arrays` for one
+      param (or one layer's slice of it): a cast, a quantizer; default: the param's dtype.
+    shardings: optional tree of `jax.sharding.Sharding` for the params tree (stacked shapes);
+      every param is placed straight into its shards.
   """
   entries = {en.hf: en for en in tensor_map(cfg)}
   abstract = _unbox(jax.eval_shape(lambda: Decoder(cfg).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"])
   shapes = jax.tree_util.tree_map(lambda s: s.shape, abstract)
   dtypes = jax.tree_util.tree_map(lambda s: np.dtype(s.dtype), abstract)
-  place = place or (lambda p, a: jnp.asarray(a))
+  convert = convert or (lambda p, a: np.asarray(a, dtype=_get(dtypes, p)))
+  stacker = _Stacker(cfg.n_layers, shardings)
+
+  def place(p, layer, arr):
+    value = convert(p, arr)
+    if layer is not None:
+      return stacker.put(p, layer, value)
+    if shardings is None:
+      value = jax.tree_util.tree_map(jnp.asarray, value)
+    else:
+      value = jax.tree_util.tree_map(jax.device_put, value, _get(shardings, p))
+    _set(params, p, value)
+
   params: dict = {}
   seen, unexpected = set(), []
   for fpath in safetensors_files(path):
@@ -367,24 +434,25 @@ def load_params(path: str, cfg: ModelConfig,
             name == "lm_head.weight" and (cfg.tie_embeddings or cfg.head == "score")):
           unexpected.append(raw_name)
         continue
-      want = _hf_shape(entry, [_get(shapes, p) for p in entry.paths])
+      want = _hf_shape(entry, [_get(shapes, p)[entry.layer is not None:] for p in entry.paths])
       if f.shape(raw_name) != want:
         raise CheckpointError(f"{fpath}: tensor {raw_name!r} has shape {list(f.shape(raw_name))},"
                               f" expected {list(want)} from config.json")
       arr = f.get(raw_name)
       for p, part in zip(entry.paths, _to_params(entry, arr)):
-        _set(params, p, place(p, np.asarray(part).astype(_get(dtypes, p))))
+        place(p, entry.layer, np.asarray(part).astype(_get(dtypes, p)))
       del arr
       seen.add(name)
   missing = [n for n in entries if n not in seen]
   if cfg.head == "score" and "score.weight" in missing:
     # A causal-LM checkpoint loaded as a reward model: a fresh (zero) score head.
     log.info("%s: no score.weight; the reward head starts at zero", path)
-    _set(params, ("score",), place(("score",), np.zeros((cfg.d_model, 1), dtypes["score"])))
+    place(("score",), None, np.zeros((cfg.d_model, 1), dtypes["score"]))
     missing.remove("score.weight")
   if missing:
     raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from the safetensors files"
                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  stacker.into(params)
   if unexpected:
     log.warning("%s: ignored %d unexpected tensors, e.g. %s", path, len(unexpected),
                 unexpected[:3])
@@ -449,17 +517,14 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
                                                         jnp.zeros((1, 1), jnp.int32)))["params"])
     target = sharding.param_shardings(model, abstract, mesh, rules or sharding.RULES)
 
-  def place(p, arr):
+  def convert(p, arr):
+    # A stacked kernel arrives one layer at a time: each slice is quantized on its own.
     if qcfg is not None and p[-1] == "kernel" and spec.quant_for("/".join(p[:-1])):
       from ftjax import quant as quant_lib
-      out = quant_lib.quantize(arr.astype(np.float32), qcfg)
-    else:
-      out = jnp.asarray(arr)  # load_params cast it to the param's dtype
-    if target is not None:
-      out = jax.tree_util.tree_map(jax.device_put, out, _get(target, p))
-    return out
+      return quant_lib.quantize(arr.astype(np.float32), qcfg)
+    return arr  # load_params cast it to the param's dtype
 
-  params = load_params(path, cfg, place)
+  params = load_params(path, cfg, convert, target)
   if lora is not None or prefix is not None:
     from ftjax import lora as lora_lib
     params = lora_lib.init_adapters(model, params,
@@ -477,7 +542,10 @@ def hf_tensors(cfg: ModelConfig, params: dict, dtype: Optional[str] = None
   """(HF name, host array) for every tensor, one at a time."""
   np_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
   for entry in tensor_map(cfg):
-    arrs = [np.asarray(jax.device_get(_get(params, p))) for p in entry.paths]
+    arrs = [_get(params, p) for p in entry.paths]
+    if entry.layer is not None:  # this block's slice of the stacked param
+      arrs = [a[entry.layer] for a in arrs]
+    arrs = [np.asarray(jax.device_get(a)) for a in arrs]
     yield entry.hf, _from_params(entry, arrs).astype(np_dtype)
 
 

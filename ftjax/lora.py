@@ -4,6 +4,11 @@ Adapter leaves (`lora_a` [in, r], `lora_b` [r, out], `lora_magnitude` [out]) sit
 base kernel they adapt, so the base params tree is unchanged and several named adapters can
 share one base: `with_adapter(base, adapters["returns"])` builds the params for one task
 without copying or reloading the base arrays.
+
+Under scanned layers a layer path (`layers/attn/q_proj`) holds the stacked [L, ...] arrays of
+every block; PEFT I/O splits them into per-block modules (`model.layers.{i}.self_attn.q_proj`)
+and back. `LoraConfig.layers` leaves zero slices in the blocks it excludes; they are not
+exported (PEFT's `layers_to_transform`).
 """
 
 from __future__ import annotations
@@ -57,27 +62,44 @@ def disable(model: Decoder) -> Decoder:
 
 
 def target_paths(model: Decoder) -> list[str]:
-  """Paths of the linear layers LoRA wraps ("layer_0/attn/q_proj", ...)."""
+  """Paths of the linear layers LoRA wraps ("layers/attn/q_proj", ...; one per stacked param)."""
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
   flat = traverse_util.flatten_dict(shapes["params"])
   return sorted({"/".join(k[:-1]) for k in flat if k[-1] == "lora_a"})
 
 
+def is_stacked(layer: tuple) -> bool:
+  """A layer path under the scanned blocks: its params are stacked [L, ...]."""
+  return layer[0] == "layers"
+
+
 def kernel_shapes(cfg) -> dict[tuple, tuple]:
-  """Layer path -> [in, out] of every linear kernel of a plain model of `cfg` (no arrays)."""
+  """Layer path -> [in, out] of every linear kernel of a plain model of `cfg` (no arrays);
+  one block's shape for stacked kernels."""
   from flax import linen as nn
   shapes = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0),
                                                     jnp.zeros((1, 1), jnp.int32)))["params"]
   flat = traverse_util.flatten_dict(nn.meta.unbox(shapes))
-  return {k[:-1]: tuple(v.shape) for k, v in flat.items() if k[-1] == "kernel"}
+  return {k[:-1]: tuple(v.shape)[is_stacked(k):] for k, v in flat.items() if k[-1] == "kernel"}
 
 
 def dense_kernel(model: Decoder, layer: tuple, kernel, shape: tuple, dtype=jnp.float32):
-  """A base kernel [in, out] as a dense array (dequantized when stored in 4 bits)."""
+  """A base kernel [in, out] ([L, in, out] when stacked) as a dense array (dequantized when
+  stored in 4 bits, block by block)."""
   if isinstance(kernel, dict):
     from ftjax import quant
-    return quant.dequantize(kernel, model.spec.quant_for("/".join(layer)), shape, dtype)
+    deq = lambda q: quant.dequantize(q, model.spec.quant_for("/".join(layer)), shape, dtype)
+    return jax.vmap(deq)(kernel) if is_stacked(layer) else deq(kernel)
   return kernel.astype(dtype)
+
+
+def layers_on(lcfg: LoraConfig, layer: tuple, n_layers: int):
+  """Where LoRA is active: bool [L] for a stacked layer path, a bool for an unrolled one."""
+  if is_stacked(layer):
+    idx = np.arange(n_layers)
+    return np.ones(n_layers, bool) if lcfg.layers is None else np.isin(idx, lcfg.layers)
+  i = int(layer[0].split("_")[-1])
+  return lcfg.layers is None or i in lcfg.layers
 
 
 def _node(params: dict, path: tuple) -> dict:
@@ -96,10 +118,13 @@ def init_adapters(model: Decoder, params: dict, rng: jax.Array) -> dict:
   if model.spec.lora is None and model.spec.prefix is None:
     raise ValueError("init_adapters: the model has no LoraConfig or PrefixConfig")
   paths = target_paths(model)
-  if model.spec.lora is not None and not paths:
-    raise ValueError(f"LoRA targets {model.spec.lora.targets!r} (regex "
-                     f"{model.spec.lora.pattern!r}) match no linear layer; layer paths look "
-                     "like 'layer_0/attn/q_proj' and 'layer_0/mlp/up_proj'")
+  lcfg = model.spec.lora
+  if lcfg is not None and not paths:
+    raise ValueError(f"LoRA targets {lcfg.targets!r} (regex {lcfg.pattern!r}) match no linear "
+                     "layer; layer paths look like 'layers/attn/q_proj' and 'layers/mlp/up_proj'")
+  if lcfg is not None and lcfg.layers and max(lcfg.layers) >= model.cfg.n_layers:
+    raise ValueError(f"LoraConfig.layers={lcfg.layers}: the model has {model.cfg.n_layers} "
+                     "blocks (0 to n_layers - 1)")
 
   @jax.jit
   def init(rng):
@@ -114,7 +139,7 @@ def init_adapters(model: Decoder, params: dict, rng: jax.Array) -> dict:
       if key[-1] == "lora_magnitude":
         layer = key[:-1]
         w = dense_kernel(model, layer, _node(params, layer)["kernel"], shapes[layer])
-        flat[key] = jnp.linalg.norm(w, axis=0).astype(flat[key].dtype)
+        flat[key] = jnp.linalg.norm(w, axis=-2).astype(flat[key].dtype)
     adapter = traverse_util.unflatten_dict(flat)
   return with_adapter(params, adapter)
 
@@ -137,9 +162,13 @@ def merge(model: Decoder, params: dict) -> tuple[Decoder, dict]:
       w = dense_kernel(model, path, node["kernel"], shapes[path])
       if "lora_a" in node and lcfg is not None:
         a, b = node["lora_a"].astype(jnp.float32), node["lora_b"].astype(jnp.float32)
-        w = w + lcfg.scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+        # [L, in, out] @ per block when stacked; full float32 on every backend
+        merged = w + lcfg.scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
         if "lora_magnitude" in node:
-          w = w * (node["lora_magnitude"].astype(jnp.float32) / jnp.linalg.norm(w, axis=0))
+          mag = node["lora_magnitude"].astype(jnp.float32)[..., None, :]
+          merged = merged * (mag / jnp.linalg.norm(merged, axis=-2, keepdims=True))
+        on = jnp.asarray(layers_on(lcfg, path, model.cfg.n_layers))
+        w = jnp.where(on[..., None, None] if on.ndim else on, merged, w)
       out["kernel"] = w.astype(pdt)
       return out
     if isinstance(node, dict):
@@ -153,7 +182,12 @@ def merge(model: Decoder, params: dict) -> tuple[Decoder, dict]:
 
 
 def _module_names(cfg) -> dict[str, str]:
-  """ftjax layer path -> HF module name, for linear layers (GPT-2's q, k, v -> one c_attn)."""
+  """ftjax layer path -> HF module name, for linear layers (GPT-2's q, k, v -> one c_attn).
+
+  Paths are the unrolled ones (`layer_{i}/attn/q_proj`): PEFT I/O goes through `_unstack` and
+  `_restack` for stacked params.
+  """
+  cfg = cfg.replace(scan_layers=False)
   out = {}
   for entry in hf.tensor_map(cfg):
     if not entry.hf.endswith(".weight") or entry.paths[0][-1] != "kernel":
@@ -162,6 +196,49 @@ def _module_names(cfg) -> dict[str, str]:
       for path in entry.paths:
         out["/".join(path[:-1])] = entry.hf[:-len(".weight")]
   return out
+
+
+def _block_of(path: str) -> int:
+  return int(path.split("/")[0][len("layer_"):])
+
+
+def _unstack(flat: dict, lcfg: LoraConfig, n_layers: int) -> dict:
+  """Stacked adapter leaves (`layers/...` [L, ...]) as unrolled per-block leaves
+  (`layer_{i}/...`), for the blocks LoRA is active in only."""
+  out = {}
+  for key, arr in flat.items():
+    if not is_stacked(key[:-1]):
+      out[key] = arr
+      continue
+    on = layers_on(lcfg, key[:-1], n_layers)
+    for i in range(n_layers):
+      if on[i]:
+        out[(f"layer_{i}",) + key[1:]] = arr[i]
+  return out
+
+
+def _restack(fpath: str, leaves: dict, n_layers: int) -> tuple[dict, tuple]:
+  """Inverse of `_unstack`: (stacked leaves with zero slices for absent blocks, the blocks).
+
+  One LoraConfig.layers serves every target of a stacked model, so every adapted module kind
+  must cover the same blocks (as PEFT's `layers_to_transform` makes it).
+  """
+  blocks: dict[tuple, set] = {}
+  for key in leaves:
+    blocks.setdefault(key[1:], set()).add(_block_of(key[0]))
+  sets = {tuple(sorted(b)) for b in blocks.values()}
+  if len(sets) > 1:
+    raise hf.CheckpointError(f"{fpath}: the adapted modules cover different layers; ftjax's "
+                             "stacked layers take one layer set for all target modules (load "
+                             "with scan_layers=False)")
+  out = {}
+  for key, arr in leaves.items():
+    buf = out.setdefault(("layers",) + key[1:], np.zeros((n_layers,) + arr.shape, np.float32))
+    if buf.shape[1:] != arr.shape:
+      raise hf.CheckpointError(f"{fpath}: {'/'.join(key)} has shape {list(arr.shape)}, other "
+                               f"layers have {list(buf.shape[1:])}")
+    buf[_block_of(key[0])] = arr
+  return out, (sets.pop() if sets else ())
 
 
 def _fused_scale_alpha(lcfg: LoraConfig, parts: int) -> float:
@@ -214,7 +291,8 @@ def save_adapter(model: Decoder, params: dict, out_dir: str,
     raise ValueError("save_adapter: DoRA on GPT-2 has no PEFT export (the fused c_attn "
                      "magnitude); export it merged (format=merged) instead")
   names = _module_names(model.cfg)
-  flat = traverse_util.flatten_dict(adapter_params(params))
+  # One PEFT module per block; blocks outside LoraConfig.layers are not written.
+  flat = _unstack(traverse_util.flatten_dict(adapter_params(params)), lcfg, model.cfg.n_layers)
   leaves, by_module = {}, {}
   for key in sorted(flat):
     layer, leaf = "/".join(key[:-1]), key[-1]
@@ -238,13 +316,16 @@ def save_adapter(model: Decoder, params: dict, out_dir: str,
     tensors.append((f"{prefix_}.lora_B.weight", b.T.copy()))
   modules = sorted(by_module)
   short = sorted({m.rsplit(".", 1)[-1] for m in modules})
-  all_with_short = sorted({m for m in names.values() if m.rsplit(".", 1)[-1] in short})
+  in_layers = lambda path: lcfg.layers is None or _block_of(path) in lcfg.layers
+  all_with_short = sorted({m for path, m in names.items()
+                           if m.rsplit(".", 1)[-1] in short and in_layers(path)})
   targets = short if all_with_short == modules else modules
   config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lcfg.rank,
             "lora_alpha": lcfg.alpha, "lora_dropout": lcfg.dropout, "target_modules": targets,
             "use_rslora": lcfg.rslora, "use_dora": lcfg.dora, "bias": "none",
             "fan_in_fan_out": gpt2, "init_lora_weights": True, "modules_to_save": None,
-            "base_model_name_or_path": base_model_name_or_path, "inference_mode": True}
+            "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+            "layers_to_transform": None if lcfg.layers is None else list(lcfg.layers)}
   if fused:
     config["rank_pattern"] = {"c_attn": 3 * lcfg.rank}
     config["alpha_pattern"] = {"c_attn": _fused_scale_alpha(lcfg, 3)}
@@ -357,9 +438,14 @@ def load_adapter(model: Decoder, params: dict, adapter_dir: str) -> tuple[Decode
     leaves[key + ("lora_b",)] = b if scale == scale0 else b * (scale / scale0)
     if mag is not None:
       leaves[key + ("lora_magnitude",)] = mag
-  pattern = "(" + "|".join(re.escape(p) + "$" for p in sorted(per_layer)) + ")"
+  only, n = None, model.cfg.n_layers
+  if model.cfg.scan_layers:
+    leaves, present = _restack(fpath, leaves, n)
+    only = present if len(present) < n else None
+  paths = sorted({"/".join(k[:-1]) for k in leaves})
+  pattern = "(" + "|".join(re.escape(p) + "$" for p in paths) + ")"
   lcfg = LoraConfig(rank=rank, alpha=alpha, dropout=float(acfg.get("lora_dropout") or 0.0),
-                    targets=pattern, rslora=rslora, dora=dora)
+                    targets=pattern, rslora=rslora, dora=dora, layers=only)
   new_model = model.clone(spec=dataclasses.replace(model.spec, lora=lcfg))
   shapes = jax.eval_shape(lambda: new_model.init(jax.random.PRNGKey(0),
                                                  jnp.zeros((1, 1), jnp.int32)))["params"]

@@ -4,8 +4,11 @@ Einsum axis letters, used in every shape comment and einsum string of ftjax:
   B batch, T query length, S key length, N query heads, K kv heads, G query heads per kv head
   (N = K * G), H head dim, D model dim, F mlp dim, V vocab, L layers.
 
-Params are plain nested dicts with HF-like paths (`layer_0/attn/q_proj/kernel`), every kernel a
-2-D [in, out] matrix so that LoRA and quantized kernels (issue 3) wrap one layer type.
+Params are plain nested dicts with HF-like paths. The blocks run under `nn.scan` over stacked
+params (`layers/attn/q_proj/kernel` [L, in, out], logical axis `layers` first), so trace and
+compile time do not grow with depth; `ModelConfig.scan_layers=False` unrolls them into
+`layer_{i}/...` subtrees (the same arrays, unstacked) for debugging. Inside a block every kernel
+is a 2-D [in, out] matrix so that LoRA and quantized kernels wrap one layer type.
 Every param carries logical axis names (`nn.with_logical_partitioning`) for sharding.
 
 Call signature:
@@ -14,6 +17,8 @@ Call signature:
   logits, cache = model.apply(..., tokens, mask=m, cache=cache)    # incremental decoding
   hidden = model.apply(..., tokens, return_hidden=True)            # [B, T, D]; heads.py maps
                                                                     # it to logits/score/value
+
+The KV cache (`init_cache`) is stacked too: k, v [L, B, S, K, H], scanned with the blocks.
 """
 
 from __future__ import annotations
@@ -78,6 +83,12 @@ class AdapterSpec:
       return self.lora
     return None
 
+  def lora_layer_on(self, layer) -> Optional[Array]:
+    """bool [] (traced under the scan): LoRA is active in block `layer`; None: in every block."""
+    if self.lora is None or self.lora.layers is None or layer is None:
+      return None
+    return jnp.isin(layer, jnp.asarray(self.lora.layers, jnp.int32))
+
   def quant_for(self, path: str):
     if self.quant is not None and re.search(self.quant_targets, path):
       return self.quant
@@ -108,7 +119,8 @@ class Linear(nn.Module):
   spec: AdapterSpec = AdapterSpec()
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, layer: Optional[Array] = None) -> Array:
+    """x [..., in] -> [..., out]; `layer` (int32 []) is the block index, for LoraConfig.layers."""
     path = "/".join(self.scope.path)
     shape = (x.shape[-1], self.features)
     init = nn.initializers.normal(0.02)
@@ -135,6 +147,9 @@ class Linear(nn.Module):
         raise ValueError(f"LoRA rank {lcfg.rank} is larger than layer {path} of shape {shape}")
       a_init = (_kaiming_uniform_a_sqrt5 if lcfg.init == "kaiming"
                 else nn.initializers.normal(1.0 / lcfg.rank))
+      on = self.spec.lora_layer_on(layer)
+      if on is not None:  # blocks outside LoraConfig.layers keep A = B = 0
+        a_init = functools.partial(lambda f, key, s, d: jnp.where(on, f(key, s, d), 0), a_init)
       a = self.param("lora_a", nn.with_logical_partitioning(a_init, (self.axes[0], "lora")),
                      (shape[0], lcfg.rank), self.adapter_dtype)
       b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
@@ -153,6 +168,9 @@ class Linear(nn.Module):
         a, b = a.astype(self.dtype), b.astype(self.dtype)
         delta = jnp.einsum("...i,ir,ro->...o", xa.astype(self.dtype), a, b,
                            precision=prec) * lcfg.scale
+        y_base = y
+        if on is not None:  # zero contribution, hence zero gradient, outside the chosen blocks
+          delta = delta * on.astype(self.dtype)
         if lcfg.dora:
           # PEFT's DoRA: m / ||W + s B A|| (row norm, detached) rescales base and LoRA outputs.
           w = kernel.astype(jnp.float32) + lcfg.scale * jnp.matmul(
@@ -161,6 +179,8 @@ class Linear(nn.Module):
           norm = jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))
           factor = (mag.astype(jnp.float32) / norm).astype(self.dtype)
           y = factor * (y + delta)
+          if on is not None:
+            y = jnp.where(on, y, y_base)
         else:
           y = y + delta
     if self.use_bias:
@@ -292,7 +312,8 @@ class Attention(nn.Module):
   spec: AdapterSpec = AdapterSpec()
 
   @nn.compact
-  def __call__(self, x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, cache, prefix=None):
+  def __call__(self, x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, cache, prefix=None,
+               layer=None):
     cfg = self.cfg
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     b, t, _ = x.shape
@@ -300,9 +321,12 @@ class Attention(nn.Module):
     lin = functools.partial(Linear, dtype=dt, param_dtype=pdt,
                             adapter_dtype=_dtype(cfg.adapter_dtype),
                             precision=cfg.matmul_precision, spec=self.spec)
-    q = lin(n * h, ("embed", "q_heads"), cfg.qkv_bias, name="q_proj")(x).reshape(b, t, n, h)
-    k = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="k_proj")(x).reshape(b, t, kv, h)
-    v = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="v_proj")(x).reshape(b, t, kv, h)
+    q = lin(n * h, ("embed", "q_heads"), cfg.qkv_bias, name="q_proj")(x, layer)
+    q = q.reshape(b, t, n, h)
+    k = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="k_proj")(x, layer)
+    k = k.reshape(b, t, kv, h)
+    v = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="v_proj")(x, layer)
+    v = v.reshape(b, t, kv, h)
     if cfg.qk_norm:
       norm = functools.partial(Norm, "rmsnorm", cfg.norm_eps, axis_name="head_dim", dtype=dt,
                                param_dtype=pdt)
@@ -327,7 +351,7 @@ class Attention(nn.Module):
     out = dot_attention(q, k, v, allowed, cfg.attention,
                         dot_precision(cfg.matmul_precision, dt))  # [B, T, N, H]
     out = out.reshape(b, t, n * h)
-    out = lin(cfg.d_model, ("q_heads", "embed"), cfg.o_bias, name="o_proj")(out)
+    out = lin(cfg.d_model, ("q_heads", "embed"), cfg.o_bias, name="o_proj")(out, layer)
     return out, cache
 
 
@@ -336,7 +360,7 @@ class Mlp(nn.Module):
   spec: AdapterSpec = AdapterSpec()
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, layer=None):
     cfg = self.cfg
     lin = functools.partial(Linear, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
                             adapter_dtype=_dtype(cfg.adapter_dtype),
@@ -344,12 +368,12 @@ class Mlp(nn.Module):
                             spec=self.spec)
     act = _act(cfg.activation)
     if cfg.gated_mlp:
-      hidden = act(lin(cfg.mlp_dim, ("embed", "mlp"), name="gate_proj")(x)) * lin(
-          cfg.mlp_dim, ("embed", "mlp"), name="up_proj")(x)
+      hidden = act(lin(cfg.mlp_dim, ("embed", "mlp"), name="gate_proj")(x, layer)) * lin(
+          cfg.mlp_dim, ("embed", "mlp"), name="up_proj")(x, layer)
     else:
-      hidden = act(lin(cfg.mlp_dim, ("embed", "mlp"), name="up_proj")(x))
+      hidden = act(lin(cfg.mlp_dim, ("embed", "mlp"), name="up_proj")(x, layer))
     hidden = constrain(hidden, ("batch", "length", "act_mlp"))  # [B, T, F]
-    return lin(cfg.d_model, ("mlp", "embed"), name="down_proj")(hidden)
+    return lin(cfg.d_model, ("mlp", "embed"), name="down_proj")(hidden, layer)
 
 
 def _norm(cfg: ModelConfig, name: str) -> Norm:
@@ -358,16 +382,25 @@ def _norm(cfg: ModelConfig, name: str) -> Norm:
 
 
 class Block(nn.Module):
+  """One decoder block, in `nn.scan`'s shape: (carry x, per-layer inputs, shared inputs).
+
+  per_layer = (layer index int32 [], this layer's cache {"k", "v"} [B, S, K, H] or None,
+  prefix [2, P, K, H] or None); returns (x, the updated {"k", "v"} or None).
+  """
+
   cfg: ModelConfig
   spec: AdapterSpec = AdapterSpec()
 
   @nn.compact
-  def __call__(self, x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, cache, prefix=None):
+  def __call__(self, x, per_layer, positions, key_valid, q_idx, k_idx, q_seg, k_seg,
+               cache_index):
+    layer, kv, prefix = per_layer
+    cache = None if kv is None else {**kv, "index": cache_index}
     attn = Attention(self.cfg, self.spec, name="attn")
     h, cache = attn(_norm(self.cfg, "attn_norm")(x), positions, key_valid, q_idx, k_idx, q_seg,
-                    k_seg, cache, prefix)
+                    k_seg, cache, prefix, layer)
     x = x + h
-    x = x + Mlp(self.cfg, self.spec, name="mlp")(_norm(self.cfg, "mlp_norm")(x))
+    x = x + Mlp(self.cfg, self.spec, name="mlp")(_norm(self.cfg, "mlp_norm")(x), layer)
     return constrain(x, ("batch", "length", "act_embed")), cache
 
 
@@ -493,14 +526,8 @@ class Decoder(nn.Module):
       x = x + jnp.take(pos_embed, positions, axis=0).astype(dt)
     x = constrain(x, ("batch", "length", "act_embed"))
 
-    block_cls = nn.remat(Block, prevent_cse=True) if cfg.remat and cache is None else Block
-    new_layers = []
-    for i in range(cfg.n_layers):
-      layer_cache = None if cache is None else {**cache["layers"][i], "index": cache["index"]}
-      block = block_cls(cfg, self.spec, name=f"layer_{i}")
-      x, layer_cache = block(x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, layer_cache,
-                             None if prefix_kv is None else prefix_kv[i])
-      new_layers.append(layer_cache)
+    x, new_kv = self._blocks(x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, cache,
+                             prefix_kv)
     x = _norm(cfg, "final_norm")(x)
     x = x[:, n_soft:]  # outputs for the real tokens only
     # Heads live in heads.py as functions of (params, hidden); they are created here so that
@@ -521,18 +548,48 @@ class Decoder(nn.Module):
       out = heads.lm_logits({"lm_head": kernel}, x, cfg)  # [B, T, V]
     if cache is None:
       return out
-    new_cache = {"layers": new_layers, "mask": key_valid, "index": cache["index"] + t_all}
+    new_cache = {**new_kv, "mask": key_valid, "index": cache["index"] + t_all}
     return out, new_cache
+
+  def _blocks(self, x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, cache, prefix_kv):
+    """The L blocks: scanned over stacked params, cache and prefix, or unrolled.
+
+    Returns (x, {"k", "v"} [L, B, S, K, H] or None).
+    """
+    cfg, n = self.cfg, self.cfg.n_layers
+    kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+    index = None if cache is None else cache["index"]
+    shared = (positions, key_valid, q_idx, k_idx, q_seg, k_seg, index)
+    block_cls = Block
+    if cfg.remat and cache is None:
+      # Under scan the loop body is its own computation, so CSE cannot undo the remat.
+      block_cls = nn.remat(Block, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      scanned = nn.scan(block_cls, variable_axes={"params": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=(0,) + (nn.broadcast,) * len(shared), length=n,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      per_layer = (jnp.arange(n, dtype=jnp.int32), kv, prefix_kv)
+      return scanned(cfg, self.spec, name="layers")(x, per_layer, *shared)
+    outs = []
+    for i in range(n):
+      per_layer = (jnp.asarray(i, jnp.int32),
+                   None if kv is None else jax.tree_util.tree_map(lambda a, i=i: a[i], kv),
+                   None if prefix_kv is None else prefix_kv[i])
+      x, layer_kv = block_cls(cfg, self.spec, name=f"layer_{i}")(x, per_layer, *shared)
+      outs.append(layer_kv)
+    if kv is None:
+      return x, None
+    return x, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> dict:
-  """An empty KV cache: per layer k/v [B, S, K, H], a key mask [B, S] and the write index."""
+  """An empty KV cache: k, v [L, B, S, K, H] (scanned with the blocks), a key mask [B, S] and
+  the write index."""
   dtype = _dtype(dtype or cfg.dtype)
-  shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-  layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-            for _ in range(cfg.n_layers)]
-  return {"layers": layers, "mask": jnp.zeros((batch, max_len), bool),
-          "index": jnp.zeros((), jnp.int32)}
+  shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
 
 
 def init_params(model: Decoder, rng: Array, seq_len: int = 8) -> dict:

@@ -1,10 +1,10 @@
 """Trainable vs frozen params by ordered path-regex rules.
 
-Each leaf's path ("layer_0/attn/q_proj/lora_a") is matched against the rules in order; the
-first rule whose regex is found in the path gives its label ("train" or "freeze"). The params
-tree is split into a trainable and a frozen part so that `jax.grad` runs over the trainable
-part only, and the optax transform is built from the same labels, so frozen leaves carry
-neither gradients nor optimizer state.
+Each leaf's path ("layers/attn/q_proj/lora_a"; stacked [L, ...] under scanned layers) is matched
+against the rules in order; the first rule whose regex is found in the path gives its label
+("train" or "freeze"). The params tree is split into a trainable and a frozen part so that
+`jax.grad` runs over the trainable part only, and the optax transform is built from the same
+labels, so frozen leaves carry neither gradients nor optimizer state.
 """
 
 from __future__ import annotations

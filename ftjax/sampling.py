@@ -61,8 +61,10 @@ def _generate(params, tokens, mask, rng, *, model: Decoder, max_new_tokens: int,
   logits, cache = model.apply({"params": params}, tokens, mask=mask, cache=cache)
   logits = logits[:, -1]  # [B, V]; prompts are left-padded, so the last slot is the last token
   if n > 1:
-    rep = lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x
-    logits, cache = rep(logits), jax.tree_util.tree_map(rep, cache)
+    rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis)
+    # k, v [L, B, S, K, H] repeat along B; the mask [B, S] along its first axis.
+    logits = rep(logits)
+    cache = {**cache, "k": rep(cache["k"], 1), "v": rep(cache["v"], 1), "mask": rep(cache["mask"])}
   bn = b * n
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 

@@ -48,11 +48,11 @@ def test_lora_at_init_is_the_base_model(hf_models, dora):
   else:
     np.testing.assert_array_equal(a, b)
   n_adapted = len(lora.target_paths(model))
-  assert n_adapted == 2 * 7  # all-linear: q, k, v, o, gate, up, down in 2 layers
+  assert n_adapted == 7  # all-linear: q, k, v, o, gate, up, down, stacked over the 2 layers
   # PEFT's Kaiming-uniform bound 1/sqrt(fan_in) for A, zeros for B.
-  a0 = params["layer_0"]["attn"]["q_proj"]["lora_a"]
+  a0 = params["layers"]["attn"]["q_proj"]["lora_a"][0]
   assert np.abs(a0).max() <= 1 / np.sqrt(a0.shape[0]) and np.abs(a0).max() > 0.5 / np.sqrt(32)
-  assert not np.any(params["layer_0"]["attn"]["q_proj"]["lora_b"])
+  assert not np.any(params["layers"]["attn"]["q_proj"]["lora_b"])
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
@@ -89,7 +89,7 @@ def test_peft_made_adapter_imports(hf_models, dora, tmp_path):
   pm.save_pretrained(out)
   model, params = ftjax.load_pretrained(path)
   model, params = ftjax.load_adapter(model, params, out)
-  assert len(lora.target_paths(model)) == 6
+  assert len(lora.target_paths(model)) == 3  # q, v, down (stacked)
   tokens, mask = batch_with_padding(np.random.default_rng(2))
   ref = _torch_logits(pm, tokens, mask)
   assert np.abs(_logits(model, params, tokens, mask) - ref)[mask].max() <= 1e-4
@@ -102,7 +102,7 @@ def test_merge_and_save_pretrained(hf_models, tmp_path):
   tokens, mask = batch_with_padding(np.random.default_rng(3))
   ours = _logits(model, params, tokens, mask)
   merged_model, merged = ftjax.merge(model, params)
-  assert "lora_a" not in merged["layer_0"]["attn"]["q_proj"]
+  assert "lora_a" not in merged["layers"]["attn"]["q_proj"]
   # Merging reorders fp32 sums (x @ (W + sAB) vs x @ W + s(xA)B): rounding-level differences.
   np.testing.assert_allclose(_logits(merged_model, merged, tokens, mask)[mask], ours[mask],
                              atol=1e-4)
@@ -155,7 +155,7 @@ def test_lora_over_quantized_base(hf_models):
   tokens, mask = batch_with_padding(np.random.default_rng(5))
   for kind in ("nf4", "int4"):
     model, params = ftjax.load_pretrained(path, quant=kind, lora=ftjax.LoraConfig(rank=4))
-    q = params["layer_0"]["mlp"]["up_proj"]["kernel"]
+    q = params["layers"]["mlp"]["up_proj"]["kernel"]
     assert isinstance(q, dict) and q["codes"].dtype in (jnp.uint8, jnp.int4)
     assert not isinstance(params["embed"], dict)  # embeddings and norms stay dense
     # Reference: the plain model on kernels dequantized up front.
@@ -164,8 +164,8 @@ def test_lora_over_quantized_base(hf_models):
     np.testing.assert_allclose(out[mask], _logits(dense_model, dense, tokens, mask)[mask],
                                atol=1e-4)
     # Each dequantized kernel is within the 4-bit error of the original (about 10% RMS).
-    w = base["layer_0"]["attn"]["q_proj"]["kernel"]
-    wq = dense["layer_0"]["attn"]["q_proj"]["kernel"]
+    w = base["layers"]["attn"]["q_proj"]["kernel"][0]
+    wq = dense["layers"]["attn"]["q_proj"]["kernel"][0]
     rel = float(jnp.linalg.norm(wq - w) / jnp.linalg.norm(w))
     assert 0.02 < rel < 0.15, (kind, rel)
 
@@ -173,9 +173,9 @@ def test_lora_over_quantized_base(hf_models):
 def test_quant_targets_are_configurable(hf_models):
   model, params = ftjax.load_pretrained(hf_models["llama"][0], quant="int4",
                                         quant_targets=r"mlp/(up|down)_proj$")
-  assert isinstance(params["layer_0"]["mlp"]["up_proj"]["kernel"], dict)
-  assert not isinstance(params["layer_0"]["mlp"]["gate_proj"]["kernel"], dict)
-  assert not isinstance(params["layer_1"]["attn"]["q_proj"]["kernel"], dict)
+  assert isinstance(params["layers"]["mlp"]["up_proj"]["kernel"], dict)
+  assert not isinstance(params["layers"]["mlp"]["gate_proj"]["kernel"], dict)
+  assert not isinstance(params["layers"]["attn"]["q_proj"]["kernel"], dict)
   tokens, mask = batch_with_padding(np.random.default_rng(6))
   assert np.isfinite(_logits(model, params, tokens, mask)).all()
 
@@ -229,7 +229,7 @@ def test_peft_gpt2_block_c_attn_imports_and_round_trips(hf_models, tmp_path):
   pm = _peft_gpt2_c_attn(path, str(tmp_path / "peft"), block=True)
   model, params = ftjax.load_adapter(*ftjax.load_pretrained(path), str(tmp_path / "peft"))
   assert model.spec.lora.rank == 2
-  assert len(lora.target_paths(model)) == 2 * 4  # q, k, v and up_proj in 2 layers
+  assert len(lora.target_paths(model)) == 4  # q, k, v and up_proj, stacked over 2 layers
   tokens, mask = batch_with_padding(np.random.default_rng(2))
   ref = _torch_logits(pm, tokens, mask)
   ours = _logits(model, params, tokens, mask)

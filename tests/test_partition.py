@@ -24,8 +24,8 @@ def _batch(seed=0, b=4, t=16):
 def test_labels_follow_ordered_rules(hf_models):
   _, params = ftjax.load_pretrained(hf_models["llama"][0], lora=ftjax.LoraConfig(rank=2))
   labels = partition.label_params(params, partition.rules_for("lora"))
-  assert labels["layer_0"]["attn"]["q_proj"]["lora_a"] == "train"
-  assert labels["layer_0"]["attn"]["q_proj"]["kernel"] == "freeze"
+  assert labels["layers"]["attn"]["q_proj"]["lora_a"] == "train"
+  assert labels["layers"]["attn"]["q_proj"]["kernel"] == "freeze"
   assert labels["embed"] == "freeze"
   # Extra rules come first: also train the final norm.
   labels = partition.label_params(params, partition.rules_for("lora", [("final_norm", "train")]))
@@ -49,7 +49,7 @@ def test_grads_and_optimizer_state_only_for_trainable(hf_models):
   grads = jax.grad(loss)(trainable)
   assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(trainable)
   # B = 0 at init: A gets no gradient yet, B does.
-  g = grads["layer_0"]["attn"]["q_proj"]
+  g = grads["layers"]["attn"]["q_proj"]
   assert not np.any(g["lora_a"]) and np.any(g["lora_b"])
   # Full-tree route: multi_transform with set_to_zero keeps no state for frozen leaves.
   dense_model, dense = ftjax.load_pretrained(hf_models["llama"][0],
@@ -61,8 +61,8 @@ def test_grads_and_optimizer_state_only_for_trainable(hf_models):
   n_train = sum(x.size for x in jax.tree_util.tree_leaves(partition.split(dense, labels)[0]))
   assert n_state == 2 * n_train + 1  # adam mu and nu for trainable leaves, plus the count
   updates, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, dense), state, dense)
-  assert not np.any(updates["layer_0"]["attn"]["q_proj"]["kernel"])
-  assert np.any(updates["layer_0"]["attn"]["q_proj"]["lora_a"])
+  assert not np.any(updates["layers"]["attn"]["q_proj"]["kernel"])
+  assert np.any(updates["layers"]["attn"]["q_proj"]["lora_a"])
   s = partition.summary(dense, labels, state)
   assert s["trainable"] == n_train and 0 < s["percent"] < 5
   assert "trainable params" in partition.format_summary(s)

@@ -49,7 +49,8 @@ def test_sampler_same_tokens_sharded(base_dir):
   plain = np.asarray(ftjax.generate(model, params, tokens, max_new_tokens=12).tokens)
   mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
   sharded = sharding.shard_params(model, params, mesh)
-  assert tuple(sharded["layer_0"]["mlp"]["up_proj"]["kernel"].sharding.spec) == ("fsdp", "tensor")
+  up = sharded["layers"]["mlp"]["up_proj"]["kernel"]  # [L, D, F]
+  assert tuple(up.sharding.spec) == (None, "fsdp", "tensor")
   with sharding.use_mesh(mesh):
     out = ftjax.generate(model, sharded, jax.device_put(tokens, sharding.batch_sharding(mesh)),
                          max_new_tokens=12)
@@ -112,7 +113,7 @@ def test_param_without_rule_is_an_error(base_dir):
   model, params = ftjax.load_pretrained(base_dir)
   mesh = sharding.make_mesh("data=8")
   rules = tuple((k, v) for k, v in sharding.RULES if k != "mlp")
-  with pytest.raises(ValueError, match=r"param layer_0/mlp/\w+_proj/kernel: logical axis 'mlp'"):
+  with pytest.raises(ValueError, match=r"param layers/mlp/\w+_proj/kernel: logical axis 'mlp'"):
     sharding.param_shardings(model, params, mesh, rules)
   with pytest.raises(ValueError, match="unknown axis 'model'"):
     sharding.make_mesh("model=8")
@@ -162,16 +163,16 @@ def test_load_pretrained_straight_into_shards(base_dir):
   mesh = sharding.make_mesh("fsdp=4,tensor=2")
   model_s, sharded = ftjax.load_pretrained(base_dir, quant="nf4", lora=ftjax.LoraConfig(rank=2),
                                            mesh=mesh)
-  up = sharded["layer_0"]["mlp"]["up_proj"]
-  assert tuple(up["lora_a"].sharding.spec) == ("fsdp", None)
+  up = sharded["layers"]["mlp"]["up_proj"]  # stacked [L, ...]: the layers axis first
+  assert tuple(up["lora_a"].sharding.spec) == (None, "fsdp", None)
   # 4-bit codes and scales keep the kernel's two axes: a quantized q_proj keeps its tensor axis.
-  assert tuple(up["kernel"]["codes"].sharding.spec) == ("fsdp", "tensor")
-  q_proj = sharded["layer_0"]["attn"]["q_proj"]["kernel"]
-  assert tuple(q_proj["codes"].sharding.spec) == ("fsdp", "tensor")
-  assert q_proj["codes"].addressable_shards[0].data.shape == (32 // 2 // 4, 32 // 2)
+  assert tuple(up["kernel"]["codes"].sharding.spec) == (None, "fsdp", "tensor")
+  q_proj = sharded["layers"]["attn"]["q_proj"]["kernel"]
+  assert tuple(q_proj["codes"].sharding.spec) == (None, "fsdp", "tensor")
+  assert q_proj["codes"].addressable_shards[0].data.shape == (2, 32 // 2 // 4, 32 // 2)
   # in = 32 < 64: one scale per 2 output columns, [1, 16], split over tensor only.
-  assert tuple(q_proj["scale_codes"].sharding.spec) == (None, "tensor")
-  assert tuple(q_proj["scale_absmax"].sharding.spec) in ((), (None,))
+  assert tuple(q_proj["scale_codes"].sharding.spec) == (None, None, "tensor")
+  assert all(a is None for a in q_proj["scale_absmax"].sharding.spec)
   assert tuple(sharded["embed"].sharding.spec) == ("tensor", "fsdp")
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a),
                                                                     np.asarray(b)),

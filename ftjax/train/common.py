@@ -38,7 +38,11 @@ def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, kind: str 
 
 def _decay_mask(params):
   # Weight decay on matrices only (kernels, LoRA factors); not on norms, biases, scalars.
-  return jax.tree_util.tree_map(lambda x: getattr(x, "ndim", 0) >= 2, params)
+  # Under scanned layers (`layers/...`) the leading [L] axis does not count.
+  def decays(path, x):
+    stacked = bool(path) and getattr(path[0], "key", None) == "layers"
+    return getattr(x, "ndim", 0) - stacked >= 2
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(name: str, schedule: optax.Schedule, weight_decay: float = 0.0,
