@@ -269,7 +269,7 @@ def test_float32_adapter_over_bf16_base_exports_to_peft(hf_models, tmp_path):
   # The file keeps the float32 values (a bf16 copy would be bf16-representable).
   from ftjax import st_io
   f = st_io.SafetensorsFile(os.path.join(out, "adapter_model.safetensors"))
-  a = adapter[("layer_0", "attn", "q_proj", "lora_a")]
+  a = adapter[("layers", "attn", "q_proj", "lora_a")][0]  # stacked [L, in, r]: block 0
   saved = f.get("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
   np.testing.assert_array_equal(saved, a.T)
   assert np.any(a.astype(jnp.bfloat16).astype(np.float32) != a)
