@@ -38,7 +38,7 @@ def get_config(arg=None):
   a = parse_arg(arg)
   c = ml_collections.ConfigDict()
   c.model = dict(hf_path="", preset=a.get("model", "tiny"), tokenizer="", dtype="float32",
-                 compute_dtype="", attention="xla", remat=False, seed=0, head="lm",
+                 compute_dtype="", attention="xla", remat="none", seed=0, head="lm",
                  matmul_precision="auto")  # auto: full float32 dots when computing in float32
   kind = a.get("adapter", "lora")
   c.adapter = dict(kind="lora" if kind == "dora" else kind, rank=8, alpha=16.0, dropout=0.0,

@@ -32,6 +32,13 @@ def dot_precision(name: str, dtype: Any) -> Optional[jax.lax.Precision]:
   return jax.lax.Precision(name)
 
 
+ATTENTIONS = ("xla", "dot_product", "cudnn")
+# none: keep every activation; full: keep only each block's input (recompute the block);
+# the others are jax.checkpoint_policies of that name (e.g. keep matmul outputs).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "checkpoint_dots", "checkpoint_dots_with_no_batch_dims")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shape and architecture of a decoder-only transformer.
@@ -84,8 +91,14 @@ class ModelConfig:
   # otherwise round operands to TF32, TPUs to bf16 passes) and the backend default otherwise;
   # or a jax.lax.Precision name (highest, high, tensorfloat32, default, ...).
   matmul_precision: str = "auto"
-  attention: str = "xla"  # xla (einsum) | dot_product (jax.nn.dot_product_attention; cuDNN on GPU)
-  remat: bool = False
+  # xla: einsums over a dense [B, T, S] mask. dot_product: jax.nn.dot_product_attention, told
+  # "causal" and the key padding as such (no dense mask) when there is no cache, prefix or
+  # packing. cudnn: the same with implementation="cudnn" (GPU) and padding as sequence lengths,
+  # which assumes right-padded rows (as training batches are); other calls use dot_product.
+  attention: str = "xla"
+  # Rematerialisation of each block in the backward pass: a name of REMAT_POLICIES (True and
+  # False, as older configs say, mean "full" and "none").
+  remat: Any = "none"
   # Blocks run under a scan over stacked [L, ...] params (`layers/...`): trace and compile time
   # do not grow with depth. False keeps one `layer_{i}` subtree per block (for debugging).
   scan_layers: bool = True
@@ -111,8 +124,12 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.positions={self.positions!r}: expected rope or learned")
     if self.head not in ("lm", "score"):
       raise ValueError(f"ModelConfig.head={self.head!r}: expected lm or score")
-    if self.attention not in ("xla", "dot_product"):
-      raise ValueError(f"ModelConfig.attention={self.attention!r}: expected xla or dot_product")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"ModelConfig.attention={self.attention!r}: expected one of {ATTENTIONS}")
+    if isinstance(self.remat, bool):
+      object.__setattr__(self, "remat", "full" if self.remat else "none")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat={self.remat!r}: expected one of {REMAT_POLICIES}")
     if self.adapter_dtype not in ADAPTER_DTYPES:
       raise ValueError(f"ModelConfig.adapter_dtype={self.adapter_dtype!r}: expected one of "
                        f"{ADAPTER_DTYPES}")

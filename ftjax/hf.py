@@ -476,7 +476,8 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
     dtype: param dtype (master weights).
     compute_dtype: matmul dtype; defaults to `dtype`.
     attention: "xla" or "dot_product".
-    remat: rematerialise each block in the backward pass.
+    remat: rematerialise each block in the backward pass: True/"full", or a policy of
+      config.REMAT_POLICIES ("dots_saveable" keeps matmul outputs, recomputes the rest).
     lora: a `LoraConfig`; adapters are initialised (B = 0) beside the loaded kernels.
     quant: None, "nf4", "int4" or a `QuantConfig`: the linear kernels are quantized tensor by
       tensor while streaming, so the full model never exists in float32.

@@ -307,6 +307,41 @@ def dot_attention(q: Array, k: Array, v: Array, allowed: Array, impl: str,
   return out.reshape(b, t, n, h)
 
 
+def _has_cudnn() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def fused_attention(q: Array, k: Array, v: Array, key_valid: Array, impl: str,
+                    sliding_window: Optional[int] = None,
+                    prec: Optional[jax.lax.Precision] = None) -> Array:
+  """Causal self-attention told its structure, with no dense [B, T, S] mask.
+
+  `jax.nn.dot_product_attention` gets `is_causal=True` and the sliding window as such, and the
+  key padding as a [B, 1, 1, S] mask ("dot_product"), or, for cuDNN's flash kernel ("cudnn"),
+  as per-row sequence lengths: the count of valid keys, which is exact for right-padded rows
+  (training batches) and is what cuDNN can skip work for.
+
+  Args:
+    q: [B, T, N, H]; k, v: [B, T, K, H]; key_valid: bool [B, T].
+  Returns:
+    [B, T, N, H] in v's dtype.
+  """
+  kw = dict(scale=q.shape[-1] ** -0.5, is_causal=True,
+            local_window_size=None if sliding_window is None else (sliding_window - 1, 0))
+  if impl == "cudnn":
+    lengths = key_valid.sum(-1, dtype=jnp.int32)  # [B]
+    kw.update(query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+    if _has_cudnn():  # elsewhere (a CPU host tracing shapes) XLA honours the same arguments
+      kw["implementation"] = "cudnn"
+  else:
+    kw["mask"] = key_valid[:, None, None, :]  # [B, 1, 1, S]
+  if prec is None:
+    return jax.nn.dot_product_attention(q, k, v, **kw)
+  # It takes no precision argument; its XLA path reads the default at trace time.
+  with jax.default_matmul_precision(prec.name.lower()):
+    return jax.nn.dot_product_attention(q, k, v, **kw)
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
   spec: AdapterSpec = AdapterSpec()
@@ -342,14 +377,20 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, idx, 0, 0))
       cache = {"k": k, "v": v}
       k, v = k.astype(dt), v.astype(dt)
-    allowed = attention_mask(q_idx, k_idx, key_valid, q_seg, k_seg, cfg.sliding_window)
-    if prefix is not None:  # [2, P, K, H]: learned keys/values every query may attend to
-      p = prefix.shape[1]
-      k = jnp.concatenate([jnp.broadcast_to(prefix[0].astype(dt), (b, p, kv, h)), k], axis=1)
-      v = jnp.concatenate([jnp.broadcast_to(prefix[1].astype(dt), (b, p, kv, h)), v], axis=1)
-      allowed = jnp.concatenate([jnp.ones((b, t, p), bool), allowed], axis=-1)
-    out = dot_attention(q, k, v, allowed, cfg.attention,
-                        dot_precision(cfg.matmul_precision, dt))  # [B, T, N, H]
+    prec = dot_precision(cfg.matmul_precision, dt)
+    if cfg.attention != "xla" and cache is None and prefix is None and q_seg is None:
+      # Plain causal self-attention over padded rows: say so instead of building a mask.
+      out = fused_attention(q, k, v, key_valid, cfg.attention, cfg.sliding_window, prec)
+    else:
+      allowed = attention_mask(q_idx, k_idx, key_valid, q_seg, k_seg, cfg.sliding_window)
+      if prefix is not None:  # [2, P, K, H]: learned keys/values every query may attend to
+        p = prefix.shape[1]
+        k = jnp.concatenate([jnp.broadcast_to(prefix[0].astype(dt), (b, p, kv, h)), k], axis=1)
+        v = jnp.concatenate([jnp.broadcast_to(prefix[1].astype(dt), (b, p, kv, h)), v], axis=1)
+        allowed = jnp.concatenate([jnp.ones((b, t, p), bool), allowed], axis=-1)
+      # cuDNN's kernel takes no dense mask here (cache, prefix, packing): the jax path does.
+      impl = "dot_product" if cfg.attention == "cudnn" else cfg.attention
+      out = dot_attention(q, k, v, allowed, impl, prec)  # [B, T, N, H]
     out = out.reshape(b, t, n * h)
     out = lin(cfg.d_model, ("q_heads", "embed"), cfg.o_bias, name="o_proj")(out, layer)
     return out, cache
@@ -561,9 +602,10 @@ class Decoder(nn.Module):
     index = None if cache is None else cache["index"]
     shared = (positions, key_valid, q_idx, k_idx, q_seg, k_seg, index)
     block_cls = Block
-    if cfg.remat and cache is None:
+    if cfg.remat != "none" and cache is None:
       # Under scan the loop body is its own computation, so CSE cannot undo the remat.
-      block_cls = nn.remat(Block, prevent_cse=not cfg.scan_layers)
+      policy = (None if cfg.remat == "full" else getattr(jax.checkpoint_policies, cfg.remat))
+      block_cls = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=policy)
     if cfg.scan_layers:
       scanned = nn.scan(block_cls, variable_axes={"params": 0},
                         split_rngs={"params": True, "dropout": True},

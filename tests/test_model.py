@@ -76,10 +76,12 @@ def test_dot_product_attention_matches_xla(hf_models):
   np.testing.assert_allclose(a[mask], b[mask], atol=1e-5)
 
 
-def test_remat_same_loss_and_grads(hf_models):
+@pytest.mark.parametrize("remat", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_same_loss_and_grads(hf_models, remat):
   path = hf_models["llama"][0]
   model, params = ftjax.load_pretrained(path)
-  model_r, _ = ftjax.load_pretrained(path, remat=True)
+  model_r, _ = ftjax.load_pretrained(path, remat=remat)
+  assert model_r.cfg.remat == remat
   tokens = jnp.asarray(np.random.default_rng(3).integers(6, 320, (2, 8)), jnp.int32)
 
   def loss(p, m):
@@ -88,6 +90,97 @@ def test_remat_same_loss_and_grads(hf_models):
   ga = jax.grad(loss)(params, model)
   gb = jax.grad(loss)(params, model_r)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), ga, gb)
+  # The policy reaches the lowered step: full remat recomputes the block's matmuls in the
+  # backward; a policy that saves dots recomputes only the rest, so its program differs from
+  # both.
+  text = lambda m: jax.jit(jax.grad(loss), static_argnums=1).lower(params, m).as_text()
+  plain = text(model)
+  full = text(ftjax.Decoder(model.cfg.replace(remat="full"), model.spec))
+  assert full.count("dot_general") > plain.count("dot_general")
+  if remat != "full":
+    got = text(model_r)
+    assert got not in (plain, full)
+    assert got.count("dot_general") < full.count("dot_general")
+
+
+def test_remat_bool_and_bad_policy():
+  cfg = ftjax.get_preset("tiny")
+  assert cfg.replace(remat=True).remat == "full" and cfg.replace(remat=False).remat == "none"
+  with pytest.raises(ValueError, match="remat"):
+    cfg.replace(remat="everything")
+
+
+def _recording(monkeypatch, swap_cudnn=False):
+  """Wrap jax.nn.dot_product_attention: record its kwargs; run cuDNN calls with XLA (CPU)."""
+  calls, real = [], jax.nn.dot_product_attention
+
+  def wrapper(q, k, v, *args, **kw):
+    calls.append(dict(kw))
+    if swap_cudnn and kw.get("implementation") == "cudnn":
+      kw["implementation"] = "xla"  # the XLA path honours the same seq lengths and causality
+    return real(q, k, v, *args, **kw)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", wrapper)
+  return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_fused_attention_is_told_causal_and_padding(hf_models, family, monkeypatch):
+  """attention=dot_product without cache, prefix or packing passes is_causal and a [B,1,1,S]
+  key mask (no dense [B, T, S] mask), with the same logits as the einsum path."""
+  path = hf_models[family][0]
+  model, params = ftjax.load_pretrained(path)
+  window = 4 if family == "mistral" else None
+  model = ftjax.Decoder(model.cfg.replace(sliding_window=window), model.spec)
+  model_dp = ftjax.Decoder(model.cfg.replace(attention="dot_product"), model.spec)
+  rng = np.random.default_rng(5)
+  tokens = rng.integers(6, 320, (3, 10)).astype(np.int32)
+  mask = np.ones((3, 10), bool)
+  mask[0, :3] = False  # left padding
+  mask[1, 7:] = False  # right padding
+  calls = _recording(monkeypatch)
+  a = np.asarray(model.apply({"params": params}, tokens, mask=mask))
+  assert not calls
+  b = np.asarray(model_dp.apply({"params": params}, tokens, mask=mask))
+  np.testing.assert_allclose(a[mask], b[mask], atol=1e-5)
+  assert calls and all(c["is_causal"] and c["mask"].shape == (3, 1, 1, 10) for c in calls)
+  assert all(c["local_window_size"] == ((window - 1, 0) if window else None) for c in calls)
+
+
+def test_cudnn_attention_passes_lengths_not_masks(hf_models, monkeypatch):
+  """attention=cudnn gives cuDNN causality and per-row lengths of right-padded rows; run through
+  XLA with the same arguments here, the logits equal the einsum path's. Cached decoding (a dense
+  mask) goes through the jax path instead."""
+  path = hf_models["llama"][0]
+  model, params = ftjax.load_pretrained(path)
+  model_c, _ = ftjax.load_pretrained(path, attention="cudnn")
+  rng = np.random.default_rng(6)
+  tokens = rng.integers(6, 320, (3, 9)).astype(np.int32)
+  mask = np.ones((3, 9), bool)
+  mask[1, 5:] = False
+  mask[2, 8:] = False
+  calls = _recording(monkeypatch, swap_cudnn=True)
+  monkeypatch.setattr(model_lib, "_has_cudnn", lambda: True)  # as on a GPU
+  a = np.asarray(model.apply({"params": params}, tokens, mask=mask))
+  b = np.asarray(model_c.apply({"params": params}, tokens, mask=mask))
+  np.testing.assert_allclose(a[mask], b[mask], atol=1e-5)
+  assert calls and all(c["implementation"] == "cudnn" and "mask" not in c for c in calls)
+  np.testing.assert_array_equal(calls[0]["key_value_seq_lengths"], mask.sum(-1))
+  calls.clear()
+  cache = ftjax.init_cache(model_c.cfg, 3, 12)
+  model_c.apply({"params": params}, tokens, mask=mask, cache=cache)
+  assert calls and all("implementation" not in c and c["mask"].ndim == 4 for c in calls)
+
+
+def test_init_does_not_grow_with_depth():
+  """Random init by shape: under scanned layers the init program (and so its compile) is the
+  same size for 4 and 32 layers."""
+  def init_text(n_layers):
+    model = ftjax.Decoder(ftjax.get_preset("tiny").replace(n_layers=n_layers))
+    return jax.jit(model.init).lower(jax.random.PRNGKey(0),
+                                     jnp.zeros((1, 8), jnp.int32)).as_text()
+  small, big = len(init_text(4)), len(init_text(32))
+  assert big < 1.1 * small, (small, big)
 
 
 def test_sliding_window_masks_far_keys():
