@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 from ftjax import cli  # noqa: E402
 from ftjax import checkpoint, data as data_lib, metrics as metrics_lib, partition  # noqa: E402
 from ftjax import workdir as wd  # noqa: E402
-from ftjax.errors import Diverged, Interrupted, UserError  # noqa: E402
-from ftjax.train import common, sft  # noqa: E402
+from ftjax.errors import UserError  # noqa: E402
+from ftjax.train import common, loop, sft  # noqa: E402
 
 
 def define_flags():
@@ -69,73 +69,44 @@ def run(config, workdir: str) -> dict:
   trainable, frozen, labels = common.split_params(params, wd.rules(config))
   del params
   schedule, tx = wd.optimizer(config)
-  with par.context():
-    state = jax.jit(lambda tr: common.init_state(tr, tx, int(t.seed)))(trainable)
+  state = loop.init_state(par, trainable, tx, t.seed)
   logging.info("model %s (%s), adapter %s, quant %s", model.cfg.family,
                config.model.hf_path or config.model.preset, config.adapter.kind,
                config.quant.kind)
   summary = partition.summary(partition.merge(trainable, frozen), labels, state["opt_state"])
   logging.info("%s", partition.format_summary(summary))
-
-  # Each host reads its own rows of every global batch. A fresh run reads its data before
-  # anything is written, so a bad file leaves no workdir; a resume reads it once, at the
-  # restored position.
-  def build_data(state):
-    return data_lib.build_dataset(wd.data_config(config), tok, int(t.seq_len), int(t.batch_size),
-                                  seed=int(t.seed), state=state,
-                                  process_index=jax.process_index(),
-                                  process_count=jax.process_count())
-
+  # A fresh run reads its data now, so a bad file leaves no workdir; a resume reads it once,
+  # at the restored position.
+  build_data = loop.data_builder(data_lib.build_dataset, config, tok)
   data = None if wd.has_checkpoints(workdir) else build_data(None)
 
   # ---- restore
   wd.save_config(config, workdir)
-  ckpt = checkpoint.Checkpointer(workdir, keep=int(t.keep), async_save=bool(t.async_save))
-  try:
-    data_state, start = None, 0
-    if ckpt.latest_step() is not None:
-      state, data_state, extra = ckpt.restore(target=state)
-      if base_ref.get("kind") == "hf":
-        checkpoint.check_base(extra, base_ref["path"])
-      start = int(state["step"])
-      logging.info("resumed from step %d of %s", start, workdir)
-    if data is None or data_state:
-      data = build_data(data_state)
-  except BaseException:
-    ckpt.close()  # an async checkpointer left open prints an orbax thread traceback at exit
-    raise
+  ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, data, build_data)
   logging.info("train data: %s", data.stats)
-  eval_batches = data.eval_batches()
-  if t.eval_batches:
-    eval_batches = eval_batches[:int(t.eval_batches)]
+  eval_batches = loop.eval_batches(data, t)
 
   chunk = int(t.logprob_chunk)
   step_fn = par.compile(lambda axis: sft.make_step(model, tx, schedule, int(t.grad_accum), axis,
                                                    chunk), state, frozen)
-  eval_jit = jax.jit(lambda trainable, frz, batch: sft.eval_step(
-      partition.merge(trainable, frz), batch, model=model, chunk=chunk))
-  host_frozen = frozen
-
-  def eval_fn(trainable, batch):
-    with par.context():
-      return eval_jit(trainable, host_frozen, batch)
-
+  eval_fn = loop.jit_eval(par, lambda trainable, frz, batch: sft.eval_step(
+      partition.merge(trainable, frz), batch, model=model, chunk=chunk), frozen)
   # Counted on the host trees: under pmap, par.state adds a device axis to every leaf.
   throughput = metrics_lib.Throughput(flops_per_token=metrics_lib.train_flops_per_token(
       model.cfg, int(t.seq_len), state["params"], frozen))
   state, frozen = par.state(state), par.frozen(frozen)
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
-  bar = metrics_lib.ProgressBar(int(t.steps), initial=start)
+  writer, bar = loop.open_logs(workdir, t.steps, start)
   extra = {"base": base_ref, "summary": summary}
-  best, bad_evals, last = float("inf"), 0, {}
+  stopper, last = loop.EarlyStop(t.early_stop_patience), {}
 
-  def save(step, eval_metrics=None, force=False):
-    host = par.host_state(state)
-    checkpoint.assert_finite(host, f"train state at step {step}")
-    ckpt.save(step, host, data.train.state, eval_metrics, extra, force=force)
+  def save(step, eval_metrics=None):
+    ckpt.save(step, par.host_state(state), data.train.state, eval_metrics, extra)
+
+  def run_eval():
+    return evaluate(eval_fn, par.host_state(state)["params"], eval_batches)
 
   # ---- loop (the checkpointer, writer and bar are closed on any exit: no half-written save)
-  try:
+  with loop.closing(ckpt, bar, writer):
     with checkpoint.PreemptionHandler() as preempt:
       step, tokens = start, 0  # tokens since the last log
       while step < t.steps:
@@ -143,47 +114,20 @@ def run(config, workdir: str) -> dict:
         tokens += int(batch["weights"].size) * jax.process_count()
         state, m = step_fn(state, frozen, par.batch(batch))
         step += 1
-        if step % t.log_every == 0 or step == t.steps:
+        if loop.due(step, t.log_every, t.steps):
           m = {k: float(v) for k, v in jax.device_get(par.metrics(m)).items()}
-          if not np.isfinite(m["loss"]):
-            raise Diverged(f"loss is {m['loss']} at step {step}; stopping without "
-                           "saving (lower optim.lr, or check the data)")
           m.update(throughput.update(tokens))
           tokens = 0
-          writer.write(step, m)
-          bar.update(step, m)
-          last = m
-        eval_metrics = None
-        if eval_batches and (step % t.eval_every == 0 or step == t.steps):
-          eval_metrics = evaluate(eval_fn, par.host_state(state)["params"], eval_batches)
-          writer.write(step, eval_metrics)
-          logging.info("step %d: %s", step, eval_metrics)
-          last = {**last, **eval_metrics}
-          if eval_metrics["eval_loss"] < best - 1e-6:
-            best, bad_evals = eval_metrics["eval_loss"], 0
-          else:
-            bad_evals += 1
-        if step % t.save_every == 0 or eval_metrics is not None:
-          save(step, eval_metrics)
-        if t.early_stop_patience and bad_evals >= t.early_stop_patience:
-          logging.info("early stop at step %d: eval loss has not improved for %d evals", step,
-                       bad_evals)
-          break
-        if preempt.any_requested():
-          logging.warning("signal %s: saving step %d and exiting", preempt.signum, step)
+          last = loop.log(step, m, writer, bar, hint="lower optim.lr, or check the data")
+        eval_metrics = loop.eval_and_save(step, t, eval_batches, run_eval, writer, save)
+        last = {**last, **(eval_metrics or {})}
+        if stopper.update(step, eval_metrics) or loop.stop_requested(preempt, step):
           break
 
     # ---- final save
     save(step)
     ckpt.wait()
-  finally:
-    ckpt.close()
-    bar.close()
-    writer.close()
-  if preempt.requested:
-    raise Interrupted(preempt.signum, step, workdir)
-  last["step"] = step
-  return last
+  return loop.finish(preempt, step, workdir, last)
 
 
 def main(argv):

@@ -3,8 +3,8 @@
 Each leaf's path ("layers/attn/q_proj/lora_a"; stacked [L, ...] under scanned layers) is matched
 against the rules in order; the first rule whose regex is found in the path gives its label
 ("train" or "freeze"). The params tree is split into a trainable and a frozen part so that
-`jax.grad` runs over the trainable part only, and the optax transform is built from the same
-labels, so frozen leaves carry neither gradients nor optimizer state.
+`jax.grad` and the optimizer run over the trainable part only: frozen leaves carry neither
+gradients nor optimizer state.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import traverse_util
 
 TRAIN, FREEZE = "train", "freeze"
@@ -83,11 +82,6 @@ def merge(trainable: dict, frozen: dict) -> dict:
   flat = traverse_util.flatten_dict(frozen, keep_empty_nodes=False)
   flat.update(traverse_util.flatten_dict(trainable, keep_empty_nodes=False))
   return traverse_util.unflatten_dict(flat)
-
-
-def masked_optimizer(tx: optax.GradientTransformation, labels: Any) -> optax.GradientTransformation:
-  """`tx` on "train" leaves, `set_to_zero` (no state) on "freeze" leaves, for a full tree."""
-  return optax.multi_transform({TRAIN: tx, FREEZE: optax.set_to_zero()}, labels)
 
 
 def _bits(dtype) -> int:

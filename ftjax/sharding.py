@@ -167,19 +167,30 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def check_batch(batch_size: int, mesh: Mesh, what: str = "config.train.batch_size"):
-  n = math.prod(mesh.shape[a] for a in BATCH_AXES)
-  if batch_size % n:
-    raise UserError(f"{what}={batch_size} does not divide over the data x fsdp = {n} batch "
-                     f"shards of mesh {dict(mesh.shape)}")
-
-
 def put_batch(batch: dict, mesh: Mesh) -> dict:
   """Host batch (this process's rows) -> global arrays split over data x fsdp."""
   sharding = batch_sharding(mesh)
   if jax.process_count() == 1:
     return {k: jax.device_put(v, sharding) for k, v in batch.items()}
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def interleave_for_accum(batch: dict, grad_accum: int) -> dict:
+  """Reorder a preference batch's [chosen B; rejected B] rows so that each of `grad_accum`
+  consecutive row blocks (micro-batches as `update_step` splits them, or devices) holds its
+  own chosen rows then their rejected rows."""
+  if grad_accum == 1:
+    return batch
+
+  def f(x):
+    two_b = x.shape[0]
+    b = two_b // 2
+    if b % grad_accum:
+      raise ValueError(f"{b} pairs per batch do not split into {grad_accum} micro-batches")
+    x = x.reshape((2, grad_accum, b // grad_accum) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((two_b,) + x.shape[3:])
+
+  return jax.tree_util.tree_map(f, batch)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -274,7 +285,6 @@ class Parallel:
   def pair_batch(self, batch: dict, grad_accum: int = 1) -> dict:
     """A preference batch ([chosen B; rejected B] rows) placed so that every device's (and
     every micro-batch's) rows are its own chosen rows followed by their rejected rows."""
-    from ftjax.train.preference import interleave_for_accum
     if jax.process_count() > 1:
       raise NotImplementedError("preference training is single-host for now: each host's rows "
                                 "would interleave chosen and rejected in the global batch")

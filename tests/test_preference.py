@@ -15,7 +15,7 @@ from configs import reward as reward_config
 from experiments import dpo as dpo_exp
 from experiments import export as export_exp
 from experiments import reward as reward_exp
-from ftjax import lora, partition, workdir as wd
+from ftjax import lora, partition, sharding, workdir as wd
 from ftjax.data import preference as pref_data
 from ftjax.train import common, preference
 
@@ -116,7 +116,7 @@ def test_grad_accumulation_keeps_pairs_together(base_dir, pref_files):
                                             schedule, beta=0.1, loss_type="sigmoid",
                                             grad_accum=k))
     _, m = step(common.init_state(trainable, tx, 0), frozen,
-                preference.interleave_for_accum(batch, k))
+                sharding.interleave_for_accum(batch, k))
     out[k] = m
   for k in (2, 4):
     np.testing.assert_allclose(out[k]["loss"], out[1]["loss"], rtol=1e-5)

@@ -119,19 +119,3 @@ def per_pair_means(metrics: dict) -> dict:
                                                   "margin")) else float(v))
           for k, v in metrics.items()}
 
-
-def interleave_for_accum(batch: dict, grad_accum: int) -> dict:
-  """Reorder [chosen B; rejected B] rows so that each of `grad_accum` micro-batches (consecutive
-  row blocks, as `update_step` splits them) holds its own chosen rows then their rejected rows."""
-  if grad_accum == 1:
-    return batch
-
-  def f(x):
-    two_b = x.shape[0]
-    b = two_b // 2
-    if b % grad_accum:
-      raise ValueError(f"{b} pairs per batch do not split into {grad_accum} micro-batches")
-    x = x.reshape((2, grad_accum, b // grad_accum) + x.shape[1:])
-    return jnp.swapaxes(x, 0, 1).reshape((two_b,) + x.shape[3:])
-
-  return jax.tree_util.tree_map(f, batch)

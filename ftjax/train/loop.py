@@ -1,0 +1,192 @@
+"""Pieces the training loops share (experiments/sft.py, reward.py, dpo.py): small functions each
+loop calls in its own order, so that every loop still reads top to bottom in its own file.
+
+  build_data = loop.data_builder(data_lib.build_dataset, config, tok)
+  data = None if wd.has_checkpoints(workdir) else build_data(None)  # checked before any write
+  wd.save_config(config, workdir)
+  ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, data, build_data)
+  writer, bar = loop.open_logs(workdir, t.steps, start)
+  with loop.closing(ckpt, bar, writer):
+    with checkpoint.PreemptionHandler() as preempt:
+      while step < t.steps:
+        ...                                   # the algorithm's step
+        if loop.due(step, t.log_every, t.steps):
+          last = loop.log(step, host_metrics, writer, bar, hint="lower optim.lr")
+        eval_metrics = loop.eval_and_save(step, t, eval_batches, run_eval, writer, save)
+        if loop.stop_requested(preempt, step):
+          break
+    save(step)                                # final save
+    ckpt.wait()
+  return loop.finish(preempt, step, workdir, last)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+from absl import logging
+
+from ftjax import checkpoint, metrics as metrics_lib
+from ftjax import workdir as wd
+from ftjax.errors import Diverged, Interrupted
+from ftjax.train import common
+
+
+def init_state(par, trainable: dict, tx, seed: int) -> dict:
+  """The train state, built by a jit under the run's mesh so it lands in the params' shards."""
+  with par.context():
+    return jax.jit(lambda tr: common.init_state(tr, tx, int(seed)))(trainable)
+
+
+def data_builder(build: Callable, config, tok) -> Callable[[Optional[dict]], Any]:
+  """`data_state -> dataset` at that position (None: from the start), for `build` one of the
+  dataset builders (`data.build_dataset`, `data.preference.build_preference_dataset`). Each
+  host reads its own rows of every global batch."""
+  t = config.train
+
+  def build_data(state):
+    return build(wd.data_config(config), tok, int(t.seq_len), int(t.batch_size),
+                 seed=int(t.seed), state=state, process_index=jax.process_index(),
+                 process_count=jax.process_count())
+  return build_data
+
+
+def restore(workdir: str, t, state: dict, base_ref: dict, data, build_data: Callable,
+            best_metric: str = "eval_loss"):
+  """(checkpointer, state, data, start step): the latest checkpoint of `workdir` if any.
+
+  The checked base fingerprint stops a resume over a different base model. `data` is the
+  fresh run's dataset (read before anything was written, so a bad file leaves no workdir) or
+  None on a resume, which reads it once, at the restored position. The checkpointer is closed
+  if anything fails here: an async one left open prints an orbax thread traceback at exit.
+  """
+  ckpt = checkpoint.Checkpointer(workdir, keep=int(t.keep), async_save=bool(t.async_save),
+                                 best_metric=best_metric)
+  try:
+    data_state, start = None, 0
+    if ckpt.latest_step() is not None:
+      state, data_state, extra = ckpt.restore(target=state)
+      if base_ref.get("kind") == "hf":
+        checkpoint.check_base(extra, base_ref["path"])
+      start = int(state["step"])
+      logging.info("resumed from step %d of %s", start, workdir)
+    if data is None or data_state:
+      data = build_data(data_state)
+  except BaseException:
+    ckpt.close()
+    raise
+  return ckpt, state, data, start
+
+
+def eval_batches(data, t) -> list:
+  """The held-out batches, cut to `train.eval_batches` when that is set."""
+  batches = data.eval_batches()
+  return batches[:int(t.eval_batches)] if t.eval_batches else batches
+
+
+def jit_eval(par, fn: Callable, frozen: dict) -> Callable:
+  """`fn(trainable, frozen, batch)` jitted over the host (unreplicated) frozen params, as
+  `eval_fn(trainable, batch)` run under the mesh."""
+  jitted = jax.jit(fn)
+
+  def eval_fn(trainable, batch):
+    with par.context():
+      return jitted(trainable, frozen, batch)
+  return eval_fn
+
+
+def evaluate(eval_fn: Callable, trainable: dict, batches) -> dict:
+  """Means over the eval set of a loss_fn's `(loss_sum, count, aux sums)`, as `eval_<name>`."""
+  sums, n = {}, 0.0
+  for batch in batches:
+    loss_sum, count, aux = jax.device_get(eval_fn(trainable, batch))
+    n += float(count)
+    for k, v in {"loss": loss_sum, **aux}.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  return {f"eval_{k}": v / max(n, 1.0) for k, v in sums.items()}
+
+
+def open_logs(workdir: str, steps: int, start: int):
+  """(metrics writer, progress bar) picking up at `start` (a resume drops the later rows)."""
+  return (metrics_lib.MetricsWriter(workdir, resume_step=start),
+          metrics_lib.ProgressBar(int(steps), initial=start))
+
+
+def due(step: int, every: int, steps: int) -> bool:
+  """Every `every` steps, and at the last step."""
+  return step % every == 0 or step == steps
+
+
+def log(step: int, m: dict, writer, bar, hint: str) -> dict:
+  """Writes host metrics (floats); a non-finite loss stops the run before it saves anything
+  more (`hint` says what to change)."""
+  if not np.isfinite(m["loss"]):
+    raise Diverged(f"loss is {m['loss']} at step {step}; stopping without saving ({hint})")
+  writer.write(step, m)
+  bar.update(step, m)
+  return m
+
+
+def eval_and_save(step: int, t, eval_batches: list, run_eval: Callable[[], dict], writer,
+                  save: Callable) -> Optional[dict]:
+  """At the eval cadence (when there are eval batches) `run_eval()` and log; a checkpoint at
+  the save cadence and after every eval (which ranks it for keep-best). Returns the eval
+  metrics, or None when there was no eval this step."""
+  eval_metrics = None
+  if eval_batches and due(step, t.eval_every, t.steps):
+    eval_metrics = run_eval()
+    writer.write(step, eval_metrics)
+    logging.info("step %d: %s", step, eval_metrics)
+  if step % t.save_every == 0 or eval_metrics is not None:
+    save(step, eval_metrics)
+  return eval_metrics
+
+
+class EarlyStop:
+  """Stops after `patience` evals without a lower eval loss (patience 0: never)."""
+
+  def __init__(self, patience: int):
+    self.patience, self.best, self.bad_evals = int(patience or 0), math.inf, 0
+
+  def update(self, step: int, eval_metrics: Optional[dict]) -> bool:
+    if eval_metrics is not None:
+      if eval_metrics["eval_loss"] < self.best - 1e-6:
+        self.best, self.bad_evals = eval_metrics["eval_loss"], 0
+      else:
+        self.bad_evals += 1
+    if self.patience and self.bad_evals >= self.patience:
+      logging.info("early stop at step %d: eval loss has not improved for %d evals", step,
+                   self.bad_evals)
+      return True
+    return False
+
+
+def stop_requested(preempt: checkpoint.PreemptionHandler, step: int) -> bool:
+  """Whether any process got SIGTERM/SIGINT: a collective, so every host stops after `step`."""
+  if preempt.any_requested():
+    logging.warning("signal %s: saving step %d and exiting", preempt.signum, step)
+    return True
+  return False
+
+
+@contextlib.contextmanager
+def closing(ckpt, bar, writer):
+  """Closes all three on any exit; the checkpointer first waits for its saves, so none is left
+  half-written."""
+  try:
+    yield
+  finally:
+    ckpt.close()
+    bar.close()
+    writer.close()
+
+
+def finish(preempt: checkpoint.PreemptionHandler, step: int, workdir: str, last: dict) -> dict:
+  """The last logged metrics with the step reached, or `Interrupted` (saved, resumable)."""
+  if preempt.requested:
+    raise Interrupted(preempt.signum, step, workdir)
+  return {**last, "step": step}
