@@ -4,7 +4,8 @@ from ftjax.config import LoraConfig, ModelConfig, PRESETS, PrefixConfig, get_pre
 from ftjax.hf import CheckpointError, load_pretrained, save_pretrained
 from ftjax.model import Decoder, init_cache, init_params, logical_axes
 from ftjax import lora, partition, quant, tokenizer
-from ftjax.lora import load_adapter, merge, save_adapter
+from ftjax.lora import merge
+from ftjax.peft_io import load_adapter, save_adapter
 from ftjax.quant import QuantConfig
 from ftjax.sampling import GenerateOutput, generate
 

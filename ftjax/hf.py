@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import st_io
+from ftjax import lora as lora_lib, st_io
 from ftjax.config import ModelConfig
 from ftjax.errors import UserError
 from ftjax.model import Decoder
@@ -527,7 +527,6 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
 
   params = load_params(path, cfg, convert, target)
   if lora is not None or prefix is not None:
-    from ftjax import lora as lora_lib
     params = lora_lib.init_adapters(model, params,
                                     jax.random.PRNGKey(0) if rng is None else rng)
     if target is not None:  # the (small) adapter leaves into their shards too
@@ -657,7 +656,6 @@ def save_pretrained(model: Decoder, params: dict, out_dir: str, dtype: Optional[
     raise ValueError("save_pretrained: prefix/prompt tuning cannot be merged into HF weights; "
                      "export the adapter with save_adapter (PEFT format) instead")
   if model.spec.lora is not None or model.spec.quant is not None:
-    from ftjax import lora as lora_lib
     model, params = lora_lib.merge(model, params)
   cfg = model.cfg
   if dtype:

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -286,3 +288,22 @@ def test_float32_adapter_over_bf16_base_exports_to_peft(hf_models, tmp_path):
   for k, v in adapter.items():
     assert flat2[k].dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(flat2[k]), v)
+
+
+# Imports ftjax.lora and ftjax.prefix without the package's __init__ (which pulls in the whole
+# public API, hf.py included) and prints every ftjax module they loaded.
+_IMPORTS = """
+import sys, types
+pkg = types.ModuleType("ftjax"); pkg.__path__ = [sys.argv[1]]; sys.modules["ftjax"] = pkg
+import ftjax.lora, ftjax.prefix
+print(" ".join(sorted(m for m in sys.modules if m.startswith("ftjax."))))
+"""
+
+
+def test_adapter_math_imports_no_hf_or_peft_io():
+  """lora.py and prefix.py sit below the HF/PEFT I/O: hf -> lora, peft_io -> hf/lora/prefix,
+  never back (no import cycle through save_pretrained)."""
+  out = subprocess.run([sys.executable, "-c", _IMPORTS, os.path.dirname(ftjax.__file__)],
+                       check=True, capture_output=True, text=True).stdout.split()
+  assert "ftjax.lora" in out and "ftjax.prefix" in out
+  assert "ftjax.hf" not in out and "ftjax.peft_io" not in out and "ftjax.st_io" not in out
