@@ -282,10 +282,10 @@ def bench_quant_memory(cfg: ModelConfig, seed: int, **_) -> dict:
 
   per_layer = {name: 0 for name in QUANT_FORMATS}
   for shape in layer0.values():
-    # Flat: quantize blocks the C-order flattened kernel anyway. Storage bytes depend only on
-    # the shapes and dtypes quantize returns, so trace it (eval_shape) rather than compile and
-    # run it once per kernel size and format.
-    w = jax.ShapeDtypeStruct((math.prod(shape),), jnp.float32)
+    # The [in, out] kernel as load_pretrained quantizes it (bitsandbytes' blocks along `in`).
+    # Storage bytes depend only on the shapes and dtypes quantize returns, so trace it
+    # (eval_shape) rather than compile and run it once per kernel size and format.
+    w = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
     for name, qcfg in QUANT_FORMATS.items():
       per_layer[name] += _nbytes(jax.eval_shape(functools.partial(ftjax.quant.quantize,
                                                                   cfg=qcfg), w))
