@@ -39,6 +39,15 @@ def _torch_logits(model, tokens, mask):
 
 
 @pytest.mark.parametrize("dora", [False, True])
+
+def _peft_vs_ours(path, adapter_dir, model, params, seed=1):
+  """(tokens, mask, PEFT's logits with the exported adapter over the HF base, ftjax's logits)."""
+  base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+  peft_model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+  tokens, mask = batch_with_padding(np.random.default_rng(seed))
+  return tokens, mask, _torch_logits(peft_model, tokens, mask), _logits(model, params, tokens,
+                                                                        mask)
+
 def test_lora_at_init_is_the_base_model(hf_models, dora):
   path = hf_models["llama"][0]
   base_model, base = ftjax.load_pretrained(path)
@@ -70,11 +79,7 @@ def test_peft_roundtrip_export(hf_models, family, variant, tmp_path):
   acfg = json.load(open(os.path.join(out, "adapter_config.json")))
   assert acfg["peft_type"] == "LORA" and acfg["r"] == 4 and acfg["lora_alpha"] == 8
   assert acfg["use_dora"] == (variant == "dora") and acfg["use_rslora"] == (variant == "rslora")
-  base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-  peft_model = peft.PeftModel.from_pretrained(base, out).eval()
-  tokens, mask = batch_with_padding(np.random.default_rng(1))
-  ref = _torch_logits(peft_model, tokens, mask)
-  ours = _logits(model, params, tokens, mask)
+  tokens, mask, ref, ours = _peft_vs_ours(path, out, model, params)
   assert np.abs(ours - ref)[mask].max() <= 1e-4
   # The adapter really changes the model.
   assert np.abs(ours - _torch_logits(torch_base, tokens, mask))[mask].max() > 1e-2
@@ -194,11 +199,7 @@ def test_gpt2_lora_exports_as_fused_c_attn(hf_models, targets, rslora, tmp_path)
   ftjax.save_adapter(model, params, out)
   acfg = json.load(open(os.path.join(out, "adapter_config.json")))
   assert acfg["rank_pattern"] == {"c_attn": 6}
-  base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-  peft_model = peft.PeftModel.from_pretrained(base, out).eval()
-  tokens, mask = batch_with_padding(np.random.default_rng(1))
-  ref = _torch_logits(peft_model, tokens, mask)
-  ours = _logits(model, params, tokens, mask)
+  tokens, mask, ref, ours = _peft_vs_ours(path, out, model, params)
   assert np.abs(ours - ref)[mask].max() <= 1e-4
   assert np.abs(ours - _torch_logits(torch_base, tokens, mask))[mask].max() > 1e-2
   # And back: the same layers adapted, the same logits.
