@@ -38,8 +38,6 @@ def _torch_logits(model, tokens, mask):
                  attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
 
 
-@pytest.mark.parametrize("dora", [False, True])
-
 def _peft_vs_ours(path, adapter_dir, model, params, seed=1):
   """(tokens, mask, PEFT's logits with the exported adapter over the HF base, ftjax's logits)."""
   base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
@@ -48,6 +46,8 @@ def _peft_vs_ours(path, adapter_dir, model, params, seed=1):
   return tokens, mask, _torch_logits(peft_model, tokens, mask), _logits(model, params, tokens,
                                                                         mask)
 
+
+@pytest.mark.parametrize("dora", [False, True])
 def test_lora_at_init_is_the_base_model(hf_models, dora):
   path = hf_models["llama"][0]
   base_model, base = ftjax.load_pretrained(path)
