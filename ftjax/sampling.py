@@ -76,7 +76,8 @@ def _generate(params, tokens, mask, rng, *, model: Decoder, max_new_tokens: int,
     i, logits, cache, done, out_tok, out_lp, out_mask, key = state
     key, sub = jax.random.split(key)
     tok = sample_logits(logits, sub, temperature, top_k, top_p)
-    lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
+    scaled = logits / temperature if temperature > 0 else logits  # see the module docstring
+    lp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tok[:, None], axis=-1)[:, 0]
     out_tok = out_tok.at[:, i].set(jnp.where(done, pad_id, tok))
     out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
     out_mask = out_mask.at[:, i].set(~done)
@@ -105,7 +106,9 @@ def generate(model: Decoder, params: dict, prompt_tokens, prompt_mask=None,
     n_samples: samples per prompt; outputs are grouped per prompt (row b * n + j).
     bucket: left-pad T up to `bucket_length(T)` so that new prompt lengths reuse compilations.
   Returns:
-    GenerateOutput(tokens [B*n, M] int32, logprobs [B*n, M] float32, mask [B*n, M] bool).
+    GenerateOutput(tokens [B*n, M] int32, logprobs [B*n, M] float32, mask [B*n, M] bool);
+    logprobs are log_softmax(logits / temperature) of the sampled tokens (raw at temperature
+    0), before top-k/top-p (see the module docstring).
   """
   tokens = np.asarray(prompt_tokens, np.int32)
   mask = np.ones(tokens.shape, bool) if prompt_mask is None else np.asarray(prompt_mask, bool)

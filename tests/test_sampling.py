@@ -35,12 +35,13 @@ def test_greedy_matches_transformers_generate(hf_models, family):
   assert np.asarray(out.mask).all()
 
 
-def sequence_logprobs(model, params, prompt, prompt_mask, new_tokens):
-  """Training-forward logprobs of new_tokens given the left-padded prompt."""
+def sequence_logprobs(model, params, prompt, prompt_mask, new_tokens, temperature=1.0):
+  """Training-forward logprobs of new_tokens given the left-padded prompt, from the logits
+  divided by `temperature` (the distribution the sampler drew them from)."""
   seq = np.concatenate([prompt, new_tokens], axis=1)
   mask = np.concatenate([prompt_mask, np.ones_like(new_tokens, bool)], axis=1)
   logits = model.apply({"params": params}, seq, mask=mask)
-  lp = jax.nn.log_softmax(logits[:, prompt.shape[1] - 1:-1], axis=-1)
+  lp = jax.nn.log_softmax(logits[:, prompt.shape[1] - 1:-1] / temperature, axis=-1)
   return np.asarray(jnp.take_along_axis(lp, jnp.asarray(new_tokens)[..., None], -1)[..., 0])
 
 
@@ -50,8 +51,12 @@ def test_sampled_logprobs_equal_training_forward(hf_models, family):
   tokens, mask = left_padded_prompts(np.random.default_rng(1))
   out = ftjax.generate(model, params, tokens, mask, max_new_tokens=12, temperature=1.3, top_k=50,
                        top_p=0.9, rng=jax.random.PRNGKey(3), bucket=False)
-  ref = sequence_logprobs(model, params, tokens, mask, np.asarray(out.tokens))
+  # Tempered: the distribution actually sampled from (TRL divides by the temperature too);
+  # top-k/top-p are not folded in, as in TRL's trainer.
+  ref = sequence_logprobs(model, params, tokens, mask, np.asarray(out.tokens), temperature=1.3)
   np.testing.assert_allclose(np.asarray(out.logprobs), ref, atol=1e-5)
+  raw = sequence_logprobs(model, params, tokens, mask, np.asarray(out.tokens))
+  assert np.abs(np.asarray(out.logprobs) - raw).max() > 1e-2  # not the untempered ones
 
 
 def test_eos_stops_each_sequence(hf_models):
