@@ -310,10 +310,11 @@ def _si(x: float) -> str:
 
 
 class ProgressBar:
-  """A tqdm bar over train steps (ETA from tqdm) whose postfix shows loss, lr, tokens/s, MFU.
+  """A tqdm bar over train steps (ETA from tqdm) whose postfix shows loss, lr, tokens/s, MFU
+(and reward, KL for online RL).
 
   Only process 0 draws it. `update(step, metrics)` moves the bar to `step`; it reads the keys
-  `loss`, `lr` (or `learning_rate`), `tokens_per_sec` and `mfu` when present.
+  `loss`, `lr` (or `learning_rate`), `tokens_per_sec`, `mfu`, `reward` and `kl` when present.
   """
 
   def __init__(self, total_steps: int, initial: int = 0, **tqdm_kwargs):
@@ -323,10 +324,14 @@ class ProgressBar:
   def update(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
     if metrics:
       vals = _scalars({k: v for k, v in metrics.items()
-                       if k in ("loss", "lr", "learning_rate", "tokens_per_sec", "mfu")})
+                       if k in ("loss", "lr", "learning_rate", "tokens_per_sec", "mfu",
+                                "reward", "kl")})
       post = {}
       if "loss" in vals:
         post["loss"] = f"{vals['loss']:.4g}"
+      for k in ("reward", "kl"):  # online RL's two numbers to watch
+        if k in vals and math.isfinite(vals[k]):
+          post[k] = f"{vals[k]:.4g}"
       lr = vals.get("lr", vals.get("learning_rate"))
       if lr is not None:
         post["lr"] = f"{lr:.2e}"

@@ -124,7 +124,7 @@ class answer_match:  # noqa: N801 (a factory, named like a function as TRL's rew
 
   def __init__(self, column: str = "answer", tol: float = 1e-6):
     self.column, self.tol = column, tol
-    self.__name__ = f"answer_match({column})"
+    self.__name__ = "answer_match"
 
   def __call__(self, prompts, completions, **columns) -> list:
     if self.column not in columns:
