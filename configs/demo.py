@@ -12,29 +12,28 @@ config with --print_config.
 
 import os
 
-from configs import sft as sft_config
+from configs import common
 from ftjax.errors import UserError
 
 ARG_KEYS = ("stage", "smoke")
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ftjax", "demo",
-                    "data")
+DATA = common.DEMO_DATA
 
 
 def get_config(arg=None):
-  a = sft_config.parse_arg(arg, ARG_KEYS, "configs/demo.py")
+  a = common.parse_arg(arg, ARG_KEYS, "configs/demo.py")
   stage = a.get("stage", "sft")
   if stage not in ("pretrain", "sft"):
     raise UserError(f"configs/demo.py: stage={stage!r}: expected pretrain or sft")
   smoke = bool(a.get("smoke"))
   if stage == "pretrain":
-    c = sft_config.get_config("adapter=none,format=text,model=demo")
+    c = common.base(dict(adapter="none", format="text", model="demo"))
     c.data.path = os.path.join(DATA, "pretrain.jsonl")
     c.optim.update(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.01)
     c.train.update(steps=12 if smoke else 1300, batch_size=16, seq_len=128, log_every=10,
                    eval_every=100000, save_every=100, keep=1)
   else:
-    c = sft_config.get_config("adapter=lora,format=chat,model=demo")
+    c = common.base(dict(adapter="lora", format="chat", model="demo"))
     c.data.path = os.path.join(DATA, "train.jsonl")
     c.data.eval_path = os.path.join(DATA, "eval.jsonl")
     c.adapter.update(rank=32, alpha=64.0, targets="all-linear")

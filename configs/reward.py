@@ -14,15 +14,14 @@ The arg takes the keys of configs/sft.py (model=, adapter=, quant=, format=, smo
 `data=support`. Print the resolved config with --print_config.
 """
 
-from configs import dpo as dpo_config
-from configs import sft as sft_config
+from configs import common
 
-ARG_KEYS = sft_config.ARG_KEYS + ("data",)
+ARG_KEYS = common.ARG_KEYS + ("data",)
 
 
 def get_config(arg=None):
-  c = dpo_config.get_config(arg, "configs/reward.py", ARG_KEYS)
-  del c["dpo"]
+  c = common.preference(common.parse_arg(arg, ARG_KEYS, "configs/reward.py"),
+                        "configs/reward.py")
   c.reward = dict(margin=0.0, center_coef=0.0)
   c.model.head = "score"
   # The score head is new: it trains beside the adapter (PEFT's modules_to_save).
