@@ -109,6 +109,7 @@ def run(config, workdir: str) -> dict:
   t, d = config.train, config.dpo
   if d.reference not in ("auto", "precomputed"):
     raise UserError(f"config.dpo.reference={d.reference!r}: expected auto or precomputed")
+  drift = wd.check_resume(config, workdir)  # a resume with a changed config is refused
   par = wd.parallel(config)
   par.check_batch(int(t.batch_size))
   model, params, tok, base_ref = wd.build_model(config, par=par)
@@ -125,11 +126,11 @@ def run(config, workdir: str) -> dict:
 
   # A fresh run reads its data now, so a bad file leaves no workdir; a resume reads it once,
   # at the restored position.
-  build_data = loop.data_builder(pref_data.build_preference_dataset, config, tok)
+  build_data = loop.data_builder(pref_data.build_preference_dataset, config, tok, workdir)
   data = None if wd.has_checkpoints(workdir) else build_data(None)
 
   # ---- restore
-  wd.save_config(config, workdir)
+  wd.start_run(config, workdir, drift)
   ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, data, build_data)
   logging.info("preference data: %s", data.stats)
   eval_batches = loop.eval_batches(data, t)

@@ -61,6 +61,7 @@ def run(config, workdir: str) -> dict:
   if config.adapter.kind == "prompt" and config.data.packing:
     raise UserError("config.data.packing must be False with prompt tuning (the soft prompt "
                     "precedes each row, not each packed example)")
+  drift = wd.check_resume(config, workdir)  # a resume with a changed config is refused
   par = wd.parallel(config)
   par.check_batch(int(t.batch_size))
   if par.mode == "pmap" and t.batch_size // par.n_batch_shards % t.grad_accum:
@@ -77,11 +78,11 @@ def run(config, workdir: str) -> dict:
   logging.info("%s", partition.format_summary(summary))
   # A fresh run reads its data now, so a bad file leaves no workdir; a resume reads it once,
   # at the restored position.
-  build_data = loop.data_builder(data_lib.build_dataset, config, tok)
+  build_data = loop.data_builder(data_lib.build_dataset, config, tok, workdir)
   data = None if wd.has_checkpoints(workdir) else build_data(None)
 
   # ---- restore
-  wd.save_config(config, workdir)
+  wd.start_run(config, workdir, drift)
   ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, data, build_data)
   logging.info("train data: %s", data.stats)
   eval_batches = loop.eval_batches(data, t)

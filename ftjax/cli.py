@@ -31,10 +31,11 @@ def one_line(e: BaseException) -> str:
   return lines[0] if lines else type(e).__name__
 
 
-def _failing_flag(tb) -> str | None:
+def _failing_flag(tb) -> tuple[str | None, object]:
   """The flag whose parse raised, from the traceback's frames: `config.train.stpes` for an
-  override (ml_collections parses every `--config.*` override inside the `config` flag)."""
-  name = None
+  override (ml_collections parses every `--config.*` override inside the `config` flag), and
+  the config being overridden (None if not seen)."""
+  name, config = None, None
   while tb is not None:
     local = tb.tb_frame.f_locals
     obj = local.get("self")
@@ -44,8 +45,23 @@ def _failing_flag(tb) -> str | None:
                   None)
       if path:
         name = f"{obj.name}.{path}"
+      if hasattr(local.get("config"), "keys"):
+        config = local["config"]
     tb = tb.tb_next
-  return name
+  return name, config
+
+
+def _known_fields(config, name: str) -> str:
+  """`; config.train has: steps, ...`: the fields of the deepest section of `name` (a flag
+  name, `config.train.stpes`) that exists, so a typo's line lists what was meant."""
+  if config is None:
+    return ""
+  parts, where = name.split(".")[1:], [name.split(".")[0]]
+  for part in parts[:-1]:
+    if not (hasattr(config, "keys") and part in config and hasattr(config[part], "keys")):
+      break
+    config, where = config[part], where + [part]
+  return f"; {'.'.join(where)} has: {', '.join(config.keys())}"
 
 
 def _override_message(e: BaseException) -> str:
@@ -79,10 +95,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     # ml_collections raises these for an override naming no field or of the wrong type; a bug
     # in a config file raises other types, or these outside any flag's parse, and keeps its
     # traceback.
-    name = _failing_flag(e.__traceback__)
+    name, config = _failing_flag(e.__traceback__)
     if name is None or "." not in name:  # not an override: a bug in a config file
       raise
-    _die(f"--{name}: {_override_message(e)}")
+    msg = _override_message(e)
+    if msg.startswith("no such config field"):
+      msg += _known_fields(config, name)
+    _die(f"--{name}: {msg}")
 
 
 def _die(msg: str, code: int = 1):

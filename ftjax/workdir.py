@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import jax
 
-from ftjax import checkpoint, hf, partition
+from ftjax import checkpoint, hf, partition, provenance
 from ftjax.config import (ADAPTER_DTYPES, MATMUL_PRECISIONS, LoraConfig, PrefixConfig,
                           get_preset)
 from ftjax.errors import UserError
@@ -125,10 +125,13 @@ def build_model(config, rng: Optional[jax.Array] = None, par=None):
   return model, params, tok, {"kind": "preset", "preset": m.preset, "seed": m.seed}
 
 
-def data_config(config) -> dict:
+def data_config(config, workdir: Optional[str] = None) -> dict:
   """`config.data` as the dataset builders take it: `data.path` / `data.eval_path` (comma
-  lists of files) are shortcuts for `data.sources` / `data.eval_sources`."""
+  lists of files) are shortcuts for `data.sources` / `data.eval_sources`; an empty
+  `data.cache_dir` is `workdir`/data_cache (no cache without a workdir)."""
   d = config.data.to_dict()
+  if not d.get("cache_dir"):
+    d["cache_dir"] = os.path.join(workdir, "data_cache") if workdir else ""
   if d.get("path"):
     d["sources"] = [{"path": p} for p in d["path"].split(",") if p]
   if d.get("eval_path"):
@@ -184,6 +187,21 @@ def save_config(config, workdir: str):
   with open(tmp, "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
+def check_resume(config, workdir: str) -> dict:
+  """Refuses (UserError) a resume whose config drifted from the saved one; see provenance."""
+  return provenance.check_resume(config, workdir)
+
+
+def start_run(config, workdir: str, diff: Optional[dict] = None):
+  """Saves the config and appends this attempt to run.json: call it once the config, model
+  and data are checked, so a run that fails validation writes nothing."""
+  resumed = os.path.exists(os.path.join(workdir, "config.json"))
+  if diff is None:
+    diff = check_resume(config, workdir)
+  save_config(config, workdir)
+  provenance.record_run(config, workdir, diff, resumed)
 
 
 def load_config(workdir: str):

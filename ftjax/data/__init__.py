@@ -25,6 +25,8 @@ with `config.data` (a ConfigDict or dict) holding:
   add_bos         True: non-chat formats start with the tokenizer's BOS (when it has one)
   eval_fraction   records of each source held out for eval (0.0), chosen by seed
   eval_sources    optional list of sources used for eval only (unweighted, unshuffled)
+  cache_dir       tokenized examples are cached there, keyed by the sources' content, the
+                  tokenizer and these settings (see `cache`); "" or None: no cache
 
 Train sources are mixed by weight (`sources.mix`): source i gets weight_i / sum(weights) of an
 epoch as long as the sources together. Eval examples are not mixed.
@@ -37,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from ftjax.data import cache
 from ftjax.data.formats import (DataStats, FORMATS, collect_sources, count_tokens, fit,
                                 tokenize_example, tokenize_records)
 from ftjax.data.packing import BATCH_KEYS, make_batch, pack_rows
@@ -107,7 +110,9 @@ def build_dataset(data_config: Any, tokenizer, seq_len: int, batch_size: int, *,
   seed = int(cfg_get(data_config, "seed", seed))
   prepare = lambda source, records=None: prepare_source(source, tokenizer, seq_len, data_config,
                                                        records=records)
-  train_examples, eval_examples, stats, eval_stats = collect_sources(data_config, prepare, seed)
+  train_examples, eval_examples, stats, eval_stats = cache.load_or_build(
+      cfg_get(data_config, "cache_dir"), data_config, "sft", tokenizer, seq_len, seed,
+      lambda: collect_sources(data_config, prepare, seed))
   count_tokens(train_examples, stats)
   count_tokens(eval_examples, eval_stats)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -53,7 +53,7 @@ exactly as its pair starts, and `prompt_batches` left-pads prompts for `sampling
 
 `build_preference_dataset` reads the keys of `ftjax.data.build_dataset`'s config (sources,
 format: auto | pairs | chat, fields, overflow: truncate | drop, skip_malformed, chat_template,
-add_bos, eval_fraction, eval_sources, seed) plus `max_prompt_len`; `packing` and
+add_bos, eval_fraction, eval_sources, seed, cache_dir) plus `max_prompt_len`; `packing` and
 `loss_on_prompt` do not apply.
 """
 
@@ -64,7 +64,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ftjax.data import pipeline
+from ftjax.data import cache, pipeline
 from ftjax.data.formats import (DataStats, _field, _ids, _messages, _pc_example,
                                 _render, _RowError, check_tokenizer, collect_sources,
                                 each_record)
@@ -566,8 +566,9 @@ def build_preference_dataset(data_config: Any, tokenizer, seq_len: int, batch_si
   seed = int(cfg_get(data_config, "seed", seed))
   prepare = lambda source, records=None: prepare_preference_source(
       source, tokenizer, seq_len, data_config, records=records)
-  train_examples, eval_examples, stats, eval_stats = collect_sources(data_config, prepare, seed,
-                                                                     "pairs")
+  train_examples, eval_examples, stats, eval_stats = cache.load_or_build(
+      cfg_get(data_config, "cache_dir"), data_config, "pairs", tokenizer, seq_len, seed,
+      lambda: collect_sources(data_config, prepare, seed, "pairs"))
   count_pair_tokens(train_examples, stats)
   count_pair_tokens(eval_examples, eval_stats)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

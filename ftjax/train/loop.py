@@ -1,9 +1,11 @@
 """Pieces the training loops share (experiments/sft.py, reward.py, dpo.py): small functions each
 loop calls in its own order, so that every loop still reads top to bottom in its own file.
 
-  build_data = loop.data_builder(data_lib.build_dataset, config, tok)
+  drift = wd.check_resume(config, workdir)   # a changed config is refused before any work
+  ...                                       # model, optimizer, state
+  build_data = loop.data_builder(data_lib.build_dataset, config, tok, workdir)
   data = None if wd.has_checkpoints(workdir) else build_data(None)  # checked before any write
-  wd.save_config(config, workdir)
+  wd.start_run(config, workdir, drift)      # config.json and run.json
   ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, data, build_data)
   writer, bar = loop.open_logs(workdir, t.steps, start)
   with loop.closing(ckpt, bar, writer):
@@ -42,14 +44,16 @@ def init_state(par, trainable: dict, tx, seed: int) -> dict:
     return jax.jit(lambda tr: common.init_state(tr, tx, int(seed)))(trainable)
 
 
-def data_builder(build: Callable, config, tok) -> Callable[[Optional[dict]], Any]:
+def data_builder(build: Callable, config, tok,
+                 workdir: Optional[str] = None) -> Callable[[Optional[dict]], Any]:
   """`data_state -> dataset` at that position (None: from the start), for `build` one of the
   dataset builders (`data.build_dataset`, `data.preference.build_preference_dataset`). Each
-  host reads its own rows of every global batch."""
+  host reads its own rows of every global batch. Tokenized examples are cached in
+  `data.cache_dir`, or with that empty in `workdir`/data_cache ("none": no cache)."""
   t = config.train
 
   def build_data(state):
-    return build(wd.data_config(config), tok, int(t.seq_len), int(t.batch_size),
+    return build(wd.data_config(config, workdir), tok, int(t.seq_len), int(t.batch_size),
                  seed=int(t.seed), state=state, process_index=jax.process_index(),
                  process_count=jax.process_count())
   return build_data

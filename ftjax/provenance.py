@@ -1,0 +1,160 @@
+"""Where a run came from (run.json) and whether a resume may change its config (drift).
+
+`run.json` in a workdir holds `{"runs": [attempt, ...]}`, one attempt per start of the
+experiment on that workdir (the first run, then every resume), each with
+
+  start_time   UTC, ISO 8601
+  argv, cwd, hostname
+  git          {"commit", "dirty"} of the ftjax source tree (None outside a git checkout);
+               dirty counts modified tracked files only
+  versions     ftjax, python and the key libraries (jax, jaxlib, flax, optax, orbax, ...)
+  jax          backend, device kinds and counts, process index and count
+  resumed      whether the workdir already held a config
+  config_diff  {key: [saved, new]} against the saved config (allowed keys, or all of them
+               with allow_drift)
+  config       this attempt's resolved config
+
+so that with `--config.allow_drift=True` both the old and the new config are on record.
+
+A resume whose config differs from the saved one outside `ALLOWED_DRIFT` (steps and the log,
+eval and save cadence) is refused with the differing keys named, before anything is read or
+written: a changed learning rate or dataset would silently make the checkpoint mean something
+else. `--config.allow_drift=True` resumes anyway.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from importlib import metadata
+from typing import Any
+
+from ftjax.errors import UserError
+
+# Keys a resume may change: how long to train and how often to log, evaluate and save.
+ALLOWED_DRIFT = ("train.steps", "train.log_every", "train.eval_every", "train.save_every",
+                 "train.eval_batches", "train.keep", "train.async_save", "data.cache_dir",
+                 "allow_drift")
+LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_collections",
+             "transformers", "tokenizers", "safetensors", "datasets")
+_MISSING = "<missing>"
+
+
+def flatten(d: Any, prefix: str = "") -> dict:
+  """{"a": {"b": 1}} -> {"a.b": 1}; empty dicts and lists stay leaves."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and v:
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_dict(config) -> dict:
+  """The config as the JSON config.json holds (tuples become lists, as on reading it back)."""
+  if isinstance(config, dict):
+    return json.loads(json.dumps(config, default=str))
+  return json.loads(config.to_json_best_effort())
+
+
+def config_diff(saved: dict, new: dict) -> dict:
+  """{dotted key: [saved value, new value]} of the leaves that differ (or exist on one side)."""
+  a, b = flatten(saved), flatten(new)
+  return {k: [a.get(k, _MISSING), b.get(k, _MISSING)] for k in sorted(set(a) | set(b))
+          if a.get(k, _MISSING) != b.get(k, _MISSING)}
+
+
+def _short(v: Any) -> str:
+  s = json.dumps(v, default=str)
+  return s if len(s) <= 40 else s[:37] + "..."
+
+
+def check_resume(config, workdir: str) -> dict:
+  """The config's diff against the workdir's saved config ({} for a new workdir). A key
+  outside ALLOWED_DRIFT that differs is a UserError naming it, unless `allow_drift`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    try:
+      saved = json.load(f)
+    except ValueError as e:
+      raise UserError(f"{path}: unreadable saved config ({e})") from None
+  new = config_dict(config)
+  diff = config_diff(saved, new)
+  drift = [k for k in diff if k not in ALLOWED_DRIFT]
+  if drift and not new.get("allow_drift", False):
+    shown = "; ".join(f"{k}: {_short(diff[k][0])} -> {_short(diff[k][1])}" for k in drift[:4])
+    more = f" (and {len(drift) - 4} more)" if len(drift) > 4 else ""
+    raise UserError(f"{workdir}: the config differs from the saved {path} in {shown}{more}; "
+                    "resume with the saved values, use a new --workdir, or pass "
+                    "--config.allow_drift=True")
+  return diff
+
+
+def _git(root: str) -> dict:
+  def git(*args):
+    return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                          timeout=20, check=True).stdout.strip()
+  try:
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+  except (OSError, subprocess.SubprocessError):
+    return {"commit": None, "dirty": None}
+  return {"commit": commit, "dirty": dirty}
+
+
+def _version(name: str):
+  try:
+    return metadata.version(name)
+  except metadata.PackageNotFoundError:
+    return None
+
+
+def environment() -> dict:
+  """git, versions and jax devices of this process."""
+  import jax
+
+  import ftjax
+  root = os.path.dirname(os.path.dirname(os.path.abspath(ftjax.__file__)))
+  devices = jax.devices()
+  kinds = {}
+  for d in devices:
+    kinds[d.device_kind] = kinds.get(d.device_kind, 0) + 1
+  return {
+      "git": _git(root),
+      "versions": {"ftjax": ftjax.__version__, "python": platform.python_version(),
+                   **{n: _version(n) for n in LIBRARIES}},
+      "jax": {"backend": jax.default_backend(), "device_kinds": kinds,
+              "device_count": jax.device_count(), "local_device_count": jax.local_device_count(),
+              "process_index": jax.process_index(), "process_count": jax.process_count()},
+  }
+
+
+def record_run(config, workdir: str, diff: dict, resumed: bool):
+  """Appends this attempt to `workdir`/run.json (process 0 only; written atomically)."""
+  import jax
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "run.json")
+  runs = []
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        runs = json.load(f).get("runs", [])
+      except ValueError:  # not ours to fix; keep the evidence beside the new record
+        os.replace(path, path + ".unreadable")
+  attempt = {"start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+             "argv": list(sys.argv), "cwd": os.getcwd(), "hostname": socket.gethostname(),
+             **environment(), "resumed": resumed, "config_diff": diff,
+             "config": config_dict(config)}
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump({"runs": runs + [attempt]}, f, indent=2, default=str)
+  os.replace(tmp, path)
