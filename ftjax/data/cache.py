@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import zipfile
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -155,7 +156,8 @@ def load_or_build(cache_dir: Optional[str], data_config: Any, kind: str, tokeniz
         out = (_unpack("train", z), _unpack("eval", z), *stats)
       logging.info("tokenized data from the cache %s", path)
       return out
-    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable: rebuild over it
+    # Unreadable (cut short by a full disk, say): built again and written over.
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
       logging.warning("data cache %s unreadable (%s); tokenizing again", path, e)
   out = build()
   train, evals, stats, eval_stats = out
