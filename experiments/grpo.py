@@ -128,6 +128,7 @@ def run(config, workdir: str) -> dict:
   if not reward_fns:
     raise UserError("config.grpo.rewards is empty: give at least one reward")
   weights = [float(w) for w in g.reward_weights] or None
+  drift = wd.check_resume(config, workdir)  # a resume with a changed config is refused
   par = wd.parallel(config)
   par.check_batch(int(t.batch_size))
   os.makedirs(workdir, exist_ok=True)
@@ -149,7 +150,7 @@ def run(config, workdir: str) -> dict:
     return prompt_data.PromptIterator(train_rows, n_prompts, int(t.seed), data_state)
 
   # ---- restore
-  wd.save_config(config, workdir)
+  wd.start_run(config, workdir, drift)
   ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, build_data(None),
                                           build_data)
   step_fn = par.compile(lambda axis: grpo_train.make_step(
