@@ -75,12 +75,21 @@ def _override_message(e: BaseException) -> str:
   return "; ".join(lines) or type(e).__name__
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
   """absl flag parsing where every bad flag or config override ends in one line, exit 1."""
   try:
-    return FLAGS(argv)
-  except UserError as e:  # raised by a config file's get_config / parse_arg
+    return check_flags(argv, flag_values)
+  except UserError as e:
     _die(one_line(e))
+
+
+def check_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
+  """`flag_values(argv)`, where a bad flag or config override raises a one-line UserError
+  (sweep.py checks every run's flags this way before it starts any)."""
+  try:
+    return flag_values(argv)
+  except UserError as e:  # raised by a config file's get_config / parse_arg
+    raise UserError(one_line(e)) from None
   except flags.Error as e:
     # config_flags re-raises it as a UserError holding the traceback text; the innermost
     # UserError in the chain is the original one-line message.
@@ -90,7 +99,7 @@ def parse_flags(argv: list[str]) -> list[str]:
       link = link.__cause__ or link.__context__
     if cause is None and "config file" in str(e) and len(str(e).splitlines()) > 1:
       raise  # a bug in a config file: its traceback matters
-    _die(one_line(cause or e))
+    raise UserError(one_line(cause or e)) from None
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     # ml_collections raises these for an override naming no field or of the wrong type; a bug
     # in a config file raises other types, or these outside any flag's parse, and keeps its
@@ -101,7 +110,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     msg = _override_message(e)
     if msg.startswith("no such config field"):
       msg += _known_fields(config, name)
-    _die(f"--{name}: {msg}")
+    raise UserError(f"--{name}: {msg}") from None
 
 
 def _die(msg: str, code: int = 1):
