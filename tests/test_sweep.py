@@ -1,0 +1,128 @@
+"""experiments/sweep.py: a grid of runs, one workdir each, skipped when done, checked first."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ftjax import report, sweep
+from ftjax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "sft.py") + ":adapter=lora,smoke"
+
+
+def _fixed(base_dir, chat_files, **extra):
+  train, ev = chat_files
+  kw = {"model.hf_path": base_dir, "data.path": train, "data.eval_path": ev, "train.steps": 2,
+        "train.seq_len": 352, **extra}
+  return [f"--config.{k}={v}" for k, v in kw.items()]
+
+
+def _cli(args):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "sweep.py"),
+                         f"--config={CONFIG}", *args], capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_expand_grid_zip_and_names():
+  sweeps = [sweep.parse_sweep("adapter.rank=1,2,4"), sweep.parse_sweep("optim.lr=1e-4;3e-4;1e-3")]
+  assert len(sweep.expand(sweeps, "grid")) == 9
+  assert sweep.expand(sweeps, "zip") == [{"adapter.rank": "1", "optim.lr": "1e-4"},
+                                         {"adapter.rank": "2", "optim.lr": "3e-4"},
+                                         {"adapter.rank": "4", "optim.lr": "1e-3"}]
+  with pytest.raises(UserError, match="equal length"):
+    sweep.expand([sweeps[0], sweep.parse_sweep("optim.lr=1e-4,3e-4")], "zip")
+  with pytest.raises(UserError, match="swept twice"):
+    sweep.expand([sweeps[0], sweeps[0]])
+  assert sweep.run_name({"adapter.rank": "4", "data.path": "/a/b.jsonl"}) == \
+      "adapter.rank=4,data.path=_a_b.jsonl"
+  dpo = sweep.load_config([f"--config={os.path.join(ROOT, 'configs', 'dpo.py')}:smoke"])
+  assert sweep.infer_script(dpo).endswith(os.path.join("experiments", "dpo.py"))
+  rm = sweep.load_config([f"--config={os.path.join(ROOT, 'configs', 'reward.py')}:smoke"])
+  assert sweep.infer_script(rm).endswith(os.path.join("experiments", "reward.py"))
+
+
+def test_typo_and_dry_run_write_nothing(base_dir, chat_files, tmp_path):
+  root = tmp_path / "sweep"
+  args = [f"--workdir={root}", "--sweep=adapter.rank=2,4", "--sweep=optim.lr=1e-4,3e-4",
+          *_fixed(base_dir, chat_files)]
+  out = _cli(args + ["--dry_run"])
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 4
+  for line, (r, lr) in zip(lines, [(2, "1e-4"), (2, "3e-4"), (4, "1e-4"), (4, "3e-4")]):
+    name = f"adapter.rank={r},optim.lr={lr}"
+    assert f"--workdir={root}/{name} " in line and "experiments/sft.py" in line
+    assert line.endswith(f"--config.adapter.rank={r} --config.optim.lr={lr}")
+  typo = _cli(args[:1] + ["--sweep=adapter.rnak=2,4", *args[2:]])
+  err = typo.stderr.strip().splitlines()
+  assert typo.returncode == 1 and len(err) == 1 and "rnak" in err[0], typo.stderr
+  bad_value = _cli(args + ["--sweep=train.batch_size=4,x"])
+  err = bad_value.stderr.strip().splitlines()
+  assert bad_value.returncode == 1 and len(err) == 1 and "batch_size" in err[0], bad_value.stderr
+  assert not root.exists()
+
+
+def test_failed_runs_do_not_stop_the_sweep(base_dir, chat_files, tmp_path):
+  """batch_size 4 is not divisible by grad_accum 3 or 5: both runs fail, both are tried."""
+  root = tmp_path / "sweep"
+  out = _cli([f"--workdir={root}", "--sweep=train.grad_accum=3,5",
+              *_fixed(base_dir, chat_files, **{"train.batch_size": 4})])
+  last = out.stderr.strip().splitlines()[-1]
+  assert out.returncode == 1
+  assert last.startswith("error: 2 of 2 runs failed: train.grad_accum=3 (error: ")
+  assert "train.grad_accum=5" in last and "not divisible" in last
+  for n in (3, 5):
+    status = json.load(open(root / f"train.grad_accum={n}" / sweep.STATUS_FILE))
+    assert status["status"] == "failed" and status["returncode"] == 1
+
+
+def test_grid_runs_then_skips_and_resumes(base_dir, chat_files, tmp_path):
+  root = str(tmp_path / "sweep")
+  sweeps = [sweep.parse_sweep("adapter.rank=2,4"), sweep.parse_sweep("optim.lr=1e-4,3e-4")]
+  runs = sweep.plan(CONFIG, root, sweeps, _fixed(base_dir, chat_files))
+  sweep.write_definition(root, CONFIG, sweeps, [], "grid", runs)
+  assert sweep.run_all(runs) == []
+  assert sorted(os.listdir(root)) == sorted(["sweep.json"] + [
+      f"adapter.rank={r},optim.lr={lr}" for r in (2, 4) for lr in ("1e-4", "3e-4")])
+  mtimes = {}
+  for r in runs:
+    cfg = json.load(open(os.path.join(r.workdir, "config.json")))
+    assert cfg["adapter"]["rank"] == int(r.overrides["adapter.rank"])
+    assert cfg["optim"]["lr"] == float(r.overrides["optim.lr"])
+    assert cfg["train"]["steps"] == 2 and cfg["model"]["hf_path"] == base_dir
+    m = os.path.join(r.workdir, "metrics.jsonl")
+    assert max(json.loads(ln)["step"] for ln in open(m)) == 2
+    mtimes[r.name] = (os.path.getmtime(m), open(m).read())
+
+  said = []
+  assert sweep.run_all(runs, said.append) == []
+  assert all(s.endswith("done, skipped") for s in said)
+  for r in runs:
+    m = os.path.join(r.workdir, "metrics.jsonl")
+    assert (os.path.getmtime(m), open(m).read()) == mtimes[r.name]
+
+  # A run whose sweep was stopped before it was marked done runs again and resumes from its
+  # checkpoint: no step is trained or logged twice.
+  os.remove(os.path.join(runs[1].workdir, sweep.STATUS_FILE))
+  said = []
+  assert sweep.run_all(runs, said.append) == []
+  assert [s.split(": ")[1] for s in said] == ["done, skipped", "running (log", "done, skipped",
+                                              "done, skipped"]
+  assert open(os.path.join(runs[1].workdir, "metrics.jsonl")).read() == mtimes[runs[1].name][1]
+  assert open(os.path.join(runs[1].workdir, "log.txt")).read().count("\n# ") == 2
+
+  # The report's CSV holds each run's logged values.
+  out = report.write_report(root)
+  assert out["swept"] == ["adapter.rank", "optim.lr"]
+  rows = {r["run"]: r for r in csv.DictReader(open(out["csv"]))}
+  for r in runs:
+    logged = [json.loads(ln) for ln in open(os.path.join(r.workdir, "metrics.jsonl"))]
+    last_eval = [x for x in logged if "eval_loss" in x][-1]["eval_loss"]
+    assert float(rows[r.name]["final/eval_loss"]) == last_eval
+    assert rows[r.name]["adapter.rank"] == r.overrides["adapter.rank"]
+    assert rows[r.name]["status"] == "done"
