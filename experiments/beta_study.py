@@ -6,9 +6,14 @@ On the support demo, whose reward is known (`support.true_reward`: order details
 invented order number, the right escalation, the brand voice), DPO runs from one SFT model for
 each β; replies sampled (temperature 1) on held-out tickets are scored by the true reward, and
 their KL to the SFT reference is estimated as the mean over samples of
-sum_t [log π(y_t) - log π_ref(y_t)]. Writes beta_study.json, beta_study.md (a table) and
-beta_study.png (the reward/KL frontier). Without --sft, the demo pipeline runs first and its
-merged SFT export is the start and the reference.
+sum_t [log π(y_t) - log π_ref(y_t)]. Without --sft, the demo pipeline runs first (WORKDIR/demo)
+and its merged SFT export is the start and the reference.
+
+It is a sweep and a report: the DPO runs are `experiments/sweep.py --sweep=dpo.beta=...` runs
+(one process each, WORKDIR/dpo/dpo.beta=<β>; rerunning skips the finished ones), each model's
+measurements go to WORKDIR/dpo/<run>/eval.json (the reference's to WORKDIR/dpo/reference), and
+`experiments/report.py WORKDIR/dpo --x=dpo.beta --y=true_reward` writes report.csv, report.md
+and frontier.png (true reward, and TRL's rewards/chosen and rewards/margins, against the KL).
 """
 
 from __future__ import annotations
@@ -24,12 +29,11 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
-from configs import dpo as dpo_config  # noqa: E402
 from experiments import demo  # noqa: E402
-from experiments import dpo as dpo_exp  # noqa: E402
-from ftjax import cli, evaluation, load_pretrained, workdir as wd  # noqa: E402
+from ftjax import cli, evaluation, load_pretrained, report, sweep, workdir as wd  # noqa: E402
 from ftjax.data.sources import load_records  # noqa: E402
 from ftjax.demo import support  # noqa: E402
+from ftjax.errors import UserError  # noqa: E402
 from ftjax.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -58,76 +62,58 @@ def measure(model, params, tok, ref, pairs, max_new_tokens, seed=0) -> dict:
                                           s["prompt_mask"][None], s["tokens"][None],
                                           s["mask"][None])[0]
     kls.append(float(((s["logprobs"] - ref_lp) * s["mask"]).sum()))
+  # `x_sem` beside `x`: report.py draws and prints it as x's error bar.
   return {"true_reward": float(np.mean(rewards)), "kl": float(np.mean(kls)),
           "kl_sem": float(np.std(kls) / np.sqrt(len(kls))),
-          "reward_sem": float(np.std(rewards) / np.sqrt(len(rewards))),
+          "true_reward_sem": float(np.std(rewards) / np.sqrt(len(rewards))),
           "example": samples[0]["text"]}
 
 
 def run(workdir: str, betas, sft_dir=None, steps=60, n_prompts=48, loss="sigmoid",
         smoke=False) -> list[dict]:
+  """The demo (unless `sft_dir`), a sweep over dpo.beta, measurements, a report; returns one
+  row per model (the SFT reference first)."""
   os.makedirs(workdir, exist_ok=True)
   if sft_dir is None:
     sft_dir = demo.run(os.path.join(workdir, "demo"), smoke=smoke,
                        eval_examples=8 if smoke else 48)["merged"]
+  root = os.path.join(workdir, "dpo")
+  config_arg = os.path.join(ROOT, "configs", "dpo.py") + ":data=support,adapter=lora,loss=" + \
+      loss + (",smoke" if smoke else "")
+  fixed = [f"--config.model.hf_path={sft_dir}", f"--config.train.steps={steps}",
+           f"--config.train.eval_every={steps}", f"--config.train.save_every={steps}",
+           "--config.train.seq_len=256",
+           f"--config.train.eval_batches={2 if smoke else 0}"]  # smoke: not all 96 held-out pairs
+  sweeps = [("dpo.beta", [str(b) for b in betas])]
+  runs = sweep.plan(config_arg, root, sweeps, fixed)
+  sweep.write_definition(root, config_arg, sweeps, fixed, "grid", runs)
+  failed = sweep.run_all(runs, logging.info)
+  if failed:
+    raise UserError("; ".join(f"{r.workdir}: {line}" for r, line in failed))
+
   tok = load_tokenizer(sft_dir)
   ref = load_pretrained(sft_dir)
   pairs = list(load_records({"path": os.path.join(support.DATA_DIR, "prefs_eval.jsonl")}))
   pairs = pairs[:n_prompts]
   max_new = 16 if smoke else 64
-  rows = [{"beta": None, "label": "SFT (reference)",
-           **measure(ref[0], ref[1], tok, ref, pairs, max_new)}]
-  for beta in betas:
-    cfg = dpo_config.get_config("data=support,adapter=lora,loss=" + loss
-                                + (",smoke" if smoke else ""))
-    cfg.model.hf_path = sft_dir
-    cfg.dpo.beta = float(beta)
-    cfg.train.update(steps=steps, eval_every=steps, save_every=steps, seq_len=256,
-                     eval_batches=2 if smoke else 0)  # smoke: not all 96 held-out pairs
-    run_dir = os.path.join(workdir, f"dpo_beta{beta}")
-    out = dpo_exp.run(cfg, run_dir)
-    model, params, _, _ = wd.load_trained(run_dir)
-    row = {"beta": float(beta), "label": f"DPO β={beta}",
-           "pref_accuracy": out.get("eval_rewards/accuracies"),
-           **measure(model, params, tok, ref, pairs, max_new)}
-    rows.append(row)
-    logging.info("β=%s: %s", beta, row)
-  with open(os.path.join(workdir, "beta_study.json"), "w") as f:
-    json.dump(rows, f, indent=2)
-  with open(os.path.join(workdir, "beta_study.md"), "w") as f:
-    f.write(format_table(rows) + "\n")
-  plot(rows, os.path.join(workdir, "beta_study.png"))
-  return rows
-
-
-def format_table(rows) -> str:
-  lines = ["| model | β | true reward | KL to SFT (nats) | held-out pref. accuracy |",
-           "|---|---|---|---|---|"]
-  for r in rows:
-    acc = "" if r.get("pref_accuracy") is None else f"{100 * r['pref_accuracy']:.0f}%"
-    beta = "" if r["beta"] is None else f"{r['beta']:g}"
-    lines.append(f"| {r['label']} | {beta} | {r['true_reward']:.3f} ± {r['reward_sem']:.3f} | "
-                 f"{r['kl']:.2f} ± {r['kl_sem']:.2f} | {acc} |")
-  return "\n".join(lines)
-
-
-def plot(rows, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5.5, 4))
-  for r in rows:
-    ax.errorbar(r["kl"], r["true_reward"], xerr=r["kl_sem"], yerr=r["reward_sem"], fmt="o",
-                capsize=3, color="gray" if r["beta"] is None else "C0")
-    ax.annotate(r["label"], (r["kl"], r["true_reward"]), textcoords="offset points",
-                xytext=(5, 5), fontsize=8)
-  ax.set_xlabel("KL(policy || SFT reference), nats per reply")
-  ax.set_ylabel("true reward of sampled replies")
-  ax.set_title("DPO reward/KL frontier (support demo)")
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  models = [("reference", lambda: ref)]
+  models += [(r.name, lambda r=r: wd.load_trained(r.workdir)[:2]) for r in runs]
+  for name, load in models:
+    model, params = load()
+    measured = measure(model, params, tok, ref, pairs, max_new)
+    os.makedirs(os.path.join(root, name), exist_ok=True)
+    with open(os.path.join(root, name, "eval.json"), "w") as f:
+      json.dump(measured, f, indent=2)
+    logging.info("%s: %s", name, measured)
+  out = report.write_report(root, x="dpo.beta", y="measured/true_reward")
+  rows = {r["run"]: r for r in out["rows"]}
+  return [{"beta": None if name == "reference" else float(name.partition("=")[2]),
+           "label": "SFT (reference)" if name == "reference" else f"DPO β={name.partition('=')[2]}",
+           "true_reward": rows[name]["measured/true_reward"], "kl": rows[name]["measured/kl"],
+           "reward_sem": rows[name]["measured/true_reward_sem"], "kl_sem": rows[name]["measured/kl_sem"],
+           "pref_accuracy": rows[name].get("final/eval_rewards/accuracies"),
+           "report": out}
+          for name, _ in models]
 
 
 def main(argv):
@@ -135,8 +121,10 @@ def main(argv):
   betas = [b for b in FLAGS.betas.split(",") if b]
   rows = run(FLAGS.workdir, betas, FLAGS.sft, FLAGS.steps, FLAGS.prompts, FLAGS.loss,
              FLAGS.smoke)
-  print(format_table(rows))
-  print(f"plot: {os.path.join(FLAGS.workdir, 'beta_study.png')}")
+  out = rows[0]["report"]
+  print(report.markdown(out["rows"], out["swept"]))
+  for k in ("csv", "md", "frontier"):
+    print(f"{k}: {out[k]}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The β study runs end to end (tiny settings) and writes its table and plot."""
+"""The β study runs end to end (tiny settings) as a sweep and a report."""
 
+import csv
 import json
 import os
 
@@ -15,7 +16,16 @@ def test_beta_study_smoke(base_dir, tmp_path):
   assert abs(rows[0]["kl"]) < 1e-4  # the reference against itself (sampler = forward)
   for r in rows:
     assert 0.0 <= r["true_reward"] <= 1.0 and np.isfinite(r["kl"])
-  saved = json.load(open(tmp_path / "study" / "beta_study.json"))
-  assert len(saved) == 3
-  assert "true reward" in open(tmp_path / "study" / "beta_study.md").read()
-  assert os.path.getsize(tmp_path / "study" / "beta_study.png") > 1000
+  root = tmp_path / "study" / "dpo"
+  for beta in ("0.1", "1.0"):  # one sweep run each, with its β, measured beside its metrics
+    run = root / f"dpo.beta={beta}"
+    assert json.load(open(run / "config.json"))["dpo"]["beta"] == float(beta)
+    assert json.load(open(run / "sweep_status.json"))["status"] == "done"
+    assert "true_reward" in json.load(open(run / "eval.json"))
+  table = {r["run"]: r for r in csv.DictReader(open(root / "report.csv"))}
+  assert sorted(table) == ["dpo.beta=0.1", "dpo.beta=1.0", "reference"]
+  for name, r in zip(["reference", "dpo.beta=0.1", "dpo.beta=1.0"], rows):
+    assert float(table[name]["measured/true_reward"]) == r["true_reward"]
+    assert float(table[name]["measured/kl"]) == r["kl"]
+  assert "measured/true_reward" in open(root / "report.md").read()
+  assert os.path.getsize(root / "frontier.png") > 1000
