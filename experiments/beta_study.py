@@ -110,7 +110,8 @@ def run(workdir: str, betas, sft_dir=None, steps=60, n_prompts=48, loss="sigmoid
   return [{"beta": None if name == "reference" else float(name.partition("=")[2]),
            "label": "SFT (reference)" if name == "reference" else f"DPO β={name.partition('=')[2]}",
            "true_reward": rows[name]["measured/true_reward"], "kl": rows[name]["measured/kl"],
-           "reward_sem": rows[name]["measured/true_reward_sem"], "kl_sem": rows[name]["measured/kl_sem"],
+           "reward_sem": rows[name]["measured/true_reward_sem"],
+           "kl_sem": rows[name]["measured/kl_sem"],
            "pref_accuracy": rows[name].get("final/eval_rewards/accuracies"),
            "report": out}
           for name, _ in models]

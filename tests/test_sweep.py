@@ -44,6 +44,8 @@ def test_expand_grid_zip_and_names():
   assert sweep.infer_script(dpo).endswith(os.path.join("experiments", "dpo.py"))
   rm = sweep.load_config([f"--config={os.path.join(ROOT, 'configs', 'reward.py')}:smoke"])
   assert sweep.infer_script(rm).endswith(os.path.join("experiments", "reward.py"))
+  grpo = sweep.load_config([f"--config={os.path.join(ROOT, 'configs', 'grpo.py')}:smoke"])
+  assert sweep.infer_script(grpo).endswith(os.path.join("experiments", "grpo.py"))
 
 
 def test_typo_and_dry_run_write_nothing(base_dir, chat_files, tmp_path):
