@@ -74,15 +74,15 @@ def test_sampler_logprobs_equal_completion_logprobs(hf_models, kind):
 
 def test_pad_equal_to_eos_keeps_the_real_eos(hf_models, tmp_path):
   """pad == eos: the filler after the end is the EOS id, yet only the first is counted."""
-  model, params = ftjax.load_pretrained(hf_models["qwen2"][0])
+  model, params = ftjax.load_pretrained(hf_models["llama"][0])
   prompts = _prompts(np.random.default_rng(3))
   free = rollout.rollout(model, params, prompts, n_samples=1, max_new_tokens=8,
-                         rng=jax.random.PRNGKey(0), temperature=0.0)
+                         rng=jax.random.PRNGKey(0), temperature=1.0)
   row = [int(x) for x in free["completion_tokens"][0]]
   j = next(j for j in range(1, 8) if row[j] not in row[:j])  # first stop after >= 1 token
   eos = row[j]
   ro = rollout.rollout(model, params, prompts, n_samples=1, max_new_tokens=8,
-                       rng=jax.random.PRNGKey(0), temperature=0.0, eos_ids=(eos,), pad_id=eos)
+                       rng=jax.random.PRNGKey(0), temperature=1.0, eos_ids=(eos,), pad_id=eos)
   assert ro["terminated"][0] and ro["completion_mask"][0].sum() == j + 1
   assert (ro["completion_tokens"][0, j + 1:] == eos).all()  # filler == eos, outside the mask
   assert rollout.completion_ids(ro)[0] == row[:j + 1]
