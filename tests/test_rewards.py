@@ -48,7 +48,8 @@ def test_builtins_equal_trl():
   ids = [[1] * n for n in (3, 10, 13, 16, 17, 25)]
   ours = rewards.soft_overlong_punishment(16, 6)(completion_ids=ids)
   np.testing.assert_allclose(ours, get_soft_overlong_punishment(16, 6)(completion_ids=ids))
-  texts = ["<think>\nr\n</think>\nA", "<think>\nr\nA", "x<think>r</think>", "<think>a<think>b</think>"]
+  texts = ["<think>\nr\n</think>\nA", "<think>\nr\nA", "x<think>r</think>",
+           "<think>a<think>b</think>"]
   want = think_format_reward([[{"content": t}] for t in texts])
   assert rewards.format_match()(None, texts) == want
   assert rewards.from_spec(r"format_match:^\d").__call__(None, ["12", "a1"]) == [1.0, 0.0]
