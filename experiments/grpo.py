@@ -94,15 +94,22 @@ def prompt_rows(config) -> tuple[list[dict], list[dict]]:
   return train, ev[:int(d.eval_rows)] if d.eval_rows else ev
 
 
-def arithmetic_tokenizer(config, workdir):
-  """Without a model, task=arithmetic trains a small tokenizer into the workdir (once)."""
-  if config.task != "arithmetic" or config.model.hf_path or config.model.tokenizer:
-    return
-  path = os.path.join(workdir, "tokenizer")
-  if not os.path.exists(os.path.join(path, "tokenizer.json")):
+def arithmetic_tokenizer(config, workdir) -> str | None:
+  """Without a model, task=arithmetic uses a small tokenizer trained into the workdir (once).
+
+  Sets `config.model.tokenizer` to its path (before the resume check compares the config with
+  the saved one, which holds that path) and returns it, or None when not needed."""
+  if config.task != "arithmetic" or config.model.hf_path or (
+      config.model.tokenizer and config.model.tokenizer != os.path.join(workdir, "tokenizer")):
+    return None
+  config.model.tokenizer = os.path.join(workdir, "tokenizer")
+  return config.model.tokenizer
+
+
+def write_arithmetic_tokenizer(path: str | None):
+  if path and not os.path.exists(os.path.join(path, "tokenizer.json")):
     from ftjax.tokenizer import train_bpe_tokenizer
     train_bpe_tokenizer(prompt_data.arithmetic_texts(), 300, path)
-  config.model.tokenizer = path
 
 
 def score(reward_fns, weights, rows, texts, ro, g: int):
@@ -128,11 +135,11 @@ def run(config, workdir: str) -> dict:
   if not reward_fns:
     raise UserError("config.grpo.rewards is empty: give at least one reward")
   weights = [float(w) for w in g.reward_weights] or None
+  tok_path = arithmetic_tokenizer(config, workdir)
   drift = wd.check_resume(config, workdir)  # a resume with a changed config is refused
   par = wd.parallel(config)
   par.check_batch(int(t.batch_size))
-  os.makedirs(workdir, exist_ok=True)
-  arithmetic_tokenizer(config, workdir)
+  write_arithmetic_tokenizer(tok_path)
   model, params, tok, base_ref = wd.build_model(config, par=par)
   trainable, frozen, labels = common.split_params(params, wd.rules(config))
   # The reference: adapters off over the same params, or the initial trainable leaves (a copy:

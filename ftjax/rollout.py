@@ -155,11 +155,11 @@ def completion_logprobs(model, params, batch: dict, *, temperature: float = 1.0,
   hidden = model.apply({"params": params}, tokens, mask=mask, return_hidden=True,
                        rngs=None if rng is None else {"dropout": rng})  # [N, P+M, D]
   hidden = hidden[:, p - 1:-1]  # [N, M, D]: position t predicts token t + 1
-  scale = 1.0 / temperature if temperature and temperature != 1.0 else None
+  tempered = bool(temperature) and temperature != 1.0
 
   def head(h):
     logits = heads.lm_logits(params, h, model.cfg)
-    return logits * scale if scale is not None else logits
+    return logits / temperature if tempered else logits  # as the sampler: bitwise the same op
   lp = losses.token_logprobs(hidden, head, batch["completion_tokens"], batch["completion_mask"],
                              chunk)
   return (lp, hidden) if return_hidden else lp

@@ -137,3 +137,139 @@ def test_advantages_equal_trl(scale):
   np.testing.assert_allclose(np.asarray(adv), want_adv, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(zero), want_zero)
   assert float(adv[9]) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop on the arithmetic task.
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import chex  # noqa: E402
+
+from configs import grpo as grpo_config  # noqa: E402
+from experiments import grpo as grpo_exp  # noqa: E402
+from ftjax import metrics as metrics_lib, workdir as wd  # noqa: E402
+from ftjax.errors import UserError  # noqa: E402
+from ftjax.train import grpo as grpo_train  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A reward a random tiny model earns now and then (a digit first), so a few steps show learning.
+OVERRIDES = ["--config.train.batch_size=32", "--config.grpo.num_generations=8",
+             "--config.optim.lr=2e-2", "--config.grpo.max_completion_length=2",
+             "--config.train.eval_every=1000", r"--config.grpo.rewards=('format_match:^\d',)",
+             "--config.grpo.reward_weights=(1.0,)", "--config.train.log_every=1"]
+
+
+def _config(**train):
+  c = grpo_config.get_config("task=arithmetic")
+  c.train.update(**{**dict(batch_size=32, eval_every=1000, log_every=1, save_every=1000),
+                    **train})
+  c.grpo.update(num_generations=8, max_completion_length=2, rewards=(r"format_match:^\d",),
+                reward_weights=(1.0,))
+  c.optim.lr = 2e-2
+  return c
+
+
+def test_arithmetic_run_raises_reward_without_retracing(tmp_path, monkeypatch):
+  make = grpo_train.make_step
+
+  def counted(*a, **k):
+    step = make(*a, **k)
+
+    def step_fn(state, frozen, batch):
+      return step(state, frozen, batch)
+    return chex.assert_max_traces(step_fn, n=1)
+  monkeypatch.setattr(grpo_train, "make_step", counted)
+  c = _config(steps=10)
+  c.grpo.num_iterations = 2  # stored old logprobs: the second update's ratio moves off 1
+  out = grpo_exp.run(c, str(tmp_path / "run"))
+  rows = [r for r in metrics_lib.read_metrics(str(tmp_path / "run")) if "reward" in r]
+  rewards_ = [r["reward"] for r in rows]
+  assert out["step"] == 10 and len(rows) == 10
+  assert np.mean(rewards_[-3:]) > np.mean(rewards_[:3]) + 0.3, rewards_
+  for k in ("kl", "entropy", "clip_ratio/low_mean", "frac_reward_zero_std",
+            "completions/mean_length", "rollout_seconds", "rewards/format_match/mean"):
+    assert k in rows[0] or (k == "kl" and c.grpo.beta == 0), k
+
+
+def test_first_update_ratio_is_one_from_sampler_logprobs(tmp_path):
+  """The behaviour logprobs are the old logprobs: the first update's ratio is 1 to rounding."""
+  c = _config(steps=1)
+  c.grpo.beta = 0.04  # and the reference forward runs
+  out = grpo_exp.run(c, str(tmp_path / "run"))
+  assert abs(out["ratio_mean"] - 1.0) < 1e-5 and out["clip_ratio/region_mean"] == 0.0
+  assert out["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is the reference at step 0
+
+
+@pytest.mark.parametrize("override,msg", [
+    (dict(num_generations=1, scale_rewards="group"), "num_generations=1 with scale_rewards"),
+    (dict(num_generations=5), "batch_size=32 is not divisible by config.grpo.num_generations=5"),
+])
+def test_bad_group_settings_are_one_line(tmp_path, override, msg):
+  c = _config(steps=1)
+  c.grpo.update(**override)
+  with pytest.raises(UserError, match=msg) as e:
+    grpo_exp.run(c, str(tmp_path / "run"))
+  assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "run")
+
+
+def test_bad_data_and_rewards_are_one_line_cli(tmp_path):
+  empty = tmp_path / "p.jsonl"
+  empty.write_text(json.dumps({"prompt": "1+1="}) + "\n" + json.dumps({"prompt": ""}) + "\n")
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "grpo.py"),
+         "--config=" + os.path.join(ROOT, "configs", "grpo.py"), f"--workdir={tmp_path / 'w'}",
+         "--config.model.tokenizer=x", f"--config.data.path={empty}"]
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+  assert res.returncode == 1
+  assert res.stderr.strip().splitlines()[-1] == (
+      f"error: {empty}: row 1: field 'prompt' is empty or not a string/messages")
+
+
+def test_wrong_length_reward_is_one_line(tmp_path, monkeypatch):
+  from ftjax import rewards
+  bad = lambda prompts, completions, **kw: [0.0] * (len(completions) - 1)
+  bad.__name__ = "my_reward"
+  monkeypatch.setattr(rewards, "from_spec", lambda spec: bad)
+  with pytest.raises(UserError, match="reward function 'my_reward' returned 31 rewards for 32"):
+    grpo_exp.run(_config(steps=1), str(tmp_path / "run"))
+
+
+def _latest(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return max([int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else [],
+             default=0)
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+  steps = 30
+  args = OVERRIDES + [f"--config.train.steps={steps}", "--config.train.save_every=2"]
+  straight = str(tmp_path / "straight")
+  c = _config(steps=steps, save_every=2)
+  grpo_exp.run(c, straight)
+  killed = str(tmp_path / "killed")
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "grpo.py"),
+         "--config=" + os.path.join(ROOT, "configs", "grpo.py") + ":task=arithmetic",
+         f"--workdir={killed}"] + args
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  t0 = time.time()
+  while _latest(killed) < 2 and proc.poll() is None and time.time() - t0 < 240:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=60)
+  assert 0 < _latest(killed) < steps
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "resumed from step" in res.stderr
+  _, a, _, _ = wd.load_trained(straight)
+  _, b, _, _ = wd.load_trained(killed)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x),
+                                                                    np.asarray(y)), a, b)
+  logged = [r for r in metrics_lib.read_metrics(killed) if "reward" in r]
+  assert [r["step"] for r in logged] == list(range(1, steps + 1))
+  assert [r["reward"] for r in logged] == [
+      r["reward"] for r in metrics_lib.read_metrics(straight) if "reward" in r]

@@ -71,9 +71,9 @@ def grpo_loss_fn(params, batch, rng, *, model, settings: GRPOSettings, chunk: in
       delta=s.delta)
   loss_sum, n = losses.grpo_loss_sum(per_token, mask, s.loss_type,
                                      s.max_completion_length or None)
-  scale = 1.0 / s.temperature if s.temperature and s.temperature != 1.0 else 1.0
+  temp = s.temperature if s.temperature else 1.0
   entropy = losses.token_entropy(
-      hidden, lambda h: heads.lm_logits(params, h, model.cfg) * scale, chunk)  # [N, M]
+      hidden, lambda h: heads.lm_logits(params, h, model.cfg) / temp, chunk)  # [N, M]
   sg = jax.lax.stop_gradient
   seq_level = s.importance_sampling_level == "sequence"
   # TRL: clip fractions over tokens, or over sequences at the sequence level.
