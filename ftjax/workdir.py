@@ -226,7 +226,11 @@ def load_trained(workdir: str, step: Any = None):
   if step not in (None, "best") and not str(step).isdigit():
     raise UserError(f"step={step!r}: expected a step number or 'best'")
   model, params, tok, base_ref = build_model(config)
-  trainable, frozen, _ = common.split_params(params, rules(config))
+  extra_rules = []
+  if "ppo" in config:  # PPO trains a value head or critic beside the policy
+    from ftjax.train import ppo
+    params, extra_rules, _ = ppo.add_critic(config, model, params)
+  trainable, frozen, _ = common.split_params(params, extra_rules + rules(config))
   ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep), async_save=False)
   try:
     if step == "best":
@@ -244,4 +248,7 @@ def load_trained(workdir: str, step: Any = None):
     ckpt.close()
   if base_ref.get("kind") == "hf":
     checkpoint.check_base(extra, base_ref["path"])
-  return model, partition.merge(state["params"], frozen), tok, config
+  params = partition.merge(state["params"], frozen)
+  if "ppo" in config:  # the policy alone
+    params = {k: v for k, v in params.items() if k not in ppo.HEAD_KEYS}
+  return model, params, tok, config
