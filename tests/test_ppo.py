@@ -266,14 +266,18 @@ def _ppo_run(iterations, lr=3e-3, seed=0, adaptive=None):
 
 
 def test_short_ppo_run_raises_the_reward_without_retracing():
-  rewards, logs = _ppo_run(24)
+  rewards, logs = _ppo_run(20)
   first, last = np.mean(rewards[:4]), np.mean(rewards[-4:])
-  assert last > first + 0.15, rewards
+  assert last > first + 0.3, rewards
   # The first minibatch of each rollout sees ratio 1 (behaviour = current policy), so the
   # average ratio stays near 1 and something was clipped at some point.
   assert all(abs(lg["val/ratio"] - 1) < 0.2 for lg in logs)
   assert max(lg["policy/clipfrac_avg"] for lg in logs) > 0
   assert logs[-1]["objective/kl"] > 0
+  # The policy sharpens on the target token: its entropy (nats per token, of the full
+  # distribution) falls from about log(16) at the start.
+  assert logs[0]["policy/entropy_avg"] > 2.0 > logs[-1]["policy/entropy_avg"], (
+      logs[0]["policy/entropy_avg"], logs[-1]["policy/entropy_avg"])
 
 
 # ---- experiments/ppo.py end to end: a tiny HF reward model, exact resume, one-line errors
@@ -332,7 +336,7 @@ def test_experiment_runs_and_resumes_exactly(base_dir, rm_dir, prompt_file, tmp_
   out = ppo_exp.run(_config(base_dir, rm_dir, prompt_file, arg), straight)
   for k in ("objective/kl", "objective/scores", "objective/rlhf_reward", "policy/clipfrac_avg",
             "val/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg",
-            "val/ratio", "eval_scores"):
+            "val/ratio", "policy/entropy_avg", "eval_scores"):
     assert np.isfinite(out[k]), (k, out)
   rows = [r for r in metrics_lib.read_metrics(straight) if "loss" in r]
   assert [r["step"] for r in rows] == [1, 2, 3, 4]

@@ -196,9 +196,11 @@ def ppo_loss_fn(params, mb: dict, rng, *, model, critic: Critic, cliprange: floa
                                            cliprange_value)
   diff = jax.lax.stop_gradient(logps - mb["old_logps"])
   sg = jax.lax.stop_gradient
+  head = lambda h: heads.lm_logits(params, h, model.cfg) / temperature
   aux = {"loss/policy_avg": sg(pg * m).sum(), "loss/value_avg": sg(vf * m).sum(),
          "policy/clipfrac_avg": (pg_clipped * m).sum(), "val/clipfrac_avg": (vf_clipped * m).sum(),
-         "policy/approxkl_avg": (0.5 * diff ** 2 * m).sum(), "val/ratio": sg(ratio * m).sum()}
+         "policy/approxkl_avg": (0.5 * diff ** 2 * m).sum(), "val/ratio": sg(ratio * m).sum(),
+         "policy/entropy_avg": (losses.token_entropy(hidden, head, chunk) * m).sum()}
   return ((pg + vf_coef * vf) * m).sum(), m.sum(), aux
 
 
