@@ -32,7 +32,7 @@ setup(
     ],
     extras_require={
         # torch is pinned: 2.13.0 is the CPU build our test machines carry; other specs pull CUDA.
-        "test": ["pytest>=8", "chex>=0.1.87", "torch==2.13.0", "peft>=0.13", "ruff>=0.6",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.87", "torch==2.13.0", "peft>=0.13", "ruff>=0.6",
                  "bitsandbytes>=0.45",  # NF4 parity with quantize_4bit (CPU build)
                  "tensorflow-datasets>=4.9",  # TFDS source tests (no TensorFlow needed)
                  "trl>=1.0"],  # DPO and reward losses checked against TRL's own code

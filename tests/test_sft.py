@@ -107,9 +107,13 @@ def _wait_for_new_checkpoint(proc, workdir, after, timeout=240):
   return False
 
 
-@pytest.mark.parametrize("sig,delays", [(signal.SIGKILL, (0.0, 0.3, 0.15)),
-                                        (signal.SIGTERM, (0.1,))])
-def test_interrupted_run_resumes_exactly(base_dir, chat_files, tmp_path, sig, delays):
+# (signal, delay after a new checkpoint): kills mid-step or mid-save, not only right after a
+# save, and a preemption (SIGTERM) between them; one straight run serves them all.
+INTERRUPTIONS = ((signal.SIGKILL, 0.0), (signal.SIGKILL, 0.3), (signal.SIGTERM, 0.1),
+                 (signal.SIGKILL, 0.15))
+
+
+def test_interrupted_run_resumes_exactly(base_dir, chat_files, tmp_path):
   """Kill (or preempt) the same command at several moments; the end result is bitwise equal."""
   train, ev = chat_files
   steps, save_every = 60, 5
@@ -119,12 +123,12 @@ def test_interrupted_run_resumes_exactly(base_dir, chat_files, tmp_path, sig, de
                           eval_every=1000, log_every=1), straight)
 
   interrupted = str(tmp_path / "interrupted")
-  for i, delay in enumerate(delays):
+  for i, (sig, delay) in enumerate(INTERRUPTIONS):
     proc = subprocess.Popen(_cmd(args, interrupted), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     before = _latest(interrupted)
     assert _wait_for_new_checkpoint(proc, interrupted, before), proc.stderr.read()[-2000:]
-    time.sleep(delay)  # a kill mid-step or mid-save, not only right after a save
+    time.sleep(delay)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert _latest(interrupted) < steps, f"interruption {i}: the run finished before the kill"
@@ -184,22 +188,26 @@ def test_cli_errors(base_dir, chat_files, tmp_path):
       "--config.train.grad_accum=3": "not divisible",
       "--config.adapter.kind=lorra": "adapter.kind",
   }
-  for bad, needle in cases.items():
-    res = subprocess.run(_cmd(base + [bad], str(tmp_path / "w")), capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode != 0 and needle in res.stderr, (bad, res.stderr[-1500:])
   # A malformed data row: file, row and field in one line.
   bad_file = str(tmp_path / "bad.jsonl")
   rows = support.make_tickets(3, 0)
   del rows[1]["messages"]
   support.write_jsonl(bad_file, rows)
-  res = subprocess.run(_cmd(_args(base_dir, bad_file, ev, 2, 1), str(tmp_path / "w2")),
-                       capture_output=True, text=True, timeout=300)
-  assert res.returncode != 0
-  last = res.stderr.strip().splitlines()[-1]
+  # All at once: each process mostly imports and parses, so they overlap on a small machine.
+  procs = {bad: subprocess.Popen(_cmd(base + [bad], str(tmp_path / f"case{i}")),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for i, bad in enumerate(cases)}
+  row = subprocess.Popen(_cmd(_args(base_dir, bad_file, ev, 2, 1), str(tmp_path / "row")),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  for bad, proc in procs.items():
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and cases[bad] in err, (bad, err[-1500:])
+  _, err = row.communicate(timeout=300)
+  assert row.returncode != 0
+  last = err.strip().splitlines()[-1]
   assert "bad.jsonl" in last and "row 2" in last and "messages" in last, last
-  assert not os.path.exists(tmp_path / "w2" / "checkpoints") or not os.listdir(
-      tmp_path / "w2" / "checkpoints")
+  assert not os.path.exists(tmp_path / "row" / "checkpoints") or not os.listdir(
+      tmp_path / "row" / "checkpoints")
 
 
 @pytest.mark.parametrize("adapter,quant", [("none", "none"), ("prefix", "none"),
