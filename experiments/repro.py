@@ -344,7 +344,8 @@ def write_outputs(name: str, study: Study, result: dict, out: str, seconds: floa
           if os.path.exists(os.path.join(out, f))]
   cmd = f"python experiments/repro.py --name={name}" + (" --smoke" if ctx.smoke else "")
   scale = ("the tiny demo base (configs/repro.py: 2 layers, d_model 128, pretrained "
-           f"{repro_config.get_config('stage=base').train.steps} steps on the retail text)"
+           f"{repro_config.get_config('stage=base' + (',smoke' if ctx.smoke else '')).train.steps}"
+           " steps on the retail text)"
            if ctx.tiny else f"the base {ctx.base}")
   text = [f"# {study.title}", "", f"Mirrors: {study.mirrors}.", "", study.what, "",
           "## Command", "", f"    {cmd}", "",
