@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from typing import Callable, Optional
 
 from absl import flags, logging
@@ -328,6 +327,17 @@ def _fmt(v) -> str:
   return str(v)
 
 
+def run_seconds(root: str) -> float:
+  """Seconds the runs under `root` took (sweep.py records them), whatever invocation ran them."""
+  total = 0.0
+  for d in sorted(os.listdir(root)):
+    path = os.path.join(root, d, sweep.STATUS_FILE)
+    if os.path.exists(path):
+      with open(path) as f:
+        total += float(json.load(f).get("seconds", 0.0))
+  return total
+
+
 def write_outputs(name: str, study: Study, result: dict, out: str, seconds: float,
                   ctx: Context) -> str:
   """report.csv / report.md / curves.png (report.py), the study's plot and README.md in `out`."""
@@ -349,7 +359,8 @@ def write_outputs(name: str, study: Study, result: dict, out: str, seconds: floa
            if ctx.tiny else f"the base {ctx.base}")
   text = [f"# {study.title}", "", f"Mirrors: {study.mirrors}.", "", study.what, "",
           "## Command", "", f"    {cmd}", "",
-          f"At CPU scale: {scale}; seed 0 everywhere; {seconds:.0f} s on 2 shared CPU cores. "
+          f"At CPU scale: {scale}; seed 0 everywhere; the training runs took {seconds:.0f} s "
+          "in all on 2 shared CPU cores (their sweep_status.json). "
           f"Held-out: the first {ctx.tickets} support tickets of ftjax/demo/data/eval.jsonl "
           f"(greedy replies) and {ctx.general} rows of general text the base never saw.", "",
           "## Results", "", table(rows, result["columns"]), "",
@@ -371,13 +382,12 @@ def run(name: str, workdir: str, out: Optional[str] = None, base: Optional[str] 
         steps: int = 0, tickets: int = 24, general: int = 200, smoke: bool = False) -> dict:
   if name not in STUDIES:
     raise UserError(f"--name={name!r}: expected one of {', '.join(sorted(STUDIES))}")
-  t0 = time.time()
   os.makedirs(workdir, exist_ok=True)
   ctx = Context(workdir, base or tiny_base(workdir, smoke), general_eval_file(workdir), steps,
                 4 if smoke else tickets, 16 if smoke else general, smoke, base is None)
   result = STUDIES[name].run(ctx)
   out = out or os.path.join(ROOT, "docs", "reproductions", name)
-  readme = write_outputs(name, STUDIES[name], result, out, time.time() - t0, ctx)
+  readme = write_outputs(name, STUDIES[name], result, out, run_seconds(result["root"]), ctx)
   return {**result, "readme": readme, "out": out}
 
 

@@ -228,7 +228,10 @@ def plot_metric(rows: list[dict], swept: list[str], x: str, y: str, path: str) -
   others = [k for k in swept if k != x]
   groups: dict = {}
   for r in pts:
-    groups.setdefault(tuple((k, r.get(k)) for k in others), []).append(r)
+    # A list-valued key (data.sources) cannot be a dict key; its JSON can.
+    key = tuple((k, json.dumps(r.get(k), sort_keys=True) if isinstance(r.get(k), (list, dict))
+                 else r.get(k)) for k in others)
+    groups.setdefault(key, []).append(r)
   xs_all = [r[x] for r in pts]
   numeric = _numeric(xs_all)
   cats = sorted({str(v) for v in xs_all})
