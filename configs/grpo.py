@@ -5,10 +5,19 @@
       --config.model.hf_path=/path/to/sft_hf --config.data.path=prompts.jsonl \
       --config.grpo.rewards=answer_match:answer
 
+  # GSM8K on a GPU (hub dataset openai/gsm8k, config main; `#### answer` reward; chat template):
+  python experiments/grpo.py --config=configs/grpo.py:task=gsm8k --workdir=/tmp/gsm8k \
+      --config.model.hf_path=Qwen/Qwen2.5-0.5B-Instruct
+
 Data rows have a `prompt` column (string or chat messages; TRL's prompt-only layout); every
 other column reaches the reward functions. `task=arithmetic` builds addition problems instead
 (held-out operands in the eval split) and, without `model.hf_path`, a small tokenizer in the
-workdir and a `model=` preset from scratch. The arg takes the keys of configs/sft.py plus
+workdir and a `model=` preset, warm-started by an SFT stage on solved train problems
+(`grpo.warm_start_steps`, into WORKDIR/sft, exported to WORKDIR/sft_hf; 0: from scratch).
+Eval logs greedy pass@1 and pass@G before training (`*_before`, step 0) and at each eval.
+`task=gsm8k` reads GSM8K's layout (`question`, `answer` with `#### 42`) from
+`data.sources` / `data.eval_sources` (the hub's openai/gsm8k by default; local files in the
+same layout work) and asks each question as a chat user turn. The arg takes the keys of configs/sft.py plus
 `task=arithmetic` and `loss=grpo|bnpo|dr_grpo|dapo`.
 
 `train.batch_size` counts completions per rollout (prompts * grpo.num_generations, as TRL's
@@ -29,11 +38,11 @@ def get_config(arg=None):
   c = sft_config.get_config(",".join(p for p in (arg or "").split(",")
                                      if p.strip().partition("=")[0] in sft_config.ARG_KEYS))
   task = a.get("task", "")
-  if task not in ("", "arithmetic"):
-    raise UserError(f"configs/grpo.py: task={task!r}: expected arithmetic (or no task= and "
-                    "--config.data.path=FILE)")
+  if task not in ("", "arithmetic", "gsm8k"):
+    raise UserError(f"configs/grpo.py: task={task!r}: expected arithmetic or gsm8k (or no "
+                    "task= and --config.data.path=FILE)")
   c.task = task
-  c.data.update(path="", eval_path="", format="prompt")
+  c.data.update(path="", eval_path="", format="prompt", eval_sources=[])
   c.data.eval_rows = 64  # eval prompts (greedy), when there is an eval split
   c.grpo = dict(
       num_generations=8, max_prompt_len=64, max_completion_length=32, temperature=1.0, top_k=0,
@@ -41,7 +50,9 @@ def get_config(arg=None):
       delta=0.0,  # 0: no upper bound on the unclipped ratio
       importance_sampling_level="token", scale_rewards="group", num_iterations=1,
       mask_truncated_completions=False, rewards=("answer_match:answer",), reward_weights=(),
-      eval_max_new_tokens=0)  # 0: max_completion_length
+      eval_max_new_tokens=0,  # 0: max_completion_length
+      # task=arithmetic without model.hf_path: SFT steps first (0: GRPO from scratch).
+      warm_start_steps=0, warm_start_rows=8000, warm_start_lr=3e-3)
   c.optim.update(lr=1e-5 if c.adapter.kind == "none" else 1e-4, warmup_steps=0,
                  schedule="constant", weight_decay=0.0)
   c.train.update(steps=100, batch_size=32, eval_every=20, save_every=20, log_every=1)
@@ -51,6 +62,17 @@ def get_config(arg=None):
                   reward_weights=(1.0, 0.2))
     c.adapter.kind = c.adapter.kind if "adapter" in a else "none"
     c.optim.lr = 3e-4 if c.adapter.kind == "none" else 3e-3
+    c.grpo.warm_start_steps = 600
+  if task == "gsm8k":
+    hub = {"hub": "openai/gsm8k", "config": "main"}
+    c.data.update(sources=[{**hub, "split": "train"}], eval_sources=[{**hub, "split": "test"}])
+    c.data.eval_rows = 256
+    c.model.update(dtype="bfloat16")
+    c.grpo.update(max_prompt_len=256, max_completion_length=256, beta=0.0,
+                  rewards=("answer_match:answer", r"format_match:####\s*-?[\d,\.]+"),
+                  reward_weights=(1.0, 0.1))
+    c.optim.lr = 1e-6 if c.adapter.kind == "none" else 1e-5
+    c.train.update(steps=200, batch_size=64, eval_every=50, save_every=50)
   if a.get("smoke"):
     c.train.update(steps=4, batch_size=8, eval_every=2, save_every=2)
     c.grpo.update(num_generations=4, max_completion_length=6)

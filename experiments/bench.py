@@ -18,6 +18,13 @@ Benches (`--bench`, a comma list or repeated; `--attention` runs each listed imp
   quant_memory  bytes of the linear kernels in float32, bfloat16, NF4 and int4 (each with and
                 without double quant): layer 0's kernels are really quantized and the result
                 is extrapolated to every layer (all layers have the same shapes).
+  grpo_step     one GRPO iteration of experiments/grpo.py with LoRA (--rank): the rollout of
+                --batch prompts (--seq_len tokens) x --num_generations samples of
+                --max_new_tokens each (no early EOS) from the live params, then the update step
+                on that batch (dapo loss, chunked logprobs). tokens_per_s is the update's
+                (prompt + completion tokens), rollout_tokens_per_s the decoded tokens. The real
+                shape (a GPU): --preset=llama-3.2-1b --batch=8 --num_generations=8 --seq_len=128
+                --max_new_tokens=256 --dtype=bfloat16.
 
 FLOPs (2 per multiply-add; embedding gathers, norms, RoPE and softmax are not counted):
   forward per token = 2 * (N_nonembedding + V * D)       linear kernels and the logits matmul
@@ -62,7 +69,8 @@ import ftjax  # noqa: E402
 from ftjax.config import ModelConfig  # noqa: E402
 from ftjax.model import AdapterSpec  # noqa: E402
 
-BENCHES = ("forward", "lora_step", "qlora_step", "full_step", "generate", "quant_memory")
+BENCHES = ("forward", "lora_step", "qlora_step", "full_step", "generate", "quant_memory",
+           "grpo_step")
 STEP_BENCHES = ("lora_step", "qlora_step", "full_step")
 PEERS = ("none", "hf")
 ATTENTIONS = ("xla", "dot_product")
@@ -100,6 +108,9 @@ def define_flags():
   flags.DEFINE_integer("warmup", 2, "Untimed calls before timing (at least 1: it compiles).")
   flags.DEFINE_integer("max_new_tokens", 32, "Decoded tokens per sequence for generate.")
   flags.DEFINE_bool("remat", False, "Rematerialise each block in the train steps.")
+  flags.DEFINE_integer("num_generations", 8, "grpo_step: completions per prompt G (--batch "
+                       "counts prompts, --seq_len is the prompt length, --max_new_tokens the "
+                       "completion length).")
   flags.DEFINE_integer("rank", 16, "LoRA rank of lora_step and qlora_step (alpha = 2 * rank).")
   flags.DEFINE_enum("peer", "none", list(PEERS), "hf: the same step in transformers + PEFT.")
   flags.DEFINE_integer("seed", 0, "Seed of the random params and tokens.")
@@ -256,6 +267,59 @@ def bench_generate(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmu
   return rec, times, batch * max_new_tokens, None
 
 
+def bench_grpo_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int,
+                    seed: int, max_new_tokens: int = 32, rank: int = 16, num_generations: int = 8,
+                    **_) -> Timed:
+  """One GRPO iteration of experiments/grpo.py with LoRA: the rollout (`batch` prompts of
+  `seq_len` tokens, G samples of `max_new_tokens` each, no early EOS, from the live params) and
+  the update step on it. tokens_per_s counts the update's prompt + completion tokens;
+  rollout_tokens_per_s the decoded completion tokens."""
+  from ftjax import metrics, partition, rollout
+  from ftjax.train import common, grpo
+  model = ftjax.Decoder(cfg, _adapter_spec("lora_step", rank))
+  params = ftjax.init_params(model, jax.random.PRNGKey(seed))
+  trainable, frozen, _ = common.split_params(params, partition.rules_for("lora"))
+  del params
+  schedule = common.make_schedule(1e-5, 1000, 0, "constant")
+  tx = common.make_optimizer("adamw", schedule)
+  state = jax.jit(lambda tr: common.init_state(tr, tx, seed))(trainable)
+  n_trained = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(trainable))
+  prompts = np.asarray(_tokens(cfg, batch, seq_len, seed)).tolist()
+  g, m = int(num_generations), int(max_new_tokens)
+  box, last = [state], []
+  del state
+
+  def do_rollout():
+    policy = partition.merge(box[0]["params"], frozen)  # the live params: no copy, no merge
+    last[:] = [rollout.rollout(model, policy, prompts, n_samples=g, max_new_tokens=m,
+                               rng=jax.random.PRNGKey(seed + 2), temperature=1.0,
+                               eos_ids=(), prompt_len=seq_len)]
+    return last[0]["logprobs"]
+
+  roll_first, roll_times = time_calls(do_rollout, steps, warmup)
+  adv = np.random.default_rng(seed).normal(size=batch * g).astype(np.float32)
+  step_batch = grpo.step_batch(last[0], adv)
+  settings = grpo.GRPOSettings(loss_type="dapo", max_completion_length=m)
+  t0 = time.perf_counter()
+  compiled = jax.jit(grpo.make_step(model, tx, schedule, settings, chunk=256),
+                     donate_argnums=0).lower(box[0], frozen, step_batch).compile()
+  compile_s = time.perf_counter() - t0
+
+  def call():
+    box[0], out = compiled(box[0], frozen, step_batch)
+    return out["loss"]
+
+  first_s, times = time_calls(call, steps, warmup)
+  n = batch * g
+  fpt = metrics.train_flops_per_token(cfg, seq_len + m, trainable, frozen)
+  rec = {"compile_s": compile_s, "first_call_s": first_s, "rollout_first_call_s": roll_first,
+         "num_generations": g, "max_new_tokens": m, "prompt_len": seq_len, "completions": n,
+         "trainable_params": n_trained, "rank": rank,
+         "rollout_median_s": statistics.median(roll_times),
+         "rollout_tokens_per_s": n * m / statistics.median(roll_times), **_memory(compiled)}
+  return rec, times, n * (seq_len + m), fpt * n * (seq_len + m)
+
+
 def _nbytes(q: dict) -> int:
   return round(ftjax.quant.bytes_per_param(q, 1))  # bytes per 1 param: the total bytes
 
@@ -304,7 +368,7 @@ def bench_quant_memory(cfg: ModelConfig, seed: int, **_) -> dict:
                "params in bfloat16 (float32 for the float32 column)")}
 
 
-TIMED = {"forward": bench_forward, "generate": bench_generate,
+TIMED = {"forward": bench_forward, "generate": bench_generate, "grpo_step": bench_grpo_step,
          **{b: bench_step for b in STEP_BENCHES}}
 
 
@@ -342,6 +406,9 @@ def format_table(records: list[dict]) -> str:
       continue
     med = r["median_s"] * 1e3
     note = f"decoded {r['max_new_tokens']} tok/seq" if r["bench"] == "generate" else ""
+    if r["bench"] == "grpo_step":
+      note = (f"update tok/s; rollout {r['rollout_tokens_per_s']:,.0f} decoded tok/s "
+              f"({r['completions']} x {r['max_new_tokens']} tok in {r['rollout_median_s']:.2f}s)")
     if r["bench"] in STEP_BENCHES:
       note = f"step memory {_human(r['step_bytes'])}" if "step_bytes" in r else ""
       if "peak_bytes" in r:
@@ -362,8 +429,8 @@ def run(benches: Sequence[str] | str = BENCHES, preset: str = "tiny", batch: int
         seq_len: int = 128, attention: Sequence[str] | str = ATTENTIONS,
         dtype: str = "float32", compute_dtype: Optional[str] = None, steps: int = 10,
         warmup: int = 2, max_new_tokens: int = 32, remat: bool = False, seed: int = 0,
-        out: Optional[str] = None, verbose: bool = True, rank: int = 16, peer: str = "none"
-        ) -> list[dict]:
+        out: Optional[str] = None, verbose: bool = True, rank: int = 16, peer: str = "none",
+        num_generations: int = 8) -> list[dict]:
   """Run each bench (timed ones once per attention implementation); returns the records.
 
   Prints the table when `verbose`; appends one JSON line per record to `out` when given.
@@ -394,7 +461,7 @@ def run(benches: Sequence[str] | str = BENCHES, preset: str = "tiny", batch: int
             "compute_dtype": compute_dtype, "device_kind": device.device_kind,
             "platform": device.platform, "n_params": base.num_params(), "jax": jax.__version__}
   kw = dict(batch=batch, seq_len=seq_len, steps=steps, warmup=warmup, seed=seed,
-            max_new_tokens=max_new_tokens, rank=rank)
+            max_new_tokens=max_new_tokens, rank=rank, num_generations=num_generations)
   records = []
   for b in benches:
     if b == "quant_memory":  # shapes only: independent of attention and dtypes
@@ -430,7 +497,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   F = flags.FLAGS
   run(F.bench, F.preset, F.batch, F.seq_len, F.attention, F.dtype, F.compute_dtype, F.steps,
-      F.warmup, F.max_new_tokens, F.remat, F.seed, F.out, rank=F.rank, peer=F.peer)
+      F.warmup, F.max_new_tokens, F.remat, F.seed, F.out, rank=F.rank, peer=F.peer,
+      num_generations=F.num_generations)
 
 
 def _entry():

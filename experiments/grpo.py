@@ -85,6 +85,10 @@ def prompt_rows(config) -> tuple[list[dict], list[dict]]:
     seed = int(config.train.seed)
     return (prompt_data.arithmetic_rows("train", 2000, seed),
             prompt_data.arithmetic_rows("eval", int(d.eval_rows), seed))
+  if config.task == "gsm8k":
+    train = [r for s in d.sources for r in prompt_data.gsm8k_rows(s)]
+    ev = [r for s in d.eval_sources for r in prompt_data.gsm8k_rows(s)]
+    return train, ev[:int(d.eval_rows)] if d.eval_rows else ev
   if not d.path and not d.sources:
     raise UserError("config.data.path (a prompt file or a hub source) is required, or "
                     "task=arithmetic")
@@ -112,6 +116,44 @@ def write_arithmetic_tokenizer(path: str | None):
     train_bpe_tokenizer(prompt_data.arithmetic_texts(), 300, path)
 
 
+def arithmetic_warm_start(config, workdir) -> str | None:
+  """task=arithmetic without a model and with `grpo.warm_start_steps` > 0: GRPO starts from an
+  SFT model that ftjax trains first (a model from scratch never writes a right answer, so it
+  has nothing to reinforce). Sets `config.model.hf_path` to its export (before the resume
+  check, like the tokenizer path) and returns the SFT workdir, or None."""
+  if config.task != "arithmetic" or config.model.hf_path or not int(config.grpo.warm_start_steps):
+    return None
+  config.model.hf_path = os.path.join(workdir, "sft_hf")
+  return os.path.join(workdir, "sft")
+
+
+def run_warm_start(config, sft_dir: str | None):
+  """The SFT stage of `arithmetic_warm_start` (full fine-tuning of the `model.preset` shape on
+  solved train problems; held-out pairs never appear), resumable, exported once."""
+  if sft_dir is None or os.path.exists(os.path.join(config.model.hf_path, "config.json")):
+    return
+  from configs import sft as sft_config
+  from experiments import export as export_exp, sft as sft_exp
+  import json
+  os.makedirs(sft_dir, exist_ok=True)
+  data_path = os.path.join(sft_dir, "problems.jsonl")
+  with open(data_path, "w") as f:
+    for r in prompt_data.arithmetic_rows("train", int(config.grpo.warm_start_rows),
+                                         int(config.train.seed)):
+      f.write(json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) + "\n")
+  c = sft_config.get_config(f"model={config.model.preset},adapter=none,format=prompt_completion")
+  c.model.update(tokenizer=config.model.tokenizer, seed=int(config.model.seed))
+  c.data.update(path=data_path, cache_dir="none")
+  c.train.update(steps=int(config.grpo.warm_start_steps), batch_size=32, seq_len=64,
+                 seed=int(config.train.seed), log_every=50, eval_every=10 ** 9,
+                 save_every=10 ** 9)
+  c.optim.update(lr=float(config.grpo.warm_start_lr), warmup_steps=20, schedule="cosine")
+  c.parallel, c.mesh.shape = config.parallel, config.mesh.shape
+  logging.info("task=arithmetic: SFT warm start, %d steps, into %s", c.train.steps, sft_dir)
+  sft_exp.run(c, sft_dir)
+  export_exp.run(sft_dir, config.model.hf_path, "merged")
+
+
 def score(reward_fns, weights, rows, texts, ro, g: int):
   """Rewards of every completion; prompts and columns repeated per sample (TRL's layout)."""
   chat = isinstance(rows[0]["prompt"], list)
@@ -136,10 +178,12 @@ def run(config, workdir: str) -> dict:
     raise UserError("config.grpo.rewards is empty: give at least one reward")
   weights = [float(w) for w in g.reward_weights] or None
   tok_path = arithmetic_tokenizer(config, workdir)
+  sft_dir = arithmetic_warm_start(config, workdir)
   drift = wd.check_resume(config, workdir)  # a resume with a changed config is refused
   par = wd.parallel(config)
   par.check_batch(int(t.batch_size))
   write_arithmetic_tokenizer(tok_path)
+  run_warm_start(config, sft_dir)
   model, params, tok, base_ref = wd.build_model(config, par=par)
   trainable, frozen, labels = common.split_params(params, wd.rules(config))
   # The reference: adapters off over the same params, or the initial trainable leaves (a copy:
@@ -180,21 +224,36 @@ def run(config, workdir: str) -> dict:
     ckpt.save(step, par.host_state(state), data.state, eval_metrics, extra)
 
   def run_eval():
-    """Greedy completions of the held-out prompts, scored by the rewards."""
+    """Greedy completions of the held-out prompts, scored by the rewards; pass@1 (greedy) and
+    pass@G (any of G samples at the rollout temperature) count a prompt solved when the first
+    reward function reaches 1 (a right answer for answer_match)."""
     out = {}
     for i in range(0, len(eval_rows), n_prompts):
       rows = eval_rows[i:i + n_prompts]
       rows = rows + [rows[-1]] * (n_prompts - len(rows))  # one shape: no recompile
-      ids = [prompt_data.encode(tok, r["prompt"]) for r in rows]
-      ro = rollout.rollout(model, policy(), ids, n_samples=1, rng=jax.random.PRNGKey(0),
-                           temperature=0.0, **{**rollout_kw, "max_new_tokens": int(
-                               g.eval_max_new_tokens or g.max_completion_length)})
-      total, per_fn, names = score(reward_fns, weights, rows, rollout.decode(tok, ro), ro, 1)
       keep = min(n_prompts, len(eval_rows) - i)
+      ids = [prompt_data.encode(tok, r["prompt"]) for r in rows]
+      kw = {**rollout_kw, "max_new_tokens": int(g.eval_max_new_tokens or g.max_completion_length)}
+      ro = rollout.rollout(model, policy(), ids, n_samples=1, rng=jax.random.PRNGKey(0),
+                           temperature=0.0, **kw)
+      total, per_fn, names = score(reward_fns, weights, rows, rollout.decode(tok, ro), ro, 1)
       for k, v in [("reward", total)] + [(f"rewards/{n}", per_fn[:, j])
                                          for j, n in enumerate(names)]:
         out.setdefault(k, []).extend(v[:keep].tolist())
+      out.setdefault("pass@1", []).extend((per_fn[:keep, 0] >= 1).tolist())
+      ro = rollout.rollout(model, policy(), ids, n_samples=n_gen, rng=jax.random.PRNGKey(1),
+                           temperature=s.temperature, top_k=int(g.top_k), top_p=float(g.top_p),
+                           **kw)
+      _, per_fn, _ = score(reward_fns, weights, rows, rollout.decode(tok, ro), ro, n_gen)
+      solved = (np.nan_to_num(per_fn[:, 0], nan=0.0) >= 1).reshape(n_prompts, n_gen)
+      out.setdefault(f"pass@{n_gen}", []).extend(solved[:keep].any(1).tolist())
     return {f"eval_{k}": float(np.nanmean(v)) for k, v in out.items()}
+
+  before = {}
+  if start == 0 and eval_rows:  # the starting point, for before/after
+    before = {f"{k}_before": v for k, v in run_eval().items()}
+    writer.write(0, before)
+    logging.info("step 0: %s", before)
 
   # ---- loop: rollout -> score -> advantages -> update(s) -> log -> eval -> save
   with loop.closing(ckpt, bar, writer):
@@ -235,7 +294,7 @@ def run(config, workdir: str) -> dict:
     # ---- final save
     save(step)
     ckpt.wait()
-  return loop.finish(preempt, step, workdir, last)
+  return loop.finish(preempt, step, workdir, {**before, **last})
 
 
 def main(argv):

@@ -56,6 +56,11 @@ def test_run_every_bench(tmp_path, capsys):
   assert lora["flops_per_token"] == 6 * n_lora + 4 * n_matmul + 3 * attention
   for r in (full, lora, by_bench["qlora_step"]):
     assert r["compile_s"] > 0 and r["step_bytes"] > 0 and r["final_loss"] > 0
+  grpo = by_bench["grpo_step"]  # 2 prompts x G=8 completions of 4 tokens
+  assert grpo["completions"] == 16 and grpo["num_generations"] == 8
+  assert grpo["rollout_tokens_per_s"] == pytest.approx(16 * 4 / grpo["rollout_median_s"])
+  assert grpo["tokens_per_s"] == pytest.approx(16 * (32 + 4) / grpo["median_s"])
+  assert grpo["trainable_params"] == n_lora and grpo["step_bytes"] > 0
   # Fewer bytes with a 4-bit base: the kernels are a fraction of the tiny model's params.
   assert by_bench["qlora_step"]["argument_bytes"] < lora["argument_bytes"]
   q = by_bench["quant_memory"]

@@ -40,6 +40,28 @@ def load_rows(source, where: Optional[str] = None) -> list[dict]:
   return check_rows([sources.to_python(r) for r in records], where or sources.describe(source))
 
 
+GSM8K_INSTRUCTION = ("Solve the problem step by step, then give the final answer as a number "
+                     "on the last line after '####'.")
+
+
+def gsm8k_rows(source, where: Optional[str] = None) -> list[dict]:
+  """GSM8K's layout (`question`, `answer` ending in `#### 42`) as prompt rows: the question
+  (and the instruction) as one chat user turn, so the model's chat template applies; `answer`
+  stays a column, which `rewards.answer_match` reads after its `####`."""
+  where = where or sources.describe(source)
+  rows = []
+  for i, r in enumerate(sources.load_records(source)):
+    r = sources.to_python(r)
+    for field in ("question", "answer"):
+      if not isinstance(r.get(field), str) or not r[field].strip():
+        raise UserError(f"{where}: row {i + 1}: field {field!r} is missing or empty "
+                        "(GSM8K layout: question, answer)")
+    rows.append({"prompt": [{"role": "user",
+                             "content": f"{r['question'].strip()}\n\n{GSM8K_INSTRUCTION}"}],
+                 "answer": r["answer"]})
+  return check_rows(rows, where)
+
+
 def encode(tokenizer, prompt, max_len: int = 0) -> list[int]:
   """Prompt token ids: chat messages through the chat template with the generation prompt
   opened (as TRL), strings as they are."""
@@ -85,19 +107,28 @@ def arithmetic_prompt(a: int, b: int) -> str:
   return f"{a}+{b}="
 
 
-def arithmetic_rows(split: str, n: int, seed: int = 0, max_operand: int = 99,
-                    held_out_digit: int = 7) -> list[dict]:
+def held_out_pairs(max_operand: int = 99, fraction: float = 0.2) -> np.ndarray:
+  """bool [max_operand + 1, max_operand + 1]: the operand pairs (a, b) kept for evaluation.
+
+  A fixed draw, independent of the run's seed, so the splits never overlap whatever the seed.
+  Every digit appears in every position on both sides: the eval split tests adding numbers the
+  model has not been shown together, not reading a digit it has never seen.
+  """
+  return np.random.default_rng(7).random((max_operand + 1, max_operand + 1)) < fraction
+
+
+def arithmetic_rows(split: str, n: int, seed: int = 0, max_operand: int = 99) -> list[dict]:
   """Addition problems `{"prompt": "12+34=", "answer": "46"}`.
 
-  Operands whose last digit is `held_out_digit` appear only in the "eval" split (held-out
-  operands); "train" never contains them.
+  Operand pairs in `held_out_pairs` appear only in the "eval" split (held-out operands);
+  "train" never contains them.
   """
+  held_out = held_out_pairs(max_operand)
   rng = np.random.default_rng([seed, 0 if split == "train" else 1])
   rows = []
   while len(rows) < n:
     a, b = (int(x) for x in rng.integers(0, max_operand + 1, 2))
-    held = a % 10 == held_out_digit or b % 10 == held_out_digit
-    if held == (split == "eval"):
+    if held_out[a, b] == (split == "eval"):
       rows.append({"prompt": arithmetic_prompt(a, b), "answer": str(a + b)})
   return rows
 

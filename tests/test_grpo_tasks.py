@@ -1,0 +1,105 @@
+"""GRPO's tasks: the arithmetic SFT warm start and its pass@1 / pass@G eval, GSM8K's layout."""
+
+import json
+import os
+
+import pytest
+
+from configs import grpo as grpo_config
+from experiments import grpo as grpo_exp
+from ftjax import metrics as metrics_lib, rewards
+from ftjax.data import prompts as prompt_data
+from ftjax.errors import UserError
+
+GSM8K = [
+    {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as "
+                 "many clips in May. How many clips did Natalia sell altogether in April and May?",
+     "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = "
+               "<<48+24=72>>72 clips altogether in April and May.\n#### 72"},
+    {"question": "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of "
+                 "babysitting. How much did she earn?",
+     "answer": "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she "
+               "earned 0.2 x 50 = $<<0.2*50=10>>10.\n#### 10"},
+    {"question": "James writes a 3-page letter to 2 different friends twice a week. How many "
+                 "pages does he write a year?",
+     "answer": "He writes each friend 3*2=<<3*2=6>>6 pages a week\nSo he writes 6*2=<<6*2=12>>12 "
+               "pages every week\nThat means he writes 12*52=<<12*52=624>>624 pages a year\n"
+               "#### 624"},
+    {"question": "Albert buys 2 large pizzas and 2 small pizzas. A large pizza has 16 slices and "
+                 "a small pizza has 8 slices. How many pieces does he eat that day?",
+     "answer": "He eats 2*16=<<2*16=32>>32 large slices\nHe eats 2*8=<<2*8=16>>16 small "
+               "slices\nSo he eats 32+16=<<32+16=48>>48 pieces\n#### 48"},
+]
+
+
+def _write(path, rows):
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  return str(path)
+
+
+def test_held_out_pairs_never_in_train():
+  train = {r["prompt"] for r in prompt_data.arithmetic_rows("train", 3000, seed=3)}
+  ev = {r["prompt"] for r in prompt_data.arithmetic_rows("eval", 300, seed=5)}
+  assert train and ev and not train & ev
+  for r in prompt_data.arithmetic_rows("eval", 50):
+    a, b = (int(x) for x in r["prompt"].rstrip("=").split("+"))
+    assert int(r["answer"]) == a + b
+
+
+def test_gsm8k_config_and_rows(tmp_path):
+  c = grpo_config.get_config("task=gsm8k")
+  assert c.data.sources[0] == {"hub": "openai/gsm8k", "config": "main", "split": "train"}
+  assert c.data.eval_sources[0]["split"] == "test"
+  rows = prompt_data.gsm8k_rows(_write(tmp_path / "g.jsonl", GSM8K))
+  assert rows[0]["prompt"][0]["role"] == "user" and "Natalia" in rows[0]["prompt"][0]["content"]
+  # The gold solution and a completion ending in `#### 72` earn the answer reward; 27 does not.
+  fn = rewards.from_spec(c.grpo.rewards[0])
+  got = fn([r["prompt"] for r in rows[:1]] * 3,
+           [GSM8K[0]["answer"], "48 + 24 = 72\n#### 72", "#### 27"], answer=[rows[0]["answer"]] * 3)
+  assert got == [1.0, 1.0, 0.0]
+  bad = _write(tmp_path / "bad.jsonl", GSM8K[:1] + [{"question": "2+2?"}])
+  with pytest.raises(UserError, match=r"bad.jsonl: row 2: field 'answer' is missing") as e:
+    prompt_data.gsm8k_rows(bad)
+  assert "\n" not in str(e.value)
+
+
+def test_gsm8k_run_on_local_rows(tmp_path, base_dir):
+  """The gsm8k task end to end on a tiny random model: chat-templated prompts, the answer
+  reward per function, eval pass@1 / pass@G before and after."""
+  c = grpo_config.get_config("task=gsm8k")
+  c.model.update(hf_path=base_dir, dtype="float32")
+  c.data.update(sources=[{"path": _write(tmp_path / "train.jsonl", GSM8K)}],
+                eval_sources=[{"path": _write(tmp_path / "test.jsonl", GSM8K[:2])}])
+  c.grpo.update(num_generations=2, max_prompt_len=48, max_completion_length=4)
+  c.train.update(steps=2, batch_size=4, eval_every=2, save_every=2, log_every=1)
+  out = grpo_exp.run(c, str(tmp_path / "run"))
+  assert out["step"] == 2
+  logged = metrics_lib.read_metrics(str(tmp_path / "run"))
+  first = [r for r in logged if "reward" in r][0]
+  assert "rewards/answer_match/mean" in first and "rewards/format_match/mean" in first
+  for k in ("eval_pass@1", "eval_pass@2", "eval_pass@1_before", "eval_pass@2_before"):
+    assert 0.0 <= out[k] <= 1.0, k
+
+
+def test_arithmetic_warm_start(tmp_path):
+  """task=arithmetic starts GRPO from an SFT model trained first (exported into the workdir);
+  rerunning resumes without training it again."""
+  c = grpo_config.get_config("task=arithmetic")
+  assert c.grpo.warm_start_steps > 0
+  c.grpo.update(warm_start_steps=6, num_generations=4)
+  c.train.update(steps=1, batch_size=8, eval_every=1, save_every=1)
+  c.data.eval_rows = 4
+  wd = str(tmp_path / "run")
+  out = grpo_exp.run(c, wd)
+  assert os.path.exists(os.path.join(wd, "sft_hf", "config.json"))
+  sft_rows = [r for r in metrics_lib.read_metrics(os.path.join(wd, "sft")) if "loss" in r]
+  assert sft_rows and sft_rows[-1]["step"] == 6
+  assert {"eval_pass@1_before", "eval_pass@4_before", "eval_pass@1", "eval_pass@4"} <= set(out)
+  mtime = os.path.getmtime(os.path.join(wd, "sft_hf", "config.json"))
+  c2 = grpo_config.get_config("task=arithmetic")
+  c2.grpo.update(warm_start_steps=6, num_generations=4)
+  c2.train.update(steps=2, batch_size=8, eval_every=1, save_every=1)
+  c2.data.eval_rows = 4
+  assert grpo_exp.run(c2, wd)["step"] == 2
+  assert os.path.getmtime(os.path.join(wd, "sft_hf", "config.json")) == mtime
