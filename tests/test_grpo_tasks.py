@@ -73,6 +73,7 @@ def test_gsm8k_run_on_local_rows(tmp_path, base_dir):
                 eval_sources=[{"path": _write(tmp_path / "test.jsonl", GSM8K[:2])}])
   c.grpo.update(num_generations=2, max_prompt_len=48, max_completion_length=4)
   c.train.update(steps=2, batch_size=4, eval_every=2, save_every=2, log_every=1)
+  c.mesh.shape = "data=1"
   out = grpo_exp.run(c, str(tmp_path / "run"))
   assert out["step"] == 2
   logged = metrics_lib.read_metrics(str(tmp_path / "run"))
@@ -89,6 +90,7 @@ def test_arithmetic_warm_start(tmp_path):
   assert c.grpo.warm_start_steps > 0
   c.grpo.update(warm_start_steps=6, num_generations=4)
   c.train.update(steps=1, batch_size=8, eval_every=1, save_every=1)
+  c.mesh.shape = "data=1"
   c.data.eval_rows = 4
   wd = str(tmp_path / "run")
   out = grpo_exp.run(c, wd)
@@ -100,6 +102,7 @@ def test_arithmetic_warm_start(tmp_path):
   c2 = grpo_config.get_config("task=arithmetic")
   c2.grpo.update(warm_start_steps=6, num_generations=4)
   c2.train.update(steps=2, batch_size=8, eval_every=1, save_every=1)
+  c2.mesh.shape = "data=1"
   c2.data.eval_rows = 4
   assert grpo_exp.run(c2, wd)["step"] == 2
   assert os.path.getmtime(os.path.join(wd, "sft_hf", "config.json")) == mtime
