@@ -70,6 +70,11 @@ def encode(tokenizer, prompt, max_len: int = 0) -> list[int]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
   else:
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    # As ftjax's SFT formats lay a prompt out ([bos] + prompt + completion): a tokenizer that
+    # adds no BOS itself would otherwise show the SFT model prompts it never saw.
+    if isinstance(bos, int) and (not ids or ids[0] != bos):
+      ids = [bos] + ids
   return ids[-max_len:] if max_len else ids
 
 
