@@ -14,11 +14,13 @@ other column reaches the reward functions. `task=arithmetic` builds addition pro
 (held-out operands in the eval split) and, without `model.hf_path`, a small tokenizer in the
 workdir and a `model=` preset, warm-started by an SFT stage on solved train problems
 (`grpo.warm_start_steps`, into WORKDIR/sft, exported to WORKDIR/sft_hf; 0: from scratch).
-Eval logs greedy pass@1 and pass@G before training (`*_before`, step 0) and at each eval.
+Eval logs greedy pass_at_1 and pass_at_G (G samples) before training (`*_before`, step 0)
+and at each eval; `task=support` (the demo's prompts and scorer) is what
+`experiments/demo.py --rl=grpo` runs from the demo's SFT model.
 `task=gsm8k` reads GSM8K's layout (`question`, `answer` with `#### 42`) from
 `data.sources` / `data.eval_sources` (the hub's openai/gsm8k by default; local files in the
-same layout work) and asks each question as a chat user turn. The arg takes the keys of configs/sft.py plus
-`task=arithmetic` and `loss=grpo|bnpo|dr_grpo|dapo`.
+same layout work) and asks each question as a chat user turn. The arg takes the keys of
+configs/sft.py plus `task=arithmetic|gsm8k|support` and `loss=grpo|bnpo|dr_grpo|dapo`.
 
 `train.batch_size` counts completions per rollout (prompts * grpo.num_generations, as TRL's
 batch sizes); `train.steps` counts rollouts, each followed by `grpo.num_iterations` updates on
@@ -27,7 +29,9 @@ its batch. `grpo.rewards` are built-ins `name[:arg]` of ftjax.rewards (`answer_m
 `support_scorer`), weighted by `grpo.reward_weights` (empty: all 1).
 """
 
-from configs import sft as sft_config
+import os
+
+from configs import common, sft as sft_config
 from ftjax.errors import UserError
 
 ARG_KEYS = sft_config.ARG_KEYS + ("task", "loss")
@@ -38,9 +42,9 @@ def get_config(arg=None):
   c = sft_config.get_config(",".join(p for p in (arg or "").split(",")
                                      if p.strip().partition("=")[0] in sft_config.ARG_KEYS))
   task = a.get("task", "")
-  if task not in ("", "arithmetic", "gsm8k"):
-    raise UserError(f"configs/grpo.py: task={task!r}: expected arithmetic or gsm8k (or no "
-                    "task= and --config.data.path=FILE)")
+  if task not in ("", "arithmetic", "gsm8k", "support"):
+    raise UserError(f"configs/grpo.py: task={task!r}: expected arithmetic, gsm8k or support "
+                    "(or no task= and --config.data.path=FILE)")
   c.task = task
   c.data.update(path="", eval_path="", format="prompt", eval_sources=[])
   c.data.eval_rows = 64  # eval prompts (greedy), when there is an eval split
@@ -52,7 +56,8 @@ def get_config(arg=None):
       mask_truncated_completions=False, rewards=("answer_match:answer",), reward_weights=(),
       eval_max_new_tokens=0,  # 0: max_completion_length
       # task=arithmetic without model.hf_path: SFT steps first (0: GRPO from scratch).
-      warm_start_steps=0, warm_start_rows=8000, warm_start_lr=3e-3)
+      warm_start_steps=0, warm_start_rows=8000, warm_start_lr=3e-3,
+      eval_pass_at_g=task in ("arithmetic", "gsm8k"))  # also sample G per eval prompt
   c.optim.update(lr=1e-5 if c.adapter.kind == "none" else 1e-4, warmup_steps=0,
                  schedule="constant", weight_decay=0.0)
   c.train.update(steps=100, batch_size=32, eval_every=20, save_every=20, log_every=1)
@@ -63,6 +68,13 @@ def get_config(arg=None):
     c.adapter.kind = c.adapter.kind if "adapter" in a else "none"
     c.optim.lr = 3e-4 if c.adapter.kind == "none" else 3e-3
     c.grpo.warm_start_steps = 600
+  if task == "support":  # the demo's prompts (their `meta` feeds the scorer), from its SFT model
+    c.data.update(path=os.path.join(common.DEMO_DATA, "prefs_train.jsonl"),
+                  eval_path=os.path.join(common.DEMO_DATA, "prefs_eval.jsonl"))
+    c.grpo.update(max_prompt_len=160, max_completion_length=64, beta=0.04,
+                  rewards=("support_scorer",), reward_weights=())
+    c.optim.lr = 2e-3 if c.adapter.kind != "none" else 2e-5
+    c.train.update(steps=60, batch_size=32, eval_every=20, save_every=20)
   if task == "gsm8k":
     hub = {"hub": "openai/gsm8k", "config": "main"}
     c.data.update(sources=[{**hub, "split": "train"}], eval_sources=[{**hub, "split": "test"}])

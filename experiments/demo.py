@@ -8,7 +8,12 @@
 3. LoRA SFT on support tickets (chat format, loss on the assistant turns only);
 4. evaluation on held-out tickets before and after: order details quoted correctly, invented
    order numbers, correct escalations, brand voice, held-out loss; a few sample replies;
-5. export: merged HF safetensors and a PEFT LoRA adapter.
+5. export: merged HF safetensors and a PEFT LoRA adapter;
+6. with --rl=grpo|ppo (opt-in: minutes more on a CPU), online RL from the merged SFT model with a
+   fresh LoRA adapter: GRPO with the demo's task scorer as the reward (configs/grpo.py:
+   task=support), or PPO against a Bradley-Terry reward model that experiments/reward.py first
+   trains on the shipped preference pairs (configs/ppo.py:data=support); the held-out metrics
+   again, and the KL to the SFT model (the reference: the adapter off).
 Rerunning resumes each stage from its checkpoints.
 """
 
@@ -40,6 +45,9 @@ METRICS = [("details", "order details quoted correctly", True),
            ("eval_loss", "held-out loss (assistant tokens)", False)]
 
 
+RL_KINDS = ("none", "grpo", "ppo")
+
+
 def define_flags():
   """Flags exist only when run as a script, so that tests and demo.py can import
   several experiment modules into one process without flag clashes."""
@@ -47,6 +55,8 @@ def define_flags():
   flags.DEFINE_string("base", None, "An HF model directory to fine-tune instead of pretraining.")
   flags.DEFINE_bool("smoke", False, "A few steps per stage (CI).")
   flags.DEFINE_integer("eval_examples", 48, "Held-out tickets to evaluate (0: all).")
+  flags.DEFINE_enum("rl", "none", list(RL_KINDS), "After SFT: online RL (grpo: the task scorer "
+                    "as reward; ppo: a reward model trained on the preference pairs).")
 
 
 FLAGS = flags.FLAGS
@@ -71,8 +81,39 @@ def evaluate(loaded, n: int) -> dict:
                       loaded=loaded)
 
 
-def run(workdir: str, base: str | None = None, smoke: bool = False, eval_examples: int = 48
-        ) -> dict:
+def run_rl(kind: str, workdir: str, merged: str, smoke: bool, eval_examples: int) -> dict:
+  """Stage 6: GRPO or PPO from the merged SFT model; (held-out metrics, KL to SFT, seconds)."""
+  from ftjax import workdir as wd
+  t0 = time.time()
+  rl_dir = os.path.join(workdir, kind)
+  if kind == "grpo":
+    from configs import grpo as grpo_config
+    from experiments import grpo as grpo_exp
+    cfg = grpo_config.get_config("task=support" + (",smoke" if smoke else ""))
+    cfg.model.hf_path = merged
+    logging.info("[6/6] GRPO with the task scorer as reward")
+    out = grpo_exp.run(cfg, rl_dir)
+    kl = out.get("kl")
+  else:
+    from configs import ppo as ppo_config, reward as reward_config
+    from experiments import ppo as ppo_exp, reward as reward_exp
+    rcfg = reward_config.get_config("data=support" + (",smoke" if smoke else ""))
+    rcfg.model.hf_path = merged
+    rm_dir = os.path.join(workdir, "reward_model")
+    logging.info("[6/6] a reward model on the preference pairs, then PPO against it")
+    reward_exp.run(rcfg, rm_dir)
+    cfg = ppo_config.get_config("data=support" + (",smoke" if smoke else ""))
+    cfg.model.hf_path = merged
+    cfg.ppo.reward_model = rm_dir
+    out = ppo_exp.run(cfg, rl_dir)
+    kl = out.get("objective/kl")
+  after = evaluate(wd.load_trained(rl_dir)[:3], eval_examples)
+  return {"metrics": {k: after[k] for k, _, _ in METRICS}, "kl_to_sft": kl,
+          "samples": after["samples"], "seconds": time.time() - t0}
+
+
+def run(workdir: str, base: str | None = None, smoke: bool = False, eval_examples: int = 48,
+        rl: str = "none") -> dict:
   t0 = time.time()
   if base is not None:  # a bad --base fails before the workdir is made
     from ftjax import hf
@@ -107,21 +148,37 @@ def run(workdir: str, base: str | None = None, smoke: bool = False, eval_example
   logging.info("[4/4] exporting")
   merged = export_exp.run(sft_dir, os.path.join(workdir, "export_merged"), "merged")
   adapter = export_exp.run(sft_dir, os.path.join(workdir, "export_lora"), "peft")
-  times["total_s"] = time.time() - t0
   report = {"before": {k: before[k] for k, _, _ in METRICS},
             "after": {k: after[k] for k, _, _ in METRICS},
-            "samples": after["samples"], "merged": merged, "adapter": adapter, **times}
+            "samples": after["samples"], "merged": merged, "adapter": adapter}
+  if rl != "none":
+    r = run_rl(rl, workdir, merged, smoke, eval_examples)
+    report.update(rl=rl, after_rl=r["metrics"], kl_to_sft=r["kl_to_sft"], samples=r["samples"])
+    times["rl_s"] = r["seconds"]
+  times["total_s"] = time.time() - t0
+  report.update(times)
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
   return report
 
 
+def _fmt_kl(kl) -> str:
+  return "-" if kl is None else f"{kl:.4f}"
+
+
 def format_report(r: dict) -> str:
-  lines = ["", "Lumen Outfitters support assistant: held-out tickets, before and after LoRA SFT",
-           f"{'metric':<44}{'base':>10}{'after SFT':>12}"]
+  rl = r.get("rl")
+  lines = ["", "Lumen Outfitters support assistant: held-out tickets, before and after LoRA SFT"
+           + (f" and {rl.upper()}" if rl else ""),
+           f"{'metric':<44}{'base':>10}{'after SFT':>12}"
+           + (f"{'after ' + rl.upper():>12}" if rl else "")]
   for k, label, _ in METRICS:
     fmt = (lambda v: f"{v:.3f}") if k == "eval_loss" else (lambda v: f"{100 * v:.0f}%")
-    lines.append(f"{label:<44}{fmt(r['before'][k]):>10}{fmt(r['after'][k]):>12}")
+    lines.append(f"{label:<44}{fmt(r['before'][k]):>10}{fmt(r['after'][k]):>12}"
+                 + (f"{fmt(r['after_rl'][k]):>12}" if rl else ""))
+  if rl:
+    lines.append(f"{'KL to the SFT model (per token, last step)':<44}{'':>10}{'':>12}"
+                 f"{_fmt_kl(r['kl_to_sft']):>12}")
   lines.append("")
   for s in r["samples"]:
     lines += [f"customer: {s['prompt']}", f"  assistant: {s['reply']}"]
@@ -132,7 +189,7 @@ def format_report(r: dict) -> str:
 
 def main(argv):
   del argv
-  report = run(FLAGS.workdir, FLAGS.base, FLAGS.smoke, FLAGS.eval_examples)
+  report = run(FLAGS.workdir, FLAGS.base, FLAGS.smoke, FLAGS.eval_examples, FLAGS.rl)
   print(format_report(report))
 
 

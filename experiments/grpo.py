@@ -240,13 +240,15 @@ def run(config, workdir: str) -> dict:
       for k, v in [("reward", total)] + [(f"rewards/{n}", per_fn[:, j])
                                          for j, n in enumerate(names)]:
         out.setdefault(k, []).extend(v[:keep].tolist())
-      out.setdefault("pass@1", []).extend((per_fn[:keep, 0] >= 1).tolist())
+      out.setdefault("pass_at_1", []).extend((per_fn[:keep, 0] >= 1).tolist())
+      if not g.eval_pass_at_g:
+        continue
       ro = rollout.rollout(model, policy(), ids, n_samples=n_gen, rng=jax.random.PRNGKey(1),
                            temperature=s.temperature, top_k=int(g.top_k), top_p=float(g.top_p),
                            **kw)
       _, per_fn, _ = score(reward_fns, weights, rows, rollout.decode(tok, ro), ro, n_gen)
       solved = (np.nan_to_num(per_fn[:, 0], nan=0.0) >= 1).reshape(n_prompts, n_gen)
-      out.setdefault(f"pass@{n_gen}", []).extend(solved[:keep].any(1).tolist())
+      out.setdefault(f"pass_at_{n_gen}", []).extend(solved[:keep].any(1).tolist())
     return {f"eval_{k}": float(np.nanmean(v)) for k, v in out.items()}
 
   before = {}

@@ -1,7 +1,6 @@
 """The GRPO step gives the same losses on 1 device, data=8, fsdp=8 and under pmap (8 fake CPU
 devices), through experiments/grpo.py's own loop (PPO's: tests/test_ppo.py)."""
 
-import os
 
 import numpy as np
 import pytest

@@ -79,7 +79,8 @@ def test_gsm8k_run_on_local_rows(tmp_path, base_dir):
   logged = metrics_lib.read_metrics(str(tmp_path / "run"))
   first = [r for r in logged if "reward" in r][0]
   assert "rewards/answer_match/mean" in first and "rewards/format_match/mean" in first
-  for k in ("eval_pass@1", "eval_pass@2", "eval_pass@1_before", "eval_pass@2_before"):
+  for k in ("eval_pass_at_1", "eval_pass_at_2", "eval_pass_at_1_before",
+            "eval_pass_at_2_before"):
     assert 0.0 <= out[k] <= 1.0, k
 
 
@@ -97,7 +98,8 @@ def test_arithmetic_warm_start(tmp_path):
   assert os.path.exists(os.path.join(wd, "sft_hf", "config.json"))
   sft_rows = [r for r in metrics_lib.read_metrics(os.path.join(wd, "sft")) if "loss" in r]
   assert sft_rows and sft_rows[-1]["step"] == 6
-  assert {"eval_pass@1_before", "eval_pass@4_before", "eval_pass@1", "eval_pass@4"} <= set(out)
+  assert {"eval_pass_at_1_before", "eval_pass_at_4_before", "eval_pass_at_1",
+          "eval_pass_at_4"} <= set(out)
   mtime = os.path.getmtime(os.path.join(wd, "sft_hf", "config.json"))
   c2 = grpo_config.get_config("task=arithmetic")
   c2.grpo.update(warm_start_steps=6, num_generations=4)
