@@ -301,7 +301,16 @@ def grpo_advantages(rewards: jax.Array, group_size: int, scale_rewards: str = "g
   adv = r - mean
   if scale_rewards != "none":
     adv = adv / (std + eps)
-  return jnp.nan_to_num(adv, nan=0.0), jnp.isclose(std, 0.0)
+  # A group of equal rewards carries no signal: its advantages are exactly 0 (float32 rounding
+  # of its mean would otherwise give every completion the same ~1e-4 nudge, all one sign) and
+  # it counts in frac_reward_zero_std, as TRL's exact torch mean and std make it.
+  lo, hi = jnp.nanmin(grouped, axis=1), jnp.nanmax(grouped, axis=1)
+  flat = jnp.repeat(lo == hi, group_size)
+  zero = jnp.isclose(std, 0.0)
+  if scale_rewards != "batch":  # the std is the group's
+    zero = zero | flat
+  adv = jnp.where(flat, 0.0, adv)
+  return jnp.nan_to_num(adv, nan=0.0), zero
 
 
 def grpo_per_token_loss(logps: jax.Array, old_logps: jax.Array, advantages: jax.Array,

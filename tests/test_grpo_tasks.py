@@ -108,3 +108,22 @@ def test_arithmetic_warm_start(tmp_path):
   c2.data.eval_rows = 4
   assert grpo_exp.run(c2, wd)["step"] == 2
   assert os.path.getmtime(os.path.join(wd, "sft_hf", "config.json")) == mtime
+
+
+@pytest.mark.parametrize("scale", ["group", "none", "batch"])
+def test_equal_reward_groups_have_zero_advantages(scale):
+  """0.2 eight times (1.0 * wrong answer + 0.2 * format): float32's mean of the group is not
+  exactly 0.2, which gave every completion the same -1.5e-4 advantage and hid the group from
+  frac_reward_zero_std; TRL (torch's exact mean and std) gives 0 and counts it."""
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  from ftjax import losses
+  r = np.array([0.2] * 8 + [1.2, 0.2] * 4, np.float32)
+  adv, zero = (np.asarray(x) for x in losses.grpo_advantages(jnp.asarray(r), 8, scale))
+  assert (adv[:8] == 0).all() and (adv[8:] != 0).all()
+  t = torch.tensor(r).view(-1, 8)
+  trl_zero = torch.isclose(t.std(1), torch.zeros(2)).repeat_interleave(8).numpy()
+  assert trl_zero[:8].all()
+  if scale != "batch":
+    np.testing.assert_array_equal(zero, trl_zero)
