@@ -1,0 +1,24 @@
+"""experiments/demo.py --rl: GRPO (the task scorer as reward) and PPO (a reward model trained on
+the shipped pairs) from an SFT model, with the held-out metrics and the KL to the SFT model."""
+
+import numpy as np
+import pytest
+
+from experiments import demo
+
+
+@pytest.mark.parametrize("kind", ["grpo", "ppo"])
+def test_rl_stage_smoke(base_dir, tmp_path, kind):
+  r = demo.run_rl(kind, str(tmp_path), base_dir, smoke=True, eval_examples=4)
+  assert set(r["metrics"]) == {k for k, _, _ in demo.METRICS}
+  assert np.isfinite(r["kl_to_sft"])
+  if kind == "grpo":  # k3 to the reference (the SFT model) is >= 0; PPO logs k1's mean
+    assert r["kl_to_sft"] >= 0
+  assert (tmp_path / kind).is_dir() and r["samples"]
+  if kind == "ppo":
+    assert (tmp_path / "reward_model").is_dir()
+  report = {"before": r["metrics"], "after": r["metrics"], "after_rl": r["metrics"], "rl": kind,
+            "kl_to_sft": r["kl_to_sft"], "samples": [], "merged": "m", "adapter": "a",
+            "total_s": 1.0}
+  assert f"after {kind.upper()}" in demo.format_report(report)
+
