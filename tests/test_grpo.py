@@ -162,7 +162,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = ["--config.train.batch_size=32", "--config.grpo.num_generations=8",
              "--config.optim.lr=2e-2", "--config.grpo.max_completion_length=2",
              "--config.train.eval_every=1000", r"--config.grpo.rewards=('format_match:^\d',)",
-             "--config.grpo.reward_weights=(1.0,)", "--config.train.log_every=1"]
+             "--config.grpo.reward_weights=(1.0,)", "--config.train.log_every=1",
+             "--config.grpo.warm_start_steps=0"]
 
 
 def _config(**train):
@@ -170,7 +171,7 @@ def _config(**train):
   c.train.update(**{**dict(batch_size=32, eval_every=1000, log_every=1, save_every=1000),
                     **train})
   c.grpo.update(num_generations=8, max_completion_length=2, rewards=(r"format_match:^\d",),
-                reward_weights=(1.0,))
+                reward_weights=(1.0,), warm_start_steps=0)  # from scratch: seconds
   c.optim.lr = 2e-2
   return c
 
