@@ -68,13 +68,19 @@ def get_config(arg=None):
     c.adapter.kind = c.adapter.kind if "adapter" in a else "none"
     c.optim.lr = 3e-4 if c.adapter.kind == "none" else 3e-3
     c.grpo.warm_start_steps = 600
+    # Measured on CPU (BUILD.md): lr 3e-4 with 4 prompts a step collapsed greedy accuracy;
+    # 16 prompts a step at 3e-5 moves it least.
+    c.optim.lr = 3e-5 if c.adapter.kind == "none" else 3e-4
+    c.train.update(steps=60, batch_size=128)
+    c.data.eval_rows = 200
   if task == "support":  # the demo's prompts (their `meta` feeds the scorer), from its SFT model
     c.data.update(path=os.path.join(common.DEMO_DATA, "prefs_train.jsonl"),
                   eval_path=os.path.join(common.DEMO_DATA, "prefs_eval.jsonl"))
-    c.grpo.update(max_prompt_len=160, max_completion_length=64, beta=0.04,
+    c.grpo.update(max_prompt_len=160, max_completion_length=64, beta=0.04, temperature=0.7,
                   rewards=("support_scorer",), reward_weights=())
-    c.optim.lr = 2e-3 if c.adapter.kind != "none" else 2e-5
-    c.train.update(steps=60, batch_size=32, eval_every=20, save_every=20)
+    c.optim.lr = 5e-4 if c.adapter.kind != "none" else 5e-6  # 2e-3 lowered the held-out score
+    c.data.eval_rows = 48
+    c.train.update(steps=40, batch_size=32, eval_every=20, save_every=20)
   if task == "gsm8k":
     hub = {"hub": "openai/gsm8k", "config": "main"}
     c.data.update(sources=[{**hub, "split": "train"}], eval_sources=[{**hub, "split": "test"}])

@@ -163,7 +163,7 @@ OVERRIDES = ["--config.train.batch_size=32", "--config.grpo.num_generations=8",
              "--config.optim.lr=2e-2", "--config.grpo.max_completion_length=2",
              "--config.train.eval_every=1000", r"--config.grpo.rewards=('format_match:^\d',)",
              "--config.grpo.reward_weights=(1.0,)", "--config.train.log_every=1",
-             "--config.grpo.warm_start_steps=0"]
+             "--config.grpo.warm_start_steps=0", "--config.data.eval_rows=8"]
 
 
 def _config(**train):
@@ -172,6 +172,7 @@ def _config(**train):
                     **train})
   c.grpo.update(num_generations=8, max_completion_length=2, rewards=(r"format_match:^\d",),
                 reward_weights=(1.0,), warm_start_steps=0)  # from scratch: seconds
+  c.data.eval_rows = 8
   c.optim.lr = 2e-2
   return c
 
@@ -237,7 +238,9 @@ def test_wrong_length_reward_is_one_line(tmp_path, monkeypatch):
   bad.__name__ = "my_reward"
   monkeypatch.setattr(rewards, "from_spec", lambda spec: bad)
   with pytest.raises(UserError, match="reward function 'my_reward' returned 31 rewards for 32"):
-    grpo_exp.run(_config(steps=1), str(tmp_path / "run"))
+    c = _config(steps=1)
+    c.data.eval_rows = 0  # no eval (its greedy batch would meet the bad reward first)
+    grpo_exp.run(c, str(tmp_path / "run"))
 
 
 def _latest(workdir):
