@@ -11,7 +11,7 @@ convention for a process ended by a signal). Anything else is a bug and keeps it
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 from absl import app, flags
 
@@ -75,7 +75,7 @@ def _override_message(e: BaseException) -> str:
   return "; ".join(lines) or type(e).__name__
 
 
-def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
+def parse_flags(argv: list[str], flag_values: Optional[flags.FlagValues] = None) -> list[str]:
   """absl flag parsing where every bad flag or config override ends in one line, exit 1."""
   try:
     return check_flags(argv, flag_values)
@@ -83,9 +83,11 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[
     _die(one_line(e))
 
 
-def check_flags(argv: list[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
-  """`flag_values(argv)`, where a bad flag or config override raises a one-line UserError
-  (sweep.py checks every run's flags this way before it starts any)."""
+def check_flags(argv: list[str], flag_values: Optional[flags.FlagValues] = None) -> list[str]:
+  """`flag_values(argv)` (default: the module's FLAGS, looked up at call time), where a bad flag
+  or config override raises a one-line UserError (sweep.py checks every run's flags this way
+  before it starts any)."""
+  flag_values = FLAGS if flag_values is None else flag_values
   try:
     return flag_values(argv)
   except UserError as e:  # raised by a config file's get_config / parse_arg

@@ -34,7 +34,9 @@ def test_every_config_rejects_unknown_arg_keys_listing_the_known_ones(name):
   for k in mod.ARG_KEYS:
     assert k in str(e.value).split("known keys:")[1], (name, k)
   c = mod.get_config("smoke")
-  assert c.allow_drift is False and "cache_dir" in c.data
+  assert c.allow_drift is False
+  if name != "ppo":  # PPO reads prompt-only rows, which are not tokenized through the cache
+    assert "cache_dir" in c.data
 
 
 @pytest.mark.parametrize("name", CONFIGS)
