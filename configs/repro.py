@@ -41,7 +41,7 @@ def get_config(arg=None):
     c = demo_config.get_config("stage=pretrain")
     c.data.path = ""
     c.data.sources = [general]
-    # Far fewer steps than the demo's 1300: a base that already speaks the retail text, so that
+    # Far fewer steps than the demo's 1200: a base that already speaks the retail text, so that
     # forgetting it shows, in about a minute of CPU.
     c.train.update(steps=4 if smoke else 150, save_every=4 if smoke else 150)
     return c
