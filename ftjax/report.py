@@ -20,6 +20,7 @@ import re
 from typing import Optional
 
 from ftjax.errors import UserError
+from ftjax.provenance import flatten
 
 RUN_FILES = ("config.json", "metrics.jsonl", "eval.json")
 SWEEP_FILE, STATUS_FILE = "sweep.json", "sweep_status.json"  # written by ftjax/sweep.py
@@ -76,16 +77,6 @@ def _read_json(path: str) -> Optional[dict]:
       return json.load(f)
     except json.JSONDecodeError as e:
       raise UserError(f"{path}: not JSON ({e.msg})") from None
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict) and v:
-      out.update(flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def summarize(history: list[dict]) -> dict:

@@ -1,5 +1,7 @@
 """Rewards: TRL's signature and None semantics, the built-ins against TRL's, one-line errors."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -80,10 +82,8 @@ def test_hf_reward_model_scores_like_transformers(tmp_path, tiny_tokenizer_dir):
   hf.save_pretrained(d)
   for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
     src = f"{tiny_tokenizer_dir}/{f}"
-    try:
+    if os.path.exists(src):  # the tiny tokenizer may not write every one of them
       shutil.copy(src, d)
-    except FileNotFoundError:
-      pass
   rm = rewards.reward_model(d, batch_size=4)
   prompts, comps = ["Where is my order?", "hello"], [" It shipped.", " world, this is"]
   got = rm(prompts, comps)
