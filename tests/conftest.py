@@ -1,15 +1,25 @@
 """Shared fixtures: tiny random HF models for every family, saved to temp dirs."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Eight fake CPU devices for the sharding tests; set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import os.path  # noqa: E402,F401
-import shutil  # noqa: E402
+# One persistent compilation cache per test session, in a fresh temp dir: each distinct program
+# is compiled once, then loaded by later tests, the xdist workers and the experiment
+# subprocesses (they inherit the environment), which otherwise spend most of their time
+# compiling the same steps again. Kept when the caller (or the xdist controller) set one.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="ftjax-test-jit-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  _owner = os.getpid()  # forked children must not remove it
+  atexit.register(lambda: os.getpid() == _owner and shutil.rmtree(_cache_dir, True))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -74,6 +84,18 @@ def tiny_tokenizer_dir(tmp_path_factory):
            "I want to return the blue jacket.", "hello world, this is a tiny corpus."] * 20
   train_bpe_tokenizer(texts, VOCAB, d)
   return d
+
+
+@pytest.fixture
+def no_compile_cache():
+  """For tests that time compilation: compile for real, not load from the session cache."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update("jax_enable_compilation_cache", True)
+  compilation_cache.reset_cache()
 
 
 def batch_with_padding(rng: np.random.Generator, b=3, t=12, side="right"):

@@ -75,7 +75,7 @@ def _compile_seconds(n_layers: int, scan: bool = True) -> float:
   return time.perf_counter() - start
 
 
-def test_compile_time_does_not_grow_with_depth():
+def test_compile_time_does_not_grow_with_depth(no_compile_cache):
   _compile_seconds(2)  # warm up tracing caches shared by both
   # Interleaved, best of three: a busy machine slows single runs, not the minimum of each.
   times = {4: [], 32: []}
