@@ -93,7 +93,7 @@ def run_rl(kind: str, workdir: str, merged: str, smoke: bool, eval_examples: int
     cfg.model.hf_path = merged
     logging.info("[6/6] GRPO with the task scorer as reward")
     out = grpo_exp.run(cfg, rl_dir)
-    kl = out.get("kl")
+    kl, kl_unit = out.get("kl"), "k3, per token"  # TRL's GRPO `kl`: mean over tokens
   else:
     from configs import ppo as ppo_config, reward as reward_config
     from experiments import ppo as ppo_exp, reward as reward_exp
@@ -106,9 +106,10 @@ def run_rl(kind: str, workdir: str, merged: str, smoke: bool, eval_examples: int
     cfg.model.hf_path = merged
     cfg.ppo.reward_model = rm_dir
     out = ppo_exp.run(cfg, rl_dir)
-    kl = out.get("objective/kl")
+    # TRL's PPO `objective/kl`: summed over each completion's tokens, then averaged.
+    kl, kl_unit = out.get("objective/kl"), f"{cfg.ppo.kl_estimator}, per reply"
   after = evaluate(wd.load_trained(rl_dir)[:3], eval_examples)
-  return {"metrics": {k: after[k] for k, _, _ in METRICS}, "kl_to_sft": kl,
+  return {"metrics": {k: after[k] for k, _, _ in METRICS}, "kl_to_sft": kl, "kl_unit": kl_unit,
           "samples": after["samples"], "seconds": time.time() - t0}
 
 
@@ -153,7 +154,8 @@ def run(workdir: str, base: str | None = None, smoke: bool = False, eval_example
             "samples": after["samples"], "merged": merged, "adapter": adapter}
   if rl != "none":
     r = run_rl(rl, workdir, merged, smoke, eval_examples)
-    report.update(rl=rl, after_rl=r["metrics"], kl_to_sft=r["kl_to_sft"], samples=r["samples"])
+    report.update(rl=rl, after_rl=r["metrics"], kl_to_sft=r["kl_to_sft"], kl_unit=r["kl_unit"],
+                  samples=r["samples"])
     times["rl_s"] = r["seconds"]
   times["total_s"] = time.time() - t0
   report.update(times)
@@ -177,7 +179,8 @@ def format_report(r: dict) -> str:
     lines.append(f"{label:<44}{fmt(r['before'][k]):>10}{fmt(r['after'][k]):>12}"
                  + (f"{fmt(r['after_rl'][k]):>12}" if rl else ""))
   if rl:
-    lines.append(f"{'KL to the SFT model (per token, last step)':<44}{'':>10}{'':>12}"
+    kl_label = f"KL to the SFT model ({r.get('kl_unit', 'per token')}, last step)"
+    lines.append(f"{kl_label:<44}{'':>10}{'':>12}"
                  f"{_fmt_kl(r['kl_to_sft']):>12}")
   lines.append("")
   for s in r["samples"]:

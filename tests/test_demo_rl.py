@@ -18,7 +18,10 @@ def test_rl_stage_smoke(base_dir, tmp_path, kind):
   if kind == "ppo":
     assert (tmp_path / "reward_model").is_dir()
   report = {"before": r["metrics"], "after": r["metrics"], "after_rl": r["metrics"], "rl": kind,
-            "kl_to_sft": r["kl_to_sft"], "samples": [], "merged": "m", "adapter": "a",
-            "total_s": 1.0}
-  assert f"after {kind.upper()}" in demo.format_report(report)
+            "kl_to_sft": r["kl_to_sft"], "kl_unit": r["kl_unit"], "samples": [], "merged": "m",
+            "adapter": "a", "total_s": 1.0}
+  text = demo.format_report(report)
+  assert f"after {kind.upper()}" in text
+  # GRPO's kl is a per-token mean, PPO's objective/kl a sum over the reply: the label says which.
+  assert ("per token" if kind == "grpo" else "per reply") in text
 

@@ -167,7 +167,7 @@ OVERRIDES = ["--config.train.batch_size=32", "--config.grpo.num_generations=8",
 
 
 def _config(**train):
-  c = grpo_config.get_config("task=arithmetic")
+  c = grpo_config.get_config("task=arithmetic,model=tiny,adapter=none")
   c.train.update(**{**dict(batch_size=32, eval_every=1000, log_every=1, save_every=1000),
                     **train})
   c.grpo.update(num_generations=8, max_completion_length=2, rewards=(r"format_match:^\d",),
@@ -257,7 +257,8 @@ def test_killed_run_resumes_exactly(tmp_path):
   grpo_exp.run(c, straight)
   killed = str(tmp_path / "killed")
   cmd = [sys.executable, os.path.join(ROOT, "experiments", "grpo.py"),
-         "--config=" + os.path.join(ROOT, "configs", "grpo.py") + ":task=arithmetic",
+         "--config=" + os.path.join(ROOT, "configs", "grpo.py")
+         + ":task=arithmetic,model=tiny,adapter=none",
          f"--workdir={killed}"] + args
   proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   t0 = time.time()

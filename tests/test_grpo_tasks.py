@@ -87,7 +87,7 @@ def test_gsm8k_run_on_local_rows(tmp_path, base_dir):
 def test_arithmetic_warm_start(tmp_path):
   """task=arithmetic starts GRPO from an SFT model trained first (exported into the workdir);
   rerunning resumes without training it again."""
-  c = grpo_config.get_config("task=arithmetic")
+  c = grpo_config.get_config("task=arithmetic,model=tiny")
   assert c.grpo.warm_start_steps > 0
   c.grpo.update(warm_start_steps=6, num_generations=4)
   c.train.update(steps=1, batch_size=8, eval_every=1, save_every=1)
@@ -101,7 +101,7 @@ def test_arithmetic_warm_start(tmp_path):
   assert {"eval_pass_at_1_before", "eval_pass_at_4_before", "eval_pass_at_1",
           "eval_pass_at_4"} <= set(out)
   mtime = os.path.getmtime(os.path.join(wd, "sft_hf", "config.json"))
-  c2 = grpo_config.get_config("task=arithmetic")
+  c2 = grpo_config.get_config("task=arithmetic,model=tiny")
   c2.grpo.update(warm_start_steps=6, num_generations=4)
   c2.train.update(steps=2, batch_size=8, eval_every=1, save_every=1)
   c2.mesh.shape = "data=1"
