@@ -76,6 +76,9 @@ def check_config(config):
     raise UserError(f"config.grpo.num_iterations={g.num_iterations}: must be >= 1")
   if float(g.temperature) <= 0:
     raise UserError(f"config.grpo.temperature={g.temperature}: GRPO samples, it must be > 0")
+  if not 0.0 <= float(g.warm_start_carry_drop) <= 1.0:
+    raise UserError(f"config.grpo.warm_start_carry_drop={g.warm_start_carry_drop}: a fraction "
+                    "of the warm start's problems, in [0, 1]")
 
 
 def prompt_rows(config) -> tuple[list[dict], list[dict]]:
@@ -83,7 +86,7 @@ def prompt_rows(config) -> tuple[list[dict], list[dict]]:
   d = config.data
   if config.task == "arithmetic":
     seed = int(config.train.seed)
-    return (prompt_data.arithmetic_rows("train", 2000, seed),
+    return (prompt_data.arithmetic_rows("train", int(d.train_rows), seed),
             prompt_data.arithmetic_rows("eval", int(d.eval_rows), seed))
   if config.task == "gsm8k":
     train = [r for s in d.sources for r in prompt_data.gsm8k_rows(s)]
@@ -139,7 +142,8 @@ def run_warm_start(config, sft_dir: str | None):
   data_path = os.path.join(sft_dir, "problems.jsonl")
   with open(data_path, "w") as f:
     for r in prompt_data.arithmetic_rows("train", int(config.grpo.warm_start_rows),
-                                         int(config.train.seed)):
+                                         int(config.train.seed),
+                                         carry_drop=float(config.grpo.warm_start_carry_drop)):
       f.write(json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) + "\n")
   c = sft_config.get_config(f"model={config.model.preset},adapter=none,format=prompt_completion")
   c.model.update(tokenizer=config.model.tokenizer, seed=int(config.model.seed))

@@ -211,6 +211,7 @@ def test_first_update_ratio_is_one_from_sampler_logprobs(tmp_path):
 @pytest.mark.parametrize("override,msg", [
     (dict(num_generations=1, scale_rewards="group"), "num_generations=1 with scale_rewards"),
     (dict(num_generations=5), "batch_size=32 is not divisible by config.grpo.num_generations=5"),
+    (dict(warm_start_carry_drop=1.5), r"warm_start_carry_drop=1.5: a fraction"),
 ])
 def test_bad_group_settings_are_one_line(tmp_path, override, msg):
   c = _config(steps=1)

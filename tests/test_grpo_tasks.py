@@ -47,6 +47,34 @@ def test_held_out_pairs_never_in_train():
     assert int(r["answer"]) == a + b
 
 
+def _digitwise(a: int, b: int) -> str:
+  """Column sums mod 10 of the right-aligned digit strings: addition with the carries dropped."""
+  w = max(len(str(a)), len(str(b)))
+  cols = [(int(x) + int(y)) % 10 for x, y in zip(str(a).zfill(w), str(b).zfill(w))]
+  return str(int("".join(map(str, cols))))
+
+
+def _operands(row):
+  return tuple(int(x) for x in row["prompt"].rstrip("=").split("+"))
+
+
+def test_sloppy_teacher_drops_carries_in_the_asked_fraction():
+  assert [prompt_data.sum_without_carries(a, b) for a, b in ((37, 48), (99, 99), (5, 5))] == [
+      75, 88, 0]
+  for a in range(0, 100, 7):
+    for b in range(0, 100, 3):
+      assert str(prompt_data.sum_without_carries(a, b)) == _digitwise(a, b)
+  clean = prompt_data.arithmetic_rows("train", 4000, seed=1)
+  sloppy = prompt_data.arithmetic_rows("train", 4000, seed=1, carry_drop=0.75)
+  assert [r["prompt"] for r in clean] == [r["prompt"] for r in sloppy]  # the same problems
+  carry = [(c, s) for c, s in zip(clean, sloppy) if _digitwise(*_operands(c)) != c["answer"]]
+  assert all(c["answer"] == s["answer"] for c, s in zip(clean, sloppy)
+             if _digitwise(*_operands(c)) == c["answer"])  # nothing to drop: unchanged
+  dropped = sum(s["answer"] == _digitwise(*_operands(s)) for _, s in carry)
+  assert all(s["answer"] in (c["answer"], _digitwise(*_operands(s))) for c, s in carry)
+  assert abs(dropped / len(carry) - 0.75) < 0.03, dropped / len(carry)
+
+
 def test_gsm8k_config_and_rows(tmp_path):
   c = grpo_config.get_config("task=gsm8k")
   assert c.data.sources[0] == {"hub": "openai/gsm8k", "config": "main", "split": "train"}
@@ -96,6 +124,15 @@ def test_arithmetic_warm_start(tmp_path):
   wd = str(tmp_path / "run")
   out = grpo_exp.run(c, wd)
   assert os.path.exists(os.path.join(wd, "sft_hf", "config.json"))
+  # The warm start's solutions come from the sloppy teacher; GRPO's train and eval answers are
+  # right.
+  problems = [json.loads(x) for x in open(os.path.join(wd, "sft", "problems.jsonl"))]
+  assert len(problems) == c.grpo.warm_start_rows and c.grpo.warm_start_carry_drop == 0.75
+  wrong = [r for r in problems if int(r["completion"]) != sum(_operands(r))]
+  assert 0.4 < len(wrong) / len(problems) < 0.65  # 0.75 of the ~70% of pairs that carry
+  assert all(r["completion"] == _digitwise(*_operands(r)) for r in wrong)
+  train, ev = grpo_exp.prompt_rows(c)
+  assert all(int(r["answer"]) == sum(_operands(r)) for r in train + ev)
   sft_rows = [r for r in metrics_lib.read_metrics(os.path.join(wd, "sft")) if "loss" in r]
   assert sft_rows and sft_rows[-1]["step"] == 6
   assert {"eval_pass_at_1_before", "eval_pass_at_4_before", "eval_pass_at_1",

@@ -122,19 +122,34 @@ def held_out_pairs(max_operand: int = 99, fraction: float = 0.2) -> np.ndarray:
   return np.random.default_rng(7).random((max_operand + 1, max_operand + 1)) < fraction
 
 
-def arithmetic_rows(split: str, n: int, seed: int = 0, max_operand: int = 99) -> list[dict]:
+def sum_without_carries(a: int, b: int) -> int:
+  """a + b added digit by digit with every carry dropped (37 + 48 -> 75): a sloppy solver's
+  answer, right whenever no column carries."""
+  out, place = 0, 1
+  while a or b:
+    out += (a % 10 + b % 10) % 10 * place
+    a, b, place = a // 10, b // 10, place * 10
+  return out
+
+
+def arithmetic_rows(split: str, n: int, seed: int = 0, max_operand: int = 99,
+                    carry_drop: float = 0.0) -> list[dict]:
   """Addition problems `{"prompt": "12+34=", "answer": "46"}`.
 
   Operand pairs in `held_out_pairs` appear only in the "eval" split (held-out operands);
-  "train" never contains them.
+  "train" never contains them. `carry_drop`: the fraction of rows whose answer is
+  `sum_without_carries` instead (solutions from a sloppy teacher; only rows with a carry
+  change). The problems drawn do not depend on it.
   """
   held_out = held_out_pairs(max_operand)
   rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+  sloppy = np.random.default_rng([seed, 2]).random(n) < carry_drop
   rows = []
   while len(rows) < n:
     a, b = (int(x) for x in rng.integers(0, max_operand + 1, 2))
     if held_out[a, b] == (split == "eval"):
-      rows.append({"prompt": arithmetic_prompt(a, b), "answer": str(a + b)})
+      answer = sum_without_carries(a, b) if sloppy[len(rows)] else a + b
+      rows.append({"prompt": arithmetic_prompt(a, b), "answer": str(answer)})
   return rows
 
 
