@@ -8,7 +8,10 @@ Writes into the root (or `--out`): report.csv (one row per run: the swept keys, 
 eval.json), report.md (the same, fewer columns: `--metrics` picks them), `<y>_vs_<x>.png` (a
 metric's final value against a swept key, one line per setting of the other swept keys),
 curves.png (`--curve` against the step, per run) and, for DPO runs, frontier.png (rewards against
-a KL estimate, as in experiments/beta_study.py). Prints the markdown table.
+a KL estimate, as in experiments/beta_study.py). Prints the markdown table. Runs that differ
+only in their seeds (`sweep.py --seeds=N`) are grouped too: report_groups.csv and a second
+table with each group's mean ± the half-width of its 95% interval and n, and error bars on the
+metric plot.
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ def main(argv):
     raise app.UsageError("usage: report.py ROOT [--x=KEY --y=METRIC]")
   out = report.write_report(argv[1], FLAGS.x, FLAGS.y, FLAGS.curve, FLAGS.out, FLAGS.metrics)
   print(report.markdown(out["rows"], out["swept"], FLAGS.metrics))
-  for k in ("csv", "md", "metric", "curves", "frontier"):
+  if out["groups"]:
+    print(f"\n{report.GROUP_HEADING}\n")
+    print(report.group_markdown(out["groups"], out["group_keys"], FLAGS.metrics))
+  for k in ("csv", "md", "groups_csv", "metric", "curves", "frontier"):
     if k in out:
       print(f"{k}: {out[k]}")
 

@@ -21,6 +21,8 @@ import jax
 import numpy as np
 import tqdm
 
+from ftjax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -117,22 +119,30 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """All records of `workdir/metrics.jsonl` in order; a torn last line (killed run) is skipped."""
+  """All records of `workdir/metrics.jsonl` in order. A torn last line (what a killed run or a
+  full disk leaves) is skipped with a warning; a bad line before it is a UserError naming the
+  file and line. The one reader of the file: training's resume and report.py use it."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
   out = []
-  with open(path) as f:
+  with open(path, errors="replace") as f:
     lines = f.read().splitlines()
+  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
   for i, line in enumerate(lines):
     if not line.strip():
       continue
     try:
-      out.append(json.loads(line))
-    except json.JSONDecodeError:
-      if i == len(lines) - 1:
-        break
-      raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+      record = json.loads(line)
+      problem = None if isinstance(record, dict) else "not a JSON object"
+    except json.JSONDecodeError as e:
+      problem = f"not JSON ({e.msg})"
+    if problem is None:
+      out.append(record)
+    elif i == last:
+      log.warning("%s: line %d is torn (a killed run); skipped", path, i + 1)
+    else:
+      raise UserError(f"{path}: line {i + 1}: {problem}")
   return out
 
 

@@ -8,6 +8,14 @@ between runs), its status (from sweep.py), the last logged step, and for each lo
 accuracy, a reward, ...), `best/m` (the best logged value). `eval.json` holds measurements of
 the finished run (what `experiments/eval.py --out=WORKDIR/eval.json` writes, or the β study's
 sampled reward and KL): they become `measured/k`.
+
+Runs that differ only in their seeds (`train.seed`, `model.seed`, `data.seed`: what
+`sweep.py --seeds=N` makes) are also grouped: each group gets the mean, std (ddof=1), n and a 95%
+interval of every metric (a Student t interval; the Wilson interval of the pooled counts for a
+measured proportion), in report_groups.csv and a second table of report.md (`mean ± half-width`),
+and the metric plot draws the group means with error bars. Without such groups the report is one
+row per run, as before. metrics.jsonl is read by `ftjax.metrics.read_metrics`, as training reads
+it: a torn last line (a killed run) is skipped.
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ import os
 import re
 from typing import Optional
 
+from ftjax import stats
 from ftjax.errors import UserError
+from ftjax.metrics import read_metrics
 from ftjax.provenance import flatten
 
 RUN_FILES = ("config.json", "metrics.jsonl", "eval.json")
@@ -28,6 +38,13 @@ SWEEP_FILE, STATUS_FILE = "sweep.json", "sweep_status.json"  # written by ftjax/
 LOWER_BETTER = ("loss", "ppl", "invented")
 HIGHER_BETTER = ("accura", "reward", "margin", "exact_match", "details", "escalation_ok", "voice")
 NOT_METRICS = ("step", "time")
+DIR = "_dir"  # a row's run directory (not a column)
+# Config keys that only pick a seed: runs that differ in nothing else form a group.
+SEED_KEYS = ("train.seed", "model.seed", "data.seed")
+# eval.json counts: in report.csv, not in the markdown table's default columns.
+COUNT_SUFFIXES = ("_k", "_n", "_sem")
+COUNT_KEYS = ("loss_examples", "truncated", "dropped")
+GROUP_SUFFIXES = ("/lo", "/hi", "/std", "/n", "/k", "/trials")  # of group_seeds' columns
 
 
 def direction(name: str) -> int:
@@ -51,22 +68,6 @@ def find_runs(root: str) -> list[str]:
       subdirs[:] = []  # a run's checkpoints/ and tensorboard/ are not runs
     subdirs.sort()
   return sorted(out)
-
-
-def read_metrics(path: str) -> list[dict]:
-  """The lines of a metrics.jsonl (NaN/Infinity read as floats); a bad line is a UserError."""
-  rows = []
-  if not os.path.exists(path):
-    return rows
-  with open(path) as f:
-    for i, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise UserError(f"{path}: line {i}: not JSON ({e.msg})") from None
-  return rows
 
 
 def _read_json(path: str) -> Optional[dict]:
@@ -110,8 +111,8 @@ def collect(root: str) -> tuple[list[dict], list[str]]:
     if config is not None:
       configs[name] = flatten(config)
     status = _read_json(os.path.join(d, STATUS_FILE)) or {}
-    row = {"run": name, "status": status.get("status", "")}
-    row.update(summarize(read_metrics(os.path.join(d, "metrics.jsonl"))))
+    row = {"run": name, "status": status.get("status", ""), DIR: d}
+    row.update(summarize(read_metrics(d)))
     for k, v in (_read_json(os.path.join(d, "eval.json")) or {}).items():
       if isinstance(v, (int, float)) and not isinstance(v, bool):
         row[f"measured/{k}"] = float(v)
@@ -157,7 +158,9 @@ def default_metrics(rows: list[dict]) -> list[str]:
     for prefix in ("final", "best"):
       if f"{prefix}/{name}" in have and f"{prefix}/{name}" not in out:
         out.append(f"{prefix}/{name}")
-  out += sorted(k for k in have if k.startswith("measured/") and not k.endswith("_sem"))
+  out += sorted(k for k in have if k.startswith("measured/")
+                and not k.endswith(COUNT_SUFFIXES + GROUP_SUFFIXES)
+                and k.split("/", 1)[1] not in COUNT_KEYS)
   return out
 
 
@@ -177,6 +180,103 @@ def markdown(rows: list[dict], swept: list[str], metrics: Optional[list[str]] = 
 
 def _fmt(v) -> str:
   return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _key_value(v):
+  """A swept value as a hashable key (a list-valued key such as data.sources as its JSON)."""
+  return json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v
+
+
+def metric_columns(rows: list[dict]) -> list[str]:
+  return sorted({k for r in rows for k in r if k.split("/")[0] in ("final", "best", "measured")
+                 and not k.endswith(COUNT_SUFFIXES) and isinstance(r[k], float)})
+
+
+def group_seeds(rows: list[dict], swept: list[str]) -> Optional[tuple[list[dict], list[str]]]:
+  """(one row per group of runs that differ only in their seeds, the group keys), or None
+  when no two runs do (a single-seed report stays per run).
+
+  A group row has the other swept keys, `n` (its runs), `runs`, and for each metric column `c`
+  over the runs that logged it: `c` (the mean), `c/std` (ddof=1), `c/n`, and `c/lo`, `c/hi`:
+  a 95% Student t interval of the mean, none with one value. A measured proportion, one whose
+  eval.json also gives the counts `<m>_k` and `<m>_n` (eval.py's task metrics), pools the counts
+  of its runs: `c` is sum(k) / sum(n), `c/k` and `c/trials` the sums, and `c/lo`, `c/hi` the
+  Wilson interval (the std is still the spread of the runs' rates).
+  """
+  seeds = [k for k in swept if k in SEED_KEYS]
+  if not seeds:
+    return None
+  keys = [k for k in swept if k not in SEED_KEYS]
+  buckets: dict = {}
+  for r in rows:
+    if not any(k in r for k in seeds):  # not a seeded run (the base, a reference): alone
+      buckets[("run", r["run"])] = [r]
+      continue
+    buckets.setdefault(tuple(_key_value(r.get(k)) for k in keys), []).append(r)
+  if all(len(rs) < 2 for rs in buckets.values()):
+    return None
+  metrics = metric_columns(rows)
+  groups = []
+  for rs in buckets.values():
+    g = {k: rs[0][k] for k in keys if k in rs[0]}
+    seeded = any(k in rs[0] for k in seeds)
+    name = " ".join(f"{k.split('.')[-1]}={_fmt(rs[0][k])}" for k in keys if k in rs[0])
+    g.update(group=(name or "all") if seeded else rs[0]["run"], n=len(rs),
+             runs=[r["run"] for r in rs])
+    for c in metrics:
+      have = [r for r in rs if isinstance(r.get(c), float) and math.isfinite(r[c])]
+      if not have:
+        continue
+      vals = [r[c] for r in have]
+      g[f"{c}/n"], g[f"{c}/std"] = len(vals), stats.std(vals)
+      counts = [(r.get(c + "_k"), r.get(c + "_n")) for r in have]
+      if c.startswith("measured/") and all(isinstance(k, float) and isinstance(n, float) and n > 0
+                                           for k, n in counts):
+        k, n = sum(k for k, _ in counts), sum(n for _, n in counts)
+        g[c], g[f"{c}/lo"], g[f"{c}/hi"] = stats.wilson(int(k), int(n))
+        g[f"{c}/k"], g[f"{c}/trials"] = int(k), int(n)
+      else:
+        g[c], g[f"{c}/lo"], g[f"{c}/hi"] = stats.t_interval(vals)
+    groups.append(g)
+  return sorted(groups, key=lambda g: str(g["group"])), keys
+
+
+def group_columns(groups: list[dict], keys: list[str]) -> list[str]:
+  metric_cols = sorted({k for g in groups for k in g if k.split("/")[0] in
+                        ("final", "best", "measured")})
+  return ["group", *keys, "n", "runs", *metric_cols]
+
+
+def write_group_csv(groups: list[dict], keys: list[str], path: str):
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, group_columns(groups, keys), extrasaction="ignore")
+    w.writeheader()
+    for g in groups:
+      w.writerow({k: _cell(v) for k, v in g.items()})
+
+
+def group_markdown(groups: list[dict], keys: list[str],
+                   metrics: Optional[list[str]] = None) -> str:
+  """One row per group: `mean ± half-width` of the 95% t interval (`p [lo, hi]` for a Wilson
+  interval, the value alone for one run), and n."""
+  metrics = metrics or default_metrics(groups)
+  cols = ["group", *keys, "n", *metrics]
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  for g in groups:
+    cells = []
+    for c in cols:
+      v = g.get(c, "")
+      if c in metrics and isinstance(v, float):
+        cells.append(stats.format_interval(v, g.get(f"{c}/lo"), g.get(f"{c}/hi"))
+                     + (f" (n={g[c + '/n']})" if g.get(f"{c}/n", g["n"]) != g["n"] else ""))
+      else:
+        cells.append(_fmt(v))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+GROUP_HEADING = ("Runs that differ only in their seeds, grouped: mean ± half-width of the 95% "
+                 "t interval, or rate [95% Wilson interval] of pooled counts; n runs.")
 
 
 def label(row: dict, swept: list[str]) -> str:
@@ -210,18 +310,22 @@ def _numeric(values) -> bool:
     return False
 
 
-def plot_metric(rows: list[dict], swept: list[str], x: str, y: str, path: str) -> str:
-  """`y` (final value) against the swept key `x`, one line per setting of the other keys."""
+def plot_metric(rows: list[dict], swept: list[str], x: str, y: str, path: str,
+                grouped: Optional[tuple[list[dict], list[str]]] = None) -> str:
+  """`y` (final value) against the swept key `x`, one line per setting of the other keys. With
+  `grouped` (group_seeds' answer) and `x` not a seed, each point is a group's mean with its 95%
+  interval as error bars."""
   if x not in swept:
     raise UserError(f"--x={x}: not a swept key; swept: {', '.join(swept) or 'none'}")
   ycol = metric_column(rows, y)
+  with_err = grouped is not None and x in grouped[1]
+  if with_err:
+    rows, swept = grouped[0], grouped[1]
   pts = [r for r in rows if x in r and isinstance(r.get(ycol), float)]
   others = [k for k in swept if k != x]
   groups: dict = {}
   for r in pts:
-    # A list-valued key (data.sources) cannot be a dict key; its JSON can.
-    key = tuple((k, json.dumps(r.get(k), sort_keys=True) if isinstance(r.get(k), (list, dict))
-                 else r.get(k)) for k in others)
+    key = tuple((k, _key_value(r.get(k))) for k in others)
     groups.setdefault(key, []).append(r)
   xs_all = [r[x] for r in pts]
   numeric = _numeric(xs_all)
@@ -232,14 +336,23 @@ def plot_metric(rows: list[dict], swept: list[str], x: str, y: str, path: str) -
     rs = sorted(rs, key=lambda r: float(r[x]) if numeric else cats.index(str(r[x])))
     xs = [float(r[x]) if numeric else cats.index(str(r[x])) for r in rs]
     name = " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in key) or None
-    ax.plot(xs, [r[ycol] for r in rs], "o-", label=name)
+    ys = [r[ycol] for r in rs]
+    if with_err:
+      # Asymmetric for a Wilson interval; 0 where a group has one run (no interval).
+      err = [[y_ - r[f"{ycol}/lo"] if r.get(f"{ycol}/lo") is not None else 0.0
+              for y_, r in zip(ys, rs)],
+             [r[f"{ycol}/hi"] - y_ if r.get(f"{ycol}/hi") is not None else 0.0
+              for y_, r in zip(ys, rs)]]
+      ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, label=name)
+    else:
+      ax.plot(xs, ys, "o-", label=name)
   if numeric and xs_all and min(float(v) for v in xs_all) > 0 and \
       max(float(v) for v in xs_all) >= 10 * min(float(v) for v in xs_all):
     ax.set_xscale("log")
   if not numeric:
     ax.set_xticks(range(len(cats)), cats)
   ax.set_xlabel(x)
-  ax.set_ylabel(ycol)
+  ax.set_ylabel(ycol + (" (mean, 95% CI over seeds)" if with_err else ""))
   if others:
     ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
@@ -252,7 +365,7 @@ def plot_curves(root: str, rows: list[dict], swept: list[str], metric: str, path
   fig, ax = plt.subplots(figsize=(6.5, 4))
   drawn = 0
   for i, r in enumerate(rows):
-    history = read_metrics(os.path.join(root, r["run"], "metrics.jsonl"))
+    history = read_metrics(r.get(DIR) or os.path.join(root, r["run"]))
     for name, style in ((metric, "-"), (f"eval_{metric}", "--")):
       pts = [(h["step"], h[name]) for h in history if name in h and "step" in h]
       if pts:
@@ -322,25 +435,36 @@ def _slug(s: str) -> str:
 def write_report(root: str, x: Optional[str] = None, y: Optional[str] = None,
                  curve: str = "loss", out: Optional[str] = None,
                  metrics: Optional[list[str]] = None) -> dict:
-  """Writes report.csv, report.md and the PNGs into `out` (default `root`); returns
-  {"rows", "swept", and the path of each file written}."""
+  """Writes report.csv, report.md and the PNGs into `out` (default `root`), and where runs
+  differ only in their seeds report_groups.csv (and their table in report.md); returns
+  {"rows", "swept", "groups" and "group_keys" (None without seed groups), and the path of
+  each file written}."""
   rows, swept = collect(root)
+  grouped = group_seeds(rows, swept)
   out = out or root
   os.makedirs(out, exist_ok=True)
   paths = {"csv": os.path.join(out, "report.csv"), "md": os.path.join(out, "report.md")}
   write_csv(rows, swept, paths["csv"])
   with open(paths["md"], "w") as f:
     f.write(markdown(rows, swept, metrics) + "\n")
+    if grouped:
+      f.write(f"\n{GROUP_HEADING}\n\n{group_markdown(*grouped, metrics)}\n")
+  if grouped:
+    paths["groups_csv"] = os.path.join(out, "report_groups.csv")
+    write_group_csv(*grouped, paths["groups_csv"])
   x_given, y_given = x, y
-  x = x or (swept[0] if swept else None)
+  # Over seed groups the x axis is a key the groups differ in (the seeds are the error bars).
+  x = x or ((grouped[1] or swept)[0] if grouped else (swept[0] if swept else None))
   if y is None:
     have = {k for r in rows for k in r}
     y = "eval_loss" if "final/eval_loss" in have else "loss"
   if x is not None and (y_given or any(f"final/{y}" in r for r in rows)):
     paths["metric"] = plot_metric(rows, swept, x, y,
-                                  os.path.join(out, f"{_slug(y)}_vs_{_slug(x)}.png"))
+                                  os.path.join(out, f"{_slug(y)}_vs_{_slug(x)}.png"), grouped)
   elif x_given:
     raise UserError(f"--x={x}: no run logged {y}; give --y")
   paths["curves"] = plot_curves(root, rows, swept, curve, os.path.join(out, "curves.png"))
   paths["frontier"] = plot_frontier(rows, swept, os.path.join(out, "frontier.png"))
-  return {"rows": rows, "swept": swept, **{k: v for k, v in paths.items() if v}}
+  return {"rows": rows, "swept": swept, "groups": grouped[0] if grouped else None,
+          "group_keys": grouped[1] if grouped else None,
+          **{k: v for k, v in paths.items() if v}}

@@ -102,11 +102,75 @@ def test_bad_inputs_are_one_line(tmp_path):
     report.write_report(root, y="eval_lss")
   with pytest.raises(UserError, match="--x=model.dtype: not a swept key"):
     report.write_report(root, x="model.dtype")
-  with open(os.path.join(root, "adapter.rank=2,optim.lr=0.0001", "metrics.jsonl"), "a") as f:
-    f.write("{not json\n")
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "report.py"), root],
-                       capture_output=True, text=True, timeout=120)
+  # A torn last line (a killed run, a full disk) is skipped, as training's resume skips it.
+  run = os.path.join(root, "adapter.rank=2,optim.lr=0.0001")
+  with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 6, "loss": 0.0')
+  report_py = [sys.executable, os.path.join(ROOT, "experiments", "report.py")]
+  out = subprocess.run([*report_py, root], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "metrics.jsonl: line 5 is torn" in out.stderr
+  rows = {r["run"]: r for r in csv.DictReader(open(os.path.join(root, "report.csv")))}
+  assert len(rows) == 4 and rows["adapter.rank=2,optim.lr=0.0001"]["step"] == "4"
+  assert float(rows["adapter.rank=2,optim.lr=0.0001"]["best/loss"]) > 0.0  # not the torn 0.0
+  # In the middle of the file it is damage, not a kill: one line naming the file and line.
+  with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+    f.write("\n" + json.dumps({"step": 8, "loss": 1.0}) + "\n")
+  out = subprocess.run([*report_py, root], capture_output=True, text=True, timeout=120)
   assert out.returncode == 1
   assert out.stderr.strip().splitlines() == [
-      f"error: {root}/adapter.rank=2,optim.lr=0.0001/metrics.jsonl: line 5: not JSON "
-      "(Expecting property name enclosed in double quotes)"]
+      f"error: {run}/metrics.jsonl: line 5: not JSON (Expecting ',' delimiter)"]
+
+
+def test_runs_that_differ_only_in_seed_are_grouped_with_intervals(tmp_path):
+  import scipy.stats
+  root = str(tmp_path / "seeds")
+  rng = np.random.default_rng(3)
+  final, counts = {}, {}
+  for rank in (4, 8):
+    for seed in (0, 1, 2):
+      d = os.path.join(root, f"adapter.rank={rank},train.seed={seed}")
+      os.makedirs(d)
+      json.dump({"adapter": {"rank": rank}, "train": {"seed": seed, "steps": 2}},
+                open(os.path.join(d, "config.json"), "w"))
+      losses = rng.uniform(1, 3, 2)
+      with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps({"step": s + 1, "loss": float(v)}) + "\n"
+                     for s, v in enumerate(losses))
+      k, n = int(rng.integers(0, 5)), 40
+      json.dump({"invented": k / n, "invented_k": k, "invented_n": n, "eval_loss": 1.5 + seed},
+                open(os.path.join(d, "eval.json"), "w"))
+      final.setdefault(rank, []).append(float(losses[-1]))
+      counts.setdefault(rank, []).append(k)
+  # A run without a seed (the base's measurements) is a group of its own.
+  os.makedirs(os.path.join(root, "base"))
+  json.dump({"eval_loss": 4.0}, open(os.path.join(root, "base", "eval.json"), "w"))
+  out = report.write_report(root)
+  assert out["swept"] == ["adapter.rank", "train.seed"] and out["group_keys"] == ["adapter.rank"]
+  groups = {g["group"]: g for g in out["groups"]}
+  assert set(groups) == {"rank=4", "rank=8", "base"} and groups["base"]["n"] == 1
+  for rank in (4, 8):
+    g, vals = groups[f"rank={rank}"], final[rank]
+    assert g["n"] == 3 and g["runs"] == [f"adapter.rank={rank},train.seed={s}" for s in range(3)]
+    lo, hi = scipy.stats.t.interval(0.95, 2, loc=np.mean(vals), scale=scipy.stats.sem(vals))
+    np.testing.assert_allclose([g["final/loss"], g["final/loss/lo"], g["final/loss/hi"]],
+                               [np.mean(vals), lo, hi], rtol=1e-9)
+    assert g["final/loss/std"] == pytest.approx(np.std(vals, ddof=1), rel=1e-9)
+    # The invented rate pools the counts of the three runs: a Wilson interval over 120 replies.
+    ci = scipy.stats.binomtest(sum(counts[rank]), 120).proportion_ci(method="wilson")
+    assert (g["measured/invented/k"], g["measured/invented/trials"]) == (sum(counts[rank]), 120)
+    np.testing.assert_allclose([g["measured/invented"], g["measured/invented/lo"],
+                                g["measured/invented/hi"]],
+                               [sum(counts[rank]) / 120, ci.low, ci.high], rtol=1e-9, atol=1e-15)
+  assert groups["base"]["measured/eval_loss"] == 4.0 and groups["base"]["measured/eval_loss/lo"] \
+      is None
+  # The table shows mean ± half-width; report_groups.csv has the numbers; the plot has the means.
+  md = open(out["md"]).read()
+  g = groups["rank=4"]
+  assert (f"| rank=4 | 4 | 3 | {g['final/loss']:.4g} ± "
+          f"{(g['final/loss/hi'] - g['final/loss/lo']) / 2:.4g} |") in md
+  assert "| base |  | 1 |" in md and "measured/invented_k" not in md.split("\n\n")[-1]
+  rows = {r["group"]: r for r in csv.DictReader(open(out["groups_csv"]))}
+  assert float(rows["rank=8"]["final/loss/hi"]) == groups["rank=8"]["final/loss/hi"]
+  assert out["metric"].endswith("loss_vs_adapter.rank.png")
+  assert open(out["metric"], "rb").read()[:4] == b"\x89PNG"
