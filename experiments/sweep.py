@@ -7,6 +7,9 @@
 
 `--sweep=KEY=V1,V2,...` (repeatable; `;` separates values that hold commas) sweeps a config key;
 `--mode=zip` pairs the i-th values of equal-length sweeps instead of taking every combination.
+`--seeds=N` runs every setting with train.seed = 0..N-1 (as `--sweep=train.seed=0,...,N-1`,
+crossed with the other sweeps in either mode); report.py then gives each group of seeds its
+mean, std, n and a 95% interval.
 `--config.KEY=VALUE` overrides go to every run. Each run is the experiment script (inferred
 from the config, or `--script=dpo`) on `WORKDIR/<overrides>` (e.g. `adapter.rank=4,optim.lr=1e-4`),
 in its own process, logging to `WORKDIR/<run>/log.txt`. Every run's overrides are checked
@@ -35,6 +38,9 @@ def define_flags():
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "The sweep's root: one workdir per run under it.")
   flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,...: a config key and its values.")
+  flags.DEFINE_integer("seeds", 0, "N: run every setting with train.seed = 0..N-1 (the same "
+                       "as --sweep=train.seed=0,...,N-1, crossed with the other sweeps); "
+                       "report.py gives each group of seeds a mean and a 95% interval.")
   flags.DEFINE_enum("mode", "grid", ["grid", "zip"], "grid: every combination; zip: the "
                     "i-th value of each sweep together (equal lengths).")
   flags.DEFINE_string("script", None, "Experiment script (sft, dpo, reward, grpo, ppo or a "
@@ -58,12 +64,13 @@ def fixed_overrides(argv: list[str]) -> list[str]:
 
 def main(argv):
   del argv
-  if FLAGS.workdir is None or FLAGS.config is None or not FLAGS.sweep:
-    raise app.UsageError("--config, --workdir and at least one --sweep are required")
+  if FLAGS.workdir is None or FLAGS.config is None or not (FLAGS.sweep or FLAGS.seeds):
+    raise app.UsageError("--config, --workdir and at least one --sweep (or --seeds) are required")
   config_arg = FLAGS["config"].config_filename  # with its `:arg`
   sweeps = [sweep.parse_sweep(s) for s in FLAGS.sweep]
   fixed = fixed_overrides(sys.argv)
-  runs = sweep.plan(config_arg, FLAGS.workdir, sweeps, fixed, FLAGS.mode, FLAGS.script)
+  runs = sweep.plan(config_arg, FLAGS.workdir, sweeps, fixed, FLAGS.mode, FLAGS.script,
+                    seeds=FLAGS.seeds)
   if FLAGS.dry_run:
     for r in runs:
       if sweep.is_done(r):
@@ -71,7 +78,8 @@ def main(argv):
       else:
         print(sweep.launch_line(r))
     return
-  sweep.write_definition(FLAGS.workdir, config_arg, sweeps, fixed, FLAGS.mode, runs)
+  sweep.write_definition(FLAGS.workdir, config_arg, sweeps, fixed, FLAGS.mode, runs,
+                         FLAGS.seeds)
   try:
     failed = sweep.run_all(runs)
   except KeyboardInterrupt as e:

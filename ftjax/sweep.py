@@ -1,16 +1,19 @@
 """Sweeps: a grid (or a zip) of config overrides, one workdir and one subprocess per run.
 
   python experiments/sweep.py --config=configs/sft.py:smoke --workdir=ROOT \
-      --sweep=adapter.rank=1,2,4 --sweep=optim.lr=1e-4,3e-4 [--config.x=y ...] [--dry_run]
+      --sweep=adapter.rank=1,2,4 --sweep=optim.lr=1e-4,3e-4 [--seeds=3] [--config.x=y ...] \
+      [--dry_run]
 
 Each run is the experiment script (inferred from the config: a `dpo`, `reward`, `grpo` or `ppo`
 section picks that script, else sft.py; or `--script`) on `ROOT/<run>`, where `<run>` spells the
-run's overrides (`adapter.rank=4,optim.lr=1e-4`). Every run's flags are parsed here, with the
-script's own parser, before any run starts: a typo in a swept key is one line and nothing is
-written. Runs go one after the other, each in its own Python process (its own JAX state), output
-appended to `ROOT/<run>/log.txt`. A run that exits 0 is marked done in
-`ROOT/<run>/sweep_status.json` with its command; rerunning the sweep skips the runs done with the
-same command and reruns the rest, which resume from their checkpoints. A failing run is
+run's overrides (`adapter.rank=4,optim.lr=1e-4`); `--seeds=N` runs each of them with
+train.seed = 0..N-1 (`adapter.rank=4,optim.lr=1e-4,train.seed=2`), the same as
+`--sweep=train.seed=0,...,N-1`, for report.py's seed groups. Every run's flags are parsed here,
+with the script's own parser, before any run starts: a typo in a swept key is one line and
+nothing is written. Runs go one after the other, each in its own Python process (its own JAX
+state), output appended to `ROOT/<run>/log.txt`. A run that exits 0 is marked done in
+`ROOT/<run>/sweep_status.json` with its command; rerunning the sweep skips the runs done with
+the same command and reruns the rest, which resume from their checkpoints. A failing run is
 recorded and the sweep goes on; `run_all` returns the failed runs.
 """
 
@@ -63,12 +66,30 @@ def parse_sweep(spec: str) -> tuple[str, list[str]]:
   return key, vals
 
 
-def expand(sweeps: list[tuple[str, list[str]]], mode: str = "grid") -> list[dict]:
-  """Every combination (`grid`) or the i-th value of each sweep together (`zip`)."""
+SEED_KEY = "train.seed"  # what `--seeds=N` sweeps
+
+
+def seed_values(seeds: int) -> list[str]:
+  """`--seeds=N`: the values 0..N-1 of train.seed."""
+  if int(seeds) < 1:
+    raise UserError(f"--seeds={seeds}: give the number of seeds, 1 or more")
+  return [str(s) for s in range(int(seeds))]
+
+
+def expand(sweeps: list[tuple[str, list[str]]], mode: str = "grid", seeds: int = 0
+           ) -> list[dict]:
+  """Every combination (`grid`) or the i-th value of each sweep together (`zip`); with
+  `seeds`, each of those once per train.seed in 0..seeds-1 (the seed is crossed with the
+  other sweeps in either mode: seeds are repeats, not a setting to pair)."""
   keys = [k for k, _ in sweeps]
   dup = sorted({k for k in keys if keys.count(k) > 1})
   if dup:
     raise UserError(f"--sweep: {dup[0]} is swept twice")
+  if seeds and SEED_KEY in keys:
+    raise UserError(f"--seeds={seeds} and --sweep={SEED_KEY}=... both set {SEED_KEY}; give one")
+  if seeds:
+    values = seed_values(seeds)
+    return [{**c, SEED_KEY: s} for c in expand(sweeps, mode) for s in values]
   if mode == "grid":
     combos = itertools.product(*[v for _, v in sweeps])
   elif mode == "zip":
@@ -121,7 +142,7 @@ def infer_script(config, script: Optional[str] = None) -> str:
 
 def plan(config_arg: str, root: str, sweeps: list[tuple[str, list[str]]], fixed: list[str] = (),
          mode: str = "grid", script: Optional[str] = None,
-         python: str = sys.executable) -> list[Run]:
+         python: str = sys.executable, seeds: int = 0) -> list[Run]:
   """The sweep's runs, each checked by parsing its flags as its script would (nothing is
   written or run here).
 
@@ -130,6 +151,7 @@ def plan(config_arg: str, root: str, sweeps: list[tuple[str, list[str]]], fixed:
     root: the sweep's directory; run `r` goes to `root/r.name`.
     sweeps: (key, values) per `--sweep`.
     fixed: `--config.x=y` overrides given to every run.
+    seeds: run each setting with train.seed = 0..seeds-1 (0: as the config says).
   """
   fixed_keys = {}
   for f in fixed:
@@ -140,10 +162,14 @@ def plan(config_arg: str, root: str, sweeps: list[tuple[str, list[str]]], fixed:
   for key, _ in sweeps:
     if key in fixed_keys:
       raise UserError(f"config.{key} is both swept (--sweep) and fixed ({fixed_keys[key]})")
+  if seeds and SEED_KEY in fixed_keys:
+    raise UserError(f"config.{SEED_KEY} is both swept (--seeds) and fixed "
+                    f"({fixed_keys[SEED_KEY]})")
+  combos = expand(sweeps, mode, seeds)  # a bad spec is refused before the config is built
   base = load_config([f"--config={config_arg}", *fixed])
   path = infer_script(base, script)
   runs, names = [], {}
-  for overrides in expand(sweeps, mode):
+  for overrides in combos:
     argv = [f"--config={config_arg}", *fixed, *(f"--config.{k}={v}" for k, v in overrides.items())]
     try:
       load_config(argv)
@@ -180,11 +206,15 @@ def is_done(run: Run) -> bool:
   return bool(s) and s.get("status") == "done" and s.get("command") == run.command[1:]
 
 
-def write_definition(root: str, config_arg: str, sweeps, fixed, mode: str, runs: list[Run]):
+def write_definition(root: str, config_arg: str, sweeps, fixed, mode: str, runs: list[Run],
+                     seeds: int = 0):
   os.makedirs(root, exist_ok=True)
+  axes = {k: v for k, v in sweeps}
+  if seeds:
+    axes[SEED_KEY] = seed_values(seeds)
   _write_json(os.path.join(root, SWEEP_FILE), {
       "config": config_arg, "script": runs[0].command[1] if runs else None, "mode": mode,
-      "sweeps": {k: v for k, v in sweeps}, "fixed": list(fixed),
+      "sweeps": axes, "seeds": int(seeds), "fixed": list(fixed),
       "runs": {r.name: r.overrides for r in runs}})
 
 

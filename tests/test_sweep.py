@@ -38,6 +38,21 @@ def test_expand_grid_zip_and_names():
     sweep.expand([sweeps[0], sweep.parse_sweep("optim.lr=1e-4,3e-4")], "zip")
   with pytest.raises(UserError, match="swept twice"):
     sweep.expand([sweeps[0], sweeps[0]])
+  # --seeds=N: each setting once per train.seed in 0..N-1, crossed with a zip as with a grid.
+  assert sweep.expand(sweeps, "grid", seeds=2)[:3] == [
+      {"adapter.rank": "1", "optim.lr": "1e-4", "train.seed": "0"},
+      {"adapter.rank": "1", "optim.lr": "1e-4", "train.seed": "1"},
+      {"adapter.rank": "1", "optim.lr": "3e-4", "train.seed": "0"}]
+  assert len(sweep.expand(sweeps, "grid", seeds=3)) == 27
+  assert len(sweep.expand(sweeps, "zip", seeds=3)) == 9
+  assert sweep.expand([], seeds=3) == [{"train.seed": s} for s in ("0", "1", "2")]
+  assert sweep.expand([], seeds=3) == sweep.expand([sweep.parse_sweep("train.seed=0,1,2")])
+  with pytest.raises(UserError, match="--seeds=-1: give the number of seeds"):
+    sweep.expand([], seeds=-1)
+  with pytest.raises(UserError, match="both set train.seed"):
+    sweep.expand([sweep.parse_sweep("train.seed=1,2")], seeds=2)
+  with pytest.raises(UserError, match=r"train.seed is both swept \(--seeds\) and fixed"):
+    sweep.plan(CONFIG, "/nonexistent", [], ["--config.train.seed=3"], seeds=2)
   assert sweep.run_name({"adapter.rank": "4", "data.path": "/a/b.jsonl"}) == \
       "adapter.rank=4,data.path=_a_b.jsonl"
   dpo = sweep.load_config([f"--config={os.path.join(ROOT, 'configs', 'dpo.py')}:smoke"])
@@ -60,6 +75,14 @@ def test_typo_and_dry_run_write_nothing(base_dir, chat_files, tmp_path):
     name = f"adapter.rank={r},optim.lr={lr}"
     assert f"--workdir={root}/{name} " in line and "experiments/sft.py" in line
     assert line.endswith(f"--config.adapter.rank={r} --config.optim.lr={lr}")
+  # --seeds=3 with one --sweep: the grid × seeds, one workdir per seed, nothing written.
+  seeds = _cli([args[0], "--sweep=adapter.rank=2,4", "--seeds=3", *args[3:], "--dry_run"])
+  assert seeds.returncode == 0, seeds.stderr
+  lines = seeds.stdout.strip().splitlines()
+  assert len(lines) == 6
+  for line, (r, s) in zip(lines, [(r, s) for r in (2, 4) for s in range(3)]):
+    assert f"--workdir={root}/adapter.rank={r},train.seed={s} " in line
+    assert line.endswith(f"--config.adapter.rank={r} --config.train.seed={s}")
   typo = _cli(args[:1] + ["--sweep=adapter.rnak=2,4", *args[2:]])
   err = typo.stderr.strip().splitlines()
   assert typo.returncode == 1 and len(err) == 1 and "rnak" in err[0], typo.stderr
