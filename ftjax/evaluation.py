@@ -38,15 +38,26 @@ def generate_replies(model, params, tokenizer, prompts: Sequence[Sequence[dict]]
 
 def generation_metrics(replies: Sequence[str], examples: Sequence[dict],
                        score: Optional[Callable[[str, dict], dict]] = None) -> dict:
-  """exact_match (and the task score's means) of replies against their examples."""
+  """exact_match (and the task score's means) of replies against their examples. A metric that
+  is a rate of 0/1 outcomes also gets its counts, `<m>_k` of `<m>_n` scored replies (a NaN
+  score, e.g. `details` of a ticket without details, is not scored), for its interval."""
   refs = [split_chat(e)[1].strip() for e in examples]
-  out = {"exact_match": float(np.mean([r == ref for r, ref in zip(replies, refs)]))}
+  matches = [float(r == ref) for r, ref in zip(replies, refs)]
+  out = {"exact_match": float(np.mean(matches))}
+  out.update(_counts("exact_match", matches))
   if score is not None:
     scores = [score(r, e) for r, e in zip(replies, examples)]
     for k in scores[0]:
       vals = [s[k] for s in scores if not np.isnan(s[k])]
       out[k] = float(np.mean(vals)) if vals else float("nan")
+      out.update(_counts(k, vals))
   return out
+
+
+def _counts(name: str, vals: Sequence[float]) -> dict:
+  if not all(v in (0.0, 1.0) for v in vals):
+    return {}
+  return {f"{name}_k": int(sum(vals)), f"{name}_n": len(vals)}
 
 
 def left_pad(ids: Sequence[Sequence[int]], pad_id: int, rows: Optional[int] = None):

@@ -134,3 +134,22 @@ def format_interval(mean: float, lo: Optional[float], hi: Optional[float],
   if abs((mean - lo) - (hi - mean)) <= 1e-9 * max(1.0, abs(half)):
     return f"{mean:{fmt}} ± {half:{fmt}}"
   return f"{mean:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def add_wilson(metrics: dict, conf: float = 0.95) -> dict:
+  """`metrics` with `<m>_ci95: [lo, hi]` (the Wilson interval) for every rate `<m>` that comes
+  with its counts `<m>_k` and `<m>_n` (what ftjax.evaluation.generation_metrics gives)."""
+  out = {}
+  for key, v in metrics.items():
+    out[key] = v
+    m = key.removesuffix("_n")
+    k, n = metrics.get(f"{m}_k"), metrics.get(f"{m}_n")
+    if key.endswith("_n") and m in metrics and isinstance(k, int) and isinstance(n, int) and n > 0:
+      out[f"{m}_ci95"] = list(wilson(k, n, conf)[1:])  # next to its counts
+  return out
+
+
+def proportion_lines(metrics: dict, conf: float = 0.95) -> list[str]:
+  """`format_proportion` of every rate in `metrics` that has its counts `<m>_k`, `<m>_n`."""
+  return [format_proportion(m, metrics[f"{m}_k"], metrics[f"{m}_n"], conf) for m in metrics
+          if isinstance(metrics.get(f"{m}_k"), int) and metrics.get(f"{m}_n")]

@@ -57,3 +57,14 @@ def test_format_proportion_and_interval():
   mean, lo, hi = stats.t_interval([1.0, 2.0, 3.0])
   assert stats.format_interval(mean, lo, hi) == f"2 ± {(hi - lo) / 2:.4g}"
   assert stats.format_interval(*stats.wilson(1, 120)) == "0.008333 [0.001473, 0.0457]"
+
+
+def test_add_wilson_and_proportion_lines():
+  m = {"exact_match": 0.25, "exact_match_k": 2, "exact_match_n": 8, "details": float("nan"),
+       "details_k": 0, "details_n": 0, "eval_loss": 1.5}
+  out = stats.add_wilson(m)
+  ci = scipy.stats.binomtest(2, 8).proportion_ci(method="wilson")
+  np.testing.assert_allclose(out["exact_match_ci95"], [ci.low, ci.high], rtol=1e-9)
+  assert "details_ci95" not in out and all(out[k] is m[k] for k in m)  # the keys kept
+  assert list(out).index("exact_match_ci95") == list(out).index("exact_match_n") + 1
+  assert stats.proportion_lines(out) == [stats.format_proportion("exact_match", 2, 8)]
