@@ -549,8 +549,20 @@ def hf_tensors(cfg: ModelConfig, params: dict, dtype: Optional[str] = None
     yield entry.hf, _from_params(entry, arrs).astype(np_dtype)
 
 
-def write_hf_dir(out_dir: str, write: Callable[[str], None]):
+EXPORT_MARKER = "ftjax_export.json"
+
+
+def is_export(path: str) -> bool:
+  """Whether `path` is a directory that `write_hf_dir` wrote (it holds `EXPORT_MARKER`)."""
+  return os.path.isfile(os.path.join(path, EXPORT_MARKER))
+
+
+def write_hf_dir(out_dir: str, write: Callable[[str], None], info: Optional[dict] = None):
   """Run `write(tmp_dir)`, then swap tmp_dir in for out_dir: no half-written export.
+
+  `EXPORT_MARKER` (`info` as JSON) goes in beside the files, so that a later export knows the
+  directory for an ftjax export it may replace (experiments/export.py refuses other non-empty
+  directories unless told to overwrite them).
 
   Files are built in a temporary sibling directory; an interruption at any point leaves the
   old directory or the new one complete at out_dir. Files of an old out_dir that no export
@@ -568,6 +580,8 @@ def write_hf_dir(out_dir: str, write: Callable[[str], None]):
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the export's mode
     write(tmp)
+    with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
+      json.dump({"written_by": "ftjax", **(info or {})}, f, indent=2)
     if not os.path.exists(out_dir):
       os.replace(tmp, out_dir)
       return
@@ -586,7 +600,7 @@ def write_hf_dir(out_dir: str, write: Callable[[str], None]):
 
 def _is_export_file(name: str) -> bool:
   return (name.startswith(("model", "adapter_")) and ".safetensors" in name) or name in (
-      "config.json", "generation_config.json", "adapter_config.json")
+      "config.json", "generation_config.json", "adapter_config.json", EXPORT_MARKER)
 
 
 def _link_or_copy(src: str, dst: str):
@@ -642,7 +656,8 @@ def _recover(out_dir: str):
 
 
 def save_pretrained(model: Decoder, params: dict, out_dir: str, dtype: Optional[str] = None,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer_from: str = None):
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer_from: str = None,
+                    export_info: Optional[dict] = None):
   """Write config.json, generation_config.json and safetensors that transformers loads.
 
   LoRA/DoRA adapters are merged in and 4-bit kernels dequantized first (see `lora.merge`).
@@ -651,6 +666,7 @@ def save_pretrained(model: Decoder, params: dict, out_dir: str, dtype: Optional[
     dtype: tensor dtype on disk (default: the model's param dtype).
     max_shard_bytes: above this, shards plus model.safetensors.index.json.
     tokenizer_from: an HF directory whose tokenizer files are copied alongside.
+    export_info: facts for the export marker (see `write_hf_dir`), e.g. the workdir and step.
   """
   if model.spec.prefix is not None:
     raise ValueError("save_pretrained: prefix/prompt tuning cannot be merged into HF weights; "
@@ -674,7 +690,7 @@ def save_pretrained(model: Decoder, params: dict, out_dir: str, dtype: Optional[
     if tokenizer_from:
       copy_tokenizer(tokenizer_from, tmp)
 
-  write_hf_dir(out_dir, write)
+  write_hf_dir(out_dir, write, {"format": "merged", **(export_info or {})})
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -122,7 +122,8 @@ def _fuse_qkv(layers: list[str], leaves: dict, rank: int) -> tuple[np.ndarray, n
 
 
 def save_adapter(model: Decoder, params: dict, out_dir: str,
-                 base_model_name_or_path: Optional[str] = None):
+                 base_model_name_or_path: Optional[str] = None, tokenizer_from: str = None,
+                 export_info: Optional[dict] = None):
   """Write a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`).
 
   LoRA/DoRA as PEFT's LORA; prefix and prompt tuning as PREFIX_TUNING / PROMPT_TUNING.
@@ -130,12 +131,14 @@ def save_adapter(model: Decoder, params: dict, out_dir: str,
   `_fuse_qkv`), with `rank_pattern`/`alpha_pattern` keeping alpha/r.
 
   `peft.PeftModel.from_pretrained(base, out_dir)` loads it with the same logits.
+  `tokenizer_from` and `export_info` as in `hf.save_pretrained`.
   """
   lcfg = model.spec.lora
   if model.spec.prefix is not None:
     if lcfg is not None:
       raise ValueError("save_adapter: PEFT has no format for LoRA and prefix tuning together")
-    return _save_prefix_adapter(model, params, out_dir, base_model_name_or_path)
+    return _save_prefix_adapter(model, params, out_dir, base_model_name_or_path, tokenizer_from,
+                                export_info)
   if lcfg is None:
     raise ValueError("save_adapter: the model has no adapter")
   gpt2 = model.cfg.family == "gpt2"
@@ -186,8 +189,10 @@ def save_adapter(model: Decoder, params: dict, out_dir: str,
     with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
       json.dump(config, f, indent=2)
     st_io.write(os.path.join(tmp, "adapter_model.safetensors"), tensors)
+    if tokenizer_from:
+      hf.copy_tokenizer(tokenizer_from, tmp)
 
-  hf.write_hf_dir(out_dir, write)
+  hf.write_hf_dir(out_dir, write, {"format": "peft", **(export_info or {})})
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -320,7 +325,8 @@ def load_adapter(model: Decoder, params: dict, adapter_dir: str) -> tuple[Decode
 
 
 def _save_prefix_adapter(model: Decoder, params: dict, out_dir: str,
-                        base_model_name_or_path: str | None = None):
+                        base_model_name_or_path: str | None = None, tokenizer_from: str = None,
+                        export_info: Optional[dict] = None):
   """Write a PEFT prefix- or prompt-tuning adapter that `PeftModel.from_pretrained` loads."""
   pc, cfg = model.spec.prefix, model.cfg
   shared = {"task_type": "CAUSAL_LM", "num_virtual_tokens": pc.length, "inference_mode": True,
@@ -342,8 +348,10 @@ def _save_prefix_adapter(model: Decoder, params: dict, out_dir: str,
     with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
       json.dump(config, f, indent=2)
     st_io.write(os.path.join(tmp, "adapter_model.safetensors"), [("prompt_embeddings", emb)])
+    if tokenizer_from:
+      hf.copy_tokenizer(tokenizer_from, tmp)
 
-  hf.write_hf_dir(out_dir, write)
+  hf.write_hf_dir(out_dir, write, {"format": "peft", **(export_info or {})})
 
 
 def _load_prefix_adapter(model: Decoder, params: dict, adapter_dir: str, acfg: dict):
