@@ -77,8 +77,10 @@ def data(format="chat", packing=True) -> dict:
 
 def preference_data(format="auto") -> dict:
   """Preference pairs (ftjax.data.preference.build_preference_dataset's keys). No default
-  files: a run on the user's data must not evaluate on the demo's."""
-  return {**data(format), "max_prompt_len": 0}
+  files: a run on the user's data must not evaluate on the demo's. `max_prompt_length`: a pair
+  too long for train.seq_len cuts its prompt from the left, down to this many tokens, before
+  its responses (0: half of seq_len, TRL's old 512-of-1024 split; see ftjax/data/preference.py)."""
+  return {**data(format), "max_prompt_length": 0}
 
 
 def optim(lr) -> dict:

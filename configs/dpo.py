@@ -10,6 +10,10 @@ order number, drops the brand voice or escalates wrongly; chat form) and their e
 arg takes the keys of configs/sft.py (model=, adapter=, quant=, format=, smoke) plus
 `loss=sigmoid|ipo|hinge|robust` and `data=support`; print the resolved config with
 --print_config.
+Pairs longer than train.seq_len cut the prompt from the left (it keeps its end) down to
+`data.max_prompt_length` tokens (0, the default: half of seq_len) before the responses are cut;
+pairs that truncation leaves with identical sides are counted in a warning, and data where all
+of them are is refused (the same holds for configs/reward.py).
 `dpo.reference`: auto (adapters off when training adapters, else a frozen copy of the initial
 params) | precomputed (one pass over the data before training).
 """

@@ -106,6 +106,7 @@ def attach_reference(batch: dict, table: dict) -> dict:
 
 def run(config, workdir: str) -> dict:
   # ---- setup: config, model and data are checked before anything is written
+  common.validate(config)
   t, d = config.train, config.dpo
   if d.reference not in ("auto", "precomputed"):
     raise UserError(f"config.dpo.reference={d.reference!r}: expected auto or precomputed")

@@ -42,11 +42,11 @@ def define_flags():
   flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch.")
   flags.DEFINE_bool("chat", False, "Render prompts with the tokenizer's chat template.")
   flags.DEFINE_string("system", None, "System message for --chat.")
-  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate (>= 1).", lower_bound=1)
   flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
-  flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: off).")
+  flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: off).", lower_bound=0)
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
-  flags.DEFINE_integer("n_samples", 1, "Samples per prompt.")
+  flags.DEFINE_integer("n_samples", 1, "Samples per prompt.", lower_bound=1)
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param dtype.")
   flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"],
@@ -119,6 +119,10 @@ def run(model_path, prompts, tokenizer_path=None, chat=False, system=None, max_n
   model_path is an HF directory (or hub name), a PEFT adapter directory (on `base` or the base
   its config names) or an ftjax training workdir (its latest checkpoint, adapters applied).
   """
+  # Checked before the model loads: 0 new tokens decodes nothing (the sampler would fail on it).
+  for name, value in (("max_new_tokens", max_new_tokens), ("n_samples", n_samples)):
+    if int(value) < 1:
+      raise UserError(f"--{name}={value}: expected an integer >= 1")
   is_adapter = (os.path.exists(os.path.join(model_path, "adapter_config.json"))
                 and not os.path.exists(os.path.join(model_path, "config.json")))
   if is_adapter:

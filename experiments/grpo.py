@@ -171,6 +171,7 @@ def score(reward_fns, weights, rows, texts, ro, g: int):
 
 def run(config, workdir: str) -> dict:
   # ---- setup: config, data and rewards are checked before anything is written
+  common.validate(config)
   t, g = config.train, config.grpo
   check_config(config)
   s = settings(config)

@@ -106,6 +106,7 @@ def prompt_rows(config) -> tuple[list[dict], list[dict]]:
 
 def run(config, workdir: str) -> dict:
   # ---- setup: config, models and data are checked before anything is written
+  common.validate(config)
   check(config)
   t, pc = config.train, config.ppo
   par = wd.parallel(config)

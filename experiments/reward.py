@@ -39,6 +39,7 @@ FLAGS = flags.FLAGS
 
 def run(config, workdir: str) -> dict:
   # ---- setup: config, model and data are checked before anything is written
+  common.validate(config)
   t, rc = config.train, config.reward
   if config.model.head != "score":
     raise UserError("config.model.head must be 'score' for a reward model")

@@ -54,6 +54,7 @@ def evaluate(eval_fn, params, batches) -> dict:
 def run(config, workdir: str) -> dict:
   """Train; returns the last logged metrics (and eval metrics) as floats."""
   # ---- setup: config, model and data are checked before anything is written
+  common.validate(config)
   t = config.train
   if t.batch_size % t.grad_accum:
     raise UserError(f"config.train.batch_size={t.batch_size} is not divisible by "

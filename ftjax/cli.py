@@ -5,11 +5,15 @@ a wrong type) or a config file's `UserError` is one line too, adds `--print_conf
 with a `--config` flag (prints the resolved config, overrides applied, and exits), and turns
 `errors.UserError` / `errors.Diverged` into `error: <one line>` with exit code 1 and
 `errors.Interrupted` into a line saying how to resume with exit code 128 + signal (the shell's
-convention for a process ended by a signal). Anything else is a bug and keeps its traceback.
+convention for a process ended by a signal). Ctrl-C outside a training loop's signal handler
+(while the model loads or the step compiles) is one line too, with exit code 130. Anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from typing import Callable, Optional
 
@@ -120,6 +124,39 @@ def _die(msg: str, code: int = 1):
   sys.exit(code)
 
 
+def _checkpoint_steps(workdir: str) -> list[int]:
+  d = os.path.join(workdir, "checkpoints")
+  return [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+
+
+def interrupted_message() -> str:
+  """What a Ctrl-C outside the training loop leaves: for a script with --workdir, whether a
+  rerun resumes (a checkpoint is there) or starts over."""
+  msg = "interrupted by SIGINT (Ctrl-C)"
+  workdir = FLAGS["workdir"].value if "workdir" in FLAGS else None
+  if not workdir:
+    return msg
+  try:
+    steps = _checkpoint_steps(workdir)
+  except OSError:
+    steps = []
+  if steps:
+    return (f"{msg}; {workdir} holds the checkpoint of step {max(steps)}: rerun the same command "
+            "to resume from it")
+  return f"{msg} before the first checkpoint; nothing to resume: rerun the same command to start"
+
+
+def _die_interrupted():
+  # A second Ctrl-C while this prints would be another traceback.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  print(interrupted_message(), file=sys.stderr)
+  sys.stderr.flush()
+  sys.stdout.flush()
+  # No interpreter teardown: threads still compiling or loading (XLA, the tokenizer) have
+  # crashed it once at exit. Nothing is left half-written: saves are atomic renames.
+  os._exit(128 + signal.SIGINT)
+
+
 def run(main: Callable, define_flags: Callable[[], None]):
   define_flags()
   has_config = "config" in FLAGS
@@ -142,3 +179,5 @@ def run(main: Callable, define_flags: Callable[[], None]):
   except Interrupted as e:
     print(str(e), file=sys.stderr)
     sys.exit(128 + (e.signum or 15))
+  except KeyboardInterrupt:
+    _die_interrupted()

@@ -15,7 +15,9 @@ import jax.numpy as jnp
 from ftjax.errors import UserError
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
-ADAPTER_DTYPES = ("float32", "bfloat16", "float16")
+# Parameter and compute dtypes a config may name (model.dtype, model.compute_dtype, adapter.dtype).
+DTYPES = ("float32", "bfloat16", "float16")
+ADAPTER_DTYPES = DTYPES
 # "auto" plus the names jax.lax.Precision accepts.
 MATMUL_PRECISIONS = ("auto", "highest", "float32", "high", "tensorfloat32", "bfloat16_3x",
                      "default", "bfloat16", "fastest")

@@ -46,11 +46,38 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str):
   return fast
 
 
+# Files any of transformers' tokenizers is read from (one of them is enough).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _check_json(path: str):
+  import json
+  try:
+    with open(path) as f:
+      json.load(f)
+  except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+    raise UserError(f"{path}: invalid JSON ({e})") from None
+
+
 def load_tokenizer(path: str):
-  """An HF tokenizer from a local directory (no remote code)."""
+  """An HF tokenizer from a local directory (no remote code).
+
+  A directory with no tokenizer files and a corrupt JSON file (config.json, tokenizer.json,
+  tokenizer_config.json) are told apart: each is one line naming what is wrong."""
   from transformers import AutoTokenizer
   if not os.path.isdir(path):
     raise UserError(f"{path}: no such tokenizer directory")
+  names = set(os.listdir(path))
+  if not names:
+    raise UserError(f"{path}: the directory is empty (no config.json, no tokenizer files such "
+                    f"as {', '.join(TOKENIZER_FILES[:3])})")
+  for name in ("config.json", "tokenizer_config.json", "tokenizer.json"):
+    if name in names:
+      _check_json(os.path.join(path, name))
+  if not names & set(TOKENIZER_FILES):
+    raise UserError(f"{path}: has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                    "give a tokenizer directory (config.model.tokenizer, generate.py --tokenizer)")
   try:
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
   except (OSError, ValueError) as e:  # missing or unreadable tokenizer files

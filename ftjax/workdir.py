@@ -136,8 +136,10 @@ def data_config(config, workdir: Optional[str] = None) -> dict:
     d["sources"] = [{"path": p} for p in d["path"].split(",") if p]
   if d.get("eval_path"):
     d["eval_sources"] = [{"path": p} for p in d["eval_path"].split(",") if p]
-  if not d.get("max_prompt_len"):
-    d.pop("max_prompt_len", None)
+  if "max_prompt_len" in d:  # the preference key's older name (configs saved before the rename)
+    legacy = d.pop("max_prompt_len")
+    if legacy and not d.get("max_prompt_length"):
+      d["max_prompt_length"] = legacy
   if not d.get("sources"):
     raise UserError("config.data.path (or config.data.sources) is required")
   return d

@@ -226,22 +226,46 @@ def test_overflow_long_prompt_cut_from_the_left(tok):
   long = {"prompt": LONG, "chosen": " It shipped.", "rejected": " No idea."}
   full = pref.tokenize_preference(long, tok, "pairs")
   seq_len = 12
-  assert full["prompt_len"] > seq_len + 1
-  (t,), st = pref.tokenize_preference_records([long], tok, "pairs", seq_len)
-  assert st.truncated == 1 and t["prompt_len"] == seq_len
   p = full["prompt_len"]
+  assert p > seq_len + 1
+  # max_prompt_length >= seq_len: the prompt takes all but one position.
+  (t,), st = pref.tokenize_preference_records([long], tok, "pairs", seq_len,
+                                              max_prompt_length=seq_len)
+  assert st.truncated == 1 and t["prompt_len"] == seq_len
   # BOS stays first, then the end of the prompt, then one response token.
   np.testing.assert_array_equal(t["chosen"], [BOS, *full["chosen"][p - seq_len + 1:p + 1]])
   assert_shared_prompt(t)
   assert t["chosen_mask"].sum() == t["rejected_mask"].sum() == 1
 
-  # max_prompt_len: the prompt gives way to the response, down to max_prompt_len tokens.
-  (t,), _ = pref.tokenize_preference_records([long], tok, "pairs", seq_len, max_prompt_len=4)
+  # max_prompt_length: the prompt gives way to the response, down to max_prompt_length tokens.
   longest = max(len(full["chosen"]), len(full["rejected"])) - p
-  assert t["prompt_len"] == max(4, seq_len + 1 - longest)
-  assert len(t["rejected"]) == seq_len + 1 or len(t["chosen"]) == seq_len + 1
-  assert response_text(tok, t, "rejected").startswith(" No")
-  assert_shared_prompt(t)
+  for mpl, want in ((4, max(4, seq_len + 1 - longest)),
+                    (None, max(seq_len // 2, seq_len + 1 - longest))):  # default: half
+    (t,), _ = pref.tokenize_preference_records([long], tok, "pairs", seq_len,
+                                               max_prompt_length=mpl)
+    assert t["prompt_len"] == want < seq_len
+    assert len(t["rejected"]) == seq_len + 1 or len(t["chosen"]) == seq_len + 1
+    assert response_text(tok, t, "rejected").startswith(" No")
+    assert_shared_prompt(t)
+    assert not pref.identical_sides(t)
+  with pytest.raises(DataError, match="max_prompt_length=-1"):
+    pref.tokenize_preference_records([long], tok, "pairs", seq_len, max_prompt_length=-1)
+
+
+def test_long_prompt_keeps_its_end_as_trl_does(tok):
+  """TRL cuts a long prompt from the left (`prompt_ids[-max_prompt_length:]`) and keeps the
+  responses whole when they fit; so do we, BOS kept first."""
+  long = {"prompt": LONG * 3, "chosen": " It shipped on Monday.",
+          "rejected": " I want to return the jacket."}
+  full = pref.tokenize_preference(long, tok, "pairs")
+  p, seq_len, mpl = full["prompt_len"], 48, 20
+  prompt = full["chosen"][1:p]  # without BOS, as TRL tokenizes it
+  (t,), _ = pref.tokenize_preference_records([long], tok, "pairs", seq_len, max_prompt_length=mpl)
+  assert t["prompt_len"] >= mpl
+  k = t["prompt_len"] - 1
+  np.testing.assert_array_equal(t["chosen"][:t["prompt_len"]], [BOS, *prompt[-k:]])
+  for side in ("chosen", "rejected"):  # the responses fit after the prompt: whole
+    np.testing.assert_array_equal(t[side][t["prompt_len"]:], full[side][p:])
 
 
 def test_overflow_empty_prompt(tok):
@@ -451,3 +475,32 @@ def test_auto_takes_trl_layouts_as_trl_does(tok, tmp_path):
       # ftjax leaves out of the sequence: compare up to the end-of-turn / EOS token.
       assert response == trl[f"{side}_ids"][:len(response)] and response[-1] == END, (name, side)
       assert tok.decode(trl[f"{side}_ids"][len(response):]).strip() == "", (name, side)
+
+
+def test_identical_sides_after_truncation_are_refused_or_counted(tok, tmp_path):
+  """A long prompt that leaves both sides the same response tokens: the pair teaches nothing.
+  All such pairs: refused naming the file and the count; a budget for the prompt fixes them."""
+  same_start = {"prompt": LONG * 2, "chosen": " It shipped on Monday.",
+                "rejected": " It shipped never."}
+  differ = {"prompt": "Where is my order?", "chosen": " It shipped.", "rejected": " No."}
+  seq_len = 24
+  (t,), _ = pref.tokenize_preference_records([same_start], tok, "pairs", seq_len,
+                                             max_prompt_length=seq_len)
+  assert pref.identical_sides(t)  # one response token, the same on both sides
+  (t,), _ = pref.tokenize_preference_records([same_start], tok, "pairs", seq_len)
+  assert not pref.identical_sides(t)  # the default budget leaves the responses room
+  a = write_jsonl(tmp_path / "long.jsonl", [same_start] * 3)
+  cfg = {"sources": [{"path": a}], "format": "pairs", "max_prompt_length": seq_len,
+         "cache_dir": str(tmp_path / "cache")}
+  with pytest.raises(DataError, match=r"long\.jsonl: all 3 preference pairs have identical.*"
+                     r"max_prompt_length=24.*lower data\.max_prompt_length"):
+    pref.build_preference_dataset(cfg, tok, seq_len, 2)
+  assert not (tmp_path / "cache").exists()  # nothing cached for refused data
+  b = write_jsonl(tmp_path / "mixed.jsonl", [same_start, differ, differ])
+  data = pref.build_preference_dataset({**cfg, "sources": [{"path": b}]}, tok, seq_len, 2)
+  assert pref.count_identical(data.train.examples) == 1
+  # The older key name still works.
+  legacy = {k: v for k, v in cfg.items() if k != "max_prompt_length"}
+  with pytest.raises(DataError, match="all 3"):
+    pref.build_preference_dataset({**legacy, "max_prompt_len": seq_len}, tok, seq_len, 2)
+  pref.build_preference_dataset({**legacy, "cache_dir": "none"}, tok, seq_len, 2)

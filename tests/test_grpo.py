@@ -230,7 +230,7 @@ def test_bad_data_and_rewards_are_one_line_cli(tmp_path):
   res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
   assert res.returncode == 1
   assert res.stderr.strip().splitlines()[-1] == (
-      f"error: {empty}: row 1: field 'prompt' is empty or not a string/messages")
+      f"error: {empty}: row 2: field 'prompt' is empty or not a string/messages")
 
 
 def test_wrong_length_reward_is_one_line(tmp_path, monkeypatch):

@@ -365,7 +365,7 @@ def test_bad_input_is_a_one_line_error(base_dir, rm_dir, prompt_file, tmp_path):
   cases = [({"ppo.reward_model": ""}, "config.ppo.reward_model is required"),
            ({"ppo.reward_model": str(tmp_path)}, "neither a reward workdir nor an HF"),
            ({"ppo.reward_model": base_dir}, "not a reward model"),
-           ({"data.path": str(bad)}, "bad.jsonl: row 1: field 'prompt' is empty"),
+           ({"data.path": str(bad)}, "bad.jsonl: row 2: field 'prompt' is empty"),
            ({"ppo.num_mini_batches": 3}, "must split into config.ppo.num_mini_batches=3"),
            ({"ppo.temperature": 0.0}, "config.ppo.temperature=0.0"),
            ({"ppo.critic": "both"}, "config.ppo.critic='both'")]

@@ -244,7 +244,28 @@ def tokenize_example(record: Mapping, tokenizer, format: str, *,
       return _chat_example(tokenizer, messages, loss_on_prompt)
     return _pc_example(tokenizer, prompt, completion, loss_on_prompt, add_bos)
   except _RowError as e:
-    raise DataError(str(e)) from None
+    raise DataError(str(e) + _format_hint(record, format, fields, str(e))) from None
+
+
+# The fields that say which layout a row has, in the order they are tried.
+_SIGNATURES = (("chat", ("messages",)), ("prompt_completion", ("prompt", "completion")),
+               ("alpaca", ("instruction", "output")), ("text", ("text",)))
+
+
+def _format_hint(record: Any, format: str, fields: Mapping[str, str], problem: str) -> str:
+  """`; the row has 'prompt' and 'completion': pass --config.data.format=prompt_completion`
+  when a missing field is explained by the row being in another format's layout."""
+  if not isinstance(record, Mapping) or not problem.endswith("is missing"):
+    return ""
+  if all(fields.get(k, k) in record for k in ("chosen", "rejected")):
+    return ("; the row has 'chosen' and 'rejected': preference pairs train with "
+            "experiments/dpo.py or experiments/reward.py")
+  for fmt, keys in _SIGNATURES:
+    names = [fields.get(k, k) for k in keys]
+    if fmt != format and all(n in record for n in names):
+      has = " and ".join(f"'{n}'" for n in names)
+      return f"; the row has {has}: pass --config.data.format={fmt}"
+  return ""
 
 
 def check_tokenizer(tokenizer, format: str, chat_template: bool = False):

@@ -32,10 +32,15 @@ differ) raise a one-line `DataError` naming the file, row and field, or with
 
 Overflow: as in `formats`, n tokens fill n - 1 (input, target) positions, so a side fits a row of
 seq_len when n <= seq_len + 1. A pair with a longer side is dropped (`overflow="drop"`) or
-truncated ("truncate"): the prompt is kept whole while at least one response token fits after it
-(else cut from the left, keeping BOS, to leave one), and the responses are cut to fit. With
-`max_prompt_len`, a too-long pair's prompt is first cut from the left as far as needed to fit the
-longer response, though not below max_prompt_len tokens.
+truncated ("truncate"), as TRL truncates preference pairs: the prompt gives way first, cut from
+the LEFT (it keeps its last tokens, and BOS stays first) as far as needed to fit the longer
+response, though not below `max_prompt_length` tokens; then the responses are cut from the right
+to fit. `max_prompt_length` 0 (the default) is half of seq_len: TRL's DPO defaults were
+max_prompt_length=512 of max_length=1024 (TRL 1.x dropped the key and cuts the whole sequence
+from the right instead, which loses the responses of a long prompt). A prompt that fits is never
+cut. Without such a budget a long prompt leaves one response token, often the same on both sides:
+a pair whose two sides are then identical (`identical_sides`) adds nothing to the loss. Their
+count is logged as a warning, and data where every train pair is such a pair is refused.
 
 Batches (`PreferenceIterator`, `eval_batches`) hold B pairs as 2B right-padded rows, never packed:
 rows 0..B-1 the chosen sides, rows B..2B-1 the matching rejected ones (with several processes,
@@ -53,8 +58,8 @@ exactly as its pair starts, and `prompt_batches` left-pads prompts for `sampling
 
 `build_preference_dataset` reads the keys of `ftjax.data.build_dataset`'s config (sources,
 format: auto | pairs | chat, fields, overflow: truncate | drop, skip_malformed, chat_template,
-add_bos, eval_fraction, eval_sources, seed, cache_dir) plus `max_prompt_len`; `packing` and
-`loss_on_prompt` do not apply.
+add_bos, eval_fraction, eval_sources, seed, cache_dir) plus `max_prompt_length` (the older name
+`max_prompt_len` is read too); `packing` and `loss_on_prompt` do not apply.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from absl import logging
 
 from ftjax.data import cache, pipeline
 from ftjax.data.formats import (DataStats, _field, _ids, _messages, _pc_example,
@@ -266,10 +272,23 @@ def _cut_left(tokens: np.ndarray, keep: int, bos_id: int | None) -> np.ndarray:
   return np.concatenate([head, tokens[len(tokens) - (keep - len(head)):]])
 
 
+def resolve_max_prompt_length(value: Any, seq_len: int) -> int:
+  """`data.max_prompt_length` as a token count: 0 or None is half of seq_len (at least 1)."""
+  if value is None or value == 0:
+    return max(1, int(seq_len) // 2)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise DataError(f"data.max_prompt_length={value!r}: expected a token count >= 1, or 0 for "
+                    "half of train.seq_len")
+  return int(value)
+
+
 def fit_pair(example: dict, seq_len: int, overflow: str = "truncate",
-             max_prompt_len: int | None = None, bos_id: int | None = None
+             max_prompt_length: int | None = None, bos_id: int | None = None
              ) -> tuple[dict | None, str | None]:
-  """Fit a pair to rows of seq_len: (pair or None, what happened: None|truncated|dropped)."""
+  """Fit a pair to rows of seq_len: (pair or None, what happened: None|truncated|dropped).
+
+  A pair that overflows keeps at least `max_prompt_length` prompt tokens (0 / None: half of
+  seq_len) and more where the longer response leaves room; see the module docstring."""
   n_max = seq_len + 1  # n tokens make n - 1 (input, target) positions
   p = example["prompt_len"]
   longest = max(len(example["chosen"]), len(example["rejected"])) - p
@@ -280,7 +299,7 @@ def fit_pair(example: dict, seq_len: int, overflow: str = "truncate",
     if overflow != "truncate":
       raise DataError(f"unknown overflow mode {overflow!r} (use "
                       f"{', '.join(PREFERENCE_OVERFLOW)})")
-    floor = n_max - 1 if max_prompt_len is None else min(int(max_prompt_len), n_max - 1)
+    floor = min(resolve_max_prompt_length(max_prompt_length, seq_len), n_max - 1)
     keep = min(p, max(floor, n_max - longest))
     prompt = _cut_left(example["chosen"][:p], keep, bos_id)
     room = n_max - keep  # >= 1 response token
@@ -294,6 +313,26 @@ def fit_pair(example: dict, seq_len: int, overflow: str = "truncate",
     if not example[f"{side}_mask"][1:].any():  # no response token is a target
       return None, "dropped"
   return example, event
+
+
+def _scored_part(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The tokens and mask a side's log-prob depends on: up to its last response target."""
+  targets = np.flatnonzero(mask[1:])  # position j predicts token j + 1
+  end = int(targets[-1]) + 2 if len(targets) else 0
+  return tokens[:end], mask[:end]
+
+
+def identical_sides(example: dict) -> bool:
+  """Whether the pair's chosen and rejected sides score the same tokens in the same context
+  (truncation cut both to the same response tokens): such a pair adds nothing to a DPO or
+  reward loss."""
+  (c, cm), (r, rm) = (_scored_part(example[s], example[f"{s}_mask"])
+                      for s in ("chosen", "rejected"))
+  return len(c) == len(r) and bool(np.array_equal(c, r) and np.array_equal(cm, rm))
+
+
+def count_identical(examples: Sequence[dict]) -> int:
+  return sum(identical_sides(e) for e in examples)
 
 
 # --- many records --------------------------------------------------------------------------------
@@ -311,7 +350,7 @@ def tokenize_preference_records(records: Records | Sequence[Mapping], tokenizer,
                                 seq_len: int, *, fields: Mapping[str, str] | None = None,
                                 overflow: str = "truncate", skip_malformed: bool = False,
                                 chat_template: bool = False, add_bos: bool = True,
-                                max_prompt_len: int | None = None
+                                max_prompt_length: int | None = None
                                 ) -> tuple[list[dict], DataStats]:
   """Tokenize every record into a pair, fit it to seq_len, and count what happened.
 
@@ -321,13 +360,12 @@ def tokenize_preference_records(records: Records | Sequence[Mapping], tokenizer,
   _check(tokenizer, format, chat_template)
   if overflow not in PREFERENCE_OVERFLOW:
     raise DataError(f"unknown overflow mode {overflow!r} (use {', '.join(PREFERENCE_OVERFLOW)})")
-  if max_prompt_len is not None and max_prompt_len < 1:
-    raise DataError(f"max_prompt_len must be >= 1, got {max_prompt_len}")
+  resolve_max_prompt_length(max_prompt_length, seq_len)  # a bad value fails before any row
   make = lambda r: tokenize_preference(r, tokenizer, format, fields=fields,
                                        chat_template=chat_template, add_bos=add_bos)
   stats, examples = DataStats(), []
   for ex in each_record(records, make, skip_malformed, stats):
-    ex, event = fit_pair(ex, seq_len, overflow, max_prompt_len, tokenizer.bos_token_id)
+    ex, event = fit_pair(ex, seq_len, overflow, max_prompt_length, tokenizer.bos_token_id)
     if event == "truncated":
       stats.truncated += 1
     elif event == "dropped":
@@ -547,7 +585,35 @@ def prepare_preference_source(source: Any, tokenizer, seq_len: int, data_config:
       records, tokenizer, fmt, seq_len, fields=opt("fields"), overflow=opt("overflow", "truncate"),
       skip_malformed=bool(opt("skip_malformed", False)),
       chat_template=bool(opt("chat_template", False)), add_bos=bool(opt("add_bos", True)),
-      max_prompt_len=opt("max_prompt_len"))
+      max_prompt_length=opt("max_prompt_length") or opt("max_prompt_len"))
+
+
+def _truncation_hint(data_config: Any, seq_len: int) -> str:
+  mpl = cfg_get(data_config, "max_prompt_length") or cfg_get(data_config, "max_prompt_len")
+  return (f"after truncation to train.seq_len={seq_len} with data.max_prompt_length="
+          f"{resolve_max_prompt_length(mpl, seq_len)}")
+
+
+def _refuse_all_identical(examples: Sequence[dict], data_config: Any, seq_len: int):
+  """Every train pair identical on both sides: training would learn nothing (loss log 2, zero
+  gradients, exit 0), so the data is refused."""
+  n = count_identical(examples)
+  if examples and n == len(examples):
+    files = ", ".join(describe(s) for s in cfg_get(data_config, "sources", []))
+    raise DataError(f"{files}: all {n} preference pairs have identical chosen and rejected sides "
+                    f"{_truncation_hint(data_config, seq_len)} (nothing to learn); lower "
+                    "data.max_prompt_length or raise train.seq_len")
+
+
+def _warn_identical(train: Sequence[dict], evals: Sequence[dict], data_config: Any,
+                    seq_len: int):
+  n, n_eval = count_identical(train), count_identical(evals)
+  if n or n_eval:
+    files = ", ".join(describe(s) for s in cfg_get(data_config, "sources", []))
+    logging.warning("%s: %d of %d train pairs (and %d of %d eval pairs) have identical chosen and "
+                    "rejected sides %s: they add nothing to the loss; lower "
+                    "data.max_prompt_length or raise train.seq_len", files, n, len(train),
+                    n_eval, len(evals), _truncation_hint(data_config, seq_len))
 
 
 def build_preference_dataset(data_config: Any, tokenizer, seq_len: int, batch_size: int, *,
@@ -566,9 +632,14 @@ def build_preference_dataset(data_config: Any, tokenizer, seq_len: int, batch_si
   seed = int(cfg_get(data_config, "seed", seed))
   prepare = lambda source, records=None: prepare_preference_source(
       source, tokenizer, seq_len, data_config, records=records)
+
+  def build():
+    out = collect_sources(data_config, prepare, seed, "pairs")
+    _refuse_all_identical(out[0], data_config, seq_len)  # before the cache keeps it
+    return out
   train_examples, eval_examples, stats, eval_stats = cache.load_or_build(
-      cfg_get(data_config, "cache_dir"), data_config, "pairs", tokenizer, seq_len, seed,
-      lambda: collect_sources(data_config, prepare, seed, "pairs"))
+      cfg_get(data_config, "cache_dir"), data_config, "pairs", tokenizer, seq_len, seed, build)
+  _warn_identical(train_examples, eval_examples, data_config, seq_len)
   count_pair_tokens(train_examples, stats)
   count_pair_tokens(eval_examples, eval_stats)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -16,8 +16,10 @@ from ftjax.data import sources
 from ftjax.errors import UserError
 
 
-def check_rows(rows: Sequence[dict], where: str) -> list[dict]:
-  """The rows as dicts, each with a non-empty `prompt`; else a one-line error naming the row."""
+def check_rows(rows: Sequence[dict], where: str,
+               row_numbers: Optional[Sequence[int]] = None) -> list[dict]:
+  """The rows as dicts, each with a non-empty `prompt`; else a one-line error naming the row
+  (1-based, as every data error counts them; `row_numbers` when the rows are a selection)."""
   out = []
   for i, r in enumerate(rows):
     p = r.get("prompt") if isinstance(r, dict) else None
@@ -26,7 +28,8 @@ def check_rows(rows: Sequence[dict], where: str) -> list[dict]:
                                                for m in p))
            or not isinstance(p, (str, list)))
     if bad:
-      raise UserError(f"{where}: row {i}: field 'prompt' is "
+      row = row_numbers[i] if row_numbers is not None else i + 1
+      raise UserError(f"{where}: row {row}: field 'prompt' is "
                       f"{'missing' if p is None else 'empty or not a string/messages'}")
     out.append(dict(r))
   if not out:
@@ -37,7 +40,8 @@ def check_rows(rows: Sequence[dict], where: str) -> list[dict]:
 def load_rows(source, where: Optional[str] = None) -> list[dict]:
   """Rows of a local JSONL/JSON/parquet file or a hub dataset (`data.sources` entry)."""
   records = sources.load_records(source)
-  return check_rows([sources.to_python(r) for r in records], where or sources.describe(source))
+  return check_rows([sources.to_python(r) for r in records], where or sources.describe(source),
+                    [records.row(i) for i in range(len(records))])
 
 
 GSM8K_INSTRUCTION = ("Solve the problem step by step, then give the final answer as a number "
@@ -50,11 +54,12 @@ def gsm8k_rows(source, where: Optional[str] = None) -> list[dict]:
   stays a column, which `rewards.answer_match` reads after its `####`."""
   where = where or sources.describe(source)
   rows = []
-  for i, r in enumerate(sources.load_records(source)):
+  records = sources.load_records(source)
+  for i, r in enumerate(records):
     r = sources.to_python(r)
     for field in ("question", "answer"):
       if not isinstance(r.get(field), str) or not r[field].strip():
-        raise UserError(f"{where}: row {i + 1}: field {field!r} is missing or empty "
+        raise UserError(f"{where}: row {records.row(i)}: field {field!r} is missing or empty "
                         "(GSM8K layout: question, answer)")
     rows.append({"prompt": [{"role": "user",
                              "content": f"{r['question'].strip()}\n\n{GSM8K_INSTRUCTION}"}],

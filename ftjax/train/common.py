@@ -8,6 +8,7 @@ hold no optimizer state.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import jax
@@ -15,6 +16,60 @@ import jax.numpy as jnp
 import optax
 
 from ftjax import partition
+from ftjax.errors import UserError
+
+OPTIMIZERS = ("adamw", "adam", "lion", "sgd", "adafactor")
+SCHEDULES = ("cosine", "linear", "constant")
+# train.<key>: the least value that means something (0 for "none" or "all", 1 for a count or a
+# period: a step every 0 steps divides by zero).
+TRAIN_MINIMUMS = {"steps": 1, "batch_size": 1, "seq_len": 1, "grad_accum": 1, "log_every": 1,
+                  "eval_every": 1, "save_every": 1, "keep": 1, "eval_batches": 0,
+                  "early_stop_patience": 0, "logprob_chunk": 0}
+
+
+def _get(section, key, default=None):
+  return section.get(key, default) if hasattr(section, "get") else getattr(section, key, default)
+
+
+def _int_at_least(where: str, value, least: int):
+  if isinstance(value, bool) or not isinstance(value, int) or value < least:
+    allowed = "an integer >= 1" if least == 1 else f"an integer >= {least}"
+    raise UserError(f"config.{where}={value!r}: expected {allowed}")
+
+
+def validate(config):
+  """The train, optim and model keys every trainer shares, checked before anything is built or
+  written: a UserError naming the key and what it may be. A run's own section (dpo, grpo, ppo)
+  is its script's to check."""
+  from ftjax.config import ATTENTIONS, DTYPES, REMAT_POLICIES
+  t = config.train
+  for key, least in TRAIN_MINIMUMS.items():
+    if _get(t, key) is not None:
+      _int_at_least(f"train.{key}", _get(t, key), least)
+  o = config.optim
+  if o.name not in OPTIMIZERS:
+    raise UserError(f"config.optim.name={o.name!r}: expected one of {', '.join(OPTIMIZERS)}")
+  if o.schedule not in SCHEDULES:
+    raise UserError(f"config.optim.schedule={o.schedule!r}: expected one of "
+                    f"{', '.join(SCHEDULES)}")
+  # lr <= 0 trains by gradient ascent or not at all, and exits 0.
+  if isinstance(o.lr, bool) or not isinstance(o.lr, (int, float)) or not (
+      math.isfinite(o.lr) and o.lr > 0):
+    raise UserError(f"config.optim.lr={o.lr!r}: expected a number > 0")
+  _int_at_least("optim.warmup_steps", o.warmup_steps, 0)
+  ratio = _get(o, "min_lr_ratio", 0.0)
+  if not 0.0 <= float(ratio) <= 1.0:
+    raise UserError(f"config.optim.min_lr_ratio={ratio!r}: expected a fraction in [0, 1]")
+  mpl = _get(_get(config, "data", {}), "max_prompt_length")
+  if mpl is not None:  # preference data: 0 is half of seq_len
+    _int_at_least("data.max_prompt_length", mpl, 0)
+  m = config.model
+  for key, allowed in (("dtype", DTYPES), ("compute_dtype", ("",) + DTYPES),
+                       ("attention", ATTENTIONS), ("remat", REMAT_POLICIES)):
+    value = _get(m, key)
+    if value is not None and not isinstance(value, bool) and value not in allowed:
+      shown = ", ".join(repr(a) if a == "" else a for a in allowed)
+      raise UserError(f"config.model.{key}={value!r}: expected one of {shown}")
 
 
 def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, kind: str = "cosine",
@@ -29,7 +84,7 @@ def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, kind: str 
   elif kind == "constant":
     decay = optax.constant_schedule(lr)
   else:
-    raise ValueError(f"optim.schedule={kind!r}: expected cosine, linear or constant")
+    raise UserError(f"config.optim.schedule={kind!r}: expected one of {', '.join(SCHEDULES)}")
   if warmup_steps <= 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), decay],
@@ -61,7 +116,7 @@ def make_optimizer(name: str, schedule: optax.Schedule, weight_decay: float = 0.
   elif name == "adafactor":
     tx = optax.adafactor(schedule, weight_decay_rate=weight_decay or None)
   else:
-    raise ValueError(f"optim.name={name!r}: expected adamw, adam, lion, sgd or adafactor")
+    raise UserError(f"config.optim.name={name!r}: expected one of {', '.join(OPTIMIZERS)}")
   return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
 
 
