@@ -3,17 +3,19 @@
 A config file parses its arg with `parse_arg`, starts from `base(a)` (every shared section:
 model, adapter, quant, data, optim, train, parallel, mesh, allow_drift) or `preference(a, ...)`
 (base with preference-pair data and the DPO / reward training defaults), then adds its own
-section. A new algorithm (configs/grpo.py, ppo.py) does the same, e.g.
+section. A new algorithm does the same, as configs/ppo.py (configs/grpo.py instead starts from
+configs/sft.py's config), e.g.
 
-  ARG_KEYS = common.ARG_KEYS + ("reward",)
+  ARG_KEYS = common.ARG_KEYS + ("critic",)
 
   def get_config(arg=None):
-    a = common.parse_arg(arg, ARG_KEYS, "configs/grpo.py")
-    c = common.base(a, data=common.prompt_data())     # or any section dict of its own
-    c.grpo = dict(group_size=8, beta=0.04, ...)
-    c.train.update(steps=300)
+    a = common.parse_arg(arg, ARG_KEYS, "configs/ppo.py")
+    prompts = dict(path="", sources=[], eval_path="", max_prompt_len=128, eval_rows=64)
+    c = common.base(a, prompts)     # data_section: any data dict of its own
+    c.ppo = dict(reward_model="", critic=a.get("critic", "shared"), kl_coef=0.05, ...)
+    c.train.update(steps=100, batch_size=16)
     if a.get("smoke"):
-      c.train.update(steps=2)
+      c.train.update(steps=4, batch_size=4)
     return c
 
 Sections are plain dicts, so a config adds or changes keys before assigning them, and nothing

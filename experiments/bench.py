@@ -35,8 +35,8 @@ FLOPs (2 per multiply-add; embedding gathers, norms, RoPE and softmax are not co
   token and a trained one 6 (`metrics.train_flops_per_token`). The attention term has no causal
   discount: ftjax passes a boolean mask, so neither the XLA einsums nor cuDNN skip the masked
   half.
-MFU = achieved FLOP/s / the chip's dense bf16 peak (table below), reported only when the compute
-dtype is bfloat16 and the device kind is in the table.
+MFU = achieved FLOP/s / the chip's dense bf16 peak (`ftjax.metrics.PEAK_FLOPS`), reported only
+when the compute dtype is bfloat16 and the device kind is in the table.
 
 Timing: the first call compiles (`compile_s`), `--warmup` untimed calls in all (at least that
 one), then `--steps` calls each ended by `jax.block_until_ready`; the median is reported.
@@ -67,6 +67,7 @@ from flax import traverse_util  # noqa: E402
 
 import ftjax  # noqa: E402
 from ftjax.config import ModelConfig  # noqa: E402
+from ftjax.metrics import peak_flops  # noqa: E402
 from ftjax.model import AdapterSpec  # noqa: E402
 
 BENCHES = ("forward", "lora_step", "qlora_step", "full_step", "generate", "quant_memory",
@@ -74,13 +75,6 @@ BENCHES = ("forward", "lora_step", "qlora_step", "full_step", "generate", "quant
 STEP_BENCHES = ("lora_step", "qlora_step", "full_step")
 PEERS = ("none", "hf")
 ATTENTIONS = ("xla", "dot_product")
-
-# Dense bf16 peak FLOP/s per chip, matched in order as substrings of the lower-cased
-# `device_kind` ("NVIDIA H100 80GB HBM3", "TPU v5 lite", "TPU v5", ...): v5e before v5p.
-PEAK_BF16_FLOPS = (
-    ("h200", 989e12), ("h100", 989e12), ("a100", 312e12),
-    ("v5 lite", 197e12), ("v5e", 197e12), ("v5p", 459e12), ("v5", 459e12), ("v4", 275e12),
-)
 
 # Storage formats of quant_memory: name -> QuantConfig (None: a plain float dtype).
 QUANT_FORMATS = {
@@ -119,15 +113,6 @@ def define_flags():
 
 def default_compute_dtype() -> str:
   return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def peak_flops(device_kind: str) -> Optional[float]:
-  """Dense bf16 peak FLOP/s of one chip, or None for a device kind not in the table."""
-  kind = device_kind.lower()
-  for key, peak in PEAK_BF16_FLOPS:
-    if key in kind:
-      return peak
-  return None
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -11,6 +11,8 @@ Heads are plain matrices (never LoRA-wrapped nor quantized), so they read the ar
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
@@ -42,6 +44,43 @@ def _scalar(kernel: jax.Array, hidden: jax.Array, cfg: ModelConfig) -> jax.Array
 def score(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
   """Reward-model score (HF's *ForSequenceClassification `score`): [..., D] -> float32 [...]."""
   return _scalar(params["score"], hidden, cfg)
+
+
+def score_index(tokens: jax.Array, mask: jax.Array, pad_id: Optional[int]) -> jax.Array:
+  """Per row [B], the position a score head reads: transformers' sequence-classification rule.
+
+  HF's `*ForSequenceClassification` (and so TRL's RewardTrainer) pools at the rightmost token
+  whose id is not `pad_token_id`. With pad == eos (Qwen base tokenizers, the common
+  `pad_token = eos_token` recipe) that is the token before a trailing EOS, not the EOS; the
+  readout must be the same here or an exported reward model scores a different token.
+  Positions outside `mask` count as padding whatever id they hold; with no pad id it is the
+  last position in `mask` (HF: the last token). A row with no candidate reads position 0, as
+  HF's argmax does.
+
+  Args:
+    tokens: int [B, T]; mask: bool [B, T] (True on real tokens); pad_id: the config's
+      pad_token_id (None when there is none).
+  """
+  keep = mask if pad_id is None else mask & (tokens != pad_id)
+  return jnp.max(jnp.where(keep, jnp.arange(tokens.shape[-1]), 0), axis=-1)
+
+
+def sequence_score(params: dict, hidden: jax.Array, tokens: jax.Array, mask: jax.Array,
+                   cfg: ModelConfig) -> jax.Array:
+  """A reward model's score per sequence, read at `score_index` as HF's classifiers read it.
+
+  The one readout of the reward trainer, PPO's reward model and `rewards.reward_model`. Only the
+  picked rows go through the head, not all T positions.
+
+  Args:
+    params: the reward model's params (with `score`); hidden: [B, T, D] of its forward over
+      `tokens` int [B, T] with `mask` bool [B, T]; cfg: its config (for `pad_token_id`).
+  Returns:
+    float32 [B].
+  """
+  last = score_index(tokens, mask, cfg.pad_token_id)
+  picked = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
+  return score(params, picked, cfg)
 
 
 def value(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -465,7 +465,7 @@ def _unbox(tree):
 
 
 def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[str] = None,
-                    attention: str = "xla", remat: bool = False, lora=None, quant=None,
+                    attention: str = "xla", remat: bool | str = False, lora=None, quant=None,
                     prefix=None, rng: Optional[jax.Array] = None, mesh=None, rules=None,
                     quant_targets: Optional[str] = None, adapter_dtype: str = "float32",
                     **config_overrides):
@@ -475,8 +475,8 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
     path: directory with config.json and safetensors, or a hub name (needs network).
     dtype: param dtype (master weights).
     compute_dtype: matmul dtype; defaults to `dtype`.
-    attention: "xla" or "dot_product".
-    remat: rematerialise each block in the backward pass: True/"full", or a policy of
+    attention: "xla", "dot_product" or "cudnn" (`ModelConfig.attention`).
+    remat: rematerialise each block in the backward pass: False/"none", True/"full", or a policy of
       config.REMAT_POLICIES ("dots_saveable" keeps matmul outputs, recomputes the rest).
     lora: a `LoraConfig`; adapters are initialised (B = 0) beside the loaded kernels.
     quant: None, "nf4", "int4" or a `QuantConfig`: the linear kernels are quantized tensor by

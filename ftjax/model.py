@@ -644,22 +644,3 @@ def logical_axes(model: Decoder) -> dict:
   """The logical axis names of every param, as a tree of PartitionSpecs (no arrays built)."""
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
   return nn.get_partition_spec(shapes)["params"]
-
-
-def score_index(tokens: Array, mask: Array, pad_id: Optional[int]) -> Array:
-  """Per row [B], the position a score head reads: transformers' sequence-classification rule.
-
-  HF's `*ForSequenceClassification` (and so TRL's RewardTrainer) pools at the rightmost token
-  whose id is not `pad_token_id`. With pad == eos (Qwen base tokenizers, the common
-  `pad_token = eos_token` recipe) that is the token before a trailing EOS, not the EOS; the
-  readout must be the same here or an exported reward model scores a different token.
-  Positions outside `mask` count as padding whatever id they hold; with no pad id it is the
-  last position in `mask` (HF: the last token). A row with no candidate reads position 0, as
-  HF's argmax does.
-
-  Args:
-    tokens: int [B, T]; mask: bool [B, T] (True on real tokens); pad_id: the config's
-      pad_token_id (None when there is none).
-  """
-  keep = mask if pad_id is None else mask & (tokens != pad_id)
-  return jnp.max(jnp.where(keep, jnp.arange(tokens.shape[-1]), 0), axis=-1)

@@ -190,7 +190,7 @@ class reward_model:  # noqa: N801
   """A reward model's score of prompt + completion: an ftjax reward-model workdir (latest
   checkpoint) or an HF *ForSequenceClassification directory. Chat prompts go through the
   tokenizer's chat template, as TRL does for model rewards; batches are right-padded to a
-  bucketed length, scored at the last real token (HF's rule, `model.score_index`)."""
+  bucketed length, scored at the last real token (HF's rule, `heads.sequence_score`)."""
 
   def __init__(self, path: str, batch_size: int = 16, max_len: int = 1024):
     import os
@@ -226,13 +226,10 @@ class reward_model:  # noqa: N801
   def __call__(self, prompts, completions, **columns) -> list:
     import jax
     from ftjax import heads, sampling
-    from ftjax.model import score_index
     if self._fn is None:
       def fn(params, tokens, mask):
         hidden = self.model.apply({"params": params}, tokens, mask=mask, return_hidden=True)
-        last = score_index(tokens, mask, self.model.cfg.pad_token_id)
-        picked = jax.numpy.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-        return heads.score(params, picked, self.model.cfg)
+        return heads.sequence_score(params, hidden, tokens, mask, self.model.cfg)
       self._fn = jax.jit(fn)
     ids = self._texts(prompts, completions)
     pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0

@@ -65,9 +65,10 @@ def test_grpo_loss_equals_trl(loss_type, level, beta):
                                            level=level, beta=beta)
   kw = dict(beta=beta, epsilon_low=0.2, epsilon_high=0.28, importance_sampling_level=level)
 
-  def ours(lp):
-    return losses.grpo_loss(lp, old, adv, mask, ref if beta else None, loss_type=loss_type,
-                            max_completion_length=M, **kw)
+  def ours(lp):  # as the GRPO step: per-token loss, (sum, count), divided once
+    per_token, _ = losses.grpo_per_token_loss(lp, old, adv, mask, ref if beta else None, **kw)
+    s, n = losses.grpo_loss_sum(per_token, mask, loss_type, max_completion_length=M)
+    return s / jnp.maximum(n, 1.0)
   got, grad = jax.value_and_grad(ours)(jnp.asarray(logps))
   np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-4, atol=1e-6)

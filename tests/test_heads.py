@@ -62,6 +62,47 @@ def test_chunked_equals_unchunked(chunk):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("pad,eos", [(0, 2), (2, 2)])
+def test_sequence_score_equals_transformers_classifier(tmp_path, pad, eos):
+  """`heads.sequence_score`, the one readout of the reward trainer, PPO and
+  `rewards.reward_model`, against LlamaForSequenceClassification on rows padded right (reward
+  batches) and left + right (PPO's prompt + completion), pad == eos included."""
+  torch = pytest.importorskip("torch")
+  import transformers
+  from tests.conftest import hf_config
+  cfg = hf_config("llama")
+  cfg.update(dict(eos_token_id=eos, pad_token_id=pad, num_labels=1))
+  torch.manual_seed(0)
+  src = transformers.LlamaForSequenceClassification(cfg).eval()
+  with torch.no_grad():
+    src.score.weight.normal_(0.0, 1.0)
+  src.save_pretrained(str(tmp_path))
+  model, params = ftjax.load_pretrained(str(tmp_path))
+  rng = np.random.default_rng(0)
+  t = 12
+  tokens = np.full((4, t), pad, np.int64)
+  mask = np.zeros((4, t), bool)
+  for i, (start, n) in enumerate([(0, 12), (0, 7), (3, 6), (2, 4)]):  # (left pad, length)
+    tokens[i, start:start + n] = rng.integers(6, 320, n)
+    mask[i, start:start + n] = True
+  tokens[1, 6] = tokens[2, 8] = eos  # a trailing EOS: with pad == eos HF reads the token before
+  tokens[3, 3] = eos  # and one mid-row
+  hidden = model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), mask=jnp.asarray(mask),
+                       return_hidden=True)
+  got = jax.jit(heads.sequence_score, static_argnums=4)(
+      params, hidden, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), model.cfg)
+  assert got.shape == (4,) and got.dtype == jnp.float32
+  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)  # ftjax's positions under a mask
+  with torch.no_grad():
+    want = src(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
+               position_ids=torch.tensor(pos)).logits[:, 0].numpy()
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+  read = np.asarray(heads.score_index(jnp.asarray(tokens), jnp.asarray(mask), pad))
+  last = [11, 6, 8, 5]
+  assert list(read) == ([x - 1 if tokens[i, x] == eos else x for i, x in enumerate(last)]
+                        if pad == eos else last)
+
+
 @pytest.mark.parametrize("tie,head", [(False, "lm"), (True, "lm"), (False, "score")])
 def test_hidden_then_head_equals_apply(tie, head):
   cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,

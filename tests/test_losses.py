@@ -13,6 +13,8 @@ import pytest
 from ftjax import losses as L
 
 B, T = 6, 9
+DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected")
 LOSS_CASES = [("sigmoid", 0.0), ("robust", 0.0), ("robust", 0.2), ("hinge", 0.0), ("ipo", 0.0)]
 
 
@@ -32,12 +34,14 @@ def _pairs(seed=0, scale=3.0):
 
 
 def _ours(tok, masks, loss_type, eps, beta):
-  avg = loss_type == "ipo"
-  seq = {k: L.sequence_logps(jnp.asarray(v), jnp.asarray(masks[k[1]]), average=avg)
-         for k, v in tok.items()}
+  """As the DPO trainer: sums per sequence, means for "ipo"; returns (sums, dpo_loss outputs)."""
+  sums, means = {}, {}
+  for k, v in tok.items():
+    sums[k], means[k] = L.sequence_logps_sum_and_mean(jnp.asarray(v), jnp.asarray(masks[k[1]]))
+  seq = means if loss_type == "ipo" else sums
   out = L.dpo_loss(seq["pc"], seq["pr"], seq["rc"], seq["rr"], beta=beta, loss_type=loss_type,
                    label_smoothing=eps)
-  return seq, out
+  return sums, out
 
 
 # ---- parity with TRL's DPOTrainer itself ----------------------------------------------------
@@ -87,14 +91,34 @@ def test_dpo_matches_trl_trainer(loss_type, eps, beta):
   # Shift the policy so that the logits straddle 0 and the hinge's kink for beta=0.1 and 0.5.
   tok["pc"] = tok["pc"] + 0.3 * np.arange(B)[:, None].astype(np.float32)
   want_loss, want_metrics = _trl_dpo(tok, masks, loss_type, eps, beta)
-  seq, (losses, rc, rr) = _ours(tok, masks, loss_type, eps, beta)
+  sums, (losses, rc, rr) = _ours(tok, masks, loss_type, eps, beta)
   np.testing.assert_allclose(float(losses.mean()), want_loss, rtol=1e-5, atol=1e-6)
   if loss_type == "ipo":  # trl 1.x logs rewards/logps from sums; we were given means
     return
-  got = L.dpo_metrics(rc, rr, seq["pc"], seq["pr"])
-  for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-            "logps/chosen", "logps/rejected"):
-    np.testing.assert_allclose(float(got[k]), want_metrics[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  got = L.dpo_metric_sums(rc, rr, sums["pc"], sums["pr"])
+  for k in DPO_METRICS:
+    np.testing.assert_allclose(float(got[k]) / B, want_metrics[k], rtol=1e-5, atol=1e-6,
+                               err_msg=k)
+
+
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("robust", 0.2)])
+def test_dpo_metric_sums_skip_padding_pairs_like_trl(loss_type, eps):
+  """The DPO trainer's weights: 1 per real pair, 0 per padding pair, the sums divided by the
+  real pairs. Padding pairs with junk logps must leave TRL's metrics of the real pairs."""
+  tok, masks = _pairs(seed=6)
+  tok["pc"] = tok["pc"] + 0.3 * np.arange(B)[:, None].astype(np.float32)
+  want_loss, want_metrics = _trl_dpo(tok, masks, loss_type, eps, 0.1)
+  junk = np.random.default_rng(7)
+  padded_tok = {k: np.concatenate([v, -junk.uniform(0, 30, (2, T)).astype(np.float32)])
+                for k, v in tok.items()}
+  padded_masks = {k: np.concatenate([v, np.ones((2, T), np.float32)]) for k, v in masks.items()}
+  sums, (losses, rc, rr) = _ours(padded_tok, padded_masks, loss_type, eps, 0.1)
+  valid = jnp.asarray([1.0] * B + [0.0, 0.0])
+  np.testing.assert_allclose(float((losses * valid).sum() / valid.sum()), want_loss, rtol=1e-5)
+  got = L.dpo_metric_sums(rc, rr, sums["pc"], sums["pr"], valid)
+  for k in DPO_METRICS:
+    np.testing.assert_allclose(float(got[k]) / B, want_metrics[k], rtol=1e-5, atol=1e-6,
+                               err_msg=k)
 
 
 # ---- TRL's formulas written in torch (covers cDPO, which trl 1.x dropped) -------------------
@@ -184,8 +208,7 @@ def test_gradient_signs(loss_type, eps):
 
 
 def test_dpo_jit_dtype_and_errors():
-  fn = jax.jit(functools.partial(L.LOSSES["dpo"], beta=0.2, loss_type="robust",
-                                 label_smoothing=0.1))
+  fn = jax.jit(functools.partial(L.dpo_loss, beta=0.2, loss_type="robust", label_smoothing=0.1))
   x = jnp.asarray([-5.0, -6.0], jnp.bfloat16)
   out = fn(x, x - 1, x + 0.5, x - 2)
   assert all(o.dtype == jnp.float32 and o.shape == (2,) for o in out)
@@ -195,10 +218,10 @@ def test_dpo_jit_dtype_and_errors():
     L.dpo_loss(x, x, x, x, loss_type="robust", label_smoothing=0.5)
 
 
-def test_dpo_metrics():
+def test_dpo_metric_sums_hand_values():
   rc, rr = jnp.asarray([1.0, -0.5, 0.2, 0.0]), jnp.asarray([0.5, 0.5, 0.2, -1.0])
   pc, pr = jnp.asarray([-10.0, -20.0, -5.0, -1.0]), jnp.asarray([-3.0, -4.0, -5.0, -8.0])
-  m = {k: float(v) for k, v in L.dpo_metrics(rc, rr, pc, pr).items()}
+  m = {k: float(v) / 4 for k, v in L.dpo_metric_sums(rc, rr, pc, pr).items()}
   want = {"rewards/chosen": 0.175, "rewards/rejected": 0.05, "rewards/accuracies": 0.5,
           "rewards/margins": 0.125, "logps/chosen": -9.0, "logps/rejected": -5.0}
   assert m.keys() == want.keys()
@@ -206,15 +229,39 @@ def test_dpo_metrics():
     assert m[k] == pytest.approx(v, abs=1e-6), k
 
 
+def test_dpo_metric_sums_weighted_equal_a_python_loop():
+  """Any weights (not only 0/1) weight each pair's term; bf16 inputs are summed in float32."""
+  rng = np.random.default_rng(8)
+  rc, rr, pc, pr = (rng.normal(0, 2, 7).astype(np.float32) for _ in range(4))
+  rr[2] = rc[2]  # a tie is not an accuracy
+  w = np.array([1.0, 0.0, 0.5, 2.0, 1.0, 0.0, 0.25], np.float32)
+  got = L.dpo_metric_sums(*map(jnp.asarray, (rc, rr, pc, pr)), weights=jnp.asarray(w))
+  want = dict.fromkeys(DPO_METRICS, 0.0)
+  for i in range(7):
+    want["rewards/chosen"] += w[i] * float(rc[i])
+    want["rewards/rejected"] += w[i] * float(rr[i])
+    want["rewards/accuracies"] += w[i] * (1.0 if rc[i] > rr[i] else 0.0)
+    want["rewards/margins"] += w[i] * (float(rc[i]) - float(rr[i]))
+    want["logps/chosen"] += w[i] * float(pc[i])
+    want["logps/rejected"] += w[i] * float(pr[i])
+  assert got.keys() == want.keys()
+  for k, v in want.items():
+    assert got[k].dtype == jnp.float32 and got[k].shape == ()
+    assert float(got[k]) == pytest.approx(v, rel=1e-6, abs=1e-6), k
+  bf = L.dpo_metric_sums(*(jnp.asarray(x, jnp.bfloat16) for x in (rc, rr, pc, pr)))
+  assert all(v.dtype == jnp.float32 for v in bf.values())
+  # The metrics carry no gradient into the policy.
+  g = jax.grad(lambda a: sum(L.dpo_metric_sums(a, a - 1, a, a).values()))(jnp.asarray(rc))
+  np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
 def test_sequence_logps_masks():
   tok = jnp.asarray([[-1.0, -2.0, -3.0, -4.0], [-0.5, -0.5, -9.0, -9.0], [-7.0, -7.0, -7.0, -7.0]])
   mask = jnp.asarray([[0, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]], bool)
-  np.testing.assert_allclose(np.asarray(L.sequence_logps(tok, mask)), [-9.0, -1.0, 0.0])
-  np.testing.assert_allclose(np.asarray(L.sequence_logps(tok, mask, average=True)),
-                             [-3.0, -0.5, 0.0])  # an empty mask gives 0, not nan
-  sums, means = L.sequence_logps_sum_and_mean(tok, mask.astype(jnp.float32))
-  np.testing.assert_allclose(np.asarray(sums), [-9.0, -1.0, 0.0])
-  np.testing.assert_allclose(np.asarray(means), [-3.0, -0.5, 0.0])
+  for m in (mask, mask.astype(jnp.float32)):
+    sums, means = L.sequence_logps_sum_and_mean(tok, m)
+    np.testing.assert_allclose(np.asarray(sums), [-9.0, -1.0, 0.0])
+    np.testing.assert_allclose(np.asarray(means), [-3.0, -0.5, 0.0])  # an empty mask: 0, not nan
   # Composes with logprobs_from_logits: the masked sum of log p(target) over completion positions.
   rng = np.random.default_rng(4)
   logits = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)
@@ -222,25 +269,37 @@ def test_sequence_logps_masks():
   m = jnp.asarray([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]], jnp.float32)
   lp = np.asarray(jax.nn.log_softmax(logits))
   want = [sum(lp[b, t, int(targets[b, t])] for t in range(5) if m[b, t]) for b in range(2)]
-  got = L.sequence_logps(L.logprobs_from_logits(logits, targets), m)
+  got = L.sequence_logps_sum_and_mean(L.logprobs_from_logits(logits, targets), m)[0]
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
 
 
 # ---- Bradley-Terry reward-model loss --------------------------------------------------------
 
 
+def _bt(rc, rr, valid, margin=None, center=0.0):
+  """As the reward trainer: (sum of pair losses / real pairs, metric sums / real pairs)."""
+  n = valid.sum()
+  loss = (L.bradley_terry_losses(rc, rr, margin, center) * valid).sum() / n
+  return loss, {k: v / n for k, v in L.bradley_terry_metric_sums(rc, rr, valid).items()}
+
+
 def test_bradley_terry_hand():
   rc, rr = jnp.asarray([1.0, 0.0, 3.0]), jnp.asarray([0.0, 2.0, 1.0])
+  ones = jnp.ones(3)
   sp = lambda z: math.log1p(math.exp(-z))
-  loss, acc = L.LOSSES["bradley_terry"](rc, rr)
+  np.testing.assert_allclose(np.asarray(L.bradley_terry_losses(rc, rr)),
+                             [sp(1.0), sp(-2.0), sp(2.0)], rtol=1e-6)
+  loss, m = _bt(rc, rr, ones)
   assert float(loss) == pytest.approx((sp(1.0) + sp(-2.0) + sp(2.0)) / 3, rel=1e-6)
-  assert float(acc) == pytest.approx(2 / 3)
+  assert float(m["accuracy"]) == pytest.approx(2 / 3)
+  want = {"reward_chosen": 4 / 3, "reward_rejected": 1.0, "margin": 1 / 3}
+  assert {k: float(m[k]) for k in want} == pytest.approx(want)
   margin = jnp.asarray([0.5, 0.0, 1.0])
-  loss, acc = L.bradley_terry_loss(rc, rr, margin=margin, center_coef=0.01)
+  loss, m = _bt(rc, rr, ones, margin=margin, center=0.01)
   center = 0.01 * (1.0 + 4.0 + 16.0) / 3
   assert float(loss) == pytest.approx((sp(0.5) + sp(-2.0) + sp(1.0)) / 3 + center, rel=1e-6)
-  assert float(acc) == pytest.approx(2 / 3)  # accuracy ignores the margin, as TRL
-  g_c, g_r = jax.grad(lambda a, b: L.bradley_terry_loss(a, b)[0], argnums=(0, 1))(rc, rr)
+  assert float(m["accuracy"]) == pytest.approx(2 / 3)  # accuracy ignores the margin, as TRL
+  g_c, g_r = jax.grad(lambda a, b: _bt(a, b, ones)[0], argnums=(0, 1))(rc, rr)
   assert (np.asarray(g_c) < 0).all() and (np.asarray(g_r) > 0).all()
 
 
@@ -275,8 +334,10 @@ def test_bradley_terry_matches_trl_trainer(with_margin, center):
   rc, rr = rng.normal(0.5, 2.0, B).astype(np.float32), rng.normal(0.0, 2.0, B).astype(np.float32)
   margin = rng.uniform(0.0, 1.0, B).astype(np.float32) if with_margin else None
   want_loss, want_acc = _trl_reward_loss(rc, rr, margin, center)
-  loss, acc = L.bradley_terry_loss(jnp.asarray(rc), jnp.asarray(rr),
-                                   margin=None if margin is None else jnp.asarray(margin),
-                                   center_coef=center or 0.0)
+  # Two padding pairs (weight 0, as the reward trainer gives them) must not count.
+  pad = lambda x, v: jnp.asarray(np.concatenate([x, np.full(2, v, np.float32)]))
+  valid = pad(np.ones(B, np.float32), 0.0)
+  loss, m = _bt(pad(rc, 9.0), pad(rr, -9.0), valid,
+                margin=None if margin is None else pad(margin, 0.5), center=center or 0.0)
   assert float(loss) == pytest.approx(want_loss, rel=1e-5)
-  assert float(acc) == pytest.approx(want_acc)
+  assert float(m["accuracy"]) == pytest.approx(want_acc)

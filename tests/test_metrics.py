@@ -112,6 +112,8 @@ def test_peak_flops_table():
   assert peak_flops("TPU v5 lite") == 197e12
   assert peak_flops("TPU v5p") == 459e12
   assert peak_flops("TPU v5") == 459e12
+  assert peak_flops("TPU v6 lite") == 918e12  # v6e (Trillium)
+  assert peak_flops("TPU v6e") == 918e12
   assert peak_flops("cpu") is None
   assert peak_flops() is None  # tests run on CPU
   clock = FakeClock()

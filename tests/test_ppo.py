@@ -142,7 +142,7 @@ def test_policy_and_value_losses_equal_trl():
   jm = jnp.asarray(m)
   got_pg, got_vf = losses.masked_mean(pg, jm), losses.masked_mean(vf, jm)
 
-  # TRL ppo_trainer.py, with its padding masks equal to ~mask (see losses.py on the EOS + 1).
+  # TRL ppo_trainer.py, with its padding masks equal to ~mask (see losses/ppo.py on the EOS + 1).
   new_logprobs, mb_logprobs, mb_advantage = _t(c["logps"]), _t(c["old_logps"]), _t(c["adv"])
   vpred, mb_values, mb_return = _t(c["values"]), _t(c["old_logps"]), _t(c["returns"])
   padding_mask = padding_mask_p1 = ~_t(m)

@@ -232,7 +232,7 @@ def test_reward_readout_when_pad_is_eos(tmp_path):
   tokens, mask = map(np.asarray, preference.full_sequences(batch))
   hf_rule = (torch.arange(t) * (torch.tensor(ids) != pad).int()).argmax(-1).numpy()
   np.testing.assert_array_equal(
-      np.asarray(ftjax.model.score_index(tokens, mask, model.cfg.pad_token_id)), hf_rule)
+      np.asarray(ftjax.heads.score_index(tokens, mask, model.cfg.pad_token_id)), hf_rule)
   assert list(hf_rule) == [len(s) - 2 for s in seqs]  # the token before the final EOS
 
   ftjax.save_pretrained(model, params, str(tmp_path / "export"))

@@ -29,7 +29,6 @@ import jax.numpy as jnp
 
 from ftjax import heads, losses, rollout
 from ftjax.errors import UserError
-from ftjax.model import score_index
 from ftjax.train import common
 
 CRITICS = ("shared", "separate")
@@ -128,12 +127,10 @@ def values_of(critic: Critic, model, params, hidden, batch, rng=None) -> jax.Arr
 
 def reward_model_scores(rm_model, rm_params, batch: dict) -> jax.Array:
   """The reward model's score of each prompt + completion [B], read where HF's
-  *ForSequenceClassification reads it (`score_index`, as the reward model was trained)."""
+  *ForSequenceClassification reads it (`heads.sequence_score`, as the reward model was trained)."""
   tokens, mask = sequences(batch)
   hidden = rm_model.apply({"params": rm_params}, tokens, mask=mask, return_hidden=True)
-  last = score_index(tokens, mask, rm_model.cfg.pad_token_id)
-  picked = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
-  return heads.score(rm_params, picked, rm_model.cfg)
+  return heads.sequence_score(rm_params, hidden, tokens, mask, rm_model.cfg)
 
 
 def experience(params, batch: dict, scores, kl_coef, *, model, ref_model, ref_params_fn,

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from ftjax import heads, losses
-from ftjax.model import score_index
 from ftjax.train import common
 
 
@@ -38,13 +37,11 @@ def full_sequences(batch: dict) -> tuple[jax.Array, jax.Array]:
 
 
 def rewards_of(model, params, batch: dict, rng=None) -> jax.Array:
-  """Scalar reward per row [2B], read where HF's classifiers read it (see `score_index`)."""
+  """Scalar reward per row [2B], read where HF's classifiers read it (`heads.sequence_score`)."""
   tokens, mask = full_sequences(batch)
   hidden = model.apply({"params": params}, tokens, mask=mask, return_hidden=True,
                        rngs=None if rng is None else {"dropout": rng})  # [2B, T+1, D]
-  last = score_index(tokens, mask, model.cfg.pad_token_id)
-  picked = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [2B, D]
-  return heads.score(params, picked, model.cfg)
+  return heads.sequence_score(params, hidden, tokens, mask, model.cfg)
 
 
 def reward_loss_fn(params, batch, rng, *, model, margin: Optional[float] = None,
@@ -55,8 +52,7 @@ def reward_loss_fn(params, batch, rng, *, model, margin: Optional[float] = None,
   rc, rr = r[:b], r[b:]
   valid = (batch["weights"][:b].sum(-1) > 0).astype(jnp.float32)  # padding pairs count zero
   per_pair = losses.bradley_terry_losses(rc, rr, margin, center_coef)
-  aux = {"accuracy": ((rc > rr) * valid).sum(), "reward_chosen": (rc * valid).sum(),
-         "reward_rejected": (rr * valid).sum(), "margin": ((rc - rr) * valid).sum()}
+  aux = losses.bradley_terry_metric_sums(rc, rr, valid)
   return (per_pair * valid).sum(), valid.sum(), aux
 
 
