@@ -383,6 +383,61 @@ class Checkpointer:
     return out["state"], dict(out["data"] or {}), dict(out["extra"] or {})
 
 
+  def restore_readable(self, target: Any = None) -> tuple[int, Any, dict, dict, list]:
+    """`(step, state, data_state, extra, skipped)` of the newest step that reads whole.
+
+    A step that fails to read (a truncated array file, a deleted metadata file: the error may
+    only come from inside TensorStore) is skipped for the next older one; `skipped` lists
+    `(step, short reason)` of those, newest first.
+
+    Raises:
+      FileNotFoundError: no checkpoint at all.
+      UserError: none of them reads (naming each step and why).
+    """
+    self.manager.wait_until_finished()
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    skipped = []
+    for step in steps:
+      try:
+        state, data_state, extra = self.restore(step, target)
+      except Exception as e:  # noqa: BLE001 -- any damage; KeyboardInterrupt still stops
+        skipped.append((step, short_reason(e)))
+        continue
+      return step, state, data_state, extra, skipped
+    why = "; ".join(f"step {s}: {r}" for s, r in skipped)
+    raise UserError(f"{self.directory}: no checkpoint reads whole ({why}); restore them from a "
+                    "copy or use a new --workdir")
+
+  def set_aside(self, steps: list[int]) -> list[str]:
+    """Renames damaged step dirs to `<step>.damaged-<UTC time>` (kept for the user, out of
+    orbax's sight, so that the resumed run can save those steps again); returns the new paths.
+    Process 0 renames; every process then reloads the step list."""
+    import datetime
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    moved = []
+    for step in steps:
+      src = os.path.join(self.directory, str(step))
+      dst = f"{src}.damaged-{stamp}"
+      if jax.process_index() == 0 and os.path.isdir(src):
+        os.replace(src, dst)
+      moved.append(dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("ftjax_checkpoint_set_aside")
+    self.manager.reload()
+    return moved
+
+
+def short_reason(e: BaseException, limit: int = 160) -> str:
+  """`Type: first line of the message`, cut to `limit` characters (TensorStore's errors run
+  to many lines)."""
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 # ------------------------------------------------------------------------------------------------
 # Preemption
 
