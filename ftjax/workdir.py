@@ -236,8 +236,8 @@ class WorkdirLock:
   the others learn the outcome from it.
   """
 
-  def __init__(self, workdir: str):
-    self.workdir = workdir
+  def __init__(self, workdir: str, multihost: bool = True):
+    self.workdir, self.multihost = workdir, multihost
     self.path = os.path.join(workdir, LOCK_FILE)
     self.fd: Optional[int] = None
     self.created: Optional[str] = None  # the topmost directory this run made, if any
@@ -296,12 +296,12 @@ class WorkdirLock:
 
   def acquire(self) -> "WorkdirLock":
     error = None
-    if jax.process_index() == 0:
+    if not self.multihost or jax.process_index() == 0:
       try:
         self._lock()
       except UserError as e:
         error = e
-    if jax.process_count() > 1:  # every process stops, or none
+    if self.multihost and jax.process_count() > 1:  # every process stops, or none
       from jax.experimental import multihost_utils
       refused = multihost_utils.process_allgather(np.asarray(error is not None, np.int32))
       if np.asarray(refused).any() and error is None:
@@ -350,11 +350,12 @@ _HELD: dict = {}
 
 
 @contextlib.contextmanager
-def hold(workdir: str):
+def hold(workdir: str, multihost: bool = True):
   """Holds the workdir's lock inside the block; a block that fails before `start_run` (a
-  refused run) leaves no trace in a workdir it created."""
+  refused run) leaves no trace in a workdir it created. `multihost=False` locks without
+  asking JAX which process this is (a sweep's parent process must not start a backend)."""
   key = os.path.abspath(workdir)
-  lock = WorkdirLock(workdir).acquire()
+  lock = WorkdirLock(workdir, multihost).acquire()
   _HELD[key] = lock
   try:
     yield lock
