@@ -140,8 +140,9 @@ def test_lock_refuses_a_second_run_then_a_stale_lock_and_a_damaged_step_are_pass
   assert len(warned) == 1 and "step 6 (FileNotFoundError" in warned[0], warned
   assert "using step 4" in warned[0], warned
   assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == listing
-  for step in ("2", "4"):
-    os.remove(os.path.join(w, "checkpoints", step, "state", "_METADATA"))
+  for step in listing:
+    if step.isdigit() and step != "6":
+      os.remove(os.path.join(w, "checkpoints", step, "state", "_METADATA"))
   with pytest.raises(UserError, match="no checkpoint reads whole") as e:
     wd.load_trained(w)
   assert "\n" not in str(e.value) and "_METADATA is missing" in str(e.value)
