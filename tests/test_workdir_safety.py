@@ -235,3 +235,47 @@ def test_full_disk_during_a_save_is_one_line_and_resumable(base_dir, tmp_path, m
   monkeypatch.setattr(jh.JsonCheckpointHandler, "_save_fn", save_fn)  # space freed
   out = sft_exp.run(_config(base_dir, train, ev, 6), w)
   assert out["step"] == 6
+
+
+_HOST = """
+import sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+from ftjax import workdir as wd
+from ftjax.errors import UserError
+try:
+  with wd.hold(sys.argv[3]):
+    print("held", flush=True)
+except UserError as e:
+  print("refused:", e, flush=True)
+"""
+
+
+def test_multihost_processes_share_the_lock_of_process_0(tmp_path):
+  """Two JAX processes on one workdir: process 0 alone locks it (orbax's multi-host saving
+  needs both in it); when another run holds it, both are refused, neither waits."""
+  from tests.test_cli import _free_port
+  w = str(tmp_path / "w")
+
+  def hosts():
+    addr = f"localhost:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, "-c", _HOST, addr, str(i), w], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+             for i in range(2)]
+    try:
+      outs = [p.communicate(timeout=60) for p in procs]
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      raise AssertionError([p.communicate()[1][-1500:] for p in procs]) from None
+    for p, (_, err) in zip(procs, outs):
+      assert p.returncode == 0, err[-2000:]
+    return [[ln for ln in o.splitlines() if ln.startswith(("held", "refused"))][-1]
+            for o, _ in outs]  # gloo prints too
+
+  assert hosts() == ["held", "held"]
+  with wd.hold(w):
+    out = hosts()
+  assert out[0].startswith("refused:") and f"pid {os.getpid()}" in out[0], out
+  assert out[1].startswith("refused:") and "process 0" in out[1], out
