@@ -194,9 +194,10 @@ def has_checkpoints(workdir: str) -> bool:
 # One run per workdir
 
 LOCK_FILE = ".lock"
-# What a run that was refused before it started may have made in a workdir it created: its lock,
-# the tokenized data and orbax's empty checkpoints/; anything else (a GRPO warm start) is kept.
-_UNDO = (LOCK_FILE, "data_cache", "checkpoints")
+# What a run that was refused before it started may have made in a workdir it created, besides
+# its lock: the tokenized data and orbax's empty checkpoints/; anything else (a GRPO warm start)
+# is kept.
+_UNDO = ("data_cache", "checkpoints")
 
 
 def check_writable(workdir: str):
@@ -306,24 +307,24 @@ class WorkdirLock:
       refused = multihost_utils.process_allgather(np.asarray(error is not None, np.int32))
       if np.asarray(refused).any() and error is None:
         raise UserError(f"{self.workdir}: in use by another run (see process 0's error)")
-    if error is not None:
-      self.undo()
+    if error is not None:  # the holder's workdir now: nothing here is ours to undo
       raise error
     return self
 
   def undo(self):
-    """After a refusal: removes what this run made in a workdir it created (nothing else)."""
+    """After a refusal, still holding the lock: removes what this run made in a workdir it
+    created (nothing else), then the lock and the emptied directories."""
     if self.created is None:
+      self.release()
       return
     path = os.path.abspath(self.workdir)
     for name in _UNDO:
       p = os.path.join(path, name)
-      if name == LOCK_FILE and self.fd is None:
-        continue  # not ours
       if os.path.isdir(p) and not os.path.islink(p):
         shutil.rmtree(p, ignore_errors=True)
       elif os.path.lexists(p):
         os.remove(p)
+    self.release()
     d = path
     while True:
       try:
@@ -361,7 +362,6 @@ def hold(workdir: str, multihost: bool = True):
     yield lock
   except BaseException:
     if not lock.started:
-      lock.release()
       lock.undo()
     raise
   finally:
