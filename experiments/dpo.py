@@ -104,6 +104,7 @@ def attach_reference(batch: dict, table: dict) -> dict:
           "ref_logps_mean": np.array([v[1] for v in vals], np.float32)}
 
 
+@wd.exclusive  # one run per workdir; a file or read-only disk is refused first
 def run(config, workdir: str) -> dict:
   # ---- setup: config, model and data are checked before anything is written
   common.validate(config)
@@ -131,8 +132,8 @@ def run(config, workdir: str) -> dict:
   data = None if wd.has_checkpoints(workdir) else build_data(None)
 
   # ---- restore
-  wd.start_run(config, workdir, drift)
-  ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, data, build_data)
+  ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, data, build_data,
+                                          begin=lambda: wd.start_run(config, workdir, drift))
   logging.info("preference data: %s", data.stats)
   eval_batches = loop.eval_batches(data, t)
   table = None

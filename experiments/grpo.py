@@ -158,6 +158,21 @@ def run_warm_start(config, sft_dir: str | None):
   export_exp.run(sft_dir, config.model.hf_path, "merged")
 
 
+def dry_run_rewards(reward_fns, weights, rows, n: int = 2):
+  """Every reward on the first `n` rows with an empty completion (a model may well write one),
+  so that a missing column or a reward that raises stops the run before anything is written,
+  not after the first rollout."""
+  rows = rows[:n]
+  if not rows:
+    return
+  chat = isinstance(rows[0]["prompt"], list)
+  completions = [[{"role": "assistant", "content": ""}] if chat else "" for _ in rows]
+  keys = sorted({k for r in rows for k in r if k not in ("prompt", "completion")})
+  columns = {k: [r.get(k) for r in rows] for k in keys}
+  columns["completion_ids"] = [[] for _ in rows]
+  rewards.score(reward_fns, weights, [r["prompt"] for r in rows], completions, columns)
+
+
 def score(reward_fns, weights, rows, texts, ro, g: int):
   """Rewards of every completion; prompts and columns repeated per sample (TRL's layout)."""
   chat = isinstance(rows[0]["prompt"], list)
@@ -169,6 +184,7 @@ def score(reward_fns, weights, rows, texts, ro, g: int):
   return rewards.score(reward_fns, weights, prompts, completions, columns)
 
 
+@wd.exclusive  # one run per workdir; a file or read-only disk is refused first
 def run(config, workdir: str) -> dict:
   # ---- setup: config, data and rewards are checked before anything is written
   common.validate(config)
@@ -182,6 +198,8 @@ def run(config, workdir: str) -> dict:
   if not reward_fns:
     raise UserError("config.grpo.rewards is empty: give at least one reward")
   weights = [float(w) for w in g.reward_weights] or None
+  dry_run_rewards(reward_fns, weights, train_rows)
+  dry_run_rewards(reward_fns, weights, eval_rows)
   tok_path = arithmetic_tokenizer(config, workdir)
   sft_dir = arithmetic_warm_start(config, workdir)
   drift = wd.check_resume(config, workdir)  # a resume with a changed config is refused
@@ -206,9 +224,9 @@ def run(config, workdir: str) -> dict:
     return prompt_data.PromptIterator(train_rows, n_prompts, int(t.seed), data_state)
 
   # ---- restore
-  wd.start_run(config, workdir, drift)
   ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, build_data(None),
-                                          build_data)
+                                          build_data,
+                                          begin=lambda: wd.start_run(config, workdir, drift))
   step_fn = par.compile(lambda axis: grpo_train.make_step(
       model, tx, schedule, s, grad_accum=int(t.grad_accum), axis_name=axis,
       chunk=int(t.logprob_chunk)), state, frozen)

@@ -104,6 +104,7 @@ def prompt_rows(config) -> tuple[list[dict], list[dict]]:
   return train, ev[:int(d.eval_rows)] if d.eval_rows else ev
 
 
+@wd.exclusive  # one run per workdir; a file or read-only disk is refused first
 def run(config, workdir: str) -> dict:
   # ---- setup: config, models and data are checked before anything is written
   common.validate(config)
@@ -152,9 +153,9 @@ def run(config, workdir: str) -> dict:
     return it
 
   # ---- restore
-  wd.start_run(config, workdir, drift)
   ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, build_data(None),
-                                          build_data)
+                                          build_data,
+                                          begin=lambda: wd.start_run(config, workdir, drift))
   start //= updates_per_iter  # the state counts optimizer steps; the loop counts iterations
   kl_coef = data.kl_coef
   sample = dict(n_samples=1, max_new_tokens=int(pc.response_length), eos_ids=eos, pad_id=pad,

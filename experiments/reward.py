@@ -37,6 +37,7 @@ def define_flags():
 FLAGS = flags.FLAGS
 
 
+@wd.exclusive  # one run per workdir; a file or read-only disk is refused first
 def run(config, workdir: str) -> dict:
   # ---- setup: config, model and data are checked before anything is written
   common.validate(config)
@@ -60,8 +61,8 @@ def run(config, workdir: str) -> dict:
   data = None if wd.has_checkpoints(workdir) else build_data(None)
 
   # ---- restore
-  wd.start_run(config, workdir, drift)
-  ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, data, build_data)
+  ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, data, build_data,
+                                          begin=lambda: wd.start_run(config, workdir, drift))
   logging.info("preference data: %s", data.stats)
   eval_batches = loop.eval_batches(data, t)
   margin = float(rc.margin) or None

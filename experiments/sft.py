@@ -51,6 +51,7 @@ def evaluate(eval_fn, params, batches) -> dict:
   return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))), "eval_tokens": n}
 
 
+@wd.exclusive  # one run per workdir; a file or read-only disk is refused first
 def run(config, workdir: str) -> dict:
   """Train; returns the last logged metrics (and eval metrics) as floats."""
   # ---- setup: config, model and data are checked before anything is written
@@ -83,8 +84,8 @@ def run(config, workdir: str) -> dict:
   data = None if wd.has_checkpoints(workdir) else build_data(None)
 
   # ---- restore
-  wd.start_run(config, workdir, drift)
-  ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, data, build_data)
+  ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, data, build_data,
+                                          begin=lambda: wd.start_run(config, workdir, drift))
   logging.info("train data: %s", data.stats)
   eval_batches = loop.eval_batches(data, t)
 

@@ -29,6 +29,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ftjax import cli, sweep  # noqa: E402
+from ftjax import workdir as wd  # noqa: E402
 from ftjax.errors import UserError  # noqa: E402
 
 
@@ -78,13 +79,16 @@ def main(argv):
       else:
         print(sweep.launch_line(r))
     return
-  sweep.write_definition(FLAGS.workdir, config_arg, sweeps, fixed, FLAGS.mode, runs,
-                         FLAGS.seeds)
-  try:
-    failed = sweep.run_all(runs)
-  except KeyboardInterrupt as e:
-    print(f"sweep stopped ({e}); rerun the same command to resume", file=sys.stderr)
-    sys.exit(130)
+  wd.check_writable(FLAGS.workdir)
+  with wd.hold(FLAGS.workdir, multihost=False) as lock:  # a rerun of a running sweep is refused
+    sweep.write_definition(FLAGS.workdir, config_arg, sweeps, fixed, FLAGS.mode, runs,
+                           FLAGS.seeds)
+    lock.started = True
+    try:
+      failed = sweep.run_all(runs)
+    except KeyboardInterrupt as e:
+      print(f"sweep stopped ({e}); rerun the same command to resume", file=sys.stderr)
+      sys.exit(130)
   if failed:
     raise UserError(f"{len(failed)} of {len(runs)} runs failed: "
                     + "; ".join(f"{r.name} ({line})" for r, line in failed))

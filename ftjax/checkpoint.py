@@ -28,7 +28,10 @@ written by the primary host only, so they must be the same on every process.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import re
 import json
 import logging
 import math
@@ -36,6 +39,7 @@ import os
 import signal
 import struct
 import threading
+import time
 from typing import Any
 
 import jax
@@ -46,12 +50,38 @@ import orbax.checkpoint as ocp
 from ftjax.errors import UserError
 
 
+# Errors of the disk under a checkpoint: one line naming it (Checkpointer), not orbax's
+# tracebacks from each of its save threads.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_DISK_TEXTS = ("No space left on device", "Disk quota exceeded", "Read-only file system")
+
+
+def disk_error(e: BaseException | None) -> str | None:
+  """The reason ("No space left on device", ...) when `e` or an exception in its chain is a
+  full, over-quota or read-only disk; else None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+      return e.strerror or os.strerror(e.errno)
+    text = str(e)
+    for t in _DISK_TEXTS:
+      if t in text:
+        return t
+    e = e.__cause__ or e.__context__
+  return None
+
+
 class _DropNoMetricsWarning(logging.Filter):
   """Orbax warns on every save without metrics once best_fn is set; most of ours are such."""
 
   def filter(self, record):
     if "did not provide metrics" in record.getMessage():
       return False
+    if "orbax" in record.pathname and (
+        disk_error(record.exc_info[1] if record.exc_info else None)
+        or any(t in record.getMessage() for t in _DISK_TEXTS)):
+      return False  # the Checkpointer reports it in one line
     # Orbax narrates every save at INFO (renames, threads, syncs); keep its warnings only.
     return record.levelno >= logging.WARNING or "orbax" not in record.pathname
 
@@ -226,6 +256,7 @@ class Checkpointer:
     if keep < 1:
       raise UserError(f"Checkpointer keep must be >= 1, got {keep}")
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._failed = False  # a save hit a full disk (reported once)
     self.best_metric = best_metric
     self.keep_best = keep_best
     pp = ocp.checkpoint_managers
@@ -282,20 +313,57 @@ class Checkpointer:
       metrics = {k: float(np.asarray(jax.device_get(v)).item()) for k, v in metrics.items()}
       if self.best_metric not in metrics:
         metrics = None
-    return self.manager.save(
-        int(step),
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                data=ocp.args.JsonSave(data_state),
-                                extra=ocp.args.JsonSave(extra)),
-        metrics=metrics if self.keep_best else None, force=force)
+    with self._disk_errors(step):
+      return self.manager.save(
+          int(step),
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=ocp.args.JsonSave(data_state),
+                                  extra=ocp.args.JsonSave(extra)),
+          metrics=metrics if self.keep_best else None, force=force)
+
+  def _committed_steps(self) -> list[int]:
+    try:
+      return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+    except OSError:
+      return []
+
+  @contextlib.contextmanager
+  def _disk_errors(self, step: int | None = None):
+    """A full (or read-only) disk during a save, which orbax may only report at a later save
+    or at close: a UserError naming the checkpoint dir and the step kept (orbax writes each
+    step to a tmp dir first, so the earlier ones are whole)."""
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 -- re-raised unless it is the disk
+      why = disk_error(e)
+      if why is None:
+        raise
+      self._failed = True
+      m = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(e))
+      failed = int(m.group(1)) if m else step
+      good = [s for s in self._committed_steps() if s != failed]
+      kept = (f"the last good checkpoint, step {good[-1]}, is kept" if good
+              else "no earlier checkpoint to keep")
+      what = f"step {failed}" if failed is not None else "a checkpoint"
+      raise UserError(f"{self.directory}: cannot save {what} ({why}); {kept}; free space and "
+                      "rerun the same command to resume") from None
 
   def wait(self) -> None:
     """Blocks until pending async saves are on disk (and old checkpoints are pruned)."""
-    self.manager.wait_until_finished()
+    with self._disk_errors():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      if not self._failed:
+        with self._disk_errors():
+          self.manager.wait_until_finished()
+    finally:
+      try:
+        self.manager.close()
+      except Exception as e:  # noqa: BLE001
+        if not (self._failed and disk_error(e)):
+          raise
 
   def __enter__(self):
     return self
@@ -381,6 +449,108 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=state_arg, data=ocp.args.JsonRestore(), extra=ocp.args.JsonRestore()))
     return out["state"], dict(out["data"] or {}), dict(out["extra"] or {})
+
+
+  def restore_readable(self, target: Any = None) -> tuple[int, Any, dict, dict, list]:
+    """`(step, state, data_state, extra, skipped)` of the newest step that reads whole.
+
+    A step that fails to read (a truncated array file, a deleted metadata file: the error may
+    only come from inside TensorStore) is skipped for the next older one; `skipped` lists
+    `(step, short reason)` of those, newest first.
+
+    Raises:
+      FileNotFoundError: no checkpoint at all.
+      UserError: none of them reads (naming each step and why).
+    """
+    self.manager.wait_until_finished()
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    skipped = []
+    for step in steps:
+      try:
+        with _quiet_background_errors():
+          self._check_files(step)
+          state, data_state, extra = self.restore(step, target)
+      except Exception as e:  # noqa: BLE001 -- any damage; KeyboardInterrupt still stops
+        skipped.append((step, short_reason(e)))
+        continue
+      return step, state, data_state, extra, skipped
+    why = "; ".join(f"step {s}: {r}" for s, r in skipped)
+    raise UserError(f"{self.directory}: no checkpoint reads whole ({why}); restore them from a "
+                    "copy or use a new --workdir")
+
+  def _check_files(self, step: int):
+    """FileNotFoundError naming the first metadata file of `step` that is missing (orbax would
+    otherwise restore without it, or say something misleading)."""
+    d = os.path.join(self.directory, str(step))
+    for name in ("state/_METADATA", "data/metadata", "extra/metadata"):
+      if not os.path.exists(os.path.join(d, name)):
+        raise FileNotFoundError(f"{os.path.join(d, name)} is missing")
+
+  def set_aside(self, steps: list[int]) -> list[str]:
+    """Renames damaged step dirs to `<step>.damaged-<UTC time>` (kept for the user, out of
+    orbax's sight, so that the resumed run can save those steps again); returns the new paths.
+    Process 0 renames; every process then reloads the step list."""
+    import datetime
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    moved = []
+    for step in steps:
+      src = os.path.join(self.directory, str(step))
+      dst = f"{src}.damaged-{stamp}"
+      if jax.process_index() == 0 and os.path.isdir(src):
+        os.replace(src, dst)
+      moved.append(dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("ftjax_checkpoint_set_aside")
+    self.manager.reload()
+    return moved
+
+
+class _MainThreadOnly:
+  """A stderr that drops what other threads write: TensorStore's callbacks print tracebacks
+  ("Event loop is closed") from its own threads when a failed read ends orbax's event loop
+  while other reads are in flight."""
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, s):
+    if threading.current_thread() is threading.main_thread():
+      return self.stream.write(s)
+    return len(s)
+
+  def __getattr__(self, name):
+    return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _quiet_background_errors():
+  """Around one restore attempt: a damaged step's read failure is reported once, by the
+  caller, not as dozens of tracebacks of the reads abandoned with it."""
+  import gc
+  import sys
+  old_err, old_hook = sys.stderr, sys.unraisablehook
+  sys.stderr, sys.unraisablehook = _MainThreadOnly(old_err), lambda unraisable: None
+  try:
+    yield
+  except BaseException:
+    # Let the abandoned reads finish and their coroutines be collected while muted.
+    time.sleep(0.2)
+    gc.collect()
+    raise
+  finally:
+    sys.stderr, sys.unraisablehook = old_err, old_hook
+
+
+def short_reason(e: BaseException, limit: int = 160) -> str:
+  """`Type: first line of the message`, cut to `limit` characters (TensorStore's errors run
+  to many lines)."""
+  lines = [ln.strip() for ln in str(e).split(". See full TensorStore")[0].splitlines()
+           if ln.strip()]
+  text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,17 +9,20 @@ experiment on that workdir (the first run, then every resume), each with
                dirty counts modified tracked files only
   versions     ftjax, python and the key libraries (jax, jaxlib, flax, optax, orbax, ...)
   jax          backend, device kinds and counts, process index and count
-  resumed      whether the workdir already held a config
+  resumed      whether the workdir already held a checkpoint
   config_diff  {key: [saved, new]} against the saved config (allowed keys, or all of them
                with allow_drift)
   config       this attempt's resolved config
+  data_hashes  {absolute path: sha256} of the local data files the config names
 
 so that with `--config.allow_drift=True` both the old and the new config are on record.
 
 A resume whose config differs from the saved one outside `ALLOWED_DRIFT` (steps and the log,
 eval and save cadence) is refused with the differing keys named, before anything is read or
 written: a changed learning rate or dataset would silently make the checkpoint mean something
-else. `--config.allow_drift=True` resumes anyway.
+else. So is a data file whose content changed since the last attempt (its hash in run.json): the
+data position in the checkpoint would point into other rows. `--config.allow_drift=True` resumes
+anyway. A workdir without a checkpoint has nothing to resume: a new config starts it afresh.
 """
 
 from __future__ import annotations
@@ -75,11 +78,63 @@ def _short(v: Any) -> str:
   return s if len(s) <= 40 else s[:37] + "..."
 
 
+def _has_checkpoint(workdir: str) -> bool:
+  d = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def data_files(config) -> list:
+  """The local files among `config.data`'s path, eval_path, sources and eval_sources (hub and
+  TFDS sources have no file to hash)."""
+  data = config_dict(config).get("data") or {}
+  paths = []
+  for key in ("path", "eval_path"):
+    paths += [p for p in str(data.get(key) or "").split(",") if p]
+  for key in ("sources", "eval_sources"):
+    for src in data.get(key) or []:
+      if isinstance(src, str):
+        paths.append(src)
+      elif isinstance(src, dict) and not (src.get("hub") or src.get("tfds")) and src.get("path"):
+        paths.append(src["path"])
+  return sorted({os.path.abspath(p) for p in paths if os.path.isfile(p)})
+
+
+_HASHES: dict = {}
+
+
+def data_hashes(config) -> dict:
+  """{absolute path: sha256 of its content} of `data_files(config)` (memoised on size and
+  mtime: the data cache hashes the same files)."""
+  from ftjax.data.cache import file_hash
+  out = {}
+  for path in data_files(config):
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+      _HASHES[key] = file_hash(path)
+    out[path] = _HASHES[key]
+  return out
+
+
+def _recorded_hashes(workdir: str) -> dict:
+  """The data hashes of the last attempt in run.json that recorded them ({} if none did)."""
+  try:
+    with open(os.path.join(workdir, "run.json")) as f:
+      runs = json.load(f).get("runs", [])
+  except (OSError, ValueError, AttributeError):
+    return {}
+  for attempt in reversed(runs):
+    if isinstance(attempt, dict) and isinstance(attempt.get("data_hashes"), dict):
+      return attempt["data_hashes"]
+  return {}
+
+
 def check_resume(config, workdir: str) -> dict:
-  """The config's diff against the workdir's saved config ({} for a new workdir). A key
-  outside ALLOWED_DRIFT that differs is a UserError naming it, unless `allow_drift`."""
+  """The config's diff against the workdir's saved config ({} for a new workdir, or one with
+  no checkpoint yet). A key outside ALLOWED_DRIFT that differs, or a data file whose content
+  changed (`data:<path>` in the diff), is a UserError naming it, unless `allow_drift`."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  if not os.path.exists(path) or not _has_checkpoint(workdir):
     return {}
   with open(path) as f:
     try:
@@ -95,6 +150,15 @@ def check_resume(config, workdir: str) -> dict:
     raise UserError(f"{workdir}: the config differs from the saved {path} in {shown}{more}; "
                     "resume with the saved values, use a new --workdir, or pass "
                     "--config.allow_drift=True")
+  old = _recorded_hashes(workdir)
+  for name, digest in data_hashes(config).items():
+    if name in old and old[name] != digest:
+      if not new.get("allow_drift", False):
+        raise UserError(f"{name}: the data file changed since the run was saved in {workdir} "
+                        f"(sha256 {digest[:12]} != {str(old[name])[:12]}); the checkpoint's "
+                        "data position would point into other rows. Restore the file, use a "
+                        "new --workdir, or pass --config.allow_drift=True")
+      diff[f"data:{name}"] = [old[name], digest]
   return diff
 
 
@@ -153,7 +217,7 @@ def record_run(config, workdir: str, diff: dict, resumed: bool):
   attempt = {"start_time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
              "argv": list(sys.argv), "cwd": os.getcwd(), "hostname": socket.gethostname(),
              **environment(), "resumed": resumed, "config_diff": diff,
-             "config": config_dict(config)}
+             "config": config_dict(config), "data_hashes": data_hashes(config)}
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump({"runs": runs + [attempt]}, f, indent=2, default=str)

@@ -239,10 +239,12 @@ def test_wrong_length_reward_is_one_line(tmp_path, monkeypatch):
   bad = lambda prompts, completions, **kw: [0.0] * (len(completions) - 1)
   bad.__name__ = "my_reward"
   monkeypatch.setattr(rewards, "from_spec", lambda spec: bad)
-  with pytest.raises(UserError, match="reward function 'my_reward' returned 31 rewards for 32"):
+  # The dry run on the first rows finds it before anything is written.
+  with pytest.raises(UserError, match="reward function 'my_reward' returned 1 rewards for 2"):
     c = _config(steps=1)
-    c.data.eval_rows = 0  # no eval (its greedy batch would meet the bad reward first)
+    c.data.eval_rows = 0
     grpo_exp.run(c, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
 
 
 def _latest(workdir):

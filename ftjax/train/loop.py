@@ -5,8 +5,8 @@ loop calls in its own order, so that every loop still reads top to bottom in its
   ...                                       # model, optimizer, state
   build_data = loop.data_builder(data_lib.build_dataset, config, tok, workdir)
   data = None if wd.has_checkpoints(workdir) else build_data(None)  # checked before any write
-  wd.start_run(config, workdir, drift)      # config.json and run.json
-  ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, data, build_data)
+  ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, data, build_data,
+                                          begin=lambda: wd.start_run(config, workdir, drift))
   writer, bar = loop.open_logs(workdir, t.steps, start)
   with loop.closing(ckpt, bar, writer):
     with checkpoint.PreemptionHandler() as preempt:
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -60,26 +61,43 @@ def data_builder(build: Callable, config, tok,
 
 
 def restore(workdir: str, t, state: dict, base_ref: dict, data, build_data: Callable,
-            best_metric: str = "eval_loss"):
-  """(checkpointer, state, data, start step): the latest checkpoint of `workdir` if any.
+            best_metric: str = "eval_loss", begin: Optional[Callable[[], Any]] = None):
+  """(checkpointer, state, data, start step): the newest checkpoint of `workdir` that reads.
 
-  The checked base fingerprint stops a resume over a different base model. `data` is the
-  fresh run's dataset (read before anything was written, so a bad file leaves no workdir) or
-  None on a resume, which reads it once, at the restored position. The checkpointer is closed
-  if anything fails here: an async one left open prints an orbax thread traceback at exit.
+  Everything a resume can refuse is read and checked before `begin()` (the script's
+  `wd.start_run`, which writes config.json and run.json) is called: the checkpoint, the base
+  fingerprint (a changed base stops the resume) and the data at the restored position. A
+  damaged newer step is skipped with one warning line and, once the run has begun, renamed
+  to `<step>.damaged-<time>` so that the resumed run saves that step again. `data` is the fresh
+  run's dataset (read before anything was written, so a bad file leaves no workdir) or None on
+  a resume, which reads it once, at the restored position. The checkpointer is closed if
+  anything fails here: an async one left open prints an orbax thread traceback at exit.
   """
+  begin = begin or (lambda: None)
+  resume = wd.has_checkpoints(workdir)
+  if not resume:  # checkpoints/ is made only once the run has begun
+    if data is None:
+      data = build_data(None)
+    begin()
   ckpt = checkpoint.Checkpointer(workdir, keep=int(t.keep), async_save=bool(t.async_save),
                                  best_metric=best_metric)
   try:
-    data_state, start = None, 0
-    if ckpt.latest_step() is not None:
-      state, data_state, extra = ckpt.restore(target=state)
+    start = 0
+    if resume:
+      step, state, data_state, extra, skipped = ckpt.restore_readable(target=state)
       if base_ref.get("kind") == "hf":
         checkpoint.check_base(extra, base_ref["path"])
+      if data is None or data_state:
+        data = build_data(data_state)
+      begin()
+      if skipped:
+        moved = ckpt.set_aside([s for s, _ in skipped])
+        why = "; ".join(f"step {s} ({r}) moved to {os.path.basename(m)}"
+                        for (s, r), m in zip(skipped, moved))
+        logging.warning("checkpoint unreadable, resuming from step %d instead: %s (in %s)",
+                        step, why, ckpt.directory)
       start = int(state["step"])
       logging.info("resumed from step %d of %s", start, workdir)
-    if data is None or data_state:
-      data = build_data(data_state)
   except BaseException:
     ckpt.close()
     raise
