@@ -16,8 +16,9 @@ output row (when in < block_size, a block covers block_size / in whole rows). We
 (stacked layers [L, in, out]) are batched: each matrix is quantized on its own, as
 bitsandbytes quantizes each nn.Linear.
 
-Every code and scale array keeps the kernel's two trailing axes, in kernel orientation, so it
-carries the kernel's logical axis names and shards like a dense kernel (`logical_names`):
+Where a block is such a rectangle of the kernel, every code and scale array keeps the kernel's
+two trailing axes, in kernel orientation, so it carries the kernel's logical axis names and
+shards like a dense kernel (`logical_names`):
 
   kind   key            dtype        shape                      when
   nf4    codes          uint8        [..., in / 2, out]         always
@@ -28,9 +29,17 @@ carries the kernel's logical axis names and shards like a dense kernel (`logical
   both   scale_offset   float32      [...]                      double_quant
 
 with (bi, bo) = (block_size, 1) when in % block_size == 0, else (in, block_size / in), and
-nb = in * out / block_size. Other shapes raise a ValueError. The NF4 byte [j, o] holds the codes
-of (2j, o) (high nibble) and (2j + 1, o): bitsandbytes' packed bytes, transposed.
+nb = in * out / block_size. The NF4 byte [j, o] holds the codes of (2j, o) (high nibble) and
+(2j + 1, o): bitsandbytes' packed bytes, transposed.
 
+Any other kernel (in = 80 or 144 with blocks of 64: a block ends mid-row) takes the flat
+layout, bitsandbytes' arrays as they are: codes in weight orientation, [..., out, in / 2] (NF4;
+bitsandbytes' bytes in order) or [..., out, in] (int4), and one scale per flat block,
+`scale`/`scale_codes` [..., nb] with nb = ceil(in * out / block_size) (a partial last block has
+its own absmax). A flat q has one axis fewer in its scales than in its codes (`is_flat`). Its
+blocks follow no kernel axis, so all its arrays are replicated (logical names None): such a
+kernel does not shard on `tensor`. NF4 with an odd `in` (a byte would straddle two rows) raises
+a UserError.
 NF4 follows bitsandbytes (kQuantizeBlockwise / dQuantizeNF4 and the CPU `quantize_4bit`):
 absmax per block; code = nearest NF4_CODEBOOK value of w * (1 / absmax), ties to the lower code
 (the `x > midpoint` tree).
