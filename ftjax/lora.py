@@ -103,13 +103,13 @@ def is_adapter_leaf(key: tuple) -> bool:
 
 
 def adapter_params(params: dict) -> dict:
-  """Only the LoRA leaves of `params`."""
+  """Only the adapter leaves of `params` (`is_adapter_leaf`: LoRA/DoRA, prefix, prompt)."""
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict({k: v for k, v in flat.items() if is_adapter_leaf(k)})
 
 
 def base_params(params: dict) -> dict:
-  """`params` without LoRA leaves."""
+  """`params` without its adapter leaves (`is_adapter_leaf`): the base model's params."""
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict({k: v for k, v in flat.items() if not is_adapter_leaf(k)})
 

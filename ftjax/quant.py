@@ -8,6 +8,11 @@ place of its float kernel:
   w = dequantize(q, cfg, dtype=jnp.bfloat16)         # [..., in, out], jittable
   y = matmul(x, q, cfg, jnp.bfloat16)                # [..., in] -> [..., out], custom VJP
 
+and a linear layer (`model.Linear`) declares and multiplies its kernel, dense or 4-bit, with
+
+  kernel = kernel_param(module, (n_in, n_out), axes, cfg_or_None, init, param_dtype)
+  y = dot(x, kernel, cfg_or_None, dtype, precision)
+
 Layout: bitsandbytes'. A HF/torch weight is [out, in] = kernel.T and bitsandbytes flattens it in
 C order and cuts it into consecutive blocks of `block_size`, so blocks run along `in` within one
 output row (when in < block_size, a block covers block_size / in whole rows). We block the

@@ -452,6 +452,25 @@ def test_nf4_model_matches_transformers_bitsandbytes(request, llama, double_quan
                              atol=5e-5, rtol=0)
 
 
+def test_nf4_odd_input_size_is_a_user_error(tmp_path):
+  """A checkpoint whose down_proj has an odd input size (intermediate 145) cannot be NF4: the
+  load stops with one UserError line (the CLI prints it as `error: ...`); int4 loads it."""
+  import torch
+  import transformers as T
+
+  import ftjax
+  torch.manual_seed(0)
+  cfg = T.LlamaConfig(hidden_size=80, intermediate_size=145, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+  T.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path))
+  with pytest.raises(UserError, match=r"shape \(145, 80\) to nf4") as e:
+    ftjax.load_pretrained(str(tmp_path), quant="nf4")
+  assert "\n" not in str(e.value)
+  _, params = ftjax.load_pretrained(str(tmp_path), quant="int4")
+  assert quant.is_flat(params["layers"]["mlp"]["down_proj"]["kernel"])
+
+
 def test_nf4_flat_lora_exports(llama80, tmp_path):
   """A LoRA over flat NF4 kernels exports both ways: save_pretrained (dequantized and merged)
   loads in transformers, and save_adapter loads in PEFT over bitsandbytes' dequantized base,
