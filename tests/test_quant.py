@@ -419,9 +419,20 @@ def test_nf4_model_matches_transformers_bitsandbytes(request, llama, double_quan
   cfg = quant.QuantConfig("nf4", 64, double_quant=double_quant)
   model, params = ftjax.load_pretrained(path, quant=cfg)
   assert quant.is_flat(params["layers"]["mlp"]["down_proj"]["kernel"]) == (llama == "llama80")
-  if llama == "llama80":  # replicated: the flat blocks follow no kernel axis
+  if llama == "llama80" and not double_quant:
+    # Replicated: the flat blocks follow no kernel axis. Loaded straight into the shards of a
+    # tensor-parallel mesh, the kernel's arrays are whole on every device; same params.
     names = model_lib.logical_axes(model)["layers"]["attn"]["q_proj"]["kernel"]
     assert tuple(names["codes"]) == ("layers", None, None)
+    from ftjax import sharding
+    _, sharded = ftjax.load_pretrained(path, quant=cfg, mesh=sharding.make_mesh("fsdp=4,tensor=2"))
+    q_proj = sharded["layers"]["attn"]["q_proj"]["kernel"]
+    assert all(a is None for a in q_proj["codes"].sharding.spec)
+    assert q_proj["codes"].addressable_shards[0].data.shape == (2, 80, 40)
+    assert tuple(sharded["embed"].sharding.spec) == ("tensor", "fsdp")  # the rest still shards
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a),
+                                                                      np.asarray(b)),
+                           params, sharded)
   plain, dense = ftjax.merge(model, params)  # every 4-bit kernel dequantized, nothing else
   n_quantized = 0
   for name, ours in hf_lib.hf_tensors(plain.cfg, dense):
