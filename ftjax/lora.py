@@ -1,4 +1,5 @@
-"""LoRA/DoRA adapters: initialise on a loaded base, swap, disable, merge (PEFT I/O: peft_io.py).
+"""LoRA/DoRA adapters: the layer's delta (`apply`), and on a params tree: initialise on a loaded
+base, swap, disable, merge (PEFT I/O: peft_io.py).
 
 Adapter leaves (`lora_a` [in, r], `lora_b` [r, out], `lora_magnitude` [out]) sit beside the
 base kernel they adapt, so the base params tree is unchanged and several named adapters can
@@ -12,16 +13,88 @@ every block; `LoraConfig.layers` leaves zero slices in the blocks it excludes.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from flax import traverse_util
 
-from ftjax.config import LoraConfig
-from ftjax.model import Decoder
+from ftjax import quant
+from ftjax.config import LoraConfig, dot_precision
+
+# model.py imports this module for `apply`, so the functions below take the model (a
+# `model.Decoder`) as an argument and build its plain twin with `_plain`, never by import.
 
 LORA_LEAVES = ("lora_a", "lora_b", "lora_magnitude")
+
+
+def _kaiming_uniform_a_sqrt5(key, shape, dtype):
+  """PEFT/torch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); fan_in = shape[0]."""
+  bound = 1.0 / math.sqrt(shape[0])
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def apply(module: nn.Module, lcfg: LoraConfig, x: jax.Array, y: jax.Array,
+          dense_kernel: Callable[[], jax.Array], layer: Optional[jax.Array] = None) -> jax.Array:
+  """The output of a `model.Linear` with its LoRA/DoRA adapter; declares the adapter params.
+
+  Args:
+    module: the Linear, inside its compact call: `lora_a` [in, r], `lora_b` [r, out] (and
+      `lora_magnitude` [out] for DoRA) sit beside its kernel; its axes, dtypes, precision and
+      spec (adapters_enabled, LoraConfig.layers) are read.
+    lcfg: the LoraConfig of this layer.
+    x: the layer input [..., in].
+    y: the base output x @ W [..., out] in the compute dtype.
+    dense_kernel: () -> W [in, out] in the compute dtype (dequantized when 4-bit); DoRA only.
+    layer: int32 [], the block index under the scan, for LoraConfig.layers.
+
+  Returns:
+    [..., out]: y + s * dropout(x) A B, or DoRA's m / ||W + s A B|| * (that).
+  """
+  shape = (x.shape[-1], module.features)
+  if lcfg.rank > min(shape):
+    raise ValueError(f"LoRA rank {lcfg.rank} is larger than layer "
+                     f"{'/'.join(module.scope.path)} of shape {shape}")
+  dtype, axes = module.dtype, module.axes
+  a_init = (_kaiming_uniform_a_sqrt5 if lcfg.init == "kaiming"
+            else nn.initializers.normal(1.0 / lcfg.rank))
+  on = module.spec.lora_layer_on(layer)
+  if on is not None:  # blocks outside LoraConfig.layers keep A = B = 0
+    a_init = functools.partial(lambda f, key, s, d: jnp.where(on, f(key, s, d), 0), a_init)
+  a = module.param("lora_a", nn.with_logical_partitioning(a_init, (axes[0], "lora")),
+                   (shape[0], lcfg.rank), module.adapter_dtype)
+  b = module.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                          ("lora", axes[1])),
+                   (lcfg.rank, shape[1]), module.adapter_dtype)
+  if lcfg.dora:
+    kernel = dense_kernel()
+    mag = module.param("lora_magnitude", nn.with_logical_partitioning(
+        lambda key, s, d: jnp.linalg.norm(kernel.astype(jnp.float32), axis=0).astype(d),
+        (axes[1],)), (shape[1],), module.adapter_dtype)
+  if not module.spec.adapters_enabled:
+    return y
+  xa = x
+  if lcfg.dropout > 0 and module.has_rng("dropout"):
+    xa = nn.Dropout(lcfg.dropout, deterministic=False)(x)
+  a, b = a.astype(dtype), b.astype(dtype)
+  delta = jnp.einsum("...i,ir,ro->...o", xa.astype(dtype), a, b,
+                     precision=dot_precision(module.precision, dtype)) * lcfg.scale
+  if on is not None:  # zero contribution, hence zero gradient, outside the chosen blocks
+    delta = delta * on.astype(dtype)
+  if not lcfg.dora:
+    return y + delta
+  # PEFT's DoRA: m / ||W + s B A|| (row norm, detached) rescales base and LoRA outputs.
+  w = kernel.astype(jnp.float32) + lcfg.scale * jnp.matmul(
+      a.astype(jnp.float32), b.astype(jnp.float32),
+      precision=dot_precision(module.precision, jnp.float32))
+  norm = jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))
+  factor = (mag.astype(jnp.float32) / norm).astype(dtype)
+  out = factor * (y + delta)
+  return out if on is None else jnp.where(on, out, y)
 
 
 def is_adapter_leaf(key: tuple) -> bool:
@@ -30,13 +103,13 @@ def is_adapter_leaf(key: tuple) -> bool:
 
 
 def adapter_params(params: dict) -> dict:
-  """Only the LoRA leaves of `params`."""
+  """Only the adapter leaves of `params` (`is_adapter_leaf`: LoRA/DoRA, prefix, prompt)."""
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict({k: v for k, v in flat.items() if is_adapter_leaf(k)})
 
 
 def base_params(params: dict) -> dict:
-  """`params` without LoRA leaves."""
+  """`params` without its adapter leaves (`is_adapter_leaf`): the base model's params."""
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict({k: v for k, v in flat.items() if not is_adapter_leaf(k)})
 
@@ -48,12 +121,17 @@ def with_adapter(base: dict, adapter: dict) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
-def disable(model: Decoder) -> Decoder:
+def _plain(model):
+  """The same model class on the same config, without adapters or 4-bit kernels."""
+  return type(model)(model.cfg)
+
+
+def disable(model):
   """The same model with LoRA, prefix and prompt switched off: the base model, same params."""
   return model.clone(spec=dataclasses.replace(model.spec, adapters_enabled=False))
 
 
-def target_paths(model: Decoder) -> list[str]:
+def target_paths(model) -> list[str]:
   """Paths of the linear layers LoRA wraps ("layers/attn/q_proj", ...; one per stacked param)."""
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
   flat = traverse_util.flatten_dict(shapes["params"])
@@ -65,21 +143,19 @@ def is_stacked(layer: tuple) -> bool:
   return layer[0] == "layers"
 
 
-def kernel_shapes(cfg) -> dict[tuple, tuple]:
-  """Layer path -> [in, out] of every linear kernel of a plain model of `cfg` (no arrays);
+def kernel_shapes(model) -> dict[tuple, tuple]:
+  """Layer path -> [in, out] of every linear kernel of the plain twin of `model` (no arrays);
   one block's shape for stacked kernels."""
-  from flax import linen as nn
-  shapes = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0),
-                                                    jnp.zeros((1, 1), jnp.int32)))["params"]
+  shapes = jax.eval_shape(lambda: _plain(model).init(jax.random.PRNGKey(0),
+                                                     jnp.zeros((1, 1), jnp.int32)))["params"]
   flat = traverse_util.flatten_dict(nn.meta.unbox(shapes))
   return {k[:-1]: tuple(v.shape)[is_stacked(k):] for k, v in flat.items() if k[-1] == "kernel"}
 
 
-def dense_kernel(model: Decoder, layer: tuple, kernel, shape: tuple, dtype=jnp.float32):
+def dense_kernel(model, layer: tuple, kernel, shape: tuple, dtype=jnp.float32):
   """A base kernel [in, out] ([L, in, out] when stacked) as a dense array (dequantized when
   stored in 4 bits, block by block)."""
   if isinstance(kernel, dict):
-    from ftjax import quant
     deq = lambda q: quant.dequantize(q, model.spec.quant_for("/".join(layer)), shape, dtype)
     return jax.vmap(deq)(kernel) if is_stacked(layer) else deq(kernel)
   return kernel.astype(dtype)
@@ -100,7 +176,7 @@ def _node(params: dict, path: tuple) -> dict:
   return params
 
 
-def init_adapters(model: Decoder, params: dict, rng: jax.Array) -> dict:
+def init_adapters(model, params: dict, rng: jax.Array) -> dict:
   """Add freshly initialised adapter leaves (LoRA, prefix, prompt) to loaded base `params`.
 
   Only the adapter leaves of `model.init` are kept, so under jit the base initialisation is
@@ -122,11 +198,10 @@ def init_adapters(model: Decoder, params: dict, rng: jax.Array) -> dict:
   def init(rng):
     return adapter_params(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
 
-  from flax import linen as nn
   adapter = nn.meta.unbox(init(rng))
   if model.spec.lora is not None and model.spec.lora.dora:
     flat = traverse_util.flatten_dict(adapter)
-    shapes = kernel_shapes(model.cfg)
+    shapes = kernel_shapes(model)
     for key in list(flat):
       if key[-1] == "lora_magnitude":
         layer = key[:-1]
@@ -136,7 +211,7 @@ def init_adapters(model: Decoder, params: dict, rng: jax.Array) -> dict:
   return with_adapter(params, adapter)
 
 
-def merge(model: Decoder, params: dict) -> tuple[Decoder, dict]:
+def merge(model, params: dict) -> tuple:
   """Fold LoRA/DoRA into the base kernels: a plain model and its params.
 
   The sum W + s*A@B is formed in float32 and stored in the model's param dtype. A 4-bit base
@@ -146,7 +221,7 @@ def merge(model: Decoder, params: dict) -> tuple[Decoder, dict]:
   """
   lcfg = model.spec.lora
   pdt = jnp.dtype(model.cfg.param_dtype)
-  shapes = kernel_shapes(model.cfg)
+  shapes = kernel_shapes(model)
 
   def walk(node, path):
     if path in shapes:  # a linear layer: kernel (+ bias) (+ LoRA leaves)
@@ -167,4 +242,4 @@ def merge(model: Decoder, params: dict) -> tuple[Decoder, dict]:
       return {k: walk(v, path + (k,)) for k, v in node.items()}
     return node
 
-  return Decoder(model.cfg), walk(params, ())
+  return _plain(model), walk(params, ())

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import heads
+from ftjax import heads, lora, quant
 from ftjax.config import (LORA_TARGET_PRESETS, LoraConfig, ModelConfig, PrefixConfig,
                           dot_precision)
 
@@ -95,18 +95,13 @@ class AdapterSpec:
     return None
 
 
-def _kaiming_uniform_a_sqrt5(key, shape, dtype):
-  """PEFT/torch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)); fan_in = shape[0]."""
-  bound = 1.0 / math.sqrt(shape[0])
-  return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
 class Linear(nn.Module):
   """y = x @ kernel (+ bias) (+ LoRA); kernel [in, out], plain or 4-bit quantized.
 
-  The base kernel keeps its path (`.../q_proj/kernel`); LoRA adds `lora_a` [in, r] and
-  `lora_b` [r, out] beside it (and `lora_magnitude` [out] for DoRA); a quantized kernel is a
-  dict of code and scale arrays at the same path.
+  The base kernel keeps its path (`.../q_proj/kernel`); a quantized kernel is a dict of code and
+  scale arrays at the same path (`quant.kernel_param`, multiplied by `quant.dot`). LoRA adds
+  `lora_a` [in, r] and `lora_b` [r, out] beside it (and `lora_magnitude` [out] for DoRA), declared
+  and applied by `lora.apply`.
   """
 
   features: int
@@ -123,66 +118,13 @@ class Linear(nn.Module):
     """x [..., in] -> [..., out]; `layer` (int32 []) is the block index, for LoraConfig.layers."""
     path = "/".join(self.scope.path)
     shape = (x.shape[-1], self.features)
-    init = nn.initializers.normal(0.02)
     qcfg = self.spec.quant_for(path)
-    prec = dot_precision(self.precision, self.dtype)
-    if qcfg is None:
-      kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape,
-                          self.param_dtype)
-      kernel = kernel.astype(self.dtype)
-      y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel, precision=prec)
-    else:
-      from ftjax import quant
-
-      def quant_init(key):  # codes and scales carry the kernel's axes: they shard like it
-        q = quant.quantize(init(key, shape, jnp.float32), qcfg)
-        names = quant.logical_names(q, self.axes)
-        return {k: nn.Partitioned(v, names[k]) for k, v in q.items()}
-      packed = self.param("kernel", quant_init)
-      y = quant.matmul(x, packed, qcfg, self.dtype, prec)  # custom VJP: no dense kernel kept
-      kernel = None  # built below only where DoRA needs the dense matrix
+    kernel = quant.kernel_param(self, shape, self.axes, qcfg, nn.initializers.normal(0.02),
+                                self.param_dtype)
+    y = quant.dot(x, kernel, qcfg, self.dtype, dot_precision(self.precision, self.dtype))
     lcfg = self.spec.lora_for(path)
-    if lcfg is not None:
-      if lcfg.rank > min(shape):
-        raise ValueError(f"LoRA rank {lcfg.rank} is larger than layer {path} of shape {shape}")
-      a_init = (_kaiming_uniform_a_sqrt5 if lcfg.init == "kaiming"
-                else nn.initializers.normal(1.0 / lcfg.rank))
-      on = self.spec.lora_layer_on(layer)
-      if on is not None:  # blocks outside LoraConfig.layers keep A = B = 0
-        a_init = functools.partial(lambda f, key, s, d: jnp.where(on, f(key, s, d), 0), a_init)
-      a = self.param("lora_a", nn.with_logical_partitioning(a_init, (self.axes[0], "lora")),
-                     (shape[0], lcfg.rank), self.adapter_dtype)
-      b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                            ("lora", self.axes[1])),
-                     (lcfg.rank, shape[1]), self.adapter_dtype)
-      if lcfg.dora:
-        if kernel is None:
-          kernel = quant.dequantize(packed, qcfg, shape, self.dtype)
-        mag = self.param("lora_magnitude", nn.with_logical_partitioning(
-            lambda key, s, d: jnp.linalg.norm(kernel.astype(jnp.float32), axis=0).astype(d),
-            (self.axes[1],)), (shape[1],), self.adapter_dtype)
-      if self.spec.adapters_enabled:
-        xa = x
-        if lcfg.dropout > 0 and self.has_rng("dropout"):
-          xa = nn.Dropout(lcfg.dropout, deterministic=False)(x)
-        a, b = a.astype(self.dtype), b.astype(self.dtype)
-        delta = jnp.einsum("...i,ir,ro->...o", xa.astype(self.dtype), a, b,
-                           precision=prec) * lcfg.scale
-        y_base = y
-        if on is not None:  # zero contribution, hence zero gradient, outside the chosen blocks
-          delta = delta * on.astype(self.dtype)
-        if lcfg.dora:
-          # PEFT's DoRA: m / ||W + s B A|| (row norm, detached) rescales base and LoRA outputs.
-          w = kernel.astype(jnp.float32) + lcfg.scale * jnp.matmul(
-              a.astype(jnp.float32), b.astype(jnp.float32),
-              precision=dot_precision(self.precision, jnp.float32))
-          norm = jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))
-          factor = (mag.astype(jnp.float32) / norm).astype(self.dtype)
-          y = factor * (y + delta)
-          if on is not None:
-            y = jnp.where(on, y, y_base)
-        else:
-          y = y + delta
+    if lcfg is not None:  # DoRA reads the dense kernel (a 4-bit one is dequantized for it)
+      y = lora.apply(self, lcfg, x, y, lambda: quant.dense(kernel, qcfg, shape, self.dtype), layer)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                              (self.axes[1],)),

@@ -8,6 +8,11 @@ place of its float kernel:
   w = dequantize(q, cfg, dtype=jnp.bfloat16)         # [..., in, out], jittable
   y = matmul(x, q, cfg, jnp.bfloat16)                # [..., in] -> [..., out], custom VJP
 
+and a linear layer (`model.Linear`) declares and multiplies its kernel, dense or 4-bit, with
+
+  kernel = kernel_param(module, (n_in, n_out), axes, cfg_or_None, init, param_dtype)
+  y = dot(x, kernel, cfg_or_None, dtype, precision)
+
 Layout: bitsandbytes'. A HF/torch weight is [out, in] = kernel.T and bitsandbytes flattens it in
 C order and cuts it into consecutive blocks of `block_size`, so blocks run along `in` within one
 output row (when in < block_size, a block covers block_size / in whole rows). We block the
@@ -16,8 +21,9 @@ output row (when in < block_size, a block covers block_size / in whole rows). We
 (stacked layers [L, in, out]) are batched: each matrix is quantized on its own, as
 bitsandbytes quantizes each nn.Linear.
 
-Every code and scale array keeps the kernel's two trailing axes, in kernel orientation, so it
-carries the kernel's logical axis names and shards like a dense kernel (`logical_names`):
+Where a block is such a rectangle of the kernel, every code and scale array keeps the kernel's
+two trailing axes, in kernel orientation, so it carries the kernel's logical axis names and
+shards like a dense kernel (`logical_names`):
 
   kind   key            dtype        shape                      when
   nf4    codes          uint8        [..., in / 2, out]         always
@@ -28,9 +34,17 @@ carries the kernel's logical axis names and shards like a dense kernel (`logical
   both   scale_offset   float32      [...]                      double_quant
 
 with (bi, bo) = (block_size, 1) when in % block_size == 0, else (in, block_size / in), and
-nb = in * out / block_size. Other shapes raise a ValueError. The NF4 byte [j, o] holds the codes
-of (2j, o) (high nibble) and (2j + 1, o): bitsandbytes' packed bytes, transposed.
+nb = in * out / block_size. The NF4 byte [j, o] holds the codes of (2j, o) (high nibble) and
+(2j + 1, o): bitsandbytes' packed bytes, transposed.
 
+Any other kernel (in = 80 or 144 with blocks of 64: a block ends mid-row) takes the flat
+layout, bitsandbytes' arrays as they are: codes in weight orientation, [..., out, in / 2] (NF4;
+bitsandbytes' bytes in order) or [..., out, in] (int4), and one scale per flat block,
+`scale`/`scale_codes` [..., nb] with nb = ceil(in * out / block_size) (a partial last block has
+its own absmax). A flat q has one axis fewer in its scales than in its codes (`is_flat`). Its
+blocks follow no kernel axis, so all its arrays are replicated (logical names None): such a
+kernel does not shard on `tensor`. NF4 with an odd `in` (a byte would straddle two rows) raises
+a UserError.
 NF4 follows bitsandbytes (kQuantizeBlockwise / dQuantizeNF4 and the CPU `quantize_4bit`):
 absmax per block; code = nearest NF4_CODEBOOK value of w * (1 / absmax), ties to the lower code
 (the `x > midpoint` tree).
@@ -52,11 +66,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ftjax.errors import UserError
 
 Array = jax.Array
 
@@ -152,22 +169,32 @@ class QuantConfig:
       raise ValueError(f"QuantConfig.scale_dtype must be a float dtype, got {self.scale_dtype!r}")
 
 
-def block_shape(shape, cfg: QuantConfig) -> tuple[int, int]:
+def block_shape(shape, cfg: QuantConfig) -> Optional[tuple[int, int]]:
   """(bi, bo): a block spans bi inputs x bo outputs of an [..., in, out] kernel, as in
-  bitsandbytes' C-order blocking of the [out, in] weight."""
+  bitsandbytes' C-order blocking of the [out, in] weight; None where its blocks are no such
+  rectangle (the flat layout). A UserError for a kernel no layout holds."""
   shape = tuple(int(d) for d in shape)
   bs = cfg.block_size
+  if len(shape) < 2 or shape[-2] <= 0 or shape[-1] <= 0:
+    raise UserError(f"cannot quantize an array of shape {shape}: want a kernel [..., in, out]")
+  n_in, n_out = shape[-2], shape[-1]
+  if cfg.kind == "nf4" and n_in % 2:
+    raise UserError(f"cannot quantize a kernel of shape {shape} to nf4: NF4 packs two inputs "
+                    f"a byte and in = {n_in} is odd (use int4, or keep the layer dense)")
   # bitsandbytes' flat blocks of the [out, in] weight are one of these two rectangles; NF4
   # packs input pairs, so in is even.
-  if len(shape) >= 2 and shape[-2] > 0 and shape[-1] > 0 and shape[-2] % 2 == 0:
-    n_in, n_out = shape[-2], shape[-1]
+  if n_in % 2 == 0:
     if n_in % bs == 0:
       return bs, 1
     if bs % n_in == 0 and n_out % (bs // n_in) == 0:
       return n_in, bs // n_in
-  raise ValueError(f"cannot quantize a kernel of shape {shape} in blocks of {bs}: want "
-                   f"[..., in, out] with in a multiple of {bs}, or an even in dividing {bs} "
-                   f"and out a multiple of {bs} / in")
+  return None
+
+
+def is_flat(q: dict[str, Array]) -> bool:
+  """`q` holds its kernel in the flat layout: its scales have one axis fewer than its codes."""
+  scale = q["scale_codes"] if "scale_codes" in q else q["scale"]
+  return len(scale.shape) < len(q["codes"].shape)
 
 
 def _nested_index(nbi: int, nbo: int) -> Array:
@@ -196,12 +223,14 @@ def _quantize_scales(scale: Array) -> dict[str, Array]:
           "scale_offset": offset}
 
 
-def _dequantize_scales(q: dict[str, Array]) -> Array:
-  """Inverse of `_quantize_scales`: float32 [..., nbi, nbo]."""
-  nbi, nbo = q["scale_codes"].shape[-2:]
-  values = jnp.asarray(DYNAMIC_MAP)[q["scale_codes"].astype(jnp.int32)]   # [..., nbi, nbo]
+def _dequantize_scales(q: dict[str, Array], flat: bool = False) -> Array:
+  """Inverse of `_quantize_scales`: float32 [..., nbi, nbo] ([..., nb] when `flat`)."""
+  scale_codes = q["scale_codes"][..., None] if flat else q["scale_codes"]  # flat: nbo = 1
+  nbi, nbo = scale_codes.shape[-2:]
+  values = jnp.asarray(DYNAMIC_MAP)[scale_codes.astype(jnp.int32)]         # [..., nbi, nbo]
   absmax = q["scale_absmax"][..., _nested_index(nbi, nbo)]                # [..., nbi, nbo]
-  return values * absmax + q["scale_offset"][..., None, None]
+  scale = values * absmax + q["scale_offset"][..., None, None]
+  return scale[..., 0] if flat else scale
 
 
 def _blocks(w: Array, bi: int, bo: int) -> Array:
@@ -209,30 +238,61 @@ def _blocks(w: Array, bi: int, bo: int) -> Array:
   return w.reshape(*lead, n_in // bi, bi, n_out // bo, bo)
 
 
+def _flat_blocks(weight: Array, bs: int) -> Array:
+  """[..., out, in] -> its C-order values in blocks [..., nb, bs]; the last block zero-padded
+  (zeros leave a partial block's absmax as bitsandbytes has it)."""
+  *lead, n_out, n_in = weight.shape
+  flat = weight.reshape(*lead, n_out * n_in)
+  flat = jnp.pad(flat, [(0, 0)] * len(lead) + [(0, -(n_out * n_in) % bs)])
+  return flat.reshape(*lead, -1, bs)
+
+
+def _unflat(blocks: Array, n_out: int, n_in: int) -> Array:
+  """Inverse of `_flat_blocks`: [..., nb, bs] -> [..., out, in]."""
+  *lead, _, _ = blocks.shape
+  return blocks.reshape(*lead, -1)[..., :n_out * n_in].reshape(*lead, n_out, n_in)
+
+
 @functools.partial(jax.jit, static_argnames="cfg")
 def _quantize(w: Array, cfg: QuantConfig) -> dict[str, Array]:
-  bi, bo = block_shape(w.shape, cfg)
-  blocks = _blocks(w.astype(jnp.float32), bi, bo)             # [..., nbi, bi, nbo, bo]
-  absmax = jnp.max(jnp.abs(blocks), axis=(-3, -1))            # [..., nbi, nbo]
+  bshape = block_shape(w.shape, cfg)
+  *lead, n_in, n_out = w.shape
+  if bshape is None:  # flat: blocks of the [out, in] weight, codes [..., out, in(/2)]
+    blocks = _flat_blocks(jnp.swapaxes(w.astype(jnp.float32), -1, -2), cfg.block_size)
+    reduce_axes, expand = (-1,), (lambda s: s[..., None])    # blocks [..., nb, bs]
+    unblock = lambda b: _unflat(b, n_out, n_in)              # noqa: E731
+    pair_axis = -1
+  else:
+    blocks = _blocks(w.astype(jnp.float32), *bshape)        # [..., nbi, bi, nbo, bo]
+    reduce_axes, expand = (-3, -1), (lambda s: s[..., :, None, :, None])
+    unblock = lambda b: b.reshape(w.shape)                   # noqa: E731
+    pair_axis = -2
+  absmax = jnp.max(jnp.abs(blocks), axis=reduce_axes)         # [..., nbi, nbo] or [..., nb]
   scale = absmax if cfg.kind == "nf4" else absmax / INT4_MAX  # float32
   if cfg.double_quant:
-    q = _quantize_scales(scale)
+    if bshape is None:  # flat scales are [nb, 1] rectangles in _quantize_scales' terms
+      q = _quantize_scales(scale[..., None])
+      q["scale_codes"] = q["scale_codes"][..., 0]
+    else:
+      q = _quantize_scales(scale)
   else:
     q = {"scale": scale.astype(cfg.scale_dtype)}
     scale = q["scale"].astype(jnp.float32)  # quantize against the scale dequantize will see
-  scale = scale[..., :, None, :, None]
+  scale = expand(scale)
 
   if cfg.kind == "nf4":
     # x * (1 / absmax), not x / absmax: bitsandbytes multiplies by the reciprocal.
     inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
-    normed = jnp.clip(blocks * inv, -1.0, 1.0).reshape(w.shape)              # [..., in, out]
+    normed = unblock(jnp.clip(blocks * inv, -1.0, 1.0))      # [..., in, out] / [..., out, in]
     codes = jnp.searchsorted(jnp.asarray(_midpoints(NF4_CODEBOOK)), normed.reshape(-1),
-                             side="left").astype(jnp.uint8)
-    codes = codes.reshape(*w.shape[:-2], w.shape[-2] // 2, 2, w.shape[-1])  # [..., in/2, 2, out]
-    q["codes"] = (codes[..., 0, :] << 4) | codes[..., 1, :]                  # [..., in/2, out]
+                             side="left").astype(jnp.uint8).reshape(normed.shape)
+    # Input pairs (2j, 2j + 1) share a byte, 2j in the high nibble.
+    hi = jax.lax.slice_in_dim(codes, 0, None, 2, axis=pair_axis)
+    lo = jax.lax.slice_in_dim(codes, 1, None, 2, axis=pair_axis)
+    q["codes"] = (hi << 4) | lo                               # [..., in/2, out] / [..., out, in/2]
   else:
     values = jnp.round(blocks / jnp.where(scale > 0, scale, 1.0))
-    q["codes"] = jnp.clip(values, -INT4_MAX, INT4_MAX).astype(jnp.int4).reshape(w.shape)
+    q["codes"] = unblock(jnp.clip(values, -INT4_MAX, INT4_MAX).astype(jnp.int4))
   return q
 
 
@@ -251,15 +311,17 @@ def quantize(w: np.ndarray | Array, cfg: QuantConfig) -> dict[str, Array]:
 
 def kernel_shape(q: dict[str, Array], cfg: QuantConfig) -> tuple[int, ...]:
   """The [..., in, out] shape of the kernel `q` holds."""
-  *lead, n_in, n_out = q["codes"].shape
-  return (*lead, n_in * (2 if cfg.kind == "nf4" else 1), n_out)
+  *lead, rows, cols = q["codes"].shape
+  pack = 2 if cfg.kind == "nf4" else 1
+  return (*lead, cols * pack, rows) if is_flat(q) else (*lead, rows * pack, cols)
 
 
 def logical_names(q: dict[str, Array], axes: tuple) -> dict[str, tuple]:
   """Logical axis names of each array of `q` for a kernel with names `axes` ([in, out]): codes
   and scales keep both (so they shard like the dense kernel); the nested statistics are tiny
-  and replicated."""
-  return {k: axes if k in ("codes", "scale", "scale_codes") else (None,) * np.ndim(v)
+  and replicated, and so is every array of the flat layout (its blocks follow no kernel axis)."""
+  flat = is_flat(q)
+  return {k: axes if k in ("codes", "scale", "scale_codes") and not flat else (None,) * np.ndim(v)
           for k, v in q.items()}
 
 
@@ -281,15 +343,23 @@ def dequantize(q: dict[str, Array], cfg: QuantConfig, shape=None, dtype=jnp.floa
   if shape is not None and tuple(shape) != full:
     raise ValueError(f"{cfg.kind} codes of shape {q['codes'].shape} hold a kernel of shape "
                      f"{full}, not {tuple(shape)}")
-  bi, bo = block_shape(full, cfg)
-  scale = _dequantize_scales(q) if cfg.double_quant else q["scale"].astype(jnp.float32)
+  bshape = block_shape(full, cfg)
+  flat = bshape is None
+  # [..., nbi, nbo], or [..., nb] when flat
+  scale = _dequantize_scales(q, flat) if cfg.double_quant else q["scale"].astype(jnp.float32)
   codes = q["codes"]
   if cfg.kind == "nf4":
-    codes = jnp.stack([codes >> 4, codes & 0xF], axis=-2).reshape(full)   # [..., in, out]
+    # Unpack along the input axis: -2 of [..., in/2, out], -1 of the flat [..., out, in/2].
+    codes = jnp.stack([codes >> 4, codes & 0xF], axis=-1 if flat else -2)
+    codes = codes.reshape(*codes.shape[:-2], -1) if flat else codes.reshape(full)
     values = jnp.asarray(NF4_CODEBOOK)[codes.astype(jnp.int32)]
   else:
     values = codes.astype(jnp.float32)
-  w = _blocks(values, bi, bo) * scale[..., :, None, :, None]             # [..., nbi, bi, nbo, bo]
+  if flat:
+    *lead, n_in, n_out = full
+    w = _unflat(_flat_blocks(values, cfg.block_size) * scale[..., None], n_out, n_in)
+    return jnp.swapaxes(w, -1, -2).astype(dtype)                        # [..., in, out]
+  w = _blocks(values, *bshape) * scale[..., :, None, :, None]           # [..., nbi, bi, nbo, bo]
   return w.reshape(full).astype(dtype)
 
 
@@ -333,6 +403,46 @@ def matmul(x: Array, q: dict[str, Array], cfg: QuantConfig, dtype=jnp.bfloat16,
   if q["codes"].ndim != 2:
     raise ValueError(f"quant.matmul wants one 2-D kernel, got codes of shape {q['codes'].shape}")
   return _matmul(x.astype(dtype), q, cfg, precision)
+
+
+def kernel_param(module: nn.Module, shape: tuple[int, int], axes: tuple,
+                 cfg: Optional[QuantConfig], init: Callable, param_dtype: Any):
+  """Declare a linear layer's `kernel` param on `module` (inside its compact call).
+
+  Args:
+    module: the layer whose scope holds the param.
+    shape: the kernel's (in, out).
+    axes: its logical axis names.
+    cfg: None for a dense kernel; else the kernel is `quantize`d from a float32 `init`.
+    init: a flax initializer (key, shape, dtype).
+    param_dtype: the dense kernel's dtype.
+
+  Returns:
+    The dense kernel [in, out], or the dict of 4-bit arrays (names from `logical_names`).
+  """
+  if cfg is None:
+    return module.param("kernel", nn.with_logical_partitioning(init, axes), shape, param_dtype)
+
+  def quant_init(key):
+    q = quantize(init(key, shape, jnp.float32), cfg)
+    names = logical_names(q, axes)
+    return {k: nn.Partitioned(v, names[k]) for k, v in q.items()}
+  return module.param("kernel", quant_init)
+
+
+def dot(x: Array, kernel, cfg: Optional[QuantConfig], dtype: Any, precision=None) -> Array:
+  """x [..., in] @ a `kernel_param` kernel -> [..., out] in the compute `dtype`.
+
+  Dense: one einsum. 4-bit: `matmul`, whose custom VJP keeps no dense kernel for the backward.
+  """
+  if cfg is None:
+    return jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype), precision=precision)
+  return matmul(x, kernel, cfg, dtype, precision)
+
+
+def dense(kernel, cfg: Optional[QuantConfig], shape: tuple, dtype: Any) -> Array:
+  """A `kernel_param` kernel as a dense [..., in, out] array in `dtype` (dequantized if 4-bit)."""
+  return kernel.astype(dtype) if cfg is None else dequantize(kernel, cfg, shape, dtype)
 
 
 def _bits(dtype: Any) -> int:

@@ -2,8 +2,10 @@
 
 Greedy (temperature 0), temperature, top-k and top-p; per-sequence stop on one or more EOS
 ids; n samples per prompt (the prompt is prefilled once and its cache repeated). Logprobs are
-those of the model's own distribution (log-softmax of the raw logits, before temperature,
-top-k or top-p), so they equal the training forward's token logprobs.
+those of the tempered distribution the tokens are drawn from before truncation:
+log_softmax(logits / temperature) (the raw logits at temperature 0), after temperature but
+before top-k or top-p, so they equal `rollout.completion_logprobs` at the same temperature (as
+TRL computes them) and, at temperature 1, the training forward's token logprobs.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Every param carries logical axis names (`model.py`); `RULES` maps them to the mesh axes
 `data`, `fsdp` and `tensor` and is plain data (override it in the config's `mesh.rules`).
 A param whose names have no rule is an error that names the param. 4-bit kernels' code and
-scale arrays carry their kernel's two logical names (quant.py), so they shard like it.
+scale arrays carry their kernel's two logical names (quant.py), so they shard like it; a kernel
+in quant.py's flat layout (blocks that end mid-row) is replicated.
 
   mesh = make_mesh("data=2,fsdp=2,tensor=2")
   with use_mesh(mesh, rules):                       # activation constraints need the rules

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ftjax import quant
+from ftjax.errors import UserError
 
 # bitsandbytes functional.py get_4bit_type("nf4") / QLoRA (Dettmers et al. 2023) appendix E, as
 # published. The source prints 0.7229568362236023 for code 14; 0.7229568362236328, as some copies
@@ -161,10 +162,20 @@ def test_int4_bf16_scales():
 
 
 def test_bad_shapes_and_configs():
-  with pytest.raises(ValueError, match=r"shape \(3, 20\).*blocks of 64"):
+  # NF4 packs two inputs a byte: an odd `in` would put a byte across two rows. One line, for
+  # the CLI.
+  with pytest.raises(UserError, match=r"^cannot quantize a kernel of shape \(3, 20\) to nf4: "
+                                      r"[^\n]*in = 3 is odd"):
     quant.quantize(np.zeros((3, 20), np.float32), quant.QuantConfig())
-  with pytest.raises(ValueError, match=r"shape \(96, 64\)"):  # 96 inputs: blocks would straddle
-    quant.quantize(np.zeros((96, 64), np.float32), quant.QuantConfig())
+  with pytest.raises(UserError, match=r"shape \(64,\)"):
+    quant.quantize(np.zeros((64,), np.float32), quant.QuantConfig())
+  # int4 packs nothing: the odd `in` takes the flat layout, codes in weight orientation.
+  w = gaussian((3, 20), seed=15)
+  cfg = quant.QuantConfig("int4", 64, double_quant=False)
+  q = quant.quantize(w, cfg)
+  assert quant.is_flat(q) and q["codes"].shape == (20, 3) and q["scale"].shape == (1,)
+  np.testing.assert_array_equal(np.asarray(q["scale"]), np.abs(w).max() / np.float32(7))
+  assert rel_rms(quant.dequantize(q, cfg), w) < 0.12
   with pytest.raises(ValueError, match="kind"):
     quant.QuantConfig(kind="fp4")
   with pytest.raises(ValueError, match="block_size"):
@@ -172,8 +183,9 @@ def test_bad_shapes_and_configs():
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int4"])
-def test_jit_dequantize_and_matmul(kind):
-  w = gaussian((128, 192), seed=7)
+@pytest.mark.parametrize("shape", [(128, 192), (80, 192)])  # 2-D blocks; flat blocks
+def test_jit_dequantize_and_matmul(kind, shape):
+  w = gaussian(shape, seed=7)
   cfg = quant.QuantConfig(kind, block_size=64, double_quant=True)
   q = quant.quantize(w, cfg)
   eager = quant.dequantize(q, cfg, w.shape, jnp.float32)
@@ -181,7 +193,7 @@ def test_jit_dequantize_and_matmul(kind):
   # XLA may contract code * absmax + offset into one FMA: equal up to an ulp.
   np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-6, atol=1e-9)
 
-  x = np.random.default_rng(8).standard_normal((2, 5, 128)).astype(np.float32)
+  x = np.random.default_rng(8).standard_normal((2, 5, shape[0])).astype(np.float32)
   y = jax.jit(quant.matmul, static_argnums=(2, 3))(x, q, cfg, jnp.float32)
   assert y.shape == (2, 5, 192) and y.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(y), np.asarray(x @ eager), rtol=1e-5, atol=1e-5)
@@ -211,9 +223,10 @@ def test_matmul_vjp_keeps_no_dense_kernel():
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int4"])
-def test_leading_dims_quantize_each_matrix(kind):
+@pytest.mark.parametrize("shape", [(128, 64), (144, 80)])  # 2-D blocks; flat blocks
+def test_leading_dims_quantize_each_matrix(kind, shape):
   """Stacked [L, in, out] kernels (scanned layers): each matrix as if quantized alone."""
-  w = gaussian((3, 128, 64), seed=13)
+  w = gaussian((3, *shape), seed=13)
   cfg = quant.QuantConfig(kind, 64, double_quant=True)
   q = quant.quantize(w, cfg)
   assert q["scale_offset"].shape == (3,)
@@ -233,18 +246,23 @@ def _bnb_layout(p, st, out, n_in, bs=64):
   return codes, absmax
 
 
-def _bnb_dequantize(F, p, st, shape):
-  """bitsandbytes' dequantize_4bit; where in < blocksize its CPU kernel (0.50) does not invert
-  its own quantize_4bit (max error 0.021 vs 0.009 on std 0.02 data), so there the format's
-  definition is applied to its flat arrays: codebook[code] * absmax of each flat 64-block."""
-  if shape[-1] % 64 == 0:
+def _bnb_dequantize(F, p, st):
+  """bitsandbytes' dequantize_4bit of (p, st): codebook[code] * absmax of each flat block, as its
+  CUDA kernel and generic backend compute it. Its CPU kernel (0.50) blocks each row of the
+  [out, in] weight on its own, so where in % blocksize != 0 it does not invert its own
+  quantize_4bit (max error 0.021 on in = 32, 0.039 on in = 80, vs 0.009, on std 0.02 data):
+  there bitsandbytes' generic backend computes it."""
+  import torch
+  if st.shape[-1] % st.blocksize == 0:
     return F.dequantize_4bit(p, st).numpy()
-  absmax = st.absmax.numpy()
-  if st.nested:
-    absmax = F.dequantize_blockwise(st.absmax, st.state2).numpy() + st.offset.item()
-  packed = p.numpy().reshape(-1)
-  codes = np.stack([packed >> 4, packed & 15], -1).reshape(-1, 64)
-  return (quant.NF4_CODEBOOK[codes] * absmax[:, None].astype(np.float32)).reshape(shape)
+  from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+  from bitsandbytes.backends.utils import _get_4bit_code
+  absmax = st.absmax
+  if st.nested:  # as F.dequantize_4bit does
+    absmax = F.dequantize_blockwise(st.absmax, st.state2) + st.offset
+  code = _get_4bit_code(st.quant_type, p.device)
+  return _dequantize_4bit_compute(p.view(torch.uint8).reshape(-1), absmax.float(), code,
+                                  st.blocksize, st.shape, torch.float32).numpy()
 
 
 @pytest.mark.parametrize("out,n_in", [(384, 256), (128, 32)])  # blocks in a row; over 2 rows
@@ -267,7 +285,7 @@ def test_bitsandbytes_parity(out, n_in):
   np.testing.assert_array_equal(np.asarray(q["codes"]), codes)
   np.testing.assert_array_equal(np.asarray(q["scale"]), absmax)
   np.testing.assert_array_equal(np.asarray(quant.dequantize(q, cfg)),
-                                _bnb_dequantize(F, p, st, weight.shape).T)
+                                _bnb_dequantize(F, p, st).T)
   # int4 uses the same blocks: its scales are bitsandbytes' absmax / 7.
   q4 = quant.quantize(kernel, quant.QuantConfig("int4", 64, double_quant=False))
   np.testing.assert_allclose(np.asarray(q4["scale"]), absmax / 7, rtol=1e-6)
@@ -289,7 +307,44 @@ def test_bitsandbytes_parity(out, n_in):
   bnb_q = {"codes": codes2, "scale_codes": scale_codes,
            "scale_absmax": st2.state2.absmax.numpy(), "scale_offset": st2.offset.numpy()}
   np.testing.assert_allclose(np.asarray(quant.dequantize(bnb_q, cfg)),
-                             _bnb_dequantize(F, p2, st2, weight.shape).T, rtol=1e-6, atol=1e-9)
+                             _bnb_dequantize(F, p2, st2).T, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("out,n_in", [(144, 80), (80, 144), (10, 90)])
+def test_bitsandbytes_parity_flat(out, n_in):
+  """Where a 64-block ends mid-row of the [out, in] weight (in = 80, 144; 10 x 90 also has a
+  partial last block), the flat layout holds bitsandbytes' quantize_4bit arrays as they are,
+  bit for bit, and dequantizes to its dequantize_4bit."""
+  F = pytest.importorskip("bitsandbytes.functional")
+  import torch
+
+  weight = gaussian((out, n_in), seed=14)
+  t = torch.from_numpy(weight)
+  p, st = F.quantize_4bit(t, blocksize=64, quant_type="nf4", compress_statistics=False)
+  cfg = quant.QuantConfig("nf4", 64, double_quant=False)
+  q = quant.quantize(weight.T, cfg)
+  assert quant.is_flat(q) and quant.kernel_shape(q, cfg) == (n_in, out)
+  np.testing.assert_array_equal(np.asarray(q["codes"]), p.numpy().reshape(out, n_in // 2))
+  np.testing.assert_array_equal(np.asarray(q["scale"]), st.absmax.numpy())
+  np.testing.assert_array_equal(np.asarray(quant.dequantize(q, cfg)), _bnb_dequantize(F, p, st).T)
+  # Flat blocks follow no kernel axis: every array is replicated.
+  assert quant.logical_names(q, ("embed", "mlp")) == {"codes": (None, None), "scale": (None,)}
+  q4 = quant.quantize(weight.T, quant.QuantConfig("int4", 64, double_quant=False))
+  np.testing.assert_allclose(np.asarray(q4["scale"]), st.absmax.numpy() / 7, rtol=1e-6)
+
+  p2, st2 = F.quantize_4bit(t, blocksize=64, quant_type="nf4", compress_statistics=True)
+  cfg = quant.QuantConfig("nf4", 64, double_quant=True)
+  q2 = quant.quantize(weight.T, cfg)
+  np.testing.assert_array_equal(np.asarray(q2["codes"]), p2.numpy().reshape(out, n_in // 2))
+  np.testing.assert_allclose(float(q2["scale_offset"]), st2.offset.item(), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(q2["scale_absmax"]), st2.state2.absmax.numpy(), rtol=1e-6)
+  # As in test_bitsandbytes_parity, a nested code may move one step (measured: none here).
+  ours, theirs = np.asarray(q2["scale_codes"], np.int32), st2.absmax.numpy().astype(np.int32)
+  assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 1
+  bnb_q = {"codes": p2.numpy().reshape(out, n_in // 2), "scale_codes": st2.absmax.numpy(),
+           "scale_absmax": st2.state2.absmax.numpy(), "scale_offset": st2.offset.numpy()}
+  np.testing.assert_allclose(np.asarray(quant.dequantize(bnb_q, cfg)),
+                             _bnb_dequantize(F, p2, st2).T, rtol=1e-6, atol=1e-9)
 
 
 @pytest.fixture(scope="module")
@@ -307,47 +362,94 @@ def llama64(tmp_path_factory):
   return d
 
 
-@pytest.mark.parametrize("double_quant", [False, True])
-def test_nf4_model_matches_transformers_bitsandbytes(llama64, double_quant):
-  """load_pretrained(quant=nf4) gives BitsAndBytesConfig(load_in_4bit, nf4)'s base: the same
-  dequantized weights (double quant: up to bitsandbytes' one-step nested rounding) and logits."""
+@pytest.fixture(scope="module")
+def llama80(tmp_path_factory):
+  """A tiny HF Llama whose inputs (80, 144) neither fill nor divide the 64-blocks: every 4-bit
+  kernel takes the flat layout."""
+  import torch
+  import transformers as T
+  torch.manual_seed(0)
+  cfg = T.LlamaConfig(hidden_size=80, intermediate_size=144, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
+                      initializer_range=0.2, bos_token_id=None, eos_token_id=None,
+                      pad_token_id=None)
+  d = str(tmp_path_factory.mktemp("llama80"))
+  T.AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(d)
+  return d
+
+
+def _bnb_reference(path, double_quant):
+  """(transformers' BitsAndBytesConfig nf4 model, the float model on bitsandbytes' dequantized
+  weights of it, their number)."""
   F = pytest.importorskip("bitsandbytes.functional")
   import torch
   import transformers as T
-
-  import ftjax
-  from ftjax import hf as hf_lib
-
   bnb_cfg = T.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                  bnb_4bit_use_double_quant=double_quant,
                                  bnb_4bit_compute_dtype=torch.float32)
-  ref = T.AutoModelForCausalLM.from_pretrained(llama64, quantization_config=bnb_cfg,
+  ref = T.AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_cfg,
                                                device_map="cpu", dtype=torch.float32).eval()
-  cfg = quant.QuantConfig("nf4", 64, double_quant=double_quant)
-  model, params = ftjax.load_pretrained(llama64, quant=cfg)
-  plain, dense = ftjax.merge(model, params)  # every 4-bit kernel dequantized, nothing else
   # bitsandbytes 0.50's CPU Linear4bit forward is not an exact float32 x @ W^T (1.7e-2 off on a
-  # q_proj, logits up to 0.19 off), so the 1e-4 logits reference is the float model on
-  # bitsandbytes' own dequantized weights.
-  exact = T.AutoModelForCausalLM.from_pretrained(llama64, dtype=torch.float32).eval()
+  # q_proj, logits up to 0.19 off), so the logits reference is the float model on bitsandbytes'
+  # own dequantized weights.
+  exact = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  weights = {}
+  for name, module in ref.named_modules():
+    if hasattr(getattr(module, "weight", None), "quant_state"):
+      w = _bnb_dequantize(F, module.weight.data, module.weight.quant_state)
+      exact.get_submodule(name).weight.data = torch.from_numpy(w)
+      weights[name + ".weight"] = (w, module.weight.quant_state)
+  return exact, weights
+
+
+@pytest.mark.parametrize("llama", ["llama64", "llama80"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_model_matches_transformers_bitsandbytes(request, llama, double_quant):
+  """load_pretrained(quant=nf4) gives BitsAndBytesConfig(load_in_4bit, nf4)'s base: the same
+  dequantized weights (double quant: up to bitsandbytes' one-step nested rounding) and logits;
+  with 2-D blocks (llama64) and flat ones (llama80)."""
+  import torch
+
+  import ftjax
+  from ftjax import hf as hf_lib
+  from ftjax import model as model_lib
+
+  path = request.getfixturevalue(llama)
+  exact, weights = _bnb_reference(path, double_quant)
+  cfg = quant.QuantConfig("nf4", 64, double_quant=double_quant)
+  model, params = ftjax.load_pretrained(path, quant=cfg)
+  assert quant.is_flat(params["layers"]["mlp"]["down_proj"]["kernel"]) == (llama == "llama80")
+  if llama == "llama80" and not double_quant:
+    # Replicated: the flat blocks follow no kernel axis. Loaded straight into the shards of a
+    # tensor-parallel mesh, the kernel's arrays are whole on every device; same params.
+    names = model_lib.logical_axes(model)["layers"]["attn"]["q_proj"]["kernel"]
+    assert tuple(names["codes"]) == ("layers", None, None)
+    from ftjax import sharding
+    _, sharded = ftjax.load_pretrained(path, quant=cfg, mesh=sharding.make_mesh("fsdp=4,tensor=2"))
+    q_proj = sharded["layers"]["attn"]["q_proj"]["kernel"]
+    assert all(a is None for a in q_proj["codes"].sharding.spec)
+    assert q_proj["codes"].addressable_shards[0].data.shape == (2, 80, 40)
+    assert tuple(sharded["embed"].sharding.spec) == ("tensor", "fsdp")  # the rest still shards
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a),
+                                                                      np.asarray(b)),
+                           params, sharded)
+  plain, dense = ftjax.merge(model, params)  # every 4-bit kernel dequantized, nothing else
   n_quantized = 0
   for name, ours in hf_lib.hf_tensors(plain.cfg, dense):
-    module = ref.get_submodule(name.removesuffix(".weight"))
-    if not hasattr(module.weight, "quant_state"):
+    if name not in weights:
       continue
     n_quantized += 1
-    theirs = F.dequantize_4bit(module.weight.data, module.weight.quant_state).numpy()
-    exact.get_submodule(name.removesuffix(".weight")).weight.data = torch.from_numpy(theirs)
+    theirs, state = weights[name]
     if not double_quant:
       np.testing.assert_array_equal(ours, theirs, err_msg=name)
     else:
       # A nested code one step off moves a block scale by at most one dynamic-map step (0.0140625
       # at the top) times its 256-block's absmax.
-      step = 0.0140625 * float(module.weight.quant_state.state2.absmax.max())
+      step = 0.0140625 * float(state.state2.absmax.max())
       assert np.abs(ours - theirs).max() <= step, name
       # The rest differ by ulps (the float32 offset's summation order, FMA).
       assert np.mean(np.isclose(ours, theirs, rtol=1e-6, atol=1e-9)) > 0.95, name
-  assert n_quantized == 2 * 7
+  assert n_quantized == len(weights) == 2 * 7
 
   tokens = np.random.default_rng(0).integers(0, 320, (2, 11))
   with torch.no_grad():
@@ -355,6 +457,62 @@ def test_nf4_model_matches_transformers_bitsandbytes(llama64, double_quant):
   got = np.asarray(model.apply({"params": params}, tokens))
   # Double quant: the few block scales one nested step off move logits by up to 3.3e-4.
   np.testing.assert_allclose(got, want, atol=1e-3 if double_quant else 1e-4, rtol=0)
+  # The 4-bit forward is the dense forward on the dequantized kernels, up to float32 rounding
+  # (measured 1.1e-5 on logits of up to 3).
+  np.testing.assert_allclose(got, np.asarray(plain.apply({"params": dense}, tokens)),
+                             atol=5e-5, rtol=0)
+
+
+def test_nf4_odd_input_size_is_a_user_error(tmp_path):
+  """A checkpoint whose down_proj has an odd input size (intermediate 145) cannot be NF4: the
+  load stops with one UserError line (the CLI prints it as `error: ...`); int4 loads it."""
+  import torch
+  import transformers as T
+
+  import ftjax
+  torch.manual_seed(0)
+  cfg = T.LlamaConfig(hidden_size=80, intermediate_size=145, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+  T.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path))
+  with pytest.raises(UserError, match=r"shape \(145, 80\) to nf4") as e:
+    ftjax.load_pretrained(str(tmp_path), quant="nf4")
+  assert "\n" not in str(e.value)
+  _, params = ftjax.load_pretrained(str(tmp_path), quant="int4")
+  assert quant.is_flat(params["layers"]["mlp"]["down_proj"]["kernel"])
+
+
+def test_nf4_flat_lora_exports(llama80, tmp_path):
+  """A LoRA over flat NF4 kernels exports both ways: save_pretrained (dequantized and merged)
+  loads in transformers, and save_adapter loads in PEFT over bitsandbytes' dequantized base,
+  each with ftjax's logits."""
+  import peft
+  import torch
+  import transformers as T
+  from flax import traverse_util
+
+  import ftjax
+  exact, _ = _bnb_reference(llama80, double_quant=True)
+  model, params = ftjax.load_pretrained(llama80, quant="nf4", lora=ftjax.LoraConfig(rank=4))
+  flat = traverse_util.flatten_dict(params)
+  for i, k in enumerate(sorted(flat)):
+    if k[-1] == "lora_b":
+      flat[k] = 0.3 * jax.random.normal(jax.random.PRNGKey(i), flat[k].shape, flat[k].dtype)
+  params = traverse_util.unflatten_dict(flat)
+  tokens = np.random.default_rng(1).integers(0, 320, (2, 9))
+  ours = np.asarray(model.apply({"params": params}, tokens))
+  with torch.no_grad():
+    base = exact(torch.from_numpy(tokens)).logits.numpy()
+  assert np.abs(ours - base).max() > 1e-2  # the adapter matters
+
+  ftjax.save_pretrained(model, params, str(tmp_path / "merged"))
+  merged = T.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+  ftjax.save_adapter(model, params, str(tmp_path / "adapter"))
+  with_adapter = peft.PeftModel.from_pretrained(exact, str(tmp_path / "adapter")).eval()
+  with torch.no_grad():
+    for ref in (merged, with_adapter):
+      np.testing.assert_allclose(ref(torch.from_numpy(tokens)).logits.numpy(), ours,
+                                 atol=1e-4, rtol=0)
 
 
 def test_nf4_lora_train_step_memory_below_bf16():
