@@ -29,7 +29,7 @@ from ftjax import checkpoint, cli, lora, partition  # noqa: E402
 from ftjax import workdir as wd  # noqa: E402
 from ftjax.data import preference as pref_data  # noqa: E402
 from ftjax.errors import UserError  # noqa: E402
-from ftjax.train import common, loop, preference  # noqa: E402
+from ftjax.train import common, loop, preference, setup  # noqa: E402
 
 
 def define_flags():
@@ -73,7 +73,7 @@ def reference(model, config, params):
 def _moving_base_leaves(config, params) -> dict:
   """Flat {path: leaf} of the trainable leaves that the reference model reads: all of them for
   full fine-tuning, the `adapter.train_extra` ones beside adapters."""
-  trainable = partition.split(params, partition.label_params(params, wd.rules(config)))[0]
+  trainable = partition.split(params, partition.label_params(params, setup.rules(config)))[0]
   flat = traverse_util.flatten_dict(trainable)
   if config.adapter.kind == "none":
     return flat
@@ -112,13 +112,13 @@ def run(config, workdir: str) -> dict:
   if d.reference not in ("auto", "precomputed"):
     raise UserError(f"config.dpo.reference={d.reference!r}: expected auto or precomputed")
   drift = wd.check_resume(config, workdir)  # a resume with a changed config is refused
-  par = wd.parallel(config)
+  par = setup.parallel(config)
   par.check_batch(int(t.batch_size))
-  model, params, tok, base_ref = wd.build_model(config, par=par)
+  model, params, tok, base_ref = setup.build_model(config, par=par)
   ref_model, ref_params_fn, ref_frozen = reference(model, config, params)
-  trainable, frozen, labels = common.split_params(params, wd.rules(config))
+  trainable, frozen, labels = common.split_params(params, setup.rules(config))
   frozen = {**frozen, **ref_frozen}
-  schedule, tx = wd.optimizer(config)
+  schedule, tx = setup.optimizer(config)
   state = loop.init_state(par, trainable, tx, t.seed)
   logging.info("%s", partition.format_summary(partition.summary(params, labels,
                                                                 state["opt_state"])))

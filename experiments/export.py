@@ -30,6 +30,7 @@ from ftjax import cli  # noqa: E402
 import ftjax  # noqa: E402
 from ftjax import hf, workdir as wd  # noqa: E402
 from ftjax.errors import UserError  # noqa: E402
+from ftjax.train import setup  # noqa: E402
 
 
 def define_flags():
@@ -208,7 +209,7 @@ def run(workdir: str, out: str, format: str = "merged", step=None, dtype=None,
                      "use --format=merged")
   check_out(workdir, out, config, overwrite)
   step = resolve_step(workdir, config, step)
-  tok_dir = wd.tokenizer_path(config)
+  tok_dir = setup.tokenizer_path(config)
   model, params, _, config = wd.load_trained(workdir, step)
   info = {"workdir": _real(workdir), "step": step}
   created = _missing_dirs(os.path.dirname(os.path.abspath(out)))

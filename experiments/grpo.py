@@ -30,7 +30,7 @@ from ftjax import checkpoint, cli, lora, losses, partition, rewards, rollout  # 
 from ftjax import workdir as wd  # noqa: E402
 from ftjax.data import prompts as prompt_data  # noqa: E402
 from ftjax.errors import UserError  # noqa: E402
-from ftjax.train import common, grpo as grpo_train, loop  # noqa: E402
+from ftjax.train import common, grpo as grpo_train, loop, setup  # noqa: E402
 
 
 def define_flags():
@@ -203,17 +203,17 @@ def run(config, workdir: str) -> dict:
   tok_path = arithmetic_tokenizer(config, workdir)
   sft_dir = arithmetic_warm_start(config, workdir)
   drift = wd.check_resume(config, workdir)  # a resume with a changed config is refused
-  par = wd.parallel(config)
+  par = setup.parallel(config)
   par.check_batch(int(t.batch_size))
   write_arithmetic_tokenizer(tok_path)
   run_warm_start(config, sft_dir)
-  model, params, tok, base_ref = wd.build_model(config, par=par)
-  trainable, frozen, labels = common.split_params(params, wd.rules(config))
+  model, params, tok, base_ref = setup.build_model(config, par=par)
+  trainable, frozen, labels = common.split_params(params, setup.rules(config))
   # The reference: adapters off over the same params, or the initial trainable leaves (a copy:
   # the step donates the live ones); none at all when beta == 0.
   ref_model = lora.disable(model) if config.adapter.kind != "none" else model
   ref_trainable = jax.tree_util.tree_map(jnp.copy, trainable) if s.beta else None
-  schedule, tx = wd.optimizer(config)
+  schedule, tx = setup.optimizer(config)
   state = loop.init_state(par, trainable, tx, t.seed)
   logging.info("%s", partition.format_summary(partition.summary(params, labels,
                                                                 state["opt_state"])))

@@ -33,7 +33,7 @@ from ftjax import checkpoint, cli, lora, losses, partition, rollout, sharding  #
 from ftjax import workdir as wd  # noqa: E402
 from ftjax.data import prompts as prompt_data  # noqa: E402
 from ftjax.errors import UserError  # noqa: E402
-from ftjax.train import common, loop  # noqa: E402
+from ftjax.train import common, loop, setup  # noqa: E402
 from ftjax.train import ppo as ppo_lib  # noqa: E402
 
 
@@ -110,13 +110,13 @@ def run(config, workdir: str) -> dict:
   common.validate(config)
   check(config)
   t, pc = config.train, config.ppo
-  par = wd.parallel(config)
+  par = setup.parallel(config)
   par.check_batch(int(t.batch_size) // int(pc.num_mini_batches),
                   "config.train.batch_size / config.ppo.num_mini_batches")
   train_rows, eval_rows = prompt_rows(config)
   drift = wd.check_resume(config, workdir)  # a resume with a changed config is refused
-  model, params, tok, base_ref = wd.build_model(config, par=par)
-  rm_model, rm_params = ppo_lib.load_reward_model(pc.reward_model, model)
+  model, params, tok, base_ref = setup.build_model(config, par=par)
+  rm_model, rm_params = wd.load_reward_model(pc.reward_model, model)
 
   def place(m, p):  # new params straight into their shards under pjit
     if par.mode != "pjit":
@@ -127,7 +127,7 @@ def run(config, workdir: str) -> dict:
   rm_params = place(rm_model, rm_params)
   params, extra_rules, critic = ppo_lib.add_critic(config, model, params, (rm_model, rm_params),
                                                    place)
-  rules = extra_rules + wd.rules(config)
+  rules = extra_rules + setup.rules(config)
   ref_model, ref_params_fn, ref_frozen = reference(model, config, params, rules)
   trainable, frozen, labels = common.split_params(params, rules)
   frozen = {**frozen, **ref_frozen}

@@ -43,6 +43,7 @@ from experiments import repro_plots  # noqa: E402
 from ftjax import cli, partition, report, sweep, workdir as wd  # noqa: E402
 from ftjax.demo import support  # noqa: E402
 from ftjax.errors import UserError  # noqa: E402
+from ftjax.train import setup  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "repro.py")
 SUPPORT_EVAL = os.path.join(support.DATA_DIR, "eval.jsonl")
@@ -179,7 +180,7 @@ def measure_all(ctx: Context, root: str, runs: list[sweep.Run], with_base: bool 
       loaded, trainable = (model, params, load_tokenizer(ctx.base)), 0
     else:
       model, params, tok, config = wd.load_trained(workdir)
-      labels = partition.label_params(params, wd.rules(config))
+      labels = partition.label_params(params, setup.rules(config))
       loaded, trainable = (model, params, tok), partition.summary(params, labels)["trainable"]
     m = {**measure(ctx, loaded), "trainable_params": trainable}
     logging.info("%s: %s", name, m)

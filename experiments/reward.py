@@ -25,7 +25,7 @@ from ftjax import checkpoint, cli, partition  # noqa: E402
 from ftjax import workdir as wd  # noqa: E402
 from ftjax.data import preference as pref_data  # noqa: E402
 from ftjax.errors import UserError  # noqa: E402
-from ftjax.train import common, loop, preference  # noqa: E402
+from ftjax.train import common, loop, preference, setup  # noqa: E402
 
 
 def define_flags():
@@ -45,11 +45,11 @@ def run(config, workdir: str) -> dict:
   if config.model.head != "score":
     raise UserError("config.model.head must be 'score' for a reward model")
   drift = wd.check_resume(config, workdir)  # a resume with a changed config is refused
-  par = wd.parallel(config)
+  par = setup.parallel(config)
   par.check_batch(int(t.batch_size))
-  model, params, tok, base_ref = wd.build_model(config, par=par)
-  trainable, frozen, labels = common.split_params(params, wd.rules(config))
-  schedule, tx = wd.optimizer(config)
+  model, params, tok, base_ref = setup.build_model(config, par=par)
+  trainable, frozen, labels = common.split_params(params, setup.rules(config))
+  schedule, tx = setup.optimizer(config)
   state = loop.init_state(par, trainable, tx, t.seed)
   logging.info("%s", partition.format_summary(partition.summary(params, labels,
                                                                 state["opt_state"])))

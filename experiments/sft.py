@@ -27,7 +27,7 @@ from ftjax import cli  # noqa: E402
 from ftjax import checkpoint, data as data_lib, metrics as metrics_lib, partition  # noqa: E402
 from ftjax import workdir as wd  # noqa: E402
 from ftjax.errors import UserError  # noqa: E402
-from ftjax.train import common, loop, sft  # noqa: E402
+from ftjax.train import common, loop, sft, setup  # noqa: E402
 
 
 def define_flags():
@@ -64,14 +64,14 @@ def run(config, workdir: str) -> dict:
     raise UserError("config.data.packing must be False with prompt tuning (the soft prompt "
                     "precedes each row, not each packed example)")
   drift = wd.check_resume(config, workdir)  # a resume with a changed config is refused
-  par = wd.parallel(config)
+  par = setup.parallel(config)
   par.check_batch(int(t.batch_size))
   if par.mode == "pmap" and t.batch_size // par.n_batch_shards % t.grad_accum:
     raise UserError("config.train.batch_size / devices must divide by config.train.grad_accum")
-  model, params, tok, base_ref = wd.build_model(config, par=par)
-  trainable, frozen, labels = common.split_params(params, wd.rules(config))
+  model, params, tok, base_ref = setup.build_model(config, par=par)
+  trainable, frozen, labels = common.split_params(params, setup.rules(config))
   del params
-  schedule, tx = wd.optimizer(config)
+  schedule, tx = setup.optimizer(config)
   state = loop.init_state(par, trainable, tx, t.seed)
   logging.info("model %s (%s), adapter %s, quant %s", model.cfg.family,
                config.model.hf_path or config.model.preset, config.adapter.kind,

@@ -9,11 +9,11 @@ import optax
 import pytest
 from flax import linen as nn
 
-from ftjax import partition, quant, workdir
+from ftjax import partition, quant
 from ftjax.config import LoraConfig, PrefixConfig, dot_precision, get_preset
 from ftjax.errors import UserError
 from ftjax.model import AdapterSpec, Decoder, init_params
-from ftjax.train import common, sft
+from ftjax.train import common, sft, setup
 
 BF16 = dict(param_dtype="bfloat16", dtype="bfloat16")
 # name -> (adapter spec, trainable rule set, extra ModelConfig fields)
@@ -56,13 +56,13 @@ def test_trainable_leaves_are_float32_over_bf16_base(name):
 def test_adapter_dtype_from_config():
   from configs import sft as sft_config
   c = sft_config.get_config("adapter=lora,smoke")
-  assert workdir.numerics_config(c) == {"adapter_dtype": "float32", "matmul_precision": "auto"}
+  assert setup.numerics_config(c) == {"adapter_dtype": "float32", "matmul_precision": "auto"}
   c.adapter.dtype = "float64"
   with pytest.raises(UserError, match=r"config\.adapter\.dtype='float64'"):
-    workdir.numerics_config(c)
+    setup.numerics_config(c)
   c.adapter.dtype, c.model.matmul_precision = "bfloat16", "tf32"
   with pytest.raises(UserError, match=r"config\.model\.matmul_precision='tf32'"):
-    workdir.numerics_config(c)
+    setup.numerics_config(c)
 
 
 def _train(cfg, spec, params32, batch, steps, lr):

@@ -17,7 +17,7 @@ from experiments import export as export_exp
 from experiments import reward as reward_exp
 from ftjax import lora, partition, sharding, workdir as wd
 from ftjax.data import preference as pref_data
-from ftjax.train import common, preference
+from ftjax.train import common, preference, setup
 
 
 def _batch(base_dir, pref_files, n=4):
@@ -45,7 +45,7 @@ def _reference_setup(base_dir, pref_files, arg, reference="auto", train_extra=""
   cfg.model.hf_path = base_dir
   cfg.adapter.train_extra = train_extra
   cfg.dpo.reference = reference
-  model, params, _, _ = wd.build_model(cfg)
+  model, params, _, _ = setup.build_model(cfg)
   return cfg, model, params, _batch(base_dir, pref_files)
 
 
@@ -54,7 +54,7 @@ def test_reference_stays_put_when_train_extra_moves_base_leaves(base_dir, pref_f
   cfg, model, params, batch = _reference_setup(base_dir, pref_files, "adapter=lora,smoke",
                                                train_extra="final_norm")
   ref_model, ref_params_fn, ref_frozen = dpo_exp.reference(model, cfg, params)
-  trainable, frozen, _ = common.split_params(params, wd.rules(cfg))
+  trainable, frozen, _ = common.split_params(params, setup.rules(cfg))
   assert any("final_norm" in jax.tree_util.keystr(p)
              for p, _ in jax.tree_util.tree_leaves_with_path(trainable))
   moved = jax.tree_util.tree_map(lambda x: x * 1.5 + 0.1, trainable)  # as after some steps
@@ -128,10 +128,10 @@ def test_configs_take_no_demo_data_by_default(get_config, tmp_path):
   cfg = get_config("smoke")
   assert (cfg.data.path, cfg.data.eval_path, cfg.data.format) == ("", "", "auto")
   with pytest.raises(ValueError, match="config.data.path"):
-    wd.data_config(cfg)
+    setup.data_config(cfg)
   own = tmp_path / "own.jsonl"  # a run on the user's data evaluates on nothing else
   cfg.data.path = str(own)
-  assert "eval_sources" not in wd.data_config(cfg)
+  assert "eval_sources" not in setup.data_config(cfg)
   demo = get_config("data=support,smoke")
   assert demo.data.path.endswith("prefs_train.jsonl") and demo.data.format == "chat"
   assert demo.data.eval_path.endswith("prefs_eval.jsonl")

@@ -36,7 +36,7 @@ from absl import logging
 from ftjax import checkpoint, metrics as metrics_lib
 from ftjax import workdir as wd
 from ftjax.errors import Diverged, Interrupted
-from ftjax.train import common
+from ftjax.train import common, setup
 
 
 def init_state(par, trainable: dict, tx, seed: int) -> dict:
@@ -54,7 +54,7 @@ def data_builder(build: Callable, config, tok,
   t = config.train
 
   def build_data(state):
-    return build(wd.data_config(config, workdir), tok, int(t.seq_len), int(t.batch_size),
+    return build(setup.data_config(config, workdir), tok, int(t.seq_len), int(t.batch_size),
                  seed=int(t.seed), state=state, process_index=jax.process_index(),
                  process_count=jax.process_count())
   return build_data

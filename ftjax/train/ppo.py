@@ -22,79 +22,18 @@ initialised from the reward model).
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 from ftjax import heads, losses, rollout
-from ftjax.errors import UserError
 from ftjax.train import common
+from ftjax.train.setup import CRITIC_KEY, CRITICS, HEAD_KEYS, Critic, add_critic  # noqa: F401
 
-CRITICS = ("shared", "separate")
-CRITIC_KEY = "critic"  # the separate critic's params, beside the policy's
-HEAD_KEYS = ("value", CRITIC_KEY)  # trained beside the policy, never read by its LM path
 SHUFFLE_STREAM = 0x707071  # keeps the minibatch shuffles apart from the dropout keys
 UPDATE_KEYS = ("prompt_tokens", "prompt_mask", "completion_tokens", "completion_mask",
                "old_logps", "old_values", "advantages", "returns")
-
-
-class Critic(NamedTuple):
-  kind: str  # shared | separate
-  model: Optional[object] = None  # the separate critic's Decoder (head "score")
-
-
-def load_reward_model(path: str, policy):
-  """(model, params) of an experiments/reward.py workdir or an HF *ForSequenceClassification
-  directory; it scores the policy's tokens, so the vocabularies must agree."""
-  import os
-  from ftjax import hf
-  from ftjax import workdir as wd
-  if not path:
-    raise UserError("config.ppo.reward_model is required: a workdir of experiments/reward.py or "
-                    "an HF *ForSequenceClassification directory")
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    model, params, _, _ = wd.load_trained(path)
-  elif os.path.isfile(os.path.join(path, "config.json")):
-    extra = {} if policy.cfg.pad_token_id is None else {"pad_token_id": policy.cfg.pad_token_id}
-    model, params = hf.load_pretrained(path, **extra)
-  else:
-    raise UserError(f"config.ppo.reward_model={path!r}: neither a reward workdir nor an HF "
-                    "model directory")
-  if model.cfg.head != "score":
-    raise UserError(f"config.ppo.reward_model={path!r}: not a reward model (no score head)")
-  if model.cfg.vocab_size != policy.cfg.vocab_size:
-    raise UserError(f"config.ppo.reward_model={path!r}: vocabulary {model.cfg.vocab_size} != the "
-                    f"policy's {policy.cfg.vocab_size} (PPO needs the policy's tokenizer)")
-  return model, params
-
-
-def add_critic(config, model, params, reward_model=None, place=lambda m, p: p):
-  """(params with the value head or the critic added, their trainable rules, Critic).
-
-  `critic=shared`: a zero `value` head on the policy's trunk. `critic=separate`: a copy of the
-  reward model (`reward_model` = (model, params), else loaded from `ppo.reward_model`), trained
-  whole. `place(model, params)` puts new params in their shards. Also rebuilds a PPO workdir's
-  params in `workdir.load_trained`.
-  """
-  import jax.numpy as jnp
-  from flax import traverse_util
-  from ftjax import partition
-  kind = config.ppo.critic
-  if kind == "shared":
-    value = place(None, heads.init_value(model.cfg))
-    return {**params, **value}, [("^value$", partition.TRAIN)], Critic("shared")
-  if kind != "separate":
-    raise UserError(f"config.ppo.critic={kind!r}: expected shared or separate")
-  rm_model, rm_params = reward_model or load_reward_model(config.ppo.reward_model, model)
-  bad = [k for k, v in traverse_util.flatten_dict(rm_params).items()
-         if not jnp.issubdtype(v.dtype, jnp.floating)]
-  if bad:
-    raise UserError("config.ppo.critic=separate trains a copy of the reward model whole; its "
-                    f"{'/'.join(bad[0])} is quantized (use critic=shared)")
-  critic = place(rm_model, jax.tree_util.tree_map(jnp.copy, rm_params))
-  return ({**params, CRITIC_KEY: critic}, [(f"^{CRITIC_KEY}/", partition.TRAIN)],
-          Critic("separate", rm_model))
 
 
 def sequences(batch: dict) -> tuple[jax.Array, jax.Array]:
