@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from experiments import demo  # noqa: E402
 from ftjax import cli, evaluation, load_pretrained, report, sweep, workdir as wd  # noqa: E402
 from ftjax.data.sources import load_records  # noqa: E402
-from ftjax.demo import support  # noqa: E402
+from ftjax.tasks import support  # noqa: E402
 from ftjax.errors import UserError  # noqa: E402
 from ftjax.tokenizer import load_tokenizer  # noqa: E402
 
