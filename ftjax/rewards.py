@@ -21,6 +21,8 @@ reach `from_spec` as `named`.
 
 from __future__ import annotations
 
+import inspect
+
 import math
 import re
 from typing import Any, Callable, Optional, Sequence
@@ -267,4 +269,11 @@ def from_spec(spec: str, named: Optional[dict] = None) -> RewardFn:
     except ValueError:
       raise UserError(f"config.grpo.rewards: {spec!r}: expected "
                       "soft_overlong_punishment:MAX_LEN:CACHE") from None
-  return known[name](rest) if rest else known[name]()
+  if not rest:
+    return known[name]()
+  try:
+    inspect.signature(known[name]).bind(rest)
+  except TypeError:  # a reward that takes no argument, given one
+    raise UserError(f"config.grpo.rewards: {spec!r}: {name} takes no argument (use {name!r})"
+                    ) from None
+  return known[name](rest)

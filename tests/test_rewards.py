@@ -95,3 +95,12 @@ def test_hf_reward_model_scores_like_transformers(tmp_path, tiny_tokenizer_dir):
     with torch.no_grad():
       want = float(hf(ids).logits[0, 0])
     assert r == pytest.approx(want, abs=1e-4)
+
+
+def test_reward_spec_with_an_argument_it_does_not_take_is_one_line():
+  import pytest
+  from ftjax import tasks
+  from ftjax.errors import UserError
+  with pytest.raises(UserError, match="support_scorer takes no argument"):
+    rewards.from_spec("support_scorer:x", tasks.named_rewards())
+  assert rewards.from_spec("answer_match:answer").__class__.__name__ == "answer_match"
