@@ -30,9 +30,10 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 from experiments import demo  # noqa: E402
-from ftjax import cli, evaluation, load_pretrained, report, sweep, workdir as wd  # noqa: E402
+from ftjax import cli, evaluation, load_pretrained, report, rollout, sweep  # noqa: E402
+from ftjax import workdir as wd  # noqa: E402
 from ftjax.data.sources import load_records  # noqa: E402
-from ftjax.demo import support  # noqa: E402
+from ftjax.tasks import support  # noqa: E402
 from ftjax.errors import UserError  # noqa: E402
 from ftjax.tokenizer import load_tokenizer  # noqa: E402
 
@@ -58,9 +59,9 @@ def measure(model, params, tok, ref, pairs, max_new_tokens, seed=0) -> dict:
   rewards, kls = [], []
   for s, pair in zip(samples, pairs):
     rewards.append(support.true_reward(s["text"], pair))
-    ref_lp = evaluation.response_logprobs(ref_model, ref_params, s["prompt_tokens"][None],
-                                          s["prompt_mask"][None], s["tokens"][None],
-                                          s["mask"][None])[0]
+    ref_lp = np.asarray(rollout.completion_logprobs(ref_model, ref_params, {
+        "prompt_tokens": s["prompt_tokens"][None], "prompt_mask": s["prompt_mask"][None],
+        "completion_tokens": s["tokens"][None], "completion_mask": s["mask"][None]}))[0]
     kls.append(float(((s["logprobs"] - ref_lp) * s["mask"]).sum()))
   # `x_sem` beside `x`: report.py draws and prints it as x's error bar.
   return {"true_reward": float(np.mean(rewards)), "kl": float(np.mean(kls)),

@@ -34,7 +34,7 @@ from experiments import eval as eval_exp  # noqa: E402
 from experiments import export as export_exp  # noqa: E402
 from experiments import sft as sft_exp  # noqa: E402
 from ftjax import cli  # noqa: E402
-from ftjax.demo import support  # noqa: E402
+from ftjax.tasks import support  # noqa: E402
 from ftjax.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 

@@ -30,12 +30,12 @@ import numpy as np  # noqa: E402
 from ftjax import cli  # noqa: E402
 import ftjax  # noqa: E402
 from ftjax import data as data_lib, evaluation, stats, workdir as wd  # noqa: E402
-from ftjax.demo import support  # noqa: E402
+from ftjax import tasks  # noqa: E402
 from ftjax.errors import UserError  # noqa: E402
 from ftjax.train import sft  # noqa: E402
 
 
-TASKS = {"none": None, "support": support.score_reply}
+TASKS = {"none": None, **tasks.reply_scorers()}
 
 
 def define_flags():
@@ -47,7 +47,7 @@ def define_flags():
   flags.DEFINE_string("data", None, "Eval file (jsonl/json/parquet/csv).")
   flags.DEFINE_enum("format", "chat", ["chat", "alpaca", "prompt_completion", "text"],
                     "Data format.")
-  flags.DEFINE_enum("task", "none", ["none", "support"], "Task metrics for generations.")
+  flags.DEFINE_enum("task", "none", list(TASKS), "Task metrics for generations.")
   flags.DEFINE_integer("seq_len", 512, "Max tokens per example for the loss.")
   flags.DEFINE_integer("batch_size", 16, "Eval batch size.")
   flags.DEFINE_integer("max_examples", 0, "Evaluate the first N examples only (0: all).")

@@ -13,9 +13,8 @@ the rest), measurements of every trained model (and of the base) in WORKDIR/<nam
 then ftjax/report.py's report.csv, report.md and curves.png, the study's own plot and a README
 into `--out` (default docs/reproductions/<name>/). Everything is seeded (seed 0): the same
 command gives the same table. Measurements: held-out support tickets (loss on the assistant
-turns, and greedy replies scored by ftjax/demo/support.py) and held-out general text (the retail
+turns, and greedy replies scored by ftjax/tasks/support.py) and held-out general text (the retail
 text rows the base never saw: perplexity, which forgetting raises).
-The GRPO accuracy-vs-steps reproduction will be added to STUDIES as `grpo_steps`.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ from experiments import export as export_exp  # noqa: E402
 from experiments import sft as sft_exp  # noqa: E402
 from experiments import repro_plots  # noqa: E402
 from ftjax import cli, partition, report, sweep, workdir as wd  # noqa: E402
-from ftjax.demo import support  # noqa: E402
+from ftjax.tasks import support  # noqa: E402
 from ftjax.errors import UserError  # noqa: E402
 from ftjax.train import setup  # noqa: E402
 
@@ -298,7 +297,6 @@ STUDIES = {
         "held-out tickets are scored by the task's known reward, and their KL to the SFT "
         "reference is estimated from the sampled tokens (experiments/beta_study.py).",
         dpo_beta, "--steps=200"),
-    # "grpo_steps": GRPO accuracy against steps (to come).
 }
 
 

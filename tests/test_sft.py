@@ -19,8 +19,8 @@ from configs import sft as sft_config
 from experiments import eval as eval_exp
 from experiments import export as export_exp
 from ftjax import checkpoint, data as data_lib, losses, metrics as metrics_lib, workdir as wd
+from ftjax.tasks import support
 from ftjax.train import sft
-from ftjax.demo import support
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
