@@ -264,7 +264,7 @@ def test_multihost_processes_share_the_lock_of_process_0(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
              for i in range(2)]
     try:
-      outs = [p.communicate(timeout=60) for p in procs]
+      outs = [p.communicate(timeout=240) for p in procs]  # slow on a loaded 2-core machine
     except subprocess.TimeoutExpired:
       for p in procs:
         p.kill()
