@@ -136,7 +136,8 @@ def run_warm_start(config, sft_dir: str | None):
   if sft_dir is None or os.path.exists(os.path.join(config.model.hf_path, "config.json")):
     return
   from configs import sft as sft_config
-  from experiments import export as export_exp, sft as sft_exp
+  from experiments import sft as sft_exp
+  from ftjax import export
   import json
   os.makedirs(sft_dir, exist_ok=True)
   data_path = os.path.join(sft_dir, "problems.jsonl")
@@ -155,7 +156,7 @@ def run_warm_start(config, sft_dir: str | None):
   c.parallel, c.mesh.shape = config.parallel, config.mesh.shape
   logging.info("task=arithmetic: SFT warm start, %d steps, into %s", c.train.steps, sft_dir)
   sft_exp.run(c, sft_dir)
-  export_exp.run(sft_dir, config.model.hf_path, "merged")
+  export.export(sft_dir, config.model.hf_path, "merged")
 
 
 def dry_run_rewards(reward_fns, weights, rows, n: int = 2):
