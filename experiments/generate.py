@@ -8,32 +8,25 @@ as a user turn with the tokenizer's chat template (optionally after `--system`).
 
 `--model` may also be a PEFT adapter directory (adapter_config.json + adapter_model.safetensors):
 its base is `--base`, else the adapter config's `base_model_name_or_path`; the tokenizer is the
-adapter directory's when it holds one, else the base's.
+adapter directory's when it holds one, else the base's. The logic: ftjax/inference.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
+# This checkout's ftjax, whichever one pip installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ftjax import cli  # noqa: E402
-from ftjax.errors import UserError  # noqa: E402
-import ftjax  # noqa: E402
-from ftjax.tokenizer import load_tokenizer  # noqa: E402
+from ftjax import cli, inference  # noqa: E402
 
 
 def define_flags():
-  """Flags exist only when run as a script, so that tests and demo.py can import
-  several experiment modules into one process without flag clashes."""
+  """Flags exist only when run as a script (cli.run), so that they never clash in a process
+  that imports several of these scripts' packages."""
   flags.DEFINE_string("model", None, "HF model directory (config.json + safetensors), hub name, "
                       "or an ftjax training workdir.")
   flags.DEFINE_string("base", None, "Base model for a PEFT adapter --model (default: the "
@@ -56,111 +49,15 @@ def define_flags():
 
 FLAGS = flags.FLAGS
 
-def encode_prompts(tokenizer, prompts, chat=False, system=None):
-  """Token ids per prompt, rendered with the chat template when asked."""
-  ids = []
-  for p in prompts:
-    if chat:
-      if not getattr(tokenizer, "chat_template", None):
-        raise UserError("--chat: the tokenizer has no chat_template")
-      messages = ([{"role": "system", "content": system}] if system else []) + [
-          {"role": "user", "content": p}]
-      text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-      ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    else:
-      ids.append(tokenizer(p)["input_ids"])
-  return ids
-
-
-def left_pad(ids, pad_id):
-  t = max(len(x) for x in ids)
-  tokens = np.full((len(ids), t), pad_id, np.int32)
-  mask = np.zeros((len(ids), t), bool)
-  for i, x in enumerate(ids):
-    tokens[i, t - len(x):] = x
-    mask[i, t - len(x):] = True
-  return tokens, mask
-
-
-def eos_ids(tokenizer, cfg) -> list[int]:
-  out = set()
-  if tokenizer.eos_token_id is not None:
-    out.add(int(tokenizer.eos_token_id))
-  e = cfg.eos_token_id
-  out.update(e if isinstance(e, tuple) else ([] if e is None else [e]))
-  return sorted(out)
-
-
-def adapter_base(adapter_dir: str, base: str | None = None) -> str:
-  """The base model of a PEFT adapter directory: `base`, else its adapter config's."""
-  if base:
-    return base
-  cfg_path = os.path.join(adapter_dir, "adapter_config.json")
-  try:
-    with open(cfg_path) as f:
-      base = json.load(f).get("base_model_name_or_path")
-  except json.JSONDecodeError as e:
-    raise UserError(f"{cfg_path}: invalid JSON ({e.msg}, line {e.lineno})") from None
-  if not base:
-    raise UserError(f"{cfg_path}: no base_model_name_or_path; pass --base=HF_DIR")
-  return base
-
-
-def _has_tokenizer(path: str) -> bool:
-  return any(os.path.exists(os.path.join(path, f))
-             for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-
-
-def run(model_path, prompts, tokenizer_path=None, chat=False, system=None, max_new_tokens=64,
-        temperature=0.0, top_k=0, top_p=1.0, n_samples=1, seed=0, dtype="float32",
-        compute_dtype=None, attention="xla", base=None):
-  """Generate completions; returns a list of strings (n_samples per prompt, grouped).
-
-  model_path is an HF directory (or hub name), a PEFT adapter directory (on `base` or the base
-  its config names) or an ftjax training workdir (its latest checkpoint, adapters applied).
-  """
-  # Checked before the model loads: 0 new tokens decodes nothing (the sampler would fail on it).
-  for name, value in (("max_new_tokens", max_new_tokens), ("n_samples", n_samples)):
-    if int(value) < 1:
-      raise UserError(f"--{name}={value}: expected an integer >= 1")
-  is_adapter = (os.path.exists(os.path.join(model_path, "adapter_config.json"))
-                and not os.path.exists(os.path.join(model_path, "config.json")))
-  if is_adapter:
-    base_path = adapter_base(model_path, base)
-    model, params = ftjax.load_pretrained(base_path, dtype=dtype, compute_dtype=compute_dtype,
-                                          attention=attention)
-    model, params = ftjax.load_adapter(model, params, model_path)
-    tokenizer = load_tokenizer(tokenizer_path or (
-        model_path if _has_tokenizer(model_path) else ftjax.hf.resolve(base_path)))
-  elif os.path.isdir(os.path.join(model_path, "checkpoints")):
-    from ftjax import workdir as wd
-    model, params, tokenizer, _ = wd.load_trained(model_path)
-    if tokenizer_path:
-      tokenizer = load_tokenizer(tokenizer_path)
-  else:
-    model, params = ftjax.load_pretrained(model_path, dtype=dtype, compute_dtype=compute_dtype,
-                                          attention=attention)
-    tokenizer = load_tokenizer(tokenizer_path or ftjax.hf.resolve(model_path))
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  tokens, mask = left_pad(encode_prompts(tokenizer, prompts, chat, system), pad_id)
-  t0 = time.perf_counter()
-  out = ftjax.generate(model, params, tokens, mask, max_new_tokens=max_new_tokens,
-                       rng=jax.random.PRNGKey(seed), temperature=temperature, top_k=top_k,
-                       top_p=top_p, eos_id=eos_ids(tokenizer, model.cfg), n_samples=n_samples,
-                       pad_id=pad_id)
-  toks, m = np.asarray(out.tokens), np.asarray(out.mask)
-  dt = time.perf_counter() - t0
-  logging.info("generated %d tokens in %.2fs (including compilation)", int(m.sum()), dt)
-  return [tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(toks, m)]
-
 
 def main(argv):
   del argv
   if not FLAGS.model or not FLAGS.prompt:
     raise app.UsageError("--model and at least one --prompt are required")
-  texts = run(FLAGS.model, FLAGS.prompt, FLAGS.tokenizer, FLAGS.chat, FLAGS.system,
-              FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.n_samples,
-              FLAGS.seed, FLAGS.dtype, FLAGS.compute_dtype, FLAGS.attention, FLAGS.base)
+  texts = inference.generate_texts(
+      FLAGS.model, FLAGS.prompt, FLAGS.tokenizer, FLAGS.chat, FLAGS.system, FLAGS.max_new_tokens,
+      FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.n_samples, FLAGS.seed, FLAGS.dtype,
+      FLAGS.compute_dtype, FLAGS.attention, FLAGS.base)
   n = FLAGS.n_samples
   for i, text in enumerate(texts):
     print(f"--- prompt {i // n}" + (f" sample {i % n}" if n > 1 else ""))
