@@ -6,7 +6,8 @@
 
 `data.path` (a comma list of files, or `data.sources`; `data.eval_path` optional) holds
 prompt-only rows: a `prompt` column, text or a conversation (TRL's layout); `data=support`
-picks the prompts of the support demo's preference pairs (held-out ones for eval).
+picks the prompts of the support demo's preference pairs (held-out ones for eval) and names
+the task (`task`), whose checks of greedy replies the eval logs (eval_support/...).
 `ppo.reward_model` is a workdir of experiments/reward.py or an HF
 *ForSequenceClassification directory, with the policy's tokenizer.
 `ppo.critic`: shared (a value head on the policy's trunk) | separate (a critic initialised
@@ -41,6 +42,7 @@ def get_config(arg=None):
     prompts.update(path=os.path.join(common.DEMO_DATA, "prefs_train.jsonl"),
                    eval_path=os.path.join(common.DEMO_DATA, "prefs_eval.jsonl"))
   c = common.base(a, prompts)
+  c.task = data  # ftjax/tasks/: the support task's checks of held-out replies
   c.ppo = dict(reward_model="", critic=critic, num_ppo_epochs=4, num_mini_batches=1,
                response_length=53, temperature=0.7, kl_coef=0.05, kl_estimator="k1",
                cliprange=0.2, vf_coef=0.1, cliprange_value=0.2, gamma=1.0, lam=0.95,

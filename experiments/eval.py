@@ -37,7 +37,7 @@ def define_flags():
   flags.DEFINE_string("data", None, "Eval file (jsonl/json/parquet/csv).")
   flags.DEFINE_enum("format", "chat", ["chat", "alpaca", "prompt_completion", "text"],
                     "Data format.")
-  flags.DEFINE_enum("task", "none", sorted(heldout.TASKS), "Task metrics for generations.")
+  flags.DEFINE_enum("task", "none", list(heldout.TASKS), "Task metrics for generations.")
   flags.DEFINE_integer("seq_len", 512, "Max tokens per example for the loss.")
   flags.DEFINE_integer("batch_size", 16, "Eval batch size.")
   flags.DEFINE_integer("max_examples", 0, "Evaluate the first N examples only (0: all).")

@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ftjax import checkpoint, cli, lora, losses, partition, rewards, rollout  # noqa: E402
+from ftjax import checkpoint, cli, lora, losses, partition, rewards, rollout, tasks  # noqa: E402
 from ftjax import workdir as wd  # noqa: E402
 from ftjax.data import prompts as prompt_data  # noqa: E402
 from ftjax.errors import UserError  # noqa: E402
@@ -81,82 +81,14 @@ def check_config(config):
                     "of the warm start's problems, in [0, 1]")
 
 
-def prompt_rows(config) -> tuple[list[dict], list[dict]]:
-  """(train rows, eval rows) from the arithmetic task or `data.path` / `data.eval_path`."""
-  d = config.data
-  if config.task == "arithmetic":
-    seed = int(config.train.seed)
-    return (prompt_data.arithmetic_rows("train", int(d.train_rows), seed),
-            prompt_data.arithmetic_rows("eval", int(d.eval_rows), seed))
-  if config.task == "gsm8k":
-    train = [r for s in d.sources for r in prompt_data.gsm8k_rows(s)]
-    ev = [r for s in d.eval_sources for r in prompt_data.gsm8k_rows(s)]
-    return train, ev[:int(d.eval_rows)] if d.eval_rows else ev
-  if not d.path and not d.sources:
-    raise UserError("config.data.path (a prompt file or a hub source) is required, or "
-                    "task=arithmetic")
-  srcs = list(d.sources) or [{"path": p} for p in d.path.split(",") if p]
-  train = [r for s in srcs for r in prompt_data.load_rows(s)]
-  ev = [r for p in d.eval_path.split(",") if p for r in prompt_data.load_rows({"path": p})]
-  return train, ev[:int(d.eval_rows)] if d.eval_rows else ev
-
-
-def arithmetic_tokenizer(config, workdir) -> str | None:
-  """Without a model, task=arithmetic uses a small tokenizer trained into the workdir (once).
-
-  Sets `config.model.tokenizer` to its path (before the resume check compares the config with
-  the saved one, which holds that path) and returns it, or None when not needed."""
-  if config.task != "arithmetic" or config.model.hf_path or (
-      config.model.tokenizer and config.model.tokenizer != os.path.join(workdir, "tokenizer")):
-    return None
-  config.model.tokenizer = os.path.join(workdir, "tokenizer")
-  return config.model.tokenizer
-
-
-def write_arithmetic_tokenizer(path: str | None):
-  if path and not os.path.exists(os.path.join(path, "tokenizer.json")):
-    from ftjax.tokenizer import train_bpe_tokenizer
-    train_bpe_tokenizer(prompt_data.arithmetic_texts(), 300, path)
-
-
-def arithmetic_warm_start(config, workdir) -> str | None:
-  """task=arithmetic without a model and with `grpo.warm_start_steps` > 0: GRPO starts from an
-  SFT model that ftjax trains first (a model from scratch never writes a right answer, so it
-  has nothing to reinforce). Sets `config.model.hf_path` to its export (before the resume
-  check, like the tokenizer path) and returns the SFT workdir, or None."""
-  if config.task != "arithmetic" or config.model.hf_path or not int(config.grpo.warm_start_steps):
-    return None
-  config.model.hf_path = os.path.join(workdir, "sft_hf")
-  return os.path.join(workdir, "sft")
-
-
-def run_warm_start(config, sft_dir: str | None):
-  """The SFT stage of `arithmetic_warm_start` (full fine-tuning of the `model.preset` shape on
-  solved train problems; held-out pairs never appear), resumable, exported once."""
-  if sft_dir is None or os.path.exists(os.path.join(config.model.hf_path, "config.json")):
-    return
-  from configs import sft as sft_config
+def warm_start_sft(config, workdir):
   from experiments import sft as sft_exp
+  return sft_exp.run(config, workdir)
+
+
+def warm_start_export(workdir, out):
   from ftjax import export
-  import json
-  os.makedirs(sft_dir, exist_ok=True)
-  data_path = os.path.join(sft_dir, "problems.jsonl")
-  with open(data_path, "w") as f:
-    for r in prompt_data.arithmetic_rows("train", int(config.grpo.warm_start_rows),
-                                         int(config.train.seed),
-                                         carry_drop=float(config.grpo.warm_start_carry_drop)):
-      f.write(json.dumps({"prompt": r["prompt"], "completion": r["answer"]}) + "\n")
-  c = sft_config.get_config(f"model={config.model.preset},adapter=none,format=prompt_completion")
-  c.model.update(tokenizer=config.model.tokenizer, seed=int(config.model.seed))
-  c.data.update(path=data_path, cache_dir="none")
-  c.train.update(steps=int(config.grpo.warm_start_steps), batch_size=32, seq_len=64,
-                 seed=int(config.train.seed), log_every=50, eval_every=10 ** 9,
-                 save_every=10 ** 9)
-  c.optim.update(lr=float(config.grpo.warm_start_lr), warmup_steps=20, schedule="cosine")
-  c.parallel, c.mesh.shape = config.parallel, config.mesh.shape
-  logging.info("task=arithmetic: SFT warm start, %d steps, into %s", c.train.steps, sft_dir)
-  sft_exp.run(c, sft_dir)
-  export.export(sft_dir, config.model.hf_path, "merged")
+  return export.export(workdir, out, "merged")
 
 
 def dry_run_rewards(reward_fns, weights, rows, n: int = 2):
@@ -194,20 +126,22 @@ def run(config, workdir: str) -> dict:
   s = settings(config)
   n_gen = int(g.num_generations)
   n_prompts = int(t.batch_size) // n_gen
-  train_rows, eval_rows = prompt_rows(config)
-  reward_fns = [rewards.from_spec(x) for x in g.rewards]
+  task = tasks.of(config)
+  train_rows, eval_rows = tasks.prompt_rows(config)
+  reward_fns = [rewards.from_spec(x, tasks.named_rewards()) for x in g.rewards]
   if not reward_fns:
     raise UserError("config.grpo.rewards is empty: give at least one reward")
   weights = [float(w) for w in g.reward_weights] or None
   dry_run_rewards(reward_fns, weights, train_rows)
   dry_run_rewards(reward_fns, weights, eval_rows)
-  tok_path = arithmetic_tokenizer(config, workdir)
-  sft_dir = arithmetic_warm_start(config, workdir)
+  # The task may bring its tokenizer and model (paths set in the config before the resume check)
+  build_task = task.prepare(config, workdir, warm_start_sft, warm_start_export) if hasattr(
+      task, "prepare") else None
   drift = wd.check_resume(config, workdir)  # a resume with a changed config is refused
   par = setup.parallel(config)
   par.check_batch(int(t.batch_size))
-  write_arithmetic_tokenizer(tok_path)
-  run_warm_start(config, sft_dir)
+  if build_task:
+    build_task()
   model, params, tok, base_ref = setup.build_model(config, par=par)
   trainable, frozen, labels = common.split_params(params, setup.rules(config))
   # The reference: adapters off over the same params, or the initial trainable leaves (a copy:

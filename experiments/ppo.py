@@ -9,7 +9,8 @@ plus the score on the last token), GAE advantages, then `num_ppo_epochs` x `num_
 clipped policy + value updates in one jitted step. The reference is the SFT model: the same
 params with the adapters off, or a frozen copy for full fine-tuning. Logged under TRL's names
 (objective/kl, objective/scores, objective/rlhf_reward, policy/clipfrac_avg, loss/value_avg,
-...); held-out: greedy replies' mean score (and the support scorer's checks on the demo data).
+...); held-out: greedy replies' mean score (and the checks of `config.task`, e.g. the support
+demo's).
 Rerunning resumes exactly (rollout keys and the prompt position are part of the checkpoint).
 """
 
@@ -29,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from ftjax import checkpoint, cli, lora, losses, partition, rollout, sharding  # noqa: E402
+from ftjax import checkpoint, cli, lora, losses, partition, rollout, sharding, tasks  # noqa: E402
 from ftjax import workdir as wd  # noqa: E402
 from ftjax.data import prompts as prompt_data  # noqa: E402
 from ftjax.errors import UserError  # noqa: E402
@@ -92,18 +93,6 @@ def check(config):
     raise UserError("config.ppo.target and config.ppo.horizon must be > 0")
 
 
-def prompt_rows(config) -> tuple[list[dict], list[dict]]:
-  """(train rows, eval rows) of `data.path` or `data.sources`, and `data.eval_path`."""
-  d = config.data
-  srcs = list(d.sources) or [{"path": p} for p in d.path.split(",") if p]
-  if not srcs:
-    raise UserError("config.data.path is required (rows with a 'prompt' column), or the arg "
-                    "data=support")
-  train = [r for s in srcs for r in prompt_data.load_rows(s)]
-  ev = [r for p in d.eval_path.split(",") if p for r in prompt_data.load_rows({"path": p})]
-  return train, ev[:int(d.eval_rows)] if d.eval_rows else ev
-
-
 @wd.exclusive  # one run per workdir; a file or read-only disk is refused first
 def run(config, workdir: str) -> dict:
   # ---- setup: config, models and data are checked before anything is written
@@ -113,7 +102,8 @@ def run(config, workdir: str) -> dict:
   par = setup.parallel(config)
   par.check_batch(int(t.batch_size) // int(pc.num_mini_batches),
                   "config.train.batch_size / config.ppo.num_mini_batches")
-  train_rows, eval_rows = prompt_rows(config)
+  task = tasks.of(config)
+  train_rows, eval_rows = tasks.prompt_rows(config)
   drift = wd.check_resume(config, workdir)  # a resume with a changed config is refused
   model, params, tok, base_ref = setup.build_model(config, par=par)
   rm_model, rm_params = wd.load_reward_model(pc.reward_model, model)
@@ -189,7 +179,7 @@ def run(config, workdir: str) -> dict:
 
   def run_eval():
     """Greedy replies to the held-out prompts: their mean reward-model score (eval_loss is its
-    negative, for keep-best) and, on rows with the support demo's `meta`, its checks."""
+    negative, for keep-best) and, when the task scores replies, its checks."""
     scores, checks = [], []
     n = int(t.batch_size)
     for i in range(0, len(eval_rows), n):
@@ -200,14 +190,12 @@ def run(config, workdir: str) -> dict:
         b = rollout.rollout(model, policy_params(), prompt_ids(rows), rng=jax.random.PRNGKey(0),
                             temperature=0.0, **sample)
         scores.extend(np.asarray(score_fn(rm_params, b))[:keep].tolist())
-      if all("meta" in r for r in rows):
-        from ftjax.demo import support
+      if hasattr(task, "score_reply"):
         for r, reply in zip(rows[:keep], rollout.decode(tok, b)):
-          checks.append(support.score_reply(reply, r))
+          checks.append(task.score_reply(reply, r))
     out = {"eval_scores": float(np.mean(scores)), "eval_loss": -float(np.mean(scores))}
     if checks:
-      from ftjax.demo import support
-      out.update({f"eval_support/{k}": v for k, v in support.summarize(checks).items()})
+      out.update({f"eval_{config.task}/{k}": v for k, v in task.summarize(checks).items()})
     return out
 
   # ---- loop

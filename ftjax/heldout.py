@@ -19,13 +19,12 @@ from absl import logging
 import jax
 import numpy as np
 
-from ftjax import data as data_lib, evaluation, hf, stats, workdir as wd
-from ftjax.demo import support
+from ftjax import data as data_lib, evaluation, hf, stats, tasks, workdir as wd
 from ftjax.errors import UserError
 from ftjax.tokenizer import load_tokenizer
 from ftjax.train import sft
 
-TASKS = {"none": None, "support": support.score_reply}
+TASKS = {"none": None, **tasks.reply_scorers()}
 
 
 def load(workdir=None, model_path=None, step=None):

@@ -27,16 +27,17 @@ import os
 import re
 from typing import Optional
 
-from ftjax import stats
+from ftjax import stats, tasks
 from ftjax.errors import UserError
 from ftjax.metrics import read_metrics
 from ftjax.provenance import flatten
 
 RUN_FILES = ("config.json", "metrics.jsonl", "eval.json")
 SWEEP_FILE, STATUS_FILE = "sweep.json", "sweep_status.json"  # written by ftjax/sweep.py
-# Substrings of metric names that say which way is better; a name matching neither gets no best.
-LOWER_BETTER = ("loss", "ppl", "invented")
-HIGHER_BETTER = ("accura", "reward", "margin", "exact_match", "details", "escalation_ok", "voice")
+# Substrings of metric names that say which way is better (the tasks' own metrics included); a
+# name matching neither gets no best.
+LOWER_BETTER = ("loss", "ppl") + tasks.metric_directions()[0]
+HIGHER_BETTER = ("accura", "reward", "margin", "exact_match") + tasks.metric_directions()[1]
 NOT_METRICS = ("step", "time")
 DIR = "_dir"  # a row's run directory (not a column)
 # Config keys that only pick a seed: runs that differ in nothing else form a group.

@@ -15,7 +15,8 @@ Built-ins (factories returning such callables):
   soft_overlong_punishment(...) TRL's length penalty (`trl.rewards.get_soft_overlong_punishment`)
   reward_model(path)            a trained ftjax reward model (workdir) or an HF
                                 *ForSequenceClassification export, scoring prompt + completion
-  support_scorer()              the support demo's task score (`ftjax.demo.support.true_reward`)
+A task's own rewards (the support demo's `support_scorer`) live with the task (ftjax/tasks/) and
+reach `from_spec` as `named`.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ class soft_overlong_punishment:  # noqa: N801
 
 
 # ------------------------------------------------------------------------------------------------
-# Learned and task scorers
+# Learned scorers
 
 
 class reward_model:  # noqa: N801
@@ -246,37 +247,19 @@ class reward_model:  # noqa: N801
     return [float(r) for r in out]
 
 
-class support_scorer:  # noqa: N801
-  """The support demo's task reward in [0, 1] (`support.true_reward`: order details quoted, no
-  invented order number, right escalation, brand voice). Needs the demo rows' `meta` column."""
-
-  __name__ = "support_scorer"
-
-  def __call__(self, prompts, completions, **columns) -> list:
-    from ftjax.demo import support
-    if "meta" not in columns:
-      raise UserError("reward support_scorer: the dataset has no 'meta' column (use the support "
-                      "demo's rows)")
-    out = []
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-      example = {"prompt": p if isinstance(p, list) else [{"role": "user", "content": p}],
-                 "meta": columns["meta"][i]}
-      out.append(support.true_reward(text_of(c), example))
-    return out
-
-
 BUILTINS = {"answer_match": answer_match, "format_match": format_match,
-            "soft_overlong_punishment": soft_overlong_punishment, "reward_model": reward_model,
-            "support_scorer": support_scorer}
+            "soft_overlong_punishment": soft_overlong_punishment, "reward_model": reward_model}
 
 
-def from_spec(spec: str) -> RewardFn:
-  """A built-in from a config string `name[:arg[:arg]]`, e.g. `answer_match:answer`,
-  `format_match:^\\d+$`, `soft_overlong_punishment:64:16`, `reward_model:/path`."""
+def from_spec(spec: str, named: Optional[dict] = None) -> RewardFn:
+  """A reward from a config string `name[:arg[:arg]]`, e.g. `answer_match:answer`,
+  `format_match:^\\d+$`, `soft_overlong_punishment:64:16`, `reward_model:/path`: a built-in
+  or one of `named` (the tasks' rewards, `ftjax.tasks.named_rewards()`)."""
   name, _, rest = spec.partition(":")
-  if name not in BUILTINS:
+  known = {**BUILTINS, **(named or {})}
+  if name not in known:
     raise UserError(f"config.grpo.rewards: unknown reward {name!r}; built-ins: "
-                    f"{', '.join(BUILTINS)}")
+                    f"{', '.join(known)}")
   if name == "soft_overlong_punishment":
     a, _, b = rest.partition(":")
     try:
@@ -284,6 +267,4 @@ def from_spec(spec: str) -> RewardFn:
     except ValueError:
       raise UserError(f"config.grpo.rewards: {spec!r}: expected "
                       "soft_overlong_punishment:MAX_LEN:CACHE") from None
-  if name == "support_scorer":
-    return support_scorer()
-  return BUILTINS[name](rest) if rest else BUILTINS[name]()
+  return known[name](rest) if rest else known[name]()

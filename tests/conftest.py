@@ -122,7 +122,7 @@ def batch_with_padding(rng: np.random.Generator, b=3, t=12, side="right"):
 def base_dir(hf_models, tmp_path_factory):
   """The tiny llama with a tokenizer of the same vocab (320) trained on support tickets."""
   import ftjax
-  from ftjax.demo import support
+  from ftjax.tasks import support
   d = str(tmp_path_factory.mktemp("base"))
   shutil.copytree(hf_models["llama"][0], d, dirs_exist_ok=True)
   texts = [" ".join(m["content"] for m in t["messages"]) for t in support.make_tickets(300, 5)]
@@ -132,7 +132,7 @@ def base_dir(hf_models, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def chat_files(tmp_path_factory):
-  from ftjax.demo import support
+  from ftjax.tasks import support
   d = tmp_path_factory.mktemp("chat")
   train, ev = str(d / "train.jsonl"), str(d / "eval.jsonl")
   support.write_jsonl(train, support.make_tickets(48, 0))
@@ -142,7 +142,7 @@ def chat_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pref_files(tmp_path_factory):
-  from ftjax.demo import support
+  from ftjax.tasks import support
   d = tmp_path_factory.mktemp("prefs")
   train, ev = str(d / "prefs_train.jsonl"), str(d / "prefs_eval.jsonl")
   support.write_jsonl(train, support.make_preference_pairs(96, 0))

@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from ftjax.recipes import demo
-from ftjax.demo import support
+from ftjax.tasks import support
 
 
 def test_score_reply_catches_invented_and_missing_details():

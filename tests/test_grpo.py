@@ -238,7 +238,7 @@ def test_wrong_length_reward_is_one_line(tmp_path, monkeypatch):
   from ftjax import rewards
   bad = lambda prompts, completions, **kw: [0.0] * (len(completions) - 1)
   bad.__name__ = "my_reward"
-  monkeypatch.setattr(rewards, "from_spec", lambda spec: bad)
+  monkeypatch.setattr(rewards, "from_spec", lambda spec, named=None: bad)
   # The dry run on the first rows finds it before anything is written.
   with pytest.raises(UserError, match="reward function 'my_reward' returned 1 rewards for 2"):
     c = _config(steps=1)

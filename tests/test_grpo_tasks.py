@@ -7,9 +7,9 @@ import pytest
 
 from configs import grpo as grpo_config
 from experiments import grpo as grpo_exp
-from ftjax import metrics as metrics_lib, rewards
-from ftjax.data import prompts as prompt_data
+from ftjax import metrics as metrics_lib, rewards, tasks
 from ftjax.errors import UserError
+from ftjax.tasks import arithmetic, gsm8k
 
 GSM8K = [
     {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as "
@@ -39,10 +39,10 @@ def _write(path, rows):
 
 
 def test_held_out_pairs_never_in_train():
-  train = {r["prompt"] for r in prompt_data.arithmetic_rows("train", 3000, seed=3)}
-  ev = {r["prompt"] for r in prompt_data.arithmetic_rows("eval", 300, seed=5)}
+  train = {r["prompt"] for r in arithmetic.rows("train", 3000, seed=3)}
+  ev = {r["prompt"] for r in arithmetic.rows("eval", 300, seed=5)}
   assert train and ev and not train & ev
-  for r in prompt_data.arithmetic_rows("eval", 50):
+  for r in arithmetic.rows("eval", 50):
     a, b = (int(x) for x in r["prompt"].rstrip("=").split("+"))
     assert int(r["answer"]) == a + b
 
@@ -59,13 +59,13 @@ def _operands(row):
 
 
 def test_sloppy_teacher_drops_carries_in_the_asked_fraction():
-  assert [prompt_data.sum_without_carries(a, b) for a, b in ((37, 48), (99, 99), (5, 5))] == [
+  assert [arithmetic.sum_without_carries(a, b) for a, b in ((37, 48), (99, 99), (5, 5))] == [
       75, 88, 0]
   for a in range(0, 100, 7):
     for b in range(0, 100, 3):
-      assert str(prompt_data.sum_without_carries(a, b)) == _digitwise(a, b)
-  clean = prompt_data.arithmetic_rows("train", 4000, seed=1)
-  sloppy = prompt_data.arithmetic_rows("train", 4000, seed=1, carry_drop=0.75)
+      assert str(arithmetic.sum_without_carries(a, b)) == _digitwise(a, b)
+  clean = arithmetic.rows("train", 4000, seed=1)
+  sloppy = arithmetic.rows("train", 4000, seed=1, carry_drop=0.75)
   assert [r["prompt"] for r in clean] == [r["prompt"] for r in sloppy]  # the same problems
   carry = [(c, s) for c, s in zip(clean, sloppy) if _digitwise(*_operands(c)) != c["answer"]]
   assert all(c["answer"] == s["answer"] for c, s in zip(clean, sloppy)
@@ -79,7 +79,7 @@ def test_gsm8k_config_and_rows(tmp_path):
   c = grpo_config.get_config("task=gsm8k")
   assert c.data.sources[0] == {"hub": "openai/gsm8k", "config": "main", "split": "train"}
   assert c.data.eval_sources[0]["split"] == "test"
-  rows = prompt_data.gsm8k_rows(_write(tmp_path / "g.jsonl", GSM8K))
+  rows = gsm8k.rows(_write(tmp_path / "g.jsonl", GSM8K))
   assert rows[0]["prompt"][0]["role"] == "user" and "Natalia" in rows[0]["prompt"][0]["content"]
   # The gold solution and a completion ending in `#### 72` earn the answer reward; 27 does not.
   fn = rewards.from_spec(c.grpo.rewards[0])
@@ -88,7 +88,7 @@ def test_gsm8k_config_and_rows(tmp_path):
   assert got == [1.0, 1.0, 0.0]
   bad = _write(tmp_path / "bad.jsonl", GSM8K[:1] + [{"question": "2+2?"}])
   with pytest.raises(UserError, match=r"bad.jsonl: row 2: field 'answer' is missing") as e:
-    prompt_data.gsm8k_rows(bad)
+    gsm8k.rows(bad)
   assert "\n" not in str(e.value)
 
 
@@ -131,7 +131,7 @@ def test_arithmetic_warm_start(tmp_path):
   wrong = [r for r in problems if int(r["completion"]) != sum(_operands(r))]
   assert 0.4 < len(wrong) / len(problems) < 0.65  # 0.75 of the ~70% of pairs that carry
   assert all(r["completion"] == _digitwise(*_operands(r)) for r in wrong)
-  train, ev = grpo_exp.prompt_rows(c)
+  train, ev = tasks.prompt_rows(c)
   assert all(int(r["answer"]) == sum(_operands(r)) for r in train + ev)
   sft_rows = [r for r in metrics_lib.read_metrics(os.path.join(wd, "sft")) if "loss" in r]
   assert sft_rows and sft_rows[-1]["step"] == 6
@@ -145,6 +145,35 @@ def test_arithmetic_warm_start(tmp_path):
   c2.data.eval_rows = 4
   assert grpo_exp.run(c2, wd)["step"] == 2
   assert os.path.getmtime(os.path.join(wd, "sft_hf", "config.json")) == mtime
+
+
+def test_warm_start_config_is_configs_sft():
+  """The warm start's SFT config, written out in ftjax/tasks/arithmetic.py, is configs/sft.py's
+  (as the warm start built it from there) with the warm start's updates."""
+  from configs import sft as sft_config
+  c = grpo_config.get_config("task=arithmetic,model=tiny")
+  c.model.update(tokenizer="/w/tokenizer", seed=3)
+  c.train.seed, c.parallel, c.mesh.shape = 5, "pmap", "data=2"
+  want = sft_config.get_config("model=tiny,adapter=none,format=prompt_completion")
+  want.model.update(tokenizer="/w/tokenizer", seed=3)
+  want.data.update(path="/w/sft/problems.jsonl", cache_dir="none")
+  want.train.update(steps=int(c.grpo.warm_start_steps), batch_size=32, seq_len=64, seed=5,
+                    log_every=50, eval_every=10 ** 9, save_every=10 ** 9)
+  want.optim.update(lr=float(c.grpo.warm_start_lr), warmup_steps=20, schedule="cosine")
+  want.parallel, want.mesh.shape = "pmap", "data=2"
+  got = arithmetic.warm_start_config(c, "/w/sft/problems.jsonl")
+  assert got.to_dict() == want.to_dict()
+  assert json.dumps(got.to_dict(), sort_keys=True) == json.dumps(want.to_dict(), sort_keys=True)
+
+
+def test_tasks_by_name():
+  assert tasks.get("") is None and tasks.get("gsm8k") is gsm8k
+  c = grpo_config.get_config("task=arithmetic")
+  assert tasks.of(c) is arithmetic and tasks.of(grpo_config.get_config()) is None
+  with pytest.raises(UserError, match="config.task='nope': expected one of support"):
+    tasks.get("nope")
+  with pytest.raises(UserError, match=r"config.data.path .* is required, or a config.task"):
+    tasks.prompt_rows(grpo_config.get_config())
 
 
 @pytest.mark.parametrize("scale", ["group", "none", "batch"])

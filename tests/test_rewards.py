@@ -60,9 +60,11 @@ def test_builtins_equal_trl():
 
 
 def test_support_scorer_is_the_demo_reward():
-  from ftjax.demo import support
+  from ftjax import tasks
+  from ftjax.tasks import support
   pair = support.make_preference_pairs(4, 0)[0]
-  f = rewards.support_scorer()
+  f = rewards.from_spec("support_scorer", tasks.named_rewards())
+  assert isinstance(f, support.support_scorer) and f.__name__ == "support_scorer"
   got = f([pair["prompt"]] * 2, [pair["chosen"], pair["rejected"]], meta=[pair["meta"]] * 2)
   assert got == [support.true_reward(pair["chosen"][-1]["content"] if isinstance(
       pair["chosen"], list) else pair["chosen"], pair), support.true_reward(

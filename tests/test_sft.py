@@ -20,7 +20,7 @@ from experiments import eval as eval_exp
 from experiments import export as export_exp
 from experiments import sft as sft_exp
 from ftjax import checkpoint, data as data_lib, losses, metrics as metrics_lib, workdir as wd
-from ftjax.demo import support
+from ftjax.tasks import support
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,5 @@
-"""Prompt datasets for online RL: TRL's layout, a resumable iterator, the arithmetic task.
+"""Prompt datasets for online RL: TRL's layout and a resumable iterator (the built-in tasks'
+rows are in ftjax/tasks/).
 
 A row has a `prompt` column, a string or a list of chat messages (TRL's "prompt-only"
 layout); every other column is handed to the reward functions (`answer`, `meta`, ...).
@@ -44,29 +45,6 @@ def load_rows(source, where: Optional[str] = None) -> list[dict]:
                     [records.row(i) for i in range(len(records))])
 
 
-GSM8K_INSTRUCTION = ("Solve the problem step by step, then give the final answer as a number "
-                     "on the last line after '####'.")
-
-
-def gsm8k_rows(source, where: Optional[str] = None) -> list[dict]:
-  """GSM8K's layout (`question`, `answer` ending in `#### 42`) as prompt rows: the question
-  (and the instruction) as one chat user turn, so the model's chat template applies; `answer`
-  stays a column, which `rewards.answer_match` reads after its `####`."""
-  where = where or sources.describe(source)
-  rows = []
-  records = sources.load_records(source)
-  for i, r in enumerate(records):
-    r = sources.to_python(r)
-    for field in ("question", "answer"):
-      if not isinstance(r.get(field), str) or not r[field].strip():
-        raise UserError(f"{where}: row {records.row(i)}: field {field!r} is missing or empty "
-                        "(GSM8K layout: question, answer)")
-    rows.append({"prompt": [{"role": "user",
-                             "content": f"{r['question'].strip()}\n\n{GSM8K_INSTRUCTION}"}],
-                 "answer": r["answer"]})
-  return check_rows(rows, where)
-
-
 def encode(tokenizer, prompt, max_len: int = 0) -> list[int]:
   """Prompt token ids: chat messages through the chat template with the generation prompt
   opened (as TRL), strings as they are."""
@@ -108,56 +86,3 @@ class PromptIterator:
       if self.pos >= len(self.rows):
         self.epoch, self.pos = self.epoch + 1, 0
     return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Arithmetic: a verifiable task small enough to learn on CPU.
-
-def arithmetic_prompt(a: int, b: int) -> str:
-  return f"{a}+{b}="
-
-
-def held_out_pairs(max_operand: int = 99, fraction: float = 0.2) -> np.ndarray:
-  """bool [max_operand + 1, max_operand + 1]: the operand pairs (a, b) kept for evaluation.
-
-  A fixed draw, independent of the run's seed, so the splits never overlap whatever the seed.
-  Every digit appears in every position on both sides: the eval split tests adding numbers the
-  model has not been shown together, not reading a digit it has never seen.
-  """
-  return np.random.default_rng(7).random((max_operand + 1, max_operand + 1)) < fraction
-
-
-def sum_without_carries(a: int, b: int) -> int:
-  """a + b added digit by digit with every carry dropped (37 + 48 -> 75): a sloppy solver's
-  answer, right whenever no column carries."""
-  out, place = 0, 1
-  while a or b:
-    out += (a % 10 + b % 10) % 10 * place
-    a, b, place = a // 10, b // 10, place * 10
-  return out
-
-
-def arithmetic_rows(split: str, n: int, seed: int = 0, max_operand: int = 99,
-                    carry_drop: float = 0.0) -> list[dict]:
-  """Addition problems `{"prompt": "12+34=", "answer": "46"}`.
-
-  Operand pairs in `held_out_pairs` appear only in the "eval" split (held-out operands);
-  "train" never contains them. `carry_drop`: the fraction of rows whose answer is
-  `sum_without_carries` instead (solutions from a sloppy teacher; only rows with a carry
-  change). The problems drawn do not depend on it.
-  """
-  held_out = held_out_pairs(max_operand)
-  rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-  sloppy = np.random.default_rng([seed, 2]).random(n) < carry_drop
-  rows = []
-  while len(rows) < n:
-    a, b = (int(x) for x in rng.integers(0, max_operand + 1, 2))
-    if held_out[a, b] == (split == "eval"):
-      answer = sum_without_carries(a, b) if sloppy[len(rows)] else a + b
-      rows.append({"prompt": arithmetic_prompt(a, b), "answer": str(answer)})
-  return rows
-
-
-def arithmetic_texts(n: int = 2000, seed: int = 0) -> list[str]:
-  """Solved problems, e.g. to train a tokenizer or an SFT warm start."""
-  return [r["prompt"] + r["answer"] for r in arithmetic_rows("train", n, seed)]

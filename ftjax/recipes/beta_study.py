@@ -26,7 +26,7 @@ import numpy as np
 
 from ftjax import evaluation, load_pretrained, recipes, report, sweep, workdir as wd
 from ftjax.data.sources import load_records
-from ftjax.demo import support
+from ftjax.tasks import support
 from ftjax.errors import UserError
 from ftjax.recipes import demo
 from ftjax.tokenizer import load_tokenizer

@@ -26,7 +26,7 @@ import time
 from absl import logging
 
 from ftjax import export, heldout, hf, load_pretrained, recipes, workdir as wd
-from ftjax.demo import support
+from ftjax.tasks import support
 from ftjax.tokenizer import load_tokenizer, train_bpe_tokenizer
 from ftjax.train import grpo, ppo, reward, sft
 

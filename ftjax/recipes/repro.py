@@ -13,7 +13,7 @@ the rest), measurements of every trained model (and of the base) in WORKDIR/<nam
 then ftjax/report.py's report.csv, report.md and curves.png, the study's own plot and a README
 into `--out` (default docs/reproductions/<name>/). Everything is seeded (seed 0): the same
 command gives the same table. Measurements: held-out support tickets (loss on the assistant
-turns, and greedy replies scored by ftjax/demo/support.py) and held-out general text (the retail
+turns, and greedy replies scored by ftjax/tasks/support.py) and held-out general text (the retail
 text rows the base never saw: perplexity, which forgetting raises).
 GRPO's accuracy against steps is measured by `experiments/grpo.py
 --config=configs/grpo.py:task=arithmetic` instead (BUILD.md), not here.
@@ -32,7 +32,7 @@ import numpy as np
 
 from ftjax import (export, heldout, load_pretrained, partition, recipes, report, sweep,
                    workdir as wd)
-from ftjax.demo import support
+from ftjax.tasks import support
 from ftjax.errors import UserError
 from ftjax.recipes import beta_study, demo, repro_plots
 from ftjax.tokenizer import load_tokenizer
