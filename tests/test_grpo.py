@@ -153,7 +153,6 @@ import time  # noqa: E402
 import chex  # noqa: E402
 
 from configs import grpo as grpo_config  # noqa: E402
-from experiments import grpo as grpo_exp  # noqa: E402
 from ftjax import metrics as metrics_lib, workdir as wd  # noqa: E402
 from ftjax.errors import UserError  # noqa: E402
 from ftjax.train import grpo as grpo_train  # noqa: E402
@@ -190,7 +189,7 @@ def test_arithmetic_run_raises_reward_without_retracing(tmp_path, monkeypatch):
   monkeypatch.setattr(grpo_train, "make_step", counted)
   c = _config(steps=10)
   c.grpo.num_iterations = 2  # stored old logprobs: the second update's ratio moves off 1
-  out = grpo_exp.run(c, str(tmp_path / "run"))
+  out = grpo_train.run(c, str(tmp_path / "run"))
   rows = [r for r in metrics_lib.read_metrics(str(tmp_path / "run")) if "reward" in r]
   rewards_ = [r["reward"] for r in rows]
   assert out["step"] == 10 and len(rows) == 10
@@ -204,7 +203,7 @@ def test_first_update_ratio_is_one_from_sampler_logprobs(tmp_path):
   """The behaviour logprobs are the old logprobs: the first update's ratio is 1 to rounding."""
   c = _config(steps=1)
   c.grpo.beta = 0.04  # and the reference forward runs
-  out = grpo_exp.run(c, str(tmp_path / "run"))
+  out = grpo_train.run(c, str(tmp_path / "run"))
   assert abs(out["ratio_mean"] - 1.0) < 1e-5 and out["clip_ratio/region_mean"] == 0.0
   assert out["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is the reference at step 0
 
@@ -218,7 +217,7 @@ def test_bad_group_settings_are_one_line(tmp_path, override, msg):
   c = _config(steps=1)
   c.grpo.update(**override)
   with pytest.raises(UserError, match=msg) as e:
-    grpo_exp.run(c, str(tmp_path / "run"))
+    grpo_train.run(c, str(tmp_path / "run"))
   assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "run")
 
 
@@ -243,7 +242,7 @@ def test_wrong_length_reward_is_one_line(tmp_path, monkeypatch):
   with pytest.raises(UserError, match="reward function 'my_reward' returned 1 rewards for 2"):
     c = _config(steps=1)
     c.data.eval_rows = 0
-    grpo_exp.run(c, str(tmp_path / "run"))
+    grpo_train.run(c, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
 
 
@@ -258,7 +257,7 @@ def test_killed_run_resumes_exactly(tmp_path):
   args = OVERRIDES + [f"--config.train.steps={steps}", "--config.train.save_every=2"]
   straight = str(tmp_path / "straight")
   c = _config(steps=steps, save_every=2)
-  grpo_exp.run(c, straight)
+  grpo_train.run(c, straight)
   killed = str(tmp_path / "killed")
   cmd = [sys.executable, os.path.join(ROOT, "experiments", "grpo.py"),
          "--config=" + os.path.join(ROOT, "configs", "grpo.py")

@@ -1,5 +1,5 @@
 """The GRPO step gives the same losses on 1 device, data=8, fsdp=8 and under pmap (8 fake CPU
-devices), through experiments/grpo.py's own loop (PPO's: tests/test_ppo.py)."""
+devices), through ftjax.train.grpo's own loop (PPO's: tests/test_ppo.py)."""
 
 
 import numpy as np
@@ -32,9 +32,9 @@ def _grpo_config(mode, shape):
 
 @pytest.fixture(scope="module")
 def grpo_reference(tmp_path_factory):
-  from experiments import grpo as grpo_exp
+  from ftjax.train import grpo as grpo_train
   wd = str(tmp_path_factory.mktemp("grpo_ref") / "run")
-  grpo_exp.run(_grpo_config("pjit", "data=1"), wd)
+  grpo_train.run(_grpo_config("pjit", "data=1"), wd)
   rewards = [r["reward"] for r in metrics_lib.read_metrics(wd) if "reward" in r]
   assert all(0 < r < 1 for r in rewards), rewards
   return _losses(wd)
@@ -42,9 +42,9 @@ def grpo_reference(tmp_path_factory):
 
 @pytest.mark.parametrize("mode,shape", MESHES)
 def test_grpo_losses_equal_across_meshes(grpo_reference, tmp_path, mode, shape):
-  from experiments import grpo as grpo_exp
+  from ftjax.train import grpo as grpo_train
   wd = str(tmp_path / "run")
-  grpo_exp.run(_grpo_config(mode, shape), wd)
+  grpo_train.run(_grpo_config(mode, shape), wd)
   ref = grpo_reference
   assert len(ref) == 2 and ref[0] != ref[1] and np.all(np.isfinite(ref))
   np.testing.assert_allclose(_losses(wd), ref, atol=1e-5)

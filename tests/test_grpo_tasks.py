@@ -6,10 +6,10 @@ import os
 import pytest
 
 from configs import grpo as grpo_config
-from experiments import grpo as grpo_exp
 from ftjax import metrics as metrics_lib, rewards, tasks
 from ftjax.errors import UserError
 from ftjax.tasks import arithmetic, gsm8k
+from ftjax.train import grpo as grpo_train
 
 GSM8K = [
     {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as "
@@ -102,7 +102,7 @@ def test_gsm8k_run_on_local_rows(tmp_path, base_dir):
   c.grpo.update(num_generations=2, max_prompt_len=48, max_completion_length=4)
   c.train.update(steps=2, batch_size=4, eval_every=2, save_every=2, log_every=1)
   c.mesh.shape = "data=1"
-  out = grpo_exp.run(c, str(tmp_path / "run"))
+  out = grpo_train.run(c, str(tmp_path / "run"))
   assert out["step"] == 2
   logged = metrics_lib.read_metrics(str(tmp_path / "run"))
   first = [r for r in logged if "reward" in r][0]
@@ -122,7 +122,7 @@ def test_arithmetic_warm_start(tmp_path):
   c.mesh.shape = "data=1"
   c.data.eval_rows = 4
   wd = str(tmp_path / "run")
-  out = grpo_exp.run(c, wd)
+  out = grpo_train.run(c, wd)
   assert os.path.exists(os.path.join(wd, "sft_hf", "config.json"))
   # The warm start's solutions come from the sloppy teacher; GRPO's train and eval answers are
   # right.
@@ -143,7 +143,7 @@ def test_arithmetic_warm_start(tmp_path):
   c2.train.update(steps=2, batch_size=8, eval_every=1, save_every=1)
   c2.mesh.shape = "data=1"
   c2.data.eval_rows = 4
-  assert grpo_exp.run(c2, wd)["step"] == 2
+  assert grpo_train.run(c2, wd)["step"] == 2
   assert os.path.getmtime(os.path.join(wd, "sft_hf", "config.json")) == mtime
 
 

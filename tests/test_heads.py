@@ -10,7 +10,7 @@ import pytest
 import ftjax
 from ftjax import heads, losses, model as model_lib, partition
 from ftjax.config import ModelConfig
-from ftjax.train import common, preference, sft
+from ftjax.train import common, dpo, sft
 
 
 def _hidden_head(seed=0, b=3, t=13, d=8, v=37):
@@ -191,5 +191,5 @@ def test_dpo_side_logps_chunked(base_dir, pref_files):
       -1, torch.tensor(np.asarray(batch["targets"]), dtype=torch.long)[..., None])[..., 0]
   want = (lp.numpy() * np.asarray(batch["weights"])).sum(-1)
   for chunk in (0, 64, 100):
-    sums, _ = preference.side_logps(model, params, batch, chunk=chunk)
+    sums, _ = dpo.side_logps(model, params, batch, chunk=chunk)
     np.testing.assert_allclose(np.asarray(sums), want, rtol=1e-4, atol=1e-3)

@@ -163,7 +163,7 @@ def _matmul_weights(params):
 def test_sft_throughput_counts_frozen_base_and_last_partial_interval(
     base_dir, chat_files, monkeypatch, tmp_path):
   from configs import sft as sft_config
-  from experiments import sft as sft_exp
+  from ftjax.train import sft
   from ftjax import metrics as metrics_lib
   calls = {"tokens": []}
 
@@ -182,7 +182,7 @@ def test_sft_throughput_counts_frozen_base_and_last_partial_interval(
   c.data.path, c.data.eval_path = chat_files
   c.train.update(seq_len=352, batch_size=2, grad_accum=1, steps=3, log_every=2, eval_every=100,
                  save_every=100)
-  sft_exp.run(c, str(tmp_path / "run"))
+  sft.run(c, str(tmp_path / "run"))
   per_step = 2 * 352
   assert calls["tokens"] == [2 * per_step, per_step]  # step 3 is a one-step interval
 

@@ -280,7 +280,7 @@ def test_short_ppo_run_raises_the_reward_without_retracing():
       logs[0]["policy/entropy_avg"], logs[-1]["policy/entropy_avg"])
 
 
-# ---- experiments/ppo.py end to end: a tiny HF reward model, exact resume, one-line errors
+# ---- ftjax.train.ppo.run end to end: a tiny HF reward model, exact resume, one-line errors
 def _reward_model_dir(tmp_path_factory):
   import transformers as T
   from tests.conftest import hf_config
@@ -330,10 +330,10 @@ def _params(workdir):
 @pytest.mark.parametrize("arg", ["adapter=lora,smoke", "adapter=none,smoke,critic=separate"])
 def test_experiment_runs_and_resumes_exactly(base_dir, rm_dir, prompt_file, tmp_path, arg):
   import shutil
-  from experiments import ppo as ppo_exp
+  from ftjax.train import ppo as ppo_train
   from ftjax import metrics as metrics_lib
   straight = str(tmp_path / "straight")
-  out = ppo_exp.run(_config(base_dir, rm_dir, prompt_file, arg), straight)
+  out = ppo_train.run(_config(base_dir, rm_dir, prompt_file, arg), straight)
   for k in ("objective/kl", "objective/scores", "objective/rlhf_reward", "policy/clipfrac_avg",
             "val/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "policy/approxkl_avg",
             "val/ratio", "policy/entropy_avg", "eval_scores"):
@@ -347,7 +347,7 @@ def test_experiment_runs_and_resumes_exactly(base_dir, rm_dir, prompt_file, tmp_
   resumed = str(tmp_path / "resumed")
   shutil.copytree(straight, resumed)
   shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
-  ppo_exp.run(_config(base_dir, rm_dir, prompt_file, arg), resumed)
+  ppo_train.run(_config(base_dir, rm_dir, prompt_file, arg), resumed)
   a, b = _params(straight), _params(resumed)
   assert set(a) == set(b) and "value" not in a and "critic" not in a  # the policy alone
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x),
@@ -358,7 +358,7 @@ def test_experiment_runs_and_resumes_exactly(base_dir, rm_dir, prompt_file, tmp_
 
 def test_bad_input_is_a_one_line_error(base_dir, rm_dir, prompt_file, tmp_path):
   import json
-  from experiments import ppo as ppo_exp
+  from ftjax.train import ppo as ppo_train
   from ftjax.errors import UserError
   bad = tmp_path / "bad.jsonl"
   bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": " "}) + "\n")
@@ -376,7 +376,7 @@ def test_bad_input_is_a_one_line_error(base_dir, rm_dir, prompt_file, tmp_path):
       c[section][key] = v
     workdir = tmp_path / "w"
     with pytest.raises(UserError, match=msg.replace("(", r"\(").replace(")", r"\)")) as e:
-      ppo_exp.run(c, str(workdir))
+      ppo_train.run(c, str(workdir))
     assert "\n" not in str(e.value)
     assert not workdir.exists()  # nothing written
 
@@ -387,7 +387,7 @@ def test_losses_equal_across_meshes(base_dir, rm_dir, prompt_file, tmp_path, mod
   """The same run on 1 device, data=8, fsdp=8 and pmap (8 fake devices): the same losses.
   One minibatch per epoch: pmap shuffles each device's rows, so with several minibatches its
   minibatches (not its epoch) differ from the global shuffle's."""
-  from experiments import ppo as ppo_exp
+  from ftjax.train import ppo as ppo_train
   from ftjax import metrics as metrics_lib
 
   def losses_of(mode, shape, name):
@@ -395,7 +395,7 @@ def test_losses_equal_across_meshes(base_dir, rm_dir, prompt_file, tmp_path, mod
     c.parallel, c.mesh.shape = mode, shape
     c.ppo.num_mini_batches = 1
     c.train.update(steps=2, batch_size=8, eval_every=100, save_every=100)
-    ppo_exp.run(c, str(name))
+    ppo_train.run(c, str(name))
     return [[r[k] for k in ("loss", "loss/value_avg", "objective/kl")]
             for r in metrics_lib.read_metrics(str(name)) if "loss" in r]
 

@@ -12,12 +12,9 @@ import transformers
 import ftjax
 from configs import dpo as dpo_config
 from configs import reward as reward_config
-from experiments import dpo as dpo_exp
-from experiments import export as export_exp
-from experiments import reward as reward_exp
-from ftjax import lora, partition, sharding, workdir as wd
+from ftjax import export, lora, partition, sharding, workdir as wd
 from ftjax.data import preference as pref_data
-from ftjax.train import common, preference, setup
+from ftjax.train import common, dpo, reference as reference_lib, reward, setup
 
 
 def _batch(base_dir, pref_files, n=4):
@@ -33,9 +30,9 @@ def test_reference_logps_with_adapters_off_equal_the_base(base_dir, pref_files):
   flat = jax.tree_util.tree_map_with_path(
       lambda p, x: x + 0.3 if str(p[-1].key) == "lora_b" else x, params)  # B != 0
   batch = _batch(base_dir, pref_files)
-  ref = preference.side_logps(base_model, base, batch)
-  off = preference.side_logps(lora.disable(model), flat, batch)
-  on = preference.side_logps(model, flat, batch)
+  ref = dpo.side_logps(base_model, base, batch)
+  off = dpo.side_logps(lora.disable(model), flat, batch)
+  on = dpo.side_logps(model, flat, batch)
   np.testing.assert_array_equal(np.asarray(off[0]), np.asarray(ref[0]))
   assert np.abs(np.asarray(on[0]) - np.asarray(ref[0])).max() > 1e-2
 
@@ -49,33 +46,39 @@ def _reference_setup(base_dir, pref_files, arg, reference="auto", train_extra=""
   return cfg, model, params, _batch(base_dir, pref_files)
 
 
+def _reference(model, cfg, params):
+  """The DPO trainer's reference for `cfg`."""
+  return reference_lib.policy(model, cfg, params, setup.rules(cfg),
+                              precomputed=cfg.dpo.reference == "precomputed")
+
+
 def test_reference_stays_put_when_train_extra_moves_base_leaves(base_dir, pref_files):
   # The trained base leaves (here the final norm) change the model; the reference must not.
   cfg, model, params, batch = _reference_setup(base_dir, pref_files, "adapter=lora,smoke",
                                                train_extra="final_norm")
-  ref_model, ref_params_fn, ref_frozen = dpo_exp.reference(model, cfg, params)
+  ref_model, ref_params_fn, ref_frozen = _reference(model, cfg, params)
   trainable, frozen, _ = common.split_params(params, setup.rules(cfg))
   assert any("final_norm" in jax.tree_util.keystr(p)
              for p, _ in jax.tree_util.tree_leaves_with_path(trainable))
   moved = jax.tree_util.tree_map(lambda x: x * 1.5 + 0.1, trainable)  # as after some steps
   full = partition.merge(moved, {**frozen, **ref_frozen})
   base_model, base = ftjax.load_pretrained(base_dir)  # the initial model: the true reference
-  want = preference.side_logps(base_model, base, batch)[0]
-  got = preference.side_logps(ref_model, ref_params_fn(full), batch)[0]
+  want = dpo.side_logps(base_model, base, batch)[0]
+  got = dpo.side_logps(ref_model, ref_params_fn(full), batch)[0]
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-  assert np.abs(np.asarray(preference.side_logps(ref_model, full, batch)[0])
+  assert np.abs(np.asarray(dpo.side_logps(ref_model, full, batch)[0])
                 - np.asarray(want)).max() > 1e-3  # the moved leaves do change the logps
 
 
 def test_full_finetuning_reference_copies(base_dir, pref_files):
   cfg, model, params, batch = _reference_setup(base_dir, pref_files, "adapter=none,smoke")
-  _, fn, ref_frozen = dpo_exp.reference(model, cfg, params)
+  _, fn, ref_frozen = _reference(model, cfg, params)
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
   assert sum(x.size for x in jax.tree_util.tree_leaves(ref_frozen)) == n_params
   # Precomputed: the reference log-probs come from the initial params once; no copy is kept.
   cfg, model, params, batch = _reference_setup(base_dir, pref_files, "adapter=none,smoke",
                                                reference="precomputed")
-  _, _, ref_frozen = dpo_exp.reference(model, cfg, params)
+  _, _, ref_frozen = _reference(model, cfg, params)
   assert jax.tree_util.tree_leaves(ref_frozen) == []
 
 
@@ -83,7 +86,7 @@ def test_full_finetuning_precomputed_run(base_dir, pref_files, tmp_path):
   cfg = _config(dpo_config.get_config("adapter=none,smoke"), base_dir, pref_files, steps=1,
                 log_every=1, eval_every=1, save_every=1, batch_size=2, eval_batches=1)
   cfg.dpo.reference = "precomputed"
-  out = dpo_exp.run(cfg, str(tmp_path / "dpo"))
+  out = dpo.run(cfg, str(tmp_path / "dpo"))
   # Step 1's policy is the reference it was computed from.
   np.testing.assert_allclose(out["loss"], math.log(2), rtol=1e-5)
 
@@ -93,7 +96,7 @@ def test_first_step_policy_equals_reference(base_dir, pref_files, loss_type):
   model, params = ftjax.load_pretrained(base_dir, lora=ftjax.LoraConfig(rank=4))
   batch = _batch(base_dir, pref_files)
   beta = 0.1
-  loss_sum, n, aux = preference.dpo_loss_fn(
+  loss_sum, n, aux = dpo.dpo_loss_fn(
       params, batch, None, model=model, ref_model=lora.disable(model),
       ref_params_fn=lambda p: p, beta=beta, loss_type=loss_type,
       label_smoothing=0.1 if loss_type == "robust" else 0.0)
@@ -112,7 +115,7 @@ def test_grad_accumulation_keeps_pairs_together(base_dir, pref_files):
   batch = _batch(base_dir, pref_files, n=4)
   out = {}
   for k in (1, 2, 4):
-    step = jax.jit(preference.make_dpo_step(model, lora.disable(model), lambda p: p, tx,
+    step = jax.jit(dpo.make_dpo_step(model, lora.disable(model), lambda p: p, tx,
                                             schedule, beta=0.1, loss_type="sigmoid",
                                             grad_accum=k))
     _, m = step(common.init_state(trainable, tx, 0), frozen,
@@ -150,16 +153,16 @@ def test_reward_model_learns_and_exports(base_dir, pref_files, tmp_path):
   cfg = _config(reward_config.get_config("smoke"), base_dir, pref_files, steps=60,
                 batch_size=8, eval_every=60, save_every=60)
   cfg.optim.lr = 5e-3
-  out = reward_exp.run(cfg, str(tmp_path / "rm"))
+  out = reward.run(cfg, str(tmp_path / "rm"))
   # A zero head ties every pair (accuracy 0, loss log 2 at the start); training separates
   # held-out pairs (24 of them here, on a tiny random base).
   assert out["eval_accuracy"] > 0.6 and out["eval_loss"] < math.log(2) - 0.1, out
-  hf_dir = export_exp.run(str(tmp_path / "rm"), str(tmp_path / "rm_hf"), "merged")
+  hf_dir = export.export(str(tmp_path / "rm"), str(tmp_path / "rm_hf"), "merged")
   hf_rm = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
   model, params, tok, _ = wd.load_trained(str(tmp_path / "rm"))
   batch = _batch(base_dir, pref_files)
-  ours = np.asarray(preference.rewards_of(model, params, batch))
-  tokens, mask = map(np.asarray, preference.full_sequences(batch))
+  ours = np.asarray(reward.rewards_of(model, params, batch))
+  tokens, mask = map(np.asarray, reward.full_sequences(batch))
   with torch.no_grad():
     ref = hf_rm(input_ids=torch.tensor(tokens, dtype=torch.long),
                 attention_mask=torch.tensor(mask.astype(np.int64))).logits[:, 0].numpy()
@@ -175,7 +178,7 @@ def test_dpo_raises_heldout_preference_accuracy(base_dir, pref_files, tmp_path, 
                 steps=30, batch_size=8, eval_every=30, save_every=30)
   cfg.dpo.reference = reference
   cfg.optim.lr = 5e-3 if adapter == "lora" else 1e-3
-  out = dpo_exp.run(cfg, str(tmp_path / "dpo"))
+  out = dpo.run(cfg, str(tmp_path / "dpo"))
   # At the start policy == reference: every implicit reward is 0 and the loss is log 2.
   assert out["eval_rewards/accuracies"] > 0.75, out
   assert out["eval_loss"] < math.log(2)
@@ -187,11 +190,11 @@ def test_precomputed_reference_matches_live_reference(base_dir, pref_files):
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: x + 0.1 if str(p[-1].key) == "lora_b" else x, params)
   batch = _batch(base_dir, pref_files)
-  table = dpo_exp.precompute_reference(lora.disable(model), params, [batch])
+  table = dpo.precompute_reference(lora.disable(model), params, [batch])
   kw = dict(model=model, ref_model=lora.disable(model), ref_params_fn=lambda p: p, beta=0.2,
             loss_type="sigmoid", label_smoothing=0.0)
-  live = preference.dpo_loss_fn(params, batch, None, **kw)
-  pre = preference.dpo_loss_fn(params, dpo_exp.attach_reference(batch, table), None, **kw)
+  live = dpo.dpo_loss_fn(params, batch, None, **kw)
+  pre = dpo.dpo_loss_fn(params, dpo.attach_reference(batch, table), None, **kw)
   np.testing.assert_allclose(float(pre[0]), float(live[0]), rtol=1e-5)
   assert jnp.isfinite(pre[0])
 
@@ -220,7 +223,7 @@ def test_reward_readout_when_pad_is_eos(tmp_path):
     n = len(s) - 1
     batch["inputs"][i, :n], batch["targets"][i, :n] = s[:-1], s[1:]
     batch["segment_ids"][i, :n], batch["positions"][i, :n] = 1, np.arange(n)
-  ours = np.asarray(preference.rewards_of(model, params, batch))
+  ours = np.asarray(reward.rewards_of(model, params, batch))
 
   # TRL's collator right-pads with pad_token_id; transformers pools by that id.
   ids = np.full((len(seqs), t), pad, np.int64)
@@ -229,7 +232,7 @@ def test_reward_readout_when_pad_is_eos(tmp_path):
   attn = np.zeros_like(ids)
   for i, s in enumerate(seqs):
     attn[i, :len(s)] = 1
-  tokens, mask = map(np.asarray, preference.full_sequences(batch))
+  tokens, mask = map(np.asarray, reward.full_sequences(batch))
   hf_rule = (torch.arange(t) * (torch.tensor(ids) != pad).int()).argmax(-1).numpy()
   np.testing.assert_array_equal(
       np.asarray(ftjax.heads.score_index(tokens, mask, model.cfg.pad_token_id)), hf_rule)

@@ -14,9 +14,9 @@ import transformers
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import sft as sft_exp
 from ftjax import cli
 from ftjax.errors import UserError
+from ftjax.train import sft
 from tests.test_sft import _args, _cmd, make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +71,7 @@ def test_run_json_and_drift_refused_then_allowed(base_dir, chat_files, tmp_path)
   w = str(tmp_path / "run")
   # The same config as _args(base_dir, train, ev, 2, 1) gives on the command line.
   config = make_config(base_dir, train, ev, steps=2, save_every=1, eval_every=1000, log_every=1)
-  sft_exp.run(config, w)
+  sft.run(config, w)
 
   (first,) = _run_json(w)
   head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,

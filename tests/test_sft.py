@@ -16,11 +16,10 @@ import transformers
 
 import ftjax
 from configs import sft as sft_config
-from experiments import eval as eval_exp
-from experiments import export as export_exp
-from experiments import sft as sft_exp
-from ftjax import checkpoint, data as data_lib, losses, metrics as metrics_lib, workdir as wd
+from ftjax import checkpoint, data as data_lib, export, heldout, losses, metrics as metrics_lib
+from ftjax import workdir as wd
 from ftjax.tasks import support
+from ftjax.train import sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +36,7 @@ def make_config(base_dir, train, ev, **train_kw):
 def test_sft_lora_end_to_end_and_exports(base_dir, chat_files, tmp_path):
   train, ev = chat_files
   config = make_config(base_dir, train, ev, steps=6, eval_every=3, save_every=3)
-  out = sft_exp.run(config, str(tmp_path / "run"))
+  out = sft.run(config, str(tmp_path / "run"))
   assert out["step"] == 6 and np.isfinite(out["loss"]) and np.isfinite(out["eval_loss"])
   rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   assert {"loss", "lr", "grad_norm", "param_norm", "update_norm"} <= set(rows[0])
@@ -49,7 +48,7 @@ def test_sft_lora_end_to_end_and_exports(base_dir, chat_files, tmp_path):
   tokens = np.random.default_rng(0).integers(6, 320, (2, 10))
   ours = np.asarray(model.apply({"params": params}, tokens))
   # Merged HF export: transformers gives the same logits.
-  merged = export_exp.run(str(tmp_path / "run"), str(tmp_path / "merged"), "merged")
+  merged = export.export(str(tmp_path / "run"), str(tmp_path / "merged"), "merged")
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
   with torch.no_grad():
     ref = hf_model(torch.tensor(tokens)).logits.numpy()
@@ -57,15 +56,15 @@ def test_sft_lora_end_to_end_and_exports(base_dir, chat_files, tmp_path):
   assert os.path.exists(os.path.join(merged, "tokenizer.json"))
   # PEFT export on the original base: same logits.
   import peft
-  adapter = export_exp.run(str(tmp_path / "run"), str(tmp_path / "lora"), "peft")
+  adapter = export.export(str(tmp_path / "run"), str(tmp_path / "lora"), "peft")
   pm = peft.PeftModel.from_pretrained(
       transformers.AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
   with torch.no_grad():
     np.testing.assert_allclose(pm(torch.tensor(tokens)).logits.numpy(), ours, atol=1e-4)
   # eval.py on the workdir and on the merged export agree on the loss.
-  m1 = eval_exp.run(ev, workdir=str(tmp_path / "run"), task="support", seq_len=352,
+  m1 = heldout.evaluate(ev, workdir=str(tmp_path / "run"), task="support", seq_len=352,
                     batch_size=4, max_new_tokens=8)
-  m2 = eval_exp.run(ev, model_path=merged, seq_len=352, batch_size=4, max_new_tokens=8)
+  m2 = heldout.evaluate(ev, model_path=merged, seq_len=352, batch_size=4, max_new_tokens=8)
   assert abs(m1["eval_loss"] - m2["eval_loss"]) < 1e-4
   assert {"exact_match", "details", "invented", "escalation_ok", "voice"} <= set(m1)
 
@@ -119,7 +118,7 @@ def test_interrupted_run_resumes_exactly(base_dir, chat_files, tmp_path):
   steps, save_every = 60, 5
   args = _args(base_dir, train, ev, steps, save_every)
   straight = str(tmp_path / "straight")
-  sft_exp.run(make_config(base_dir, train, ev, steps=steps, save_every=save_every,
+  sft.run(make_config(base_dir, train, ev, steps=steps, save_every=save_every,
                           eval_every=1000, log_every=1), straight)
 
   interrupted = str(tmp_path / "interrupted")
@@ -155,7 +154,7 @@ def test_nan_guard_stops_without_saving(base_dir, chat_files, tmp_path):
   config = make_config(base_dir, train, ev, steps=4, save_every=1, log_every=1, eval_every=1000)
   config.optim.update(lr=1e30, clip=0.0, warmup_steps=0)
   with pytest.raises(FloatingPointError, match="step"):
-    sft_exp.run(config, str(tmp_path / "nan"))
+    sft.run(config, str(tmp_path / "nan"))
   ck = checkpoint.Checkpointer(str(tmp_path / "nan"), async_save=False)
   for step in ck.all_steps():  # whatever was saved before the blow-up is finite
     state, _, _ = ck.restore(step)
@@ -219,7 +218,7 @@ def test_every_adapter_kind_trains_and_restores(base_dir, chat_files, tmp_path, 
   config.model.hf_path = base_dir
   config.data.path, config.data.eval_path = train, ev
   config.train.update(seq_len=352, steps=2, save_every=1, eval_every=2)
-  out = sft_exp.run(config, str(tmp_path / "run"))
+  out = sft.run(config, str(tmp_path / "run"))
   assert np.isfinite(out["loss"]) and np.isfinite(out["eval_loss"])
   model, params, _, _ = wd.load_trained(str(tmp_path / "run"))
   assert (model.spec.quant is not None) == (quant != "none")
@@ -237,13 +236,13 @@ def test_changed_base_is_refused_on_resume(base_dir, chat_files, tmp_path):
   base = str(tmp_path / "base")
   shutil.copytree(base_dir, base)
   config = make_config(base, train, ev, steps=2, save_every=1, eval_every=1000)
-  sft_exp.run(config, str(tmp_path / "run"))
+  sft.run(config, str(tmp_path / "run"))
   model, params = ftjax.load_pretrained(base)
   params["final_norm"]["scale"] = params["final_norm"]["scale"] * 1.5
   ftjax.save_pretrained(model, params, base)
   config.train.steps = 4
   with pytest.raises(ValueError, match="changed"):
-    sft_exp.run(config, str(tmp_path / "run"))
+    sft.run(config, str(tmp_path / "run"))
 
 
 def test_early_stopping(base_dir, chat_files, tmp_path):
@@ -253,5 +252,5 @@ def test_early_stopping(base_dir, chat_files, tmp_path):
   # lr 0 is refused; updates of 1e-30 vanish in float32 sums, so the eval loss cannot improve
   # after the first eval.
   config.optim.update(lr=1e-30, warmup_steps=0)
-  out = sft_exp.run(config, str(tmp_path / "run"))
+  out = sft.run(config, str(tmp_path / "run"))
   assert out["step"] == 2

@@ -11,7 +11,6 @@ import pytest
 
 import ftjax
 from configs import sft as sft_config
-from experiments import sft as sft_exp
 from ftjax import checkpoint, metrics as metrics_lib, partition, sharding
 from ftjax.train import common, sft
 
@@ -35,7 +34,7 @@ def test_first_losses_equal_on_every_mesh(base_dir, chat_files, tmp_path, adapte
     c.train.update(steps=3, batch_size=8, seq_len=352, log_every=1, save_every=100,
                    eval_every=100, grad_accum=1)
     wd = str(tmp_path / f"{mode}_{shape}")
-    sft_exp.run(c, wd)
+    sft.run(c, wd)
     losses[(mode, shape)] = [r["loss"] for r in metrics_lib.read_metrics(wd) if "loss" in r]
   ref = losses[("pjit", "data=1")]
   assert len(ref) == 3 and ref[0] != ref[-1]
@@ -137,7 +136,7 @@ def test_indivisible_batch_fails_clearly(base_dir, chat_files, tmp_path):
                                         ("pmap", "data=-1")])
 def test_dpo_losses_equal_across_meshes(base_dir, pref_files, tmp_path, mode, shape):
   from configs import dpo as dpo_config
-  from experiments import dpo as dpo_exp
+  from ftjax.train import dpo
   c = dpo_config.get_config("adapter=lora,smoke")
   c.model.hf_path = base_dir
   c.data.path, c.data.eval_path = pref_files[0], ""
@@ -146,13 +145,13 @@ def test_dpo_losses_equal_across_meshes(base_dir, pref_files, tmp_path, mode, sh
   c.train.update(steps=3, batch_size=8, seq_len=352, log_every=1, save_every=100,
                  eval_every=100, grad_accum=1 if mode == "pmap" else 2)
   wd = str(tmp_path / "run")
-  dpo_exp.run(c, wd)
+  dpo.run(c, wd)
   got = [r["loss"] for r in metrics_lib.read_metrics(wd) if "loss" in r]
   # The reference: one device, no accumulation (computed once per session).
   ref_dir = str(tmp_path.parent / "dpo_reference_run")
   if not os.path.exists(os.path.join(ref_dir, "metrics.jsonl")):
     c.parallel, c.mesh.shape, c.train.grad_accum = "pjit", "data=1", 1
-    dpo_exp.run(c, ref_dir)
+    dpo.run(c, ref_dir)
   ref = [r["loss"] for r in metrics_lib.read_metrics(ref_dir) if "loss" in r]
   assert abs(ref[0] - np.log(2)) < 1e-5  # policy == reference at the first step
   np.testing.assert_allclose(got, ref, atol=1e-5)

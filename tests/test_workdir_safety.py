@@ -15,9 +15,9 @@ import pytest
 
 import ftjax
 from configs import sft as sft_config
-from experiments import sft as sft_exp
 from ftjax import checkpoint, provenance, workdir as wd
 from ftjax.errors import UserError
+from ftjax.train import sft
 from tests.test_sft import _args, _cmd, make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +38,7 @@ def trained(base_dir, chat_files, tmp_path_factory):
   shutil.copy(chat_files[0], train)
   shutil.copy(chat_files[1], ev)
   w = str(d / "trained")
-  sft_exp.run(_config(base_dir, train, ev, 4), w)
+  sft.run(_config(base_dir, train, ev, 4), w)
   return w, train, ev
 
 
@@ -225,7 +225,7 @@ def test_full_disk_during_a_save_is_one_line_and_resumable(base_dir, tmp_path, m
   w = str(tmp_path / "w")
   with caplog.at_level(logging.ERROR):
     with pytest.raises(UserError) as e:
-      sft_exp.run(_config(base_dir, train, ev, 6), w)
+      sft.run(_config(base_dir, train, ev, 6), w)
   msg = str(e.value)
   assert "\n" not in msg and os.path.join(w, "checkpoints") in msg, msg
   assert "cannot save step 4 (No space left on device)" in msg and "step 2, is kept" in msg, msg
@@ -233,7 +233,7 @@ def test_full_disk_during_a_save_is_one_line_and_resumable(base_dir, tmp_path, m
   with checkpoint.Checkpointer(w, async_save=False) as ckpt:
     assert ckpt.all_steps() == [2]
   monkeypatch.setattr(jh.JsonCheckpointHandler, "_save_fn", save_fn)  # space freed
-  out = sft_exp.run(_config(base_dir, train, ev, 6), w)
+  out = sft.run(_config(base_dir, train, ev, 6), w)
   assert out["step"] == 6
 
 

@@ -1,17 +1,23 @@
-"""Pieces the training loops share (experiments/sft.py, reward.py, dpo.py): small functions each
-loop calls in its own order, so that every loop still reads top to bottom in its own file.
+"""The one training-loop skeleton: setup -> restore -> loop (step, log, eval, save) -> final
+save -> finish, as small functions that each trainer (ftjax/train/{sft,reward,dpo,grpo,ppo}.py)
+calls in its own `run`, so that every loop still reads top to bottom in its own file and shows
+only what its algorithm does differently:
 
+  common.validate(config)                    # config checked before anything is built
   drift = wd.check_resume(config, workdir)   # a changed config is refused before any work
-  ...                                       # model, optimizer, state
+  par = setup.parallel(config)
+  model, params, tok, base_ref = setup.build_model(config, par=par)
+  state, frozen, schedule, tx, summary = loop.init(config, par, params, setup.rules(config))
   build_data = loop.data_builder(data_lib.build_dataset, config, tok, workdir)
-  data = None if wd.has_checkpoints(workdir) else build_data(None)  # checked before any write
-  ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, data, build_data,
+  ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, build_data,
                                           begin=lambda: wd.start_run(config, workdir, drift))
+  step_fn = par.compile(...)                 # the algorithm's step
+  state, frozen = par.state(state), par.frozen(frozen)
   writer, bar = loop.open_logs(workdir, t.steps, start)
   with loop.closing(ckpt, bar, writer):
     with checkpoint.PreemptionHandler() as preempt:
       while step < t.steps:
-        ...                                   # the algorithm's step
+        ...                                   # the algorithm's batch and step
         if loop.due(step, t.log_every, t.steps):
           last = loop.log(step, host_metrics, writer, bar, hint="lower optim.lr")
         eval_metrics = loop.eval_and_save(step, t, eval_batches, run_eval, writer, save)
@@ -27,13 +33,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
 from absl import logging
 
-from ftjax import checkpoint, metrics as metrics_lib
+from ftjax import checkpoint, metrics as metrics_lib, partition
 from ftjax import workdir as wd
 from ftjax.errors import Diverged, Interrupted
 from ftjax.train import common, setup
@@ -43,6 +49,27 @@ def init_state(par, trainable: dict, tx, seed: int) -> dict:
   """The train state, built by a jit under the run's mesh so it lands in the params' shards."""
   with par.context():
     return jax.jit(lambda tr: common.init_state(tr, tx, int(seed)))(trainable)
+
+
+class Init(NamedTuple):
+  state: dict  # the train state: trainable params, optimizer state, step, rng
+  frozen: dict  # the params that do not train
+  schedule: Any
+  tx: Any
+  summary: dict  # trainable and total parameter counts and bytes (partition.summary)
+
+
+def init(config, par, params: dict, rules, steps: Optional[int] = None) -> Init:
+  """The train state of a run about to train `params`: split by the ordered path-regex `rules`
+  into the trainable leaves (in the state, with the optimizer's state) and the frozen rest.
+  The optimizer's schedule spans `steps` updates (`train.steps`); the parameter summary is
+  logged."""
+  trainable, frozen, labels = common.split_params(params, rules)
+  schedule, tx = setup.optimizer(config, steps)
+  state = init_state(par, trainable, tx, config.train.seed)
+  summary = partition.summary(params, labels, state["opt_state"])
+  logging.info("%s", partition.format_summary(summary))
+  return Init(state, frozen, schedule, tx, summary)
 
 
 def data_builder(build: Callable, config, tok,
@@ -60,24 +87,25 @@ def data_builder(build: Callable, config, tok,
   return build_data
 
 
-def restore(workdir: str, t, state: dict, base_ref: dict, data, build_data: Callable,
+def restore(workdir: str, t, state: dict, base_ref: dict, build_data: Callable,
             best_metric: str = "eval_loss", begin: Optional[Callable[[], Any]] = None):
-  """(checkpointer, state, data, start step): the newest checkpoint of `workdir` that reads.
+  """(checkpointer, state, data, start step): the newest checkpoint of `workdir` that reads,
+  or a fresh start.
 
-  Everything a resume can refuse is read and checked before `begin()` (the script's
-  `wd.start_run`, which writes config.json and run.json) is called: the checkpoint, the base
-  fingerprint (a changed base stops the resume) and the data at the restored position. A
-  damaged newer step is skipped with one warning line and, once the run has begun, renamed
-  to `<step>.damaged-<time>` so that the resumed run saves that step again. `data` is the fresh
-  run's dataset (read before anything was written, so a bad file leaves no workdir) or None on
-  a resume, which reads it once, at the restored position. The checkpointer is closed if
-  anything fails here: an async one left open prints an orbax thread traceback at exit.
+  Everything a run can refuse is read and checked before `begin()` (the trainer's
+  `wd.start_run`, which writes config.json and run.json) is called: a fresh run's data (so a
+  bad file leaves no workdir), or on a resume the checkpoint, the base fingerprint (a changed
+  base stops the resume) and the data at the restored position, read once there. A damaged
+  newer step is skipped with one warning line and, once the run has begun, renamed to
+  `<step>.damaged-<time>` so that the resumed run saves that step again. `build_data(state)`
+  reads the data at a position (None: the start). The checkpointer is closed if anything fails
+  here: an async one left open prints an orbax thread traceback at exit.
   """
   begin = begin or (lambda: None)
   resume = wd.has_checkpoints(workdir)
+  data = None
   if not resume:  # checkpoints/ is made only once the run has begun
-    if data is None:
-      data = build_data(None)
+    data = build_data(None)
     begin()
   ckpt = checkpoint.Checkpointer(workdir, keep=int(t.keep), async_save=bool(t.async_save),
                                  best_metric=best_metric)
@@ -87,8 +115,7 @@ def restore(workdir: str, t, state: dict, base_ref: dict, data, build_data: Call
       step, state, data_state, extra, skipped = ckpt.restore_readable(target=state)
       if base_ref.get("kind") == "hf":
         checkpoint.check_base(extra, base_ref["path"])
-      if data is None or data_state:
-        data = build_data(data_state)
+      data = build_data(data_state)
       begin()
       if skipped:
         moved = ckpt.set_aside([s for s, _ in skipped])

@@ -147,10 +147,12 @@ def data_config(config, workdir: Optional[str] = None) -> dict:
   return d
 
 
-def optimizer(config):
-  """(schedule, optax transform) from the `optim` section, over `train.steps` steps."""
+def optimizer(config, steps: Optional[int] = None):
+  """(schedule, optax transform) from the `optim` section, over `steps` updates (default
+  `train.steps`; PPO makes several updates per step)."""
   o = config.optim
-  schedule = common.make_schedule(o.lr, int(config.train.steps), int(o.warmup_steps), o.schedule,
+  steps = int(config.train.steps) if steps is None else int(steps)
+  schedule = common.make_schedule(o.lr, steps, int(o.warmup_steps), o.schedule,
                                   float(o.min_lr_ratio))
   tx = common.make_optimizer(o.name, schedule, float(o.weight_decay), float(o.clip), float(o.b1),
                              float(o.b2), float(o.eps))
