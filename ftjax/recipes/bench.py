@@ -6,7 +6,7 @@
 Benches (`--bench`, a comma list or repeated; `--attention` runs each listed implementation):
   forward       jitted `model.apply` -> logits; tokens/s, achieved TFLOP/s and MFU.
   lora_step     the real SFT update step (`train/common.update_step` with the SFT loss, as
-  qlora_step    experiments/sft.py runs it): LoRA on all linear layers (--rank, alpha 2*rank)
+  qlora_step    ftjax/train/sft.py runs it): LoRA on all linear layers (--rank, alpha 2*rank)
   full_step     over a dense base, over an NF4 base, or full fine-tuning; adamw, state donated.
                 Reports tokens/s, model TFLOP/s and MFU (frozen kernels counted 4 FLOPs per
                 param and token: no weight gradients), compile seconds, the compiled step's
@@ -18,7 +18,7 @@ Benches (`--bench`, a comma list or repeated; `--attention` runs each listed imp
   quant_memory  bytes of the linear kernels in float32, bfloat16, NF4 and int4 (each with and
                 without double quant): layer 0's kernels are really quantized and the result
                 is extrapolated to every layer (all layers have the same shapes).
-  grpo_step     one GRPO iteration of experiments/grpo.py with LoRA (--rank): the rollout of
+  grpo_step     one GRPO iteration of ftjax/train/grpo.py with LoRA (--rank): the rollout of
                 --batch prompts (--seq_len tokens) x --num_generations samples of
                 --max_new_tokens each (no early EOS) from the live params, then the update step
                 on that batch (dapo loss, chunked logprobs). tokens_per_s is the update's
@@ -166,7 +166,7 @@ def _memory(compiled) -> dict:
 
 def bench_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int, seed: int,
                bench: str = "lora_step", rank: int = 16, **_) -> Timed:
-  """The SFT update step of experiments/sft.py on random params and tokens."""
+  """The SFT update step of ftjax/train/sft.py on random params and tokens."""
   from ftjax import metrics, partition
   from ftjax.train import common, sft
   model = ftjax.Decoder(cfg, _adapter_spec(bench, rank))
@@ -224,7 +224,7 @@ def bench_generate(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmu
 def bench_grpo_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int,
                     seed: int, max_new_tokens: int = 32, rank: int = 16, num_generations: int = 8,
                     **_) -> Timed:
-  """One GRPO iteration of experiments/grpo.py with LoRA: the rollout (`batch` prompts of
+  """One GRPO iteration of ftjax/train/grpo.py with LoRA: the rollout (`batch` prompts of
   `seq_len` tokens, G samples of `max_new_tokens` each, no early EOS, from the live params) and
   the update step on it. tokens_per_s counts the update's prompt + completion tokens;
   rollout_tokens_per_s the decoded completion tokens."""
