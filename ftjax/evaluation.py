@@ -2,7 +2,8 @@
 
 Generation metrics work on chat examples: the conversation before the last assistant turn is
 the prompt, that turn is the reference. `exact_match` compares stripped strings; task metrics
-(the support demo's `score_reply`) plug in as a function.
+(a task's `score_reply`, ftjax/tasks/) plug in as a function. Replies are sampled by
+`rollout.rollout`, the one prompt -> pad -> sample path.
 """
 
 from __future__ import annotations
@@ -12,12 +13,8 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from ftjax import sampling
-
-
-def chat_prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
-  text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-  return tokenizer(text, add_special_tokens=False)["input_ids"]
+from ftjax import rollout
+from ftjax.data import prompts as prompt_data
 
 
 def split_chat(example: dict) -> tuple[list[dict], str]:
@@ -60,51 +57,25 @@ def _counts(name: str, vals: Sequence[float]) -> dict:
   return {f"{name}_k": int(sum(vals)), f"{name}_n": len(vals)}
 
 
-def left_pad(ids: Sequence[Sequence[int]], pad_id: int, rows: Optional[int] = None):
-  """Token lists -> left-padded int32 [rows, T] and bool mask; extra filler rows are valid
-  single pad tokens (the sampler wants the last column unmasked)."""
-  rows = rows or len(ids)
-  t = max(len(x) for x in ids)
-  tokens = np.full((rows, t), pad_id, np.int32)
-  mask = np.zeros((rows, t), bool)
-  for i, x in enumerate(ids):
-    tokens[i, t - len(x):], mask[i, t - len(x):] = x, True
-  mask[len(ids):, -1] = True
-  return tokens, mask
-
-
-def response_logprobs(model, params, prompt_tokens, prompt_mask, tokens, mask) -> np.ndarray:
-  """Training-forward logprobs [B, M] of sampled `tokens` [B, M] after left-padded prompts
-  (0 where `mask` is False): what the reference model assigns to the policy's samples."""
-  seq = np.concatenate([prompt_tokens, tokens], axis=1)
-  full_mask = np.concatenate([prompt_mask, mask], axis=1)
-  logits = model.apply({"params": params}, seq, mask=full_mask)
-  t = prompt_tokens.shape[1]
-  lp = jax.nn.log_softmax(logits[:, t - 1:-1].astype(np.float32), axis=-1)
-  picked = np.take_along_axis(np.asarray(lp), tokens[..., None].astype(np.int64), -1)[..., 0]
-  return np.where(mask, picked, 0.0)
-
-
 def sample_replies(model, params, tokenizer, prompts: Sequence[Sequence[dict]],
                    max_new_tokens: int = 64, batch_size: int = 16, temperature: float = 1.0,
                    seed: int = 0, max_prompt_len: Optional[int] = None) -> list[dict]:
   """Sampled replies with their tokens and the policy's logprobs, per prompt:
-  {"text", "prompt_tokens", "prompt_mask", "tokens", "mask", "logprobs"} (arrays per row)."""
-  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  eos = sorted({e for e in (tokenizer.eos_token_id, model.cfg.eos_token_id)
-                if isinstance(e, int)})
+  {"text", "prompt_tokens", "prompt_mask", "tokens", "mask", "logprobs"} (arrays per row), by
+  `rollout.rollout`; `rollout.completion_logprobs` scores them under another model."""
+  pad, eos = rollout.pad_id(tokenizer), rollout.eos_ids(tokenizer, model)
   out = []
   for start in range(0, len(prompts), batch_size):
-    ids = [chat_prompt_ids(tokenizer, p) for p in prompts[start:start + batch_size]]
-    if max_prompt_len:
-      ids = [x[-max_prompt_len:] for x in ids]
-    tokens, mask = left_pad(ids, pad, batch_size)  # a fixed batch size keeps one compilation
-    res = sampling.generate(model, params, tokens, mask, max_new_tokens=max_new_tokens,
-                            rng=jax.random.PRNGKey(seed + start), temperature=temperature,
-                            eos_id=eos or None, pad_id=pad)
-    toks, keep, lps = map(np.asarray, (res.tokens, res.mask, res.logprobs))
+    ids = [prompt_data.encode(tokenizer, p, max_prompt_len or 0)
+           for p in prompts[start:start + batch_size]]
+    # Filler prompts up to a fixed batch size: one compilation, and a row's sample does not
+    # depend on how full its batch is.
+    ro = rollout.rollout(model, params, ids + [[pad]] * (batch_size - len(ids)), n_samples=1,
+                         max_new_tokens=max_new_tokens, rng=jax.random.PRNGKey(seed + start),
+                         temperature=temperature, eos_ids=eos, pad_id=pad)
+    texts = rollout.decode(tokenizer, ro)
     for i in range(len(ids)):
-      out.append({"text": tokenizer.decode(toks[i][keep[i]], skip_special_tokens=True).strip(),
-                  "prompt_tokens": tokens[i], "prompt_mask": mask[i], "tokens": toks[i],
-                  "mask": keep[i], "logprobs": lps[i]})
+      out.append({"text": texts[i].strip(), "prompt_tokens": ro["prompt_tokens"][i],
+                  "prompt_mask": ro["prompt_mask"][i], "tokens": ro["completion_tokens"][i],
+                  "mask": ro["completion_mask"][i], "logprobs": ro["logprobs"][i]})
   return out

@@ -15,12 +15,11 @@ import time
 
 from absl import logging
 import jax
-import numpy as np
 
-from ftjax import hf, workdir as wd
+from ftjax import hf, rollout, workdir as wd
+from ftjax.data import prompts as prompt_data
 from ftjax.errors import UserError
 from ftjax.peft_io import load_adapter
-from ftjax.sampling import generate
 from ftjax.tokenizer import load_tokenizer
 
 
@@ -33,30 +32,13 @@ def encode_prompts(tokenizer, prompts, chat=False, system=None):
         raise UserError("--chat: the tokenizer has no chat_template")
       messages = ([{"role": "system", "content": system}] if system else []) + [
           {"role": "user", "content": p}]
-      text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-      ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+      ids.append(prompt_data.encode(tokenizer, messages))
     else:
-      ids.append(tokenizer(p)["input_ids"])
+      ids.append(tokenizer(p)["input_ids"])  # as the tokenizer adds (or not) its BOS
+  for p, x in zip(prompts, ids):
+    if not x:
+      raise UserError(f"--prompt={p!r}: no tokens to start from")
   return ids
-
-
-def left_pad(ids, pad_id):
-  t = max(len(x) for x in ids)
-  tokens = np.full((len(ids), t), pad_id, np.int32)
-  mask = np.zeros((len(ids), t), bool)
-  for i, x in enumerate(ids):
-    tokens[i, t - len(x):] = x
-    mask[i, t - len(x):] = True
-  return tokens, mask
-
-
-def eos_ids(tokenizer, cfg) -> list[int]:
-  out = set()
-  if tokenizer.eos_token_id is not None:
-    out.add(int(tokenizer.eos_token_id))
-  e = cfg.eos_token_id
-  out.update(e if isinstance(e, tuple) else ([] if e is None else [e]))
-  return sorted(out)
 
 
 def adapter_base(adapter_dir: str, base: str | None = None) -> str:
@@ -108,14 +90,14 @@ def generate_texts(model_path, prompts, tokenizer_path=None, chat=False, system=
     model, params = hf.load_pretrained(model_path, dtype=dtype, compute_dtype=compute_dtype,
                                        attention=attention)
     tokenizer = load_tokenizer(tokenizer_path or hf.resolve(model_path))
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  tokens, mask = left_pad(encode_prompts(tokenizer, prompts, chat, system), pad_id)
+  ids = encode_prompts(tokenizer, prompts, chat, system)
   t0 = time.perf_counter()
-  out = generate(model, params, tokens, mask, max_new_tokens=max_new_tokens,
-                 rng=jax.random.PRNGKey(seed), temperature=temperature, top_k=top_k, top_p=top_p,
-                 eos_id=eos_ids(tokenizer, model.cfg), n_samples=n_samples, pad_id=pad_id)
-  toks, m = np.asarray(out.tokens), np.asarray(out.mask)
+  ro = rollout.rollout(model, params, ids, n_samples=n_samples, max_new_tokens=max_new_tokens,
+                       rng=jax.random.PRNGKey(seed), temperature=temperature, top_k=top_k,
+                       top_p=top_p, eos_ids=rollout.eos_ids(tokenizer, model),
+                       pad_id=rollout.pad_id(tokenizer))
   dt = time.perf_counter() - t0
-  logging.info("generated %d tokens in %.2fs (including compilation)", int(m.sum()), dt)
-  return [tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(toks, m)]
+  logging.info("generated %d tokens in %.2fs (including compilation)",
+               int(ro["completion_mask"].sum()), dt)
+  return rollout.decode(tokenizer, ro)
 

@@ -1,4 +1,4 @@
-"""Rollouts for online RL (GRPO, PPO): G samples per prompt from the params being trained.
+"""Rollouts: G samples per prompt from the params being trained (GRPO, PPO) or evaluated.
 
   eos = rollout.eos_ids(tok, model)
   ro = rollout.rollout(model, params, prompt_ids, n_samples=G, max_new_tokens=M, rng=key,
@@ -7,6 +7,9 @@
   lp_fn = rollout.make_logprob_fn(model, temperature=1.0, chunk=256)
   ref_lp = lp_fn(ref_params, ro)              # [N, M], e.g. the reference model's
 
+`eos_ids`, `pad_id` and `left_pad` are the one EOS / pad / prompt-padding helper of everything
+that samples (RL, evaluation, generate.py, preference prompts); `rollout` is the one
+prompt -> pad -> sample path and `completion_logprobs` the one logprob function.
 `rollout` calls `sampling.generate` on the params tree it is given: full, LoRA, QLoRA, prefix
 or prompt tuning, with no merge and no copy, so the sampler always sees the current policy.
 The batch dict it returns (numpy, N = B * G rows, grouped: row b * G + j is sample j of
@@ -67,24 +70,28 @@ def pad_id(tokenizer) -> int:
   return 0
 
 
-def left_pad(prompt_ids: Sequence[Sequence[int]], pad: int, length: Optional[int] = None
-             ) -> tuple[np.ndarray, np.ndarray]:
-  """Token lists -> left-padded int32 [B, P] and bool mask [B, P].
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad: int, length: Optional[int] = None,
+             rows: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+  """Token lists -> left-padded int32 [B, P] and bool mask [B, P]: the one prompt padding of
+  the sampler's callers (RL rollouts, evaluation, generate.py, preference prompts).
 
   P = `length` when given (longer prompts keep their last `length` tokens, as TRL truncates
   from the left), else `sampling.bucket_length` of the longest, so prompt lengths share
-  compilations.
+  compilations. `rows` (>= B) adds filler rows of one unmasked pad token (`generate` wants the
+  last column unmasked) up to a fixed batch.
   """
   if length:
     prompt_ids = [list(x)[-length:] for x in prompt_ids]
     t = int(length)
   else:
     t = sampling.bucket_length(max(len(x) for x in prompt_ids))
-  tokens = np.full((len(prompt_ids), t), pad, np.int32)
-  mask = np.zeros((len(prompt_ids), t), bool)
+  n = len(prompt_ids) if rows is None else int(rows)
+  tokens = np.full((n, t), pad, np.int32)
+  mask = np.zeros((n, t), bool)
   for i, x in enumerate(prompt_ids):
     if len(x):
       tokens[i, t - len(x):], mask[i, t - len(x):] = x, True
+  mask[len(prompt_ids):, -1] = True
   return tokens, mask
 
 

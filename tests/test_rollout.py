@@ -98,3 +98,8 @@ def test_eos_ids_from_tokenizer_and_generation_config(hf_models, tmp_path):
   tokens, mask = rollout.left_pad([[5, 6, 7], [8]], 0, 2)  # truncated from the left, as TRL
   np.testing.assert_array_equal(tokens, [[6, 7], [0, 8]])
   np.testing.assert_array_equal(mask, [[True, True], [False, True]])
+  # Filler rows up to a fixed batch: one unmasked pad token each (the sampler's last column).
+  tokens, mask = rollout.left_pad([[5, 6, 7]], 4, rows=3)
+  assert tokens.shape == (3, 16) and (tokens[:, :-3] == 4).all() and (tokens[1:] == 4).all()
+  np.testing.assert_array_equal(mask.sum(1), [3, 1, 1])
+  assert mask[:, -1].all()

@@ -54,7 +54,8 @@ each process's rows: its B / P chosen, then their rejected). The arrays are thos
 
 so a side's log-prob is `sum(token_logprobs * weights, -1)`. Eval padding pairs have all-zero
 weights on both sides. For sampling-based evaluation, `tokenize_prompt(s)` gives a record's prompt
-exactly as its pair starts, and `prompt_batches` left-pads prompts for `sampling.generate`.
+exactly as its pair starts, and `prompt_batches` left-pads prompts for `sampling.generate`
+(`rollout.left_pad`, the one prompt padding).
 
 `build_preference_dataset` reads the keys of `ftjax.data.build_dataset`'s config (sources,
 format: auto | pairs | chat, fields, overflow: truncate | drop, skip_malformed, chat_template,
@@ -70,6 +71,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from absl import logging
 
+from ftjax import rollout
 from ftjax.data import cache, pipeline
 from ftjax.data.formats import (DataStats, _field, _ids, _messages, _pc_example,
                                 _render, _RowError, check_tokenizer, collect_sources,
@@ -530,15 +532,8 @@ def prompt_batches(prompts: Sequence[np.ndarray], batch_size: int, *, pad_id: in
     chunk = list(prompts[start:start + batch_size])
     t = max(len(p) for p in chunk)
     mine = chunk[process_index * local:(process_index + 1) * local]
-    tokens = np.full((local, t), pad_id, np.int32)  # [B, T]
-    mask = np.zeros((local, t), bool)
-    valid = np.zeros(local, bool)
-    for i in range(local):
-      if i < len(mine):
-        tokens[i, t - len(mine[i]):], mask[i, t - len(mine[i]):], valid[i] = mine[i], True, True
-      else:
-        mask[i, -1] = True
-    out.append({"tokens": tokens, "mask": mask, "valid": valid})
+    tokens, mask = rollout.left_pad(mine, pad_id, length=t, rows=local)  # [B, T]
+    out.append({"tokens": tokens, "mask": mask, "valid": np.arange(local) < len(mine)})
   return out
 
 

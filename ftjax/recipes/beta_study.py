@@ -24,7 +24,7 @@ import os
 from absl import logging
 import numpy as np
 
-from ftjax import evaluation, load_pretrained, recipes, report, sweep, workdir as wd
+from ftjax import evaluation, load_pretrained, recipes, report, rollout, sweep, workdir as wd
 from ftjax.data.sources import load_records
 from ftjax.tasks import support
 from ftjax.errors import UserError
@@ -40,9 +40,9 @@ def measure(model, params, tok, ref, pairs, max_new_tokens, seed=0) -> dict:
   rewards, kls = [], []
   for s, pair in zip(samples, pairs):
     rewards.append(support.true_reward(s["text"], pair))
-    ref_lp = evaluation.response_logprobs(ref_model, ref_params, s["prompt_tokens"][None],
-                                          s["prompt_mask"][None], s["tokens"][None],
-                                          s["mask"][None])[0]
+    ref_lp = np.asarray(rollout.completion_logprobs(ref_model, ref_params, {
+        "prompt_tokens": s["prompt_tokens"][None], "prompt_mask": s["prompt_mask"][None],
+        "completion_tokens": s["tokens"][None], "completion_mask": s["mask"][None]}))[0]
     kls.append(float(((s["logprobs"] - ref_lp) * s["mask"]).sum()))
   # `x_sem` beside `x`: report.py draws and prints it as x's error bar.
   return {"true_reward": float(np.mean(rewards)), "kl": float(np.mean(kls)),
