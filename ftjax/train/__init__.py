@@ -1,1 +1,3 @@
-"""Training: one pure step and one explicit loop per algorithm; shared pieces in common.py."""
+"""Training: one module per algorithm (its loss, step and loop, `run`); the loop skeleton in
+loop.py, config -> objects in setup.py, the reference policy in reference.py, the update step
+and optimizer in common.py."""

@@ -205,6 +205,7 @@ def check_config(config):
 
 
 def warm_start_export(workdir: str, out: str) -> str:
+  """The task's warm start exports its SFT model merged, as experiments/export.py does."""
   return export.export(workdir, out, "merged")
 
 

@@ -8,8 +8,8 @@ plus the score on the last token), GAE advantages, then `num_ppo_epochs` x `num_
 clipped policy + value updates in one jitted step. The reference is the SFT model
 (`train/reference.py`): the same params with the adapters off, or a frozen copy for full
 fine-tuning. Logged under TRL's names (objective/kl, objective/scores, objective/rlhf_reward,
-policy/clipfrac_avg, loss/value_avg, ...); held-out: greedy replies' mean score (and the checks
-of `config.task`, e.g. the support demo's). Rerunning resumes exactly (rollout keys and the
+policy/clipfrac_avg, loss/value_avg, ...); held-out: greedy replies' mean score (and the
+checks of `config.task`, e.g. the support demo's). Rerunning resumes exactly (rollout keys and the
 prompt position are part of the checkpoint).
 
 A rollout batch (right-padded completions after fixed-length left-padded prompts, so every
