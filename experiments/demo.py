@@ -2,198 +2,41 @@
 
   python experiments/demo.py --workdir=/tmp/ftjax_demo
 
-1. a byte-level BPE tokenizer trained on the demo text (no download);
-2. a small base model pretrained by ftjax itself (continued-pretraining mode, plain text),
-   exported as an HF checkpoint -- or your own base with --base=HF_DIR;
-3. LoRA SFT on support tickets (chat format, loss on the assistant turns only);
-4. evaluation on held-out tickets before and after: order details quoted correctly, invented
-   order numbers, correct escalations, brand voice, held-out loss; a few sample replies;
-5. export: merged HF safetensors and a PEFT LoRA adapter;
-6. with --rl=grpo|ppo (opt-in: minutes more on a CPU), online RL from the merged SFT model with a
-   fresh LoRA adapter: GRPO with the demo's task scorer as the reward (configs/grpo.py:
-   task=support), or PPO against a Bradley-Terry reward model that experiments/reward.py first
-   trains on the shipped preference pairs (configs/ppo.py:data=support); the held-out metrics
-   again, and the KL to the SFT model (the reference: the adapter off).
-Rerunning resumes each stage from its checkpoints.
+Its stages: ftjax/recipes/demo.py (also what --help prints).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 
-from absl import flags, logging
+from absl import flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+# This checkout's ftjax, whichever one pip installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import demo as demo_config  # noqa: E402
-from experiments import eval as eval_exp  # noqa: E402
-from experiments import export as export_exp  # noqa: E402
-from experiments import sft as sft_exp  # noqa: E402
 from ftjax import cli  # noqa: E402
-from ftjax.tasks import support  # noqa: E402
-from ftjax.tokenizer import train_bpe_tokenizer  # noqa: E402
+from ftjax.recipes import demo  # noqa: E402
 
-
-METRICS = [("details", "order details quoted correctly", True),
-           ("invented", "replies with an invented order number", False),
-           ("escalation_ok", "correct escalation decisions", True),
-           ("voice", "brand voice (greeting + signature)", True),
-           ("eval_loss", "held-out loss (assistant tokens)", False)]
-
-
-RL_KINDS = ("none", "grpo", "ppo")
+__doc__ = demo.__doc__  # absl's --help and usage errors print the main module's docstring
 
 
 def define_flags():
-  """Flags exist only when run as a script, so that tests and demo.py can import
-  several experiment modules into one process without flag clashes."""
   flags.DEFINE_string("workdir", "/tmp/ftjax_demo", "Where every stage writes.")
   flags.DEFINE_string("base", None, "An HF model directory to fine-tune instead of pretraining.")
   flags.DEFINE_bool("smoke", False, "A few steps per stage (CI).")
   flags.DEFINE_integer("eval_examples", 48, "Held-out tickets to evaluate (0: all).")
-  flags.DEFINE_enum("rl", "none", list(RL_KINDS), "After SFT: online RL (grpo: the task scorer "
-                    "as reward; ppo: a reward model trained on the preference pairs).")
+  flags.DEFINE_enum("rl", "none", list(demo.RL_KINDS), "After SFT: online RL (grpo: the task "
+                    "scorer as reward; ppo: a reward model trained on the preference pairs).")
 
 
 FLAGS = flags.FLAGS
 
-def train_tokenizer(out_dir: str, vocab_size: int = 1024):
-  if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
-    return out_dir
-  texts = []
-  for name in ("pretrain", "train"):
-    with open(os.path.join(support.DATA_DIR, f"{name}.jsonl")) as f:
-      for line in f:
-        row = json.loads(line)
-        texts.append(row["text"] if "text" in row else
-                     " ".join(m["content"] for m in row["messages"]))
-  train_bpe_tokenizer(texts, vocab_size, out_dir)
-  return out_dir
-
-
-def evaluate(loaded, n: int) -> dict:
-  return eval_exp.run(os.path.join(support.DATA_DIR, "eval.jsonl"), fmt="chat", task="support",
-                      seq_len=160, batch_size=16, max_examples=n, max_new_tokens=64, show=3,
-                      loaded=loaded)
-
-
-def run_rl(kind: str, workdir: str, merged: str, smoke: bool, eval_examples: int) -> dict:
-  """Stage 6: GRPO or PPO from the merged SFT model; (held-out metrics, KL to SFT, seconds)."""
-  from ftjax import workdir as wd
-  t0 = time.time()
-  rl_dir = os.path.join(workdir, kind)
-  if kind == "grpo":
-    from configs import grpo as grpo_config
-    from experiments import grpo as grpo_exp
-    cfg = grpo_config.get_config("task=support" + (",smoke" if smoke else ""))
-    cfg.model.hf_path = merged
-    logging.info("[6/6] GRPO with the task scorer as reward")
-    out = grpo_exp.run(cfg, rl_dir)
-    kl, kl_unit = out.get("kl"), "k3, per token"  # TRL's GRPO `kl`: mean over tokens
-  else:
-    from configs import ppo as ppo_config, reward as reward_config
-    from experiments import ppo as ppo_exp, reward as reward_exp
-    rcfg = reward_config.get_config("data=support" + (",smoke" if smoke else ""))
-    rcfg.model.hf_path = merged
-    rm_dir = os.path.join(workdir, "reward_model")
-    logging.info("[6/6] a reward model on the preference pairs, then PPO against it")
-    reward_exp.run(rcfg, rm_dir)
-    cfg = ppo_config.get_config("data=support" + (",smoke" if smoke else ""))
-    cfg.model.hf_path = merged
-    cfg.ppo.reward_model = rm_dir
-    out = ppo_exp.run(cfg, rl_dir)
-    # TRL's PPO `objective/kl`: summed over each completion's tokens, then averaged.
-    kl, kl_unit = out.get("objective/kl"), f"{cfg.ppo.kl_estimator}, per reply"
-  after = evaluate(wd.load_trained(rl_dir)[:3], eval_examples)
-  return {"metrics": {k: after[k] for k, _, _ in METRICS}, "kl_to_sft": kl, "kl_unit": kl_unit,
-          "samples": after["samples"], "seconds": time.time() - t0}
-
-
-def run(workdir: str, base: str | None = None, smoke: bool = False, eval_examples: int = 48,
-        rl: str = "none") -> dict:
-  t0 = time.time()
-  if base is not None:  # a bad --base fails before the workdir is made
-    from ftjax import hf
-    hf.resolve(base)
-  os.makedirs(workdir, exist_ok=True)
-  times = {}
-  if base is None:
-    tok_dir = train_tokenizer(os.path.join(workdir, "tokenizer"))
-    cfg = demo_config.get_config("stage=pretrain" + (",smoke" if smoke else ""))
-    cfg.model.tokenizer = tok_dir
-    pre_dir = os.path.join(workdir, "pretrain")
-    logging.info("[1/4] pretraining the %s base on retail text", cfg.model.preset)
-    sft_exp.run(cfg, pre_dir)
-    base = export_exp.run(pre_dir, os.path.join(workdir, "base_hf"), "merged")
-    times["pretrain_s"] = time.time() - t0
-  from ftjax import load_pretrained
-  from ftjax.tokenizer import load_tokenizer
-  model, params = load_pretrained(base)
-  logging.info("[2/4] evaluating the base on held-out tickets")
-  before = evaluate((model, params, load_tokenizer(base)), eval_examples)
-
-  t1 = time.time()
-  cfg = demo_config.get_config("stage=sft" + (",smoke" if smoke else ""))
-  cfg.model.hf_path = base
-  sft_dir = os.path.join(workdir, "sft")
-  logging.info("[3/4] LoRA SFT on support tickets")
-  sft_exp.run(cfg, sft_dir)
-  times["sft_s"] = time.time() - t1
-  from ftjax import workdir as wd
-  after = evaluate(wd.load_trained(sft_dir)[:3], eval_examples)
-
-  logging.info("[4/4] exporting")
-  merged = export_exp.run(sft_dir, os.path.join(workdir, "export_merged"), "merged")
-  adapter = export_exp.run(sft_dir, os.path.join(workdir, "export_lora"), "peft")
-  report = {"before": {k: before[k] for k, _, _ in METRICS},
-            "after": {k: after[k] for k, _, _ in METRICS},
-            "samples": after["samples"], "merged": merged, "adapter": adapter}
-  if rl != "none":
-    r = run_rl(rl, workdir, merged, smoke, eval_examples)
-    report.update(rl=rl, after_rl=r["metrics"], kl_to_sft=r["kl_to_sft"], kl_unit=r["kl_unit"],
-                  samples=r["samples"])
-    times["rl_s"] = r["seconds"]
-  times["total_s"] = time.time() - t0
-  report.update(times)
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  return report
-
-
-def _fmt_kl(kl) -> str:
-  return "-" if kl is None else f"{kl:.4f}"
-
-
-def format_report(r: dict) -> str:
-  rl = r.get("rl")
-  lines = ["", "Lumen Outfitters support assistant: held-out tickets, before and after LoRA SFT"
-           + (f" and {rl.upper()}" if rl else ""),
-           f"{'metric':<44}{'base':>10}{'after SFT':>12}"
-           + (f"{'after ' + rl.upper():>12}" if rl else "")]
-  for k, label, _ in METRICS:
-    fmt = (lambda v: f"{v:.3f}") if k == "eval_loss" else (lambda v: f"{100 * v:.0f}%")
-    lines.append(f"{label:<44}{fmt(r['before'][k]):>10}{fmt(r['after'][k]):>12}"
-                 + (f"{fmt(r['after_rl'][k]):>12}" if rl else ""))
-  if rl:
-    kl_label = f"KL to the SFT model ({r.get('kl_unit', 'per token')}, last step)"
-    lines.append(f"{kl_label:<44}{'':>10}{'':>12}"
-                 f"{_fmt_kl(r['kl_to_sft']):>12}")
-  lines.append("")
-  for s in r["samples"]:
-    lines += [f"customer: {s['prompt']}", f"  assistant: {s['reply']}"]
-  lines += ["", f"merged HF model: {r['merged']}", f"PEFT adapter:    {r['adapter']}",
-            f"time: {r['total_s']:.0f}s"]
-  return "\n".join(lines)
-
 
 def main(argv):
   del argv
-  report = run(FLAGS.workdir, FLAGS.base, FLAGS.smoke, FLAGS.eval_examples, FLAGS.rl)
-  print(format_report(report))
+  report = demo.run(FLAGS.workdir, FLAGS.base, FLAGS.smoke, FLAGS.eval_examples, FLAGS.rl)
+  print(demo.format_report(report))
 
 
 if __name__ == "__main__":

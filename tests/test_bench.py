@@ -1,4 +1,5 @@
-"""experiments/bench.py: each bench once on the tiny preset (CPU), the FLOP count, the CLI."""
+"""The benches (ftjax/recipes/bench.py, experiments/bench.py): each once on the tiny preset (CPU),
+the FLOP count, the CLI."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 import pytest
 
 import ftjax
-from experiments import bench
+from ftjax.recipes import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

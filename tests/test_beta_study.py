@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from experiments import beta_study
+from ftjax.recipes import beta_study
 
 
 def test_beta_study_smoke(base_dir, tmp_path):

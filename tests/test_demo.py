@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from experiments import demo
+from ftjax.recipes import demo
 from ftjax.tasks import support
 
 

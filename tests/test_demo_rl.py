@@ -1,10 +1,11 @@
-"""experiments/demo.py --rl: GRPO (the task scorer as reward) and PPO (a reward model trained on
-the shipped pairs) from an SFT model, with the held-out metrics and the KL to the SFT model."""
+"""The demo's --rl stage (ftjax/recipes/demo.py): GRPO (the task scorer as reward) and PPO (a
+reward model trained on the shipped pairs) from an SFT model, with the held-out metrics and the
+KL to the SFT model."""
 
 import numpy as np
 import pytest
 
-from experiments import demo
+from ftjax.recipes import demo
 
 
 @pytest.mark.parametrize("kind", ["grpo", "ppo"])

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from experiments import eval as eval_exp
-from ftjax import data as data_lib
+from ftjax import data as data_lib, heldout
 from ftjax.errors import UserError
 from ftjax.tokenizer import load_tokenizer
 
@@ -50,7 +49,7 @@ def test_eval_reports_counts_and_intervals_and_refuses_a_bad_out(base_dir, chat_
   assert "Traceback" not in err and "examples of" not in err  # refused before the eval ran
   # An --out that is a directory: the same check, in process.
   with pytest.raises(UserError, match="is a directory"):
-    eval_exp.check_out(str(tmp_path))
+    heldout.check_out(str(tmp_path))
 
   stdout, err = good.communicate(timeout=600)
   assert good.returncode == 0, err[-3000:]

@@ -174,8 +174,7 @@ def test_export_to_read_only_dir_is_one_line(trained, tmp_path):
 
 
 def test_export_on_full_disk_is_one_line_and_leaves_nothing(trained, tmp_path, monkeypatch):
-  from experiments import export as export_exp
-  from ftjax import st_io
+  from ftjax import export, st_io
 
   def full_disk(path, tensors, metadata=None):
     with open(path, "wb") as f:
@@ -185,15 +184,15 @@ def test_export_on_full_disk_is_one_line_and_leaves_nothing(trained, tmp_path, m
   monkeypatch.setattr(st_io, "write", full_disk)
   new = tmp_path / "new" / "hf"
   with pytest.raises(UserError, match=r"--out=.*new/hf: cannot write the export \(No space"):
-    export_exp.run(trained, str(new))
+    export.export(trained, str(new))
   assert not os.path.exists(tmp_path / "new")  # neither the export nor the parent it made
   # Over an earlier export: left as it was.
   old = tmp_path / "old"
   monkeypatch.undo()
-  export_exp.run(trained, str(old), "peft")
+  export.export(trained, str(old), "peft")
   before = _tree(str(old))
   monkeypatch.setattr(st_io, "write", full_disk)
   with pytest.raises(UserError, match="left as it was"):
-    export_exp.run(trained, str(old), "merged")
+    export.export(trained, str(old), "merged")
   assert _tree(str(old)) == before
   assert not _no_leftovers(tmp_path)

@@ -1,4 +1,5 @@
-"""experiments/generate.py from the command line on a tiny model with its own tokenizer."""
+"""experiments/generate.py (ftjax/inference.py) from the command line and in-process, on a tiny
+model with its own tokenizer."""
 
 import os
 import shutil
@@ -8,7 +9,7 @@ import sys
 import numpy as np
 
 import ftjax
-from experiments import generate as gen_exp
+from ftjax import inference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,11 +24,11 @@ def _model_dir(hf_models, tiny_tokenizer_dir, tmp_path):
 
 def test_run_matches_sampler(hf_models, tiny_tokenizer_dir, tmp_path):
   d = _model_dir(hf_models, tiny_tokenizer_dir, tmp_path)
-  texts = gen_exp.run(d, ["Where is my order?", "hello"], chat=True, max_new_tokens=8)
+  texts = inference.generate_texts(d, ["Where is my order?", "hello"], chat=True, max_new_tokens=8)
   assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
   # The same tokens through the library directly.
   tok = ftjax.tokenizer.load_tokenizer(d)
-  ids = gen_exp.encode_prompts(tok, ["Where is my order?"], chat=True)
+  ids = inference.encode_prompts(tok, ["Where is my order?"], chat=True)
   assert ids[0][0] == tok.bos_token_id and tok.convert_tokens_to_ids("<|assistant|>") in ids[0]
   model, params = ftjax.load_pretrained(d)
   out = ftjax.generate(model, params, np.array(ids), max_new_tokens=8, eos_id=tok.eos_token_id,
@@ -90,7 +91,7 @@ def test_peft_adapter_dir(hf_models, tiny_tokenizer_dir, tmp_path):
   model, params = ftjax.load_adapter(model, params, out)
   got = ftjax.generate(model, params, np.array([tok(prompt)["input_ids"]]), max_new_tokens=6)
   assert np.asarray(got.tokens)[0].tolist() == ref.tolist()
-  assert gen_exp.run(out, [prompt], max_new_tokens=6)[0] == want
+  assert inference.generate_texts(out, [prompt], max_new_tokens=6)[0] == want
   moved = str(tmp_path / "moved_base")
   shutil.copytree(d, moved)
   cfg = json.load(open(os.path.join(out, "adapter_config.json")))

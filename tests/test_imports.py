@@ -85,3 +85,33 @@ def test_ftjax_has_no_import_cycle():
   edges = import_graph(ROOT, "ftjax")
   assert len(edges) > 40 and edges["ftjax.workdir"]  # the finder saw the package
   assert cycles(edges) == []
+
+
+def imported_modules(path: str) -> set:
+  """Every module an `import` statement in the file names (top-level and nested)."""
+  with open(path) as fh:
+    tree = ast.parse(fh.read())
+  out = set()
+  for n in ast.walk(tree):
+    if isinstance(n, ast.Import):
+      out.update(a.name for a in n.names)
+    elif isinstance(n, ast.ImportFrom) and not n.level:
+      out.update([n.module] + [f"{n.module}.{a.name}" for a in n.names])
+  return out
+
+
+def test_scripts_and_tests_import_ftjax_not_experiments():
+  """experiments/ holds entry points: none imports another, and neither ftjax nor the tests
+  import them (tests run them as subprocesses)."""
+  offenders = []
+  for d in ("experiments", "tests", "ftjax"):
+    for root, _, files in os.walk(os.path.join(ROOT, d)):
+      for f in sorted(files):
+        if f.endswith(".py"):
+          p = os.path.join(root, f)
+          bad = sorted(m for m in imported_modules(p)
+                       if m == "experiments" or m.startswith("experiments."))
+          if bad:
+            offenders.append(f"{os.path.relpath(p, ROOT)}: {', '.join(bad)}")
+  assert len(os.listdir(os.path.join(ROOT, "experiments"))) > 5  # the walk saw the scripts
+  assert offenders == []

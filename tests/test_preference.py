@@ -12,8 +12,7 @@ import transformers
 import ftjax
 from configs import dpo as dpo_config
 from configs import reward as reward_config
-from experiments import export as export_exp
-from ftjax import lora, partition, sharding, workdir as wd
+from ftjax import export, lora, partition, sharding, workdir as wd
 from ftjax.data import preference as pref_data
 from ftjax.train import common, dpo, reference as reference_lib, reward, setup
 
@@ -158,7 +157,7 @@ def test_reward_model_learns_and_exports(base_dir, pref_files, tmp_path):
   # A zero head ties every pair (accuracy 0, loss log 2 at the start); training separates
   # held-out pairs (24 of them here, on a tiny random base).
   assert out["eval_accuracy"] > 0.6 and out["eval_loss"] < math.log(2) - 0.1, out
-  hf_dir = export_exp.run(str(tmp_path / "rm"), str(tmp_path / "rm_hf"), "merged")
+  hf_dir = export.export(str(tmp_path / "rm"), str(tmp_path / "rm_hf"), "merged")
   hf_rm = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir).eval()
   model, params, tok, _ = wd.load_trained(str(tmp_path / "rm"))
   batch = _batch(base_dir, pref_files)

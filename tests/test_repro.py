@@ -1,4 +1,4 @@
-"""A reproduction (experiments/repro.py) end to end at smoke scale: the QLoRA one, two arms."""
+"""A reproduction (ftjax/recipes/repro.py) end to end at smoke scale: the QLoRA one, two arms."""
 
 import csv
 import json
@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from experiments import repro
+from ftjax.recipes import repro
 
 
 def torch_text_loss(base_dir: str, path: str, n: int, seq_len: int) -> float:

@@ -16,9 +16,8 @@ import transformers
 
 import ftjax
 from configs import sft as sft_config
-from experiments import eval as eval_exp
-from experiments import export as export_exp
-from ftjax import checkpoint, data as data_lib, losses, metrics as metrics_lib, workdir as wd
+from ftjax import checkpoint, data as data_lib, export, heldout, losses, metrics as metrics_lib
+from ftjax import workdir as wd
 from ftjax.tasks import support
 from ftjax.train import sft
 
@@ -49,7 +48,7 @@ def test_sft_lora_end_to_end_and_exports(base_dir, chat_files, tmp_path):
   tokens = np.random.default_rng(0).integers(6, 320, (2, 10))
   ours = np.asarray(model.apply({"params": params}, tokens))
   # Merged HF export: transformers gives the same logits.
-  merged = export_exp.run(str(tmp_path / "run"), str(tmp_path / "merged"), "merged")
+  merged = export.export(str(tmp_path / "run"), str(tmp_path / "merged"), "merged")
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
   with torch.no_grad():
     ref = hf_model(torch.tensor(tokens)).logits.numpy()
@@ -57,15 +56,15 @@ def test_sft_lora_end_to_end_and_exports(base_dir, chat_files, tmp_path):
   assert os.path.exists(os.path.join(merged, "tokenizer.json"))
   # PEFT export on the original base: same logits.
   import peft
-  adapter = export_exp.run(str(tmp_path / "run"), str(tmp_path / "lora"), "peft")
+  adapter = export.export(str(tmp_path / "run"), str(tmp_path / "lora"), "peft")
   pm = peft.PeftModel.from_pretrained(
       transformers.AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
   with torch.no_grad():
     np.testing.assert_allclose(pm(torch.tensor(tokens)).logits.numpy(), ours, atol=1e-4)
   # eval.py on the workdir and on the merged export agree on the loss.
-  m1 = eval_exp.run(ev, workdir=str(tmp_path / "run"), task="support", seq_len=352,
+  m1 = heldout.evaluate(ev, workdir=str(tmp_path / "run"), task="support", seq_len=352,
                     batch_size=4, max_new_tokens=8)
-  m2 = eval_exp.run(ev, model_path=merged, seq_len=352, batch_size=4, max_new_tokens=8)
+  m2 = heldout.evaluate(ev, model_path=merged, seq_len=352, batch_size=4, max_new_tokens=8)
   assert abs(m1["eval_loss"] - m2["eval_loss"]) < 1e-4
   assert {"exact_match", "details", "invented", "escalation_ok", "voice"} <= set(m1)
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ftjax import checkpoint, heads, losses, partition, rewards, rollout, tasks
+from ftjax import checkpoint, export, heads, losses, partition, rewards, rollout, tasks
 from ftjax import workdir as wd
 from ftjax.data import prompts as prompt_data
 from ftjax.errors import UserError
@@ -204,11 +204,9 @@ def check_config(config):
                     "of the warm start's problems, in [0, 1]")
 
 
-def warm_start_export(workdir: str, out: str):
+def warm_start_export(workdir: str, out: str) -> str:
   """The task's warm start exports its SFT model merged, as experiments/export.py does."""
-  # Not in the package yet (ftjax/export.py will hold it): loaded from the repository.
-  from experiments import export as export_exp
-  return export_exp.run(workdir, out, "merged")
+  return export.export(workdir, out, "merged")
 
 
 def dry_run_rewards(reward_fns, weights, rows, n: int = 2):

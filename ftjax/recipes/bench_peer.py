@@ -1,4 +1,4 @@
-"""The peer of experiments/bench.py's step benches: the same workload in transformers + PEFT.
+"""The peer of the step benches (bench.py): the same workload in transformers + PEFT.
 
 `bench.py --peer=hf` calls `peer_step` beside each `lora_step`, `qlora_step` and `full_step`
 record: a transformers model of the same shape (`hf.config_to_hf` of the preset), random

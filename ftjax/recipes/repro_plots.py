@@ -1,4 +1,4 @@
-"""The reproductions' own plots (experiments/repro.py): metrics of each run against a measure,
+"""The reproductions' own plots (ftjax/recipes/repro.py): metrics of each run against a measure,
 or as bars, from report.py's rows (`measured/<k>` columns)."""
 
 from __future__ import annotations

@@ -1,0 +1,162 @@
+"""The built-in demo: a customer-support assistant for Lumen Outfitters, end to end on a CPU.
+
+  python experiments/demo.py --workdir=/tmp/ftjax_demo
+
+1. a byte-level BPE tokenizer trained on the demo text (no download);
+2. a small base model pretrained by ftjax itself (continued-pretraining mode, plain text),
+   exported as an HF checkpoint -- or your own base with --base=HF_DIR;
+3. LoRA SFT on support tickets (chat format, loss on the assistant turns only);
+4. evaluation on held-out tickets before and after: order details quoted correctly, invented
+   order numbers, correct escalations, brand voice, held-out loss; a few sample replies;
+5. export: merged HF safetensors and a PEFT LoRA adapter;
+6. with --rl=grpo|ppo (opt-in: minutes more on a CPU), online RL from the merged SFT model with a
+   fresh LoRA adapter: GRPO with the demo's task scorer as the reward (configs/grpo.py:
+   task=support), or PPO against a Bradley-Terry reward model that experiments/reward.py first
+   trains on the shipped preference pairs (configs/ppo.py:data=support); the held-out metrics
+   again, and the KL to the SFT model (the reference: the adapter off).
+Rerunning resumes each stage from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import logging
+
+from ftjax import export, heldout, hf, load_pretrained, recipes, workdir as wd
+from ftjax.tasks import support
+from ftjax.tokenizer import load_tokenizer, train_bpe_tokenizer
+from ftjax.train import grpo, ppo, reward, sft
+
+
+METRICS = [("details", "order details quoted correctly", True),
+           ("invented", "replies with an invented order number", False),
+           ("escalation_ok", "correct escalation decisions", True),
+           ("voice", "brand voice (greeting + signature)", True),
+           ("eval_loss", "held-out loss (assistant tokens)", False)]
+
+
+RL_KINDS = ("none", "grpo", "ppo")
+
+
+def train_tokenizer(out_dir: str, vocab_size: int = 1024):
+  if os.path.exists(os.path.join(out_dir, "tokenizer.json")):
+    return out_dir
+  texts = []
+  for name in ("pretrain", "train"):
+    with open(os.path.join(support.DATA_DIR, f"{name}.jsonl")) as f:
+      for line in f:
+        row = json.loads(line)
+        texts.append(row["text"] if "text" in row else
+                     " ".join(m["content"] for m in row["messages"]))
+  train_bpe_tokenizer(texts, vocab_size, out_dir)
+  return out_dir
+
+
+def evaluate(loaded, n: int) -> dict:
+  return heldout.evaluate(os.path.join(support.DATA_DIR, "eval.jsonl"), fmt="chat",
+                          task="support", seq_len=160, batch_size=16, max_examples=n,
+                          max_new_tokens=64, show=3, loaded=loaded)
+
+
+def run_rl(kind: str, workdir: str, merged: str, smoke: bool, eval_examples: int) -> dict:
+  """Stage 6: GRPO or PPO from the merged SFT model; (held-out metrics, KL to SFT, seconds)."""
+  t0 = time.time()
+  rl_dir = os.path.join(workdir, kind)
+  if kind == "grpo":
+    cfg = recipes.get_config("grpo", "task=support" + (",smoke" if smoke else ""))
+    cfg.model.hf_path = merged
+    logging.info("[6/6] GRPO with the task scorer as reward")
+    out = grpo.run(cfg, rl_dir)
+    kl, kl_unit = out.get("kl"), "k3, per token"  # TRL's GRPO `kl`: mean over tokens
+  else:
+    rcfg = recipes.get_config("reward", "data=support" + (",smoke" if smoke else ""))
+    rcfg.model.hf_path = merged
+    rm_dir = os.path.join(workdir, "reward_model")
+    logging.info("[6/6] a reward model on the preference pairs, then PPO against it")
+    reward.run(rcfg, rm_dir)
+    cfg = recipes.get_config("ppo", "data=support" + (",smoke" if smoke else ""))
+    cfg.model.hf_path = merged
+    cfg.ppo.reward_model = rm_dir
+    out = ppo.run(cfg, rl_dir)
+    # TRL's PPO `objective/kl`: summed over each completion's tokens, then averaged.
+    kl, kl_unit = out.get("objective/kl"), f"{cfg.ppo.kl_estimator}, per reply"
+  after = evaluate(wd.load_trained(rl_dir)[:3], eval_examples)
+  return {"metrics": {k: after[k] for k, _, _ in METRICS}, "kl_to_sft": kl, "kl_unit": kl_unit,
+          "samples": after["samples"], "seconds": time.time() - t0}
+
+
+def run(workdir: str, base: str | None = None, smoke: bool = False, eval_examples: int = 48,
+        rl: str = "none") -> dict:
+  t0 = time.time()
+  if base is not None:  # a bad --base fails before the workdir is made
+    hf.resolve(base)
+  os.makedirs(workdir, exist_ok=True)
+  times = {}
+  if base is None:
+    tok_dir = train_tokenizer(os.path.join(workdir, "tokenizer"))
+    cfg = recipes.get_config("demo", "stage=pretrain" + (",smoke" if smoke else ""))
+    cfg.model.tokenizer = tok_dir
+    pre_dir = os.path.join(workdir, "pretrain")
+    logging.info("[1/4] pretraining the %s base on retail text", cfg.model.preset)
+    sft.run(cfg, pre_dir)
+    base = export.export(pre_dir, os.path.join(workdir, "base_hf"), "merged")
+    times["pretrain_s"] = time.time() - t0
+  model, params = load_pretrained(base)
+  logging.info("[2/4] evaluating the base on held-out tickets")
+  before = evaluate((model, params, load_tokenizer(base)), eval_examples)
+
+  t1 = time.time()
+  cfg = recipes.get_config("demo", "stage=sft" + (",smoke" if smoke else ""))
+  cfg.model.hf_path = base
+  sft_dir = os.path.join(workdir, "sft")
+  logging.info("[3/4] LoRA SFT on support tickets")
+  sft.run(cfg, sft_dir)
+  times["sft_s"] = time.time() - t1
+  after = evaluate(wd.load_trained(sft_dir)[:3], eval_examples)
+
+  logging.info("[4/4] exporting")
+  merged = export.export(sft_dir, os.path.join(workdir, "export_merged"), "merged")
+  adapter = export.export(sft_dir, os.path.join(workdir, "export_lora"), "peft")
+  report = {"before": {k: before[k] for k, _, _ in METRICS},
+            "after": {k: after[k] for k, _, _ in METRICS},
+            "samples": after["samples"], "merged": merged, "adapter": adapter}
+  if rl != "none":
+    r = run_rl(rl, workdir, merged, smoke, eval_examples)
+    report.update(rl=rl, after_rl=r["metrics"], kl_to_sft=r["kl_to_sft"], kl_unit=r["kl_unit"],
+                  samples=r["samples"])
+    times["rl_s"] = r["seconds"]
+  times["total_s"] = time.time() - t0
+  report.update(times)
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  return report
+
+
+def _fmt_kl(kl) -> str:
+  return "-" if kl is None else f"{kl:.4f}"
+
+
+def format_report(r: dict) -> str:
+  rl = r.get("rl")
+  lines = ["", "Lumen Outfitters support assistant: held-out tickets, before and after LoRA SFT"
+           + (f" and {rl.upper()}" if rl else ""),
+           f"{'metric':<44}{'base':>10}{'after SFT':>12}"
+           + (f"{'after ' + rl.upper():>12}" if rl else "")]
+  for k, label, _ in METRICS:
+    fmt = (lambda v: f"{v:.3f}") if k == "eval_loss" else (lambda v: f"{100 * v:.0f}%")
+    lines.append(f"{label:<44}{fmt(r['before'][k]):>10}{fmt(r['after'][k]):>12}"
+                 + (f"{fmt(r['after_rl'][k]):>12}" if rl else ""))
+  if rl:
+    kl_label = f"KL to the SFT model ({r.get('kl_unit', 'per token')}, last step)"
+    lines.append(f"{kl_label:<44}{'':>10}{'':>12}"
+                 f"{_fmt_kl(r['kl_to_sft']):>12}")
+  lines.append("")
+  for s in r["samples"]:
+    lines += [f"customer: {s['prompt']}", f"  assistant: {s['reply']}"]
+  lines += ["", f"merged HF model: {r['merged']}", f"PEFT adapter:    {r['adapter']}",
+            f"time: {r['total_s']:.0f}s"]
+  return "\n".join(lines)
+
