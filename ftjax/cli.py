@@ -181,3 +181,27 @@ def run(main: Callable, define_flags: Callable[[], None]):
     sys.exit(128 + (e.signum or 15))
   except KeyboardInterrupt:
     _die_interrupted()
+
+
+def train_main(train: Callable, config_help: str):
+  """A trainer's whole script: `--config` and `--workdir` flags, then `train(config, workdir)`
+  (a `ftjax.train.<algo>.run`) under `run`'s one-line errors; logs its result and wall time."""
+  import time
+
+  from absl import logging
+  from ml_collections import config_flags
+
+  def define_flags():
+    config_flags.DEFINE_config_file("config", None, f"Config file ({config_help}).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where the config, metrics and checkpoints go.")
+
+  def main(argv):
+    del argv
+    if FLAGS.workdir is None or FLAGS.config is None:
+      raise app.UsageError("--config and --workdir are required")
+    t0 = time.time()
+    out = train(FLAGS.config, FLAGS.workdir)
+    logging.info("done in %.1fs: %s", time.time() - t0, out)
+
+  run(main, define_flags)
