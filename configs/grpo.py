@@ -21,7 +21,16 @@ and at each eval; `task=support` (the demo's prompts and scorer) is what
 `task=gsm8k` reads GSM8K's layout (`question`, `answer` with `#### 42`) from
 `data.sources` / `data.eval_sources` (the hub's openai/gsm8k by default; local files in the
 same layout work) and asks each question as a chat user turn. The arg takes the keys of
-configs/sft.py plus `task=arithmetic|gsm8k|support` and `loss=grpo|bnpo|dr_grpo|dapo`.
+configs/sft.py plus `task=arithmetic|gsm8k|support` and `loss=grpo|bnpo|dr_grpo|dapo|rloo`.
+
+`loss=rloo` is TRL's RLOOTrainer on the same rollout and step (Ahmadian et al. 2024):
+leave-one-out advantages, `grpo.beta` as a reward penalty (summed old - ref logps), one
+clipped ratio per sequence, and RLOOConfig's `grpo.normalize_advantages` (False) and
+`grpo.reward_clip_range` (() or (min, max)); the clip is symmetric (`epsilon_high` 0, as
+RLOOConfig's None). `beta` stays this config's (TRL's RLOOConfig default is 0.05).
+
+  python experiments/grpo.py --config=configs/grpo.py:task=arithmetic,loss=rloo \
+      --workdir=/tmp/rloo
 
 `train.batch_size` counts completions per rollout (prompts * grpo.num_generations, as TRL's
 batch sizes); `train.steps` counts rollouts, each followed by `grpo.num_iterations` updates on
@@ -59,6 +68,9 @@ def get_config(arg=None):
       # task=arithmetic without model.hf_path: SFT steps first (0: GRPO from scratch).
       warm_start_steps=0, warm_start_rows=8000, warm_start_lr=3e-3, warm_start_carry_drop=0.0,
       eval_pass_at_g=task in ("arithmetic", "gsm8k"))  # also sample G per eval prompt
+  if c.grpo.loss_type == "rloo":  # RLOOConfig's options (train/grpo.py reads their defaults
+    # when absent, so a GRPO config stays as it was)
+    c.grpo.update(normalize_advantages=False, reward_clip_range=(), epsilon_high=0.0)
   c.optim.update(lr=1e-5 if c.adapter.kind == "none" else 1e-4, warmup_steps=0,
                  schedule="constant", weight_decay=0.0)
   c.train.update(steps=100, batch_size=32, eval_every=20, save_every=20, log_every=1)

@@ -2,6 +2,11 @@
 loss and step over a scored rollout batch, the host-side pieces (batch assembly, metrics) and
 the loop, `run(config, workdir)`, which `experiments/grpo.py` runs.
 
+`loss_type="rloo"` is TRL's RLOOTrainer on the same rollout and step: leave-one-out
+advantages (`normalize_advantages`, `reward_clip_range`), the KL (beta) as a reward penalty
+from the sampler's and the reference's logps, one clipped ratio per sequence
+(`ftjax.losses.rloo`). GRPO's scale_rewards, importance_sampling_level and delta do not apply.
+
 Each step: G completions per prompt sampled from the params being trained (no copy, same
 process), scored by the reward functions, advantages per group, then `grpo.num_iterations`
 updates on that batch. The reference model (beta != 0, `train/reference.py`) is the same params
@@ -16,7 +21,8 @@ The step's batch (N = prompts * G rows; see `ftjax.rollout` for the first four a
                                 first update's ratio is 1 to float32 rounding with no extra forward
   advantages    float32 [N]
   terminated    bool [N]
-  ref_logprobs  float32 [N, M]  only when beta != 0 (one reference forward per rollout)
+  ref_logprobs  float32 [N, M]  only when beta != 0 (one reference forward per rollout), and
+                                not for rloo (its KL is in the advantages)
 """
 
 from __future__ import annotations
@@ -40,8 +46,8 @@ from ftjax.train import common, loop, reference, setup, sft
 
 @dataclasses.dataclass(frozen=True)
 class GRPOSettings:
-  """The loss's knobs, TRL's GRPOConfig names."""
-  loss_type: str = "dapo"
+  """The loss's knobs, TRL's GRPOConfig names (RLOOConfig's for loss_type="rloo")."""
+  loss_type: str = "dapo"  # or "rloo"
   beta: float = 0.0
   epsilon: float = 0.2
   epsilon_high: Optional[float] = None  # None: epsilon (symmetric clip)
@@ -52,11 +58,19 @@ class GRPOSettings:
   max_completion_length: int = 0  # dr_grpo's constant; 0: the batch's M
 
   def check(self):
-    if self.loss_type not in losses.GRPO_LOSS_TYPES:
-      raise ValueError(f"loss_type={self.loss_type!r}: expected {losses.GRPO_LOSS_TYPES}")
+    if self.loss_type not in LOSS_TYPES:
+      raise ValueError(f"loss_type={self.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
     if self.importance_sampling_level not in ("token", "sequence"):
       raise ValueError(f"importance_sampling_level={self.importance_sampling_level!r}")
     return self
+
+  @property
+  def sequence_level(self) -> bool:
+    """One ratio (and clip count) per sequence rather than per token."""
+    return self.loss_type == "rloo" or self.importance_sampling_level == "sequence"
+
+
+LOSS_TYPES = losses.GRPO_LOSS_TYPES + ("rloo",)
 
 
 def loss_mask(batch: dict, s: GRPOSettings) -> jax.Array:
@@ -77,18 +91,23 @@ def grpo_loss_fn(params, batch, rng, *, model, settings: GRPOSettings, chunk: in
   logps, hidden = rollout.completion_logprobs(model, params, batch, temperature=s.temperature,
                                               chunk=chunk, return_hidden=True, rng=rng)
   mask = loss_mask(batch, s)
-  per_token, aux = losses.grpo_per_token_loss(
-      logps, batch["old_logprobs"], batch["advantages"], mask,
-      batch["ref_logprobs"] if s.beta else None, beta=s.beta, epsilon_low=s.epsilon,
-      epsilon_high=s.epsilon_high, importance_sampling_level=s.importance_sampling_level,
-      delta=s.delta)
-  loss_sum, n = losses.grpo_loss_sum(per_token, mask, s.loss_type,
-                                     s.max_completion_length or None)
+  if s.loss_type == "rloo":  # its KL is in the advantages: no reference term here
+    loss_sum, n, aux = losses.rloo_loss_sum(logps, batch["old_logprobs"], batch["advantages"],
+                                            mask, epsilon_low=s.epsilon,
+                                            epsilon_high=s.epsilon_high)
+  else:
+    per_token, aux = losses.grpo_per_token_loss(
+        logps, batch["old_logprobs"], batch["advantages"], mask,
+        batch["ref_logprobs"] if s.beta else None, beta=s.beta, epsilon_low=s.epsilon,
+        epsilon_high=s.epsilon_high, importance_sampling_level=s.importance_sampling_level,
+        delta=s.delta)
+    loss_sum, n = losses.grpo_loss_sum(per_token, mask, s.loss_type,
+                                       s.max_completion_length or None)
   temp = s.temperature if s.temperature else 1.0
   entropy = losses.token_entropy(
       hidden, lambda h: heads.lm_logits(params, h, model.cfg) / temp, chunk)  # [N, M]
   sg = jax.lax.stop_gradient
-  seq_level = s.importance_sampling_level == "sequence"
+  seq_level = s.sequence_level
   # TRL: clip fractions over tokens, or over sequences at the sequence level.
   clip_w = jnp.ones((mask.shape[0], 1)) if seq_level else mask
   sums = {
@@ -99,7 +118,7 @@ def grpo_loss_fn(params, batch, rng, *, model, settings: GRPOSettings, chunk: in
       "clip_ratio/region_mean": sg((aux["low_clipped"] + aux["high_clipped"]) * clip_w).sum(),
       "ratio_mean": sg(jnp.broadcast_to(aux["ratio"], mask.shape) * mask).sum(),
   }
-  if s.beta:
+  if s.beta and s.loss_type != "rloo":  # rloo logs its KL from the rollout
     sums["kl"] = sg(aux["kl"] * mask).sum()
   return loss_sum, n, sums
 
@@ -131,7 +150,7 @@ def host_metrics(m: dict, settings: GRPOSettings) -> dict:
   m = {k: float(np.asarray(v)) for k, v in m.items()}
   tokens = max(m.pop("tokens"), 1.0)
   seqs = max(m.pop("seqs"), 1.0)
-  clip_n = seqs if settings.importance_sampling_level == "sequence" else tokens
+  clip_n = seqs if settings.sequence_level else tokens
   for k in list(m):
     if k.startswith("clip_ratio/"):
       m[k] /= clip_n
@@ -177,7 +196,7 @@ def settings_from(config) -> GRPOSettings:
         temperature=float(g.temperature),
         max_completion_length=int(g.max_completion_length)).check()
   except ValueError as e:
-    raise UserError(f"config.grpo: {e}") from None
+    raise UserError(f"config.grpo.{e}") from None
 
 
 def check_config(config):
@@ -186,6 +205,7 @@ def check_config(config):
   n_gen, bs = int(g.num_generations), int(t.batch_size)
   if n_gen < 1:
     raise UserError(f"config.grpo.num_generations={n_gen}: must be >= 1")
+  check_rloo(g)
   if g.scale_rewards not in losses.SCALE_REWARDS:
     raise UserError(f"config.grpo.scale_rewards={g.scale_rewards!r}: expected one of "
                     f"{', '.join(losses.SCALE_REWARDS)}")
@@ -202,6 +222,57 @@ def check_config(config):
   if not 0.0 <= float(g.warm_start_carry_drop) <= 1.0:
     raise UserError(f"config.grpo.warm_start_carry_drop={g.warm_start_carry_drop}: a fraction "
                     "of the warm start's problems, in [0, 1]")
+
+
+# RLOOConfig's options: keys of config.grpo only with `loss=rloo` (configs/grpo.py), so a GRPO
+# config (and its saved config.json) is what it was; read with these defaults when absent.
+RLOO_DEFAULTS = {"normalize_advantages": False, "reward_clip_range": ()}
+
+
+def rloo_options(g) -> dict:
+  return {k: g.get(k, v) for k, v in RLOO_DEFAULTS.items()}
+
+
+def check_rloo(g):
+  """RLOO's options, and GRPO's that it does not use (refused rather than silently ignored)."""
+  o = rloo_options(g)
+  if g.loss_type != "rloo":
+    for k, v in o.items():
+      if v != RLOO_DEFAULTS[k]:
+        raise UserError(f"config.grpo.{k}={v!r} is an RLOO option: it needs "
+                        "config.grpo.loss_type=rloo (configs/grpo.py:loss=rloo)")
+    return
+  if int(g.num_generations) < 2:
+    raise UserError(f"config.grpo.num_generations={g.num_generations}: RLOO's leave-one-out "
+                    "baseline needs >= 2 completions per prompt")
+  for k, default in (("scale_rewards", "group"), ("importance_sampling_level", "token"),
+                     ("delta", 0.0)):
+    if (g[k] or 0.0) != default:
+      raise UserError(f"config.grpo.{k}={g[k]!r} is a GRPO option that loss_type=rloo does not "
+                      "use (RLOO: normalize_advantages, reward_clip_range)")
+  clip = tuple(o["reward_clip_range"] or ())
+  if clip and (len(clip) != 2 or not float(clip[0]) <= float(clip[1])):
+    raise UserError(f"config.grpo.reward_clip_range={clip!r}: expected () or (min, max) with "
+                    "min <= max")
+
+
+def advantages(total: np.ndarray, n_gen: int, g, s: GRPOSettings, ro: dict, ref_logps):
+  """(advantages [N], std_is_zero [N], extra rollout metrics): GRPO's group-normalised ones, or
+  RLOO's leave-one-out ones with its reward-side KL (beta != 0) from the sampler's logps."""
+  if s.loss_type != "rloo":
+    adv, zero = losses.grpo_advantages(jnp.asarray(total), n_gen, g.scale_rewards)
+    return np.asarray(adv), np.asarray(zero), {}
+  o = rloo_options(g)
+  kl, extra = None, {}
+  if s.beta:
+    m = loss_mask({k: jnp.asarray(v) for k, v in ro.items()
+                   if k in ("completion_mask", "terminated")}, s)
+    kl = losses.sequence_kl(jnp.asarray(ro["logprobs"]), jnp.asarray(ref_logps), m)
+    extra["kl"] = float(kl.sum() / jnp.maximum(m.sum(), 1.0))  # TRL's kl: per token
+  adv, zero = losses.rloo_advantages(
+      jnp.asarray(total), n_gen, normalize_advantages=bool(o["normalize_advantages"]), kl=kl,
+      beta=s.beta, reward_clip_range=tuple(float(x) for x in o["reward_clip_range"]) or None)
+  return np.asarray(adv), np.asarray(zero), extra
 
 
 def warm_start_export(workdir: str, out: str) -> str:
@@ -345,12 +416,11 @@ def run(config, workdir: str) -> dict:
         t1 = time.perf_counter()
         total, per_fn, names = score(reward_fns, weights, rows, rollout.decode(tok, ro), ro,
                                      n_gen)
-        adv, zero_std = (np.asarray(x) for x in losses.grpo_advantages(
-            jnp.asarray(total), n_gen, g.scale_rewards))
         ref_logps = None
         if ref is not None:
           ref_logps = ref_lp(ref.params_fn({**policy(), **ref.frozen}), ro)
-        batch = par.batch(step_batch(ro, adv, ref_logps))
+        adv, zero_std, adv_metrics = advantages(total, n_gen, g, s, ro, ref_logps)
+        batch = par.batch(step_batch(ro, adv, None if s.loss_type == "rloo" else ref_logps))
         t2 = time.perf_counter()
         for _ in range(int(g.num_iterations)):
           state, m = step_fn(state, frozen, batch)
@@ -358,7 +428,7 @@ def run(config, workdir: str) -> dict:
         step += 1
         if loop.due(step, t.log_every, t.steps):
           host = {**host_metrics(m, s),
-                  **rollout_metrics(ro, total, per_fn, names, zero_std, n_gen),
+                  **rollout_metrics(ro, total, per_fn, names, zero_std, n_gen), **adv_metrics,
                   "rollout_seconds": t1 - t0, "update_seconds": time.perf_counter() - t2}
           last = loop.log(step, host, writer, bar, hint="lower optim.lr")
         eval_metrics = loop.eval_and_save(step, t, eval_rows, run_eval, writer, save)
