@@ -197,17 +197,11 @@ def test_bad_rloo_settings_are_one_line(tmp_path, override, msg):
   assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "run")
 
 
-def test_first_update_with_reward_kl(tmp_path):
-  """beta != 0: the reference forward runs, its KL goes into the advantages (none in the
-  loss); at step 0 the policy is the reference, so kl is 0 and the first ratio is 1."""
-  out = grpo_train.run(_config(beta=0.05), str(tmp_path / "run"))
-  assert out["kl"] == pytest.approx(0.0, abs=1e-6)
-  assert abs(out["ratio_mean"] - 1.0) < 1e-5 and out["clip_ratio/region_mean"] == 0.0
-
-
 def test_cli_arithmetic_held_out_reward_rises(tmp_path):
   """experiments/grpo.py with loss=rloo from a random tiny model, seeded: the greedy held-out
-  reward (a digit first) rises over a few steps; the CLI's refusal is one stderr line."""
+  reward (a digit first) rises over a few steps. With beta != 0 the reference forward runs and
+  its KL goes into the advantages (none in the loss): at step 1 the policy is the reference,
+  so kl is 0 and the first ratio 1. The CLI's refusal is one stderr line."""
   base = [sys.executable, os.path.join(ROOT, "experiments", "grpo.py"),
           "--config=" + os.path.join(ROOT, "configs", "grpo.py")
           + ":task=arithmetic,model=tiny,adapter=none,loss=rloo"]
@@ -215,8 +209,9 @@ def test_cli_arithmetic_held_out_reward_rises(tmp_path):
           "--config.optim.lr=2e-2", "--config.grpo.max_completion_length=2",
           r"--config.grpo.rewards=('format_match:^\d',)", "--config.grpo.reward_weights=(1.0,)",
           "--config.grpo.warm_start_steps=0", "--config.data.eval_rows=16",
+          "--config.grpo.eval_pass_at_g=False",
           "--config.train.steps=8", "--config.train.eval_every=8", "--config.train.seed=0",
-          "--config.grpo.normalize_advantages=True"]
+          "--config.grpo.normalize_advantages=True", "--config.grpo.beta=0.05"]
   w = tmp_path / "w"
   res = subprocess.run(base + [f"--workdir={w}"] + args, capture_output=True, text=True,
                        timeout=300)
@@ -225,6 +220,9 @@ def test_cli_arithmetic_held_out_reward_rises(tmp_path):
   before = next(r["eval_reward_before"] for r in rows if "eval_reward_before" in r)
   after = [r["eval_reward"] for r in rows if "eval_reward" in r][-1]
   assert after >= before + 0.3, (before, after)
+  first = next(r for r in rows if r.get("step") == 1 and "kl" in r)
+  assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+  assert abs(first["ratio_mean"] - 1.0) < 1e-5 and first["clip_ratio/region_mean"] == 0.0
   saved = json.load(open(w / "config.json"))
   assert saved["grpo"]["loss_type"] == "rloo" and saved["grpo"]["normalize_advantages"]
   bad = subprocess.run(base + [f"--workdir={tmp_path / 'bad'}", "--config.grpo.num_generations=1",

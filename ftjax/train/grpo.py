@@ -265,14 +265,21 @@ def advantages(total: np.ndarray, n_gen: int, g, s: GRPOSettings, ro: dict, ref_
   o = rloo_options(g)
   kl, extra = None, {}
   if s.beta:
-    m = loss_mask({k: jnp.asarray(v) for k, v in ro.items()
-                   if k in ("completion_mask", "terminated")}, s)
-    kl = losses.sequence_kl(jnp.asarray(ro["logprobs"]), jnp.asarray(ref_logps), m)
-    extra["kl"] = float(kl.sum() / jnp.maximum(m.sum(), 1.0))  # TRL's kl: per token
-  adv, zero = losses.rloo_advantages(
+    m = np.asarray(ro["completion_mask"], np.float32)
+    if s.mask_truncated_completions:  # as loss_mask: TRL's KL uses the zeroed mask
+      m = m * np.asarray(ro["terminated"], np.float32)[:, None]
+    kl = _sequence_kl_jit(jnp.asarray(ro["logprobs"]), jnp.asarray(ref_logps), jnp.asarray(m))
+    extra["kl"] = float(np.asarray(kl).sum() / max(m.sum(), 1.0))  # TRL's kl: per token
+  adv, zero = _rloo_advantages_jit(
       jnp.asarray(total), n_gen, normalize_advantages=bool(o["normalize_advantages"]), kl=kl,
       beta=s.beta, reward_clip_range=tuple(float(x) for x in o["reward_clip_range"]) or None)
   return np.asarray(adv), np.asarray(zero), extra
+
+
+# One compiled program per run (its shapes and options are fixed) instead of op-by-op dispatch.
+_rloo_advantages_jit = jax.jit(losses.rloo_advantages, static_argnames=(
+    "group_size", "normalize_advantages", "beta", "reward_clip_range"))
+_sequence_kl_jit = jax.jit(losses.sequence_kl)
 
 
 def warm_start_export(workdir: str, out: str) -> str:
