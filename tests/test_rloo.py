@@ -225,9 +225,12 @@ def test_cli_arithmetic_held_out_reward_rises(tmp_path):
   assert abs(first["ratio_mean"] - 1.0) < 1e-5 and first["clip_ratio/region_mean"] == 0.0
   saved = json.load(open(w / "config.json"))
   assert saved["grpo"]["loss_type"] == "rloo" and saved["grpo"]["normalize_advantages"]
-  bad = subprocess.run(base + [f"--workdir={tmp_path / 'bad'}", "--config.grpo.num_generations=1",
-                               "--config.train.batch_size=8"],
-                       capture_output=True, text=True, timeout=120)
-  assert bad.returncode == 1 and not os.path.exists(tmp_path / "bad")
-  assert bad.stderr.strip().splitlines()[-1].startswith(
-      "error: config.grpo.num_generations=1: RLOO's leave-one-out baseline")
+  for flag, line in [
+      ("--config.grpo.num_generations=1",
+       "error: config.grpo.num_generations=1: RLOO's leave-one-out baseline"),
+      ("--config.grpo.normalize_advantage=True",  # a misspelt RLOOConfig name
+       "error: --config.grpo.normalize_advantage: no such config field")]:
+    bad = subprocess.run(base + [f"--workdir={tmp_path / 'bad'}", flag],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and not os.path.exists(tmp_path / "bad")
+    assert bad.stderr.strip().splitlines()[-1].startswith(line), bad.stderr[-500:]
