@@ -201,7 +201,8 @@ def test_cli_arithmetic_held_out_reward_rises(tmp_path):
   """experiments/grpo.py with loss=rloo from a random tiny model, seeded: the greedy held-out
   reward (a digit first) rises over a few steps. With beta != 0 the reference forward runs and
   its KL goes into the advantages (none in the loss): at step 1 the policy is the reference,
-  so kl is 0 and the first ratio 1. The CLI's refusal is one stderr line."""
+  so kl is 0 and the first ratio 1. The CLI's refusal is one stderr line. (Seeds 0, 1, 2 of
+  this run went from 0 to 1.0, 0.94, 1.0; 4 steps without warmup were not enough.)"""
   base = [sys.executable, os.path.join(ROOT, "experiments", "grpo.py"),
           "--config=" + os.path.join(ROOT, "configs", "grpo.py")
           + ":task=arithmetic,model=tiny,adapter=none,loss=rloo"]
@@ -225,12 +226,10 @@ def test_cli_arithmetic_held_out_reward_rises(tmp_path):
   assert abs(first["ratio_mean"] - 1.0) < 1e-5 and first["clip_ratio/region_mean"] == 0.0
   saved = json.load(open(w / "config.json"))
   assert saved["grpo"]["loss_type"] == "rloo" and saved["grpo"]["normalize_advantages"]
-  for flag, line in [
-      ("--config.grpo.num_generations=1",
-       "error: config.grpo.num_generations=1: RLOO's leave-one-out baseline"),
-      ("--config.grpo.normalize_advantage=True",  # a misspelt RLOOConfig name
-       "error: --config.grpo.normalize_advantage: no such config field")]:
-    bad = subprocess.run(base + [f"--workdir={tmp_path / 'bad'}", flag],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and not os.path.exists(tmp_path / "bad")
-    assert bad.stderr.strip().splitlines()[-1].startswith(line), bad.stderr[-500:]
+  # A misspelt RLOOConfig name (the in-process refusals are test_bad_rloo_settings_are_one_line).
+  bad = subprocess.run(base + [f"--workdir={tmp_path / 'bad'}",
+                               "--config.grpo.normalize_advantage=True"],
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 1 and not os.path.exists(tmp_path / "bad")
+  assert bad.stderr.strip().splitlines()[-1].startswith(
+      "error: --config.grpo.normalize_advantage: no such config field"), bad.stderr[-500:]
