@@ -35,22 +35,108 @@ def _hidden(model, params, batch, rng=None):
                      rngs=None if rng is None else {"dropout": rng})
 
 
-def side_logps(model, params, batch, rng=None, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
-  """Summed and mean response logprobs per row: ([2B], [2B]); `chunk` as `token_logprobs`."""
+def side_token_logps(model, params, batch, rng=None, chunk: int = 0) -> jax.Array:
+  """Per-token response logprobs [2B, T], 0 off the response; `chunk` as `token_logprobs`."""
   hidden = _hidden(model, params, batch, rng)
   head = lambda h: heads.lm_logits(params, h, model.cfg)
-  tok = losses.token_logprobs(hidden, head, batch["targets"], batch["weights"] != 0, chunk)
+  return losses.token_logprobs(hidden, head, batch["targets"], batch["weights"] != 0, chunk)
+
+
+def side_logps(model, params, batch, rng=None, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Summed and mean response logprobs per row: ([2B], [2B]); `chunk` as `token_logprobs`."""
+  tok = side_token_logps(model, params, batch, rng, chunk)
   return losses.sequence_logps_sum_and_mean(tok, batch["weights"])
 
 
+# ---- TRL 1.16's whole DPO loss (dpo.loss_type beyond the original four, or a list of them) ----
+
+def loss_options(d) -> dict | None:
+  """The `dpo` section as `multi_pair_losses` options, or None when it asks for nothing beyond
+  `losses.dpo_loss` (one of its four types, no weights, reverse KL, no ld_alpha): those runs
+  keep the original code path. Raises UserError naming the key for a bad value."""
+  get = lambda k, default: d.get(k, default) if hasattr(d, "get") else getattr(d, k, default)
+  raw = get("loss_type", "sigmoid")
+  types = ([t.strip() for t in raw.replace("+", ",").split(",") if t.strip()]
+           if isinstance(raw, str) else [str(t) for t in raw])
+  wraw = get("loss_weights", "")
+  weights = ([w for w in str(wraw).replace("+", ",").split(",") if w.strip()]
+             if isinstance(wraw, str) else list(wraw or []))
+  ld_alpha = get("ld_alpha", None)
+  opts = dict(loss_types=tuple(types), loss_weights=None, beta=float(get("beta", 0.1)),
+              label_smoothing=float(get("label_smoothing", 0.0)),
+              f_divergence_type=get("f_divergence_type", "reverse_kl"),
+              f_alpha_divergence_coef=float(get("f_alpha_divergence_coef", 0.5)),
+              discopop_tau=float(get("discopop_tau", 0.05)),
+              ld_alpha=None if ld_alpha is None else float(ld_alpha))
+  try:
+    weights = [float(w) for w in weights]
+  except ValueError:
+    raise UserError(f"config.dpo.loss_weights={wraw!r}: expected numbers, comma separated") \
+        from None
+  try:
+    opts["loss_weights"] = losses.check_dpo_options(
+        types, weights, opts["label_smoothing"], opts["f_divergence_type"], opts["ld_alpha"])
+  except ValueError as e:
+    raise UserError(f"config.{e}") from None
+  legacy = (len(types) == 1 and types[0] in losses.DPO_LOSS_TYPES and weights in ([], [1.0])
+            and opts["f_divergence_type"] == "reverse_kl" and opts["ld_alpha"] is None)
+  return None if legacy else opts
+
+
+def multi_pair_losses(tok, ref, weights, valid, opts: dict):
+  """TRL's `DPOTrainer._compute_loss` on per-token logps; returns (losses [B], aux sums).
+
+  Args:
+    tok: float [2B, T] policy per-token logps (0 off the response), rows chosen then rejected.
+    ref: float [2B, T] reference per-token logps, or [2B] summed ones (precomputed, no ld_alpha).
+    weights: float [2B, T], 1 on response tokens; valid: float [B], 1 per real pair.
+    opts: `loss_options`' dict.
+  """
+  kw = dict(opts)
+  ld_alpha = kw.pop("ld_alpha")
+  sums = (tok * weights).sum(-1)  # [2B]
+  if ld_alpha is None:
+    seq_of = lambda t: (t * weights).sum(-1)
+  else:
+    seq_of = lambda t: losses.ld_weighted_logps(t, weights, ld_alpha)
+  seq = seq_of(tok)
+  ref_seq = ref if ref.ndim == 1 else seq_of(ref)
+  ref_sums = ref if ref.ndim == 1 else (ref * weights).sum(-1)
+  lens = weights.sum(-1)
+  b = seq.shape[0] // 2
+  per_pair, rc, rr = losses.dpo_multi_loss(
+      seq[:b], seq[b:], ref_seq[:b], ref_seq[b:], chosen_lengths=lens[:b],
+      rejected_lengths=lens[b:], chosen_token_logps_sum=sums[:b], valid=valid, **kw)
+  n_chosen = jnp.maximum(lens[:b], 1.0)
+  aux = {**losses.dpo_metric_sums(rc, rr, seq[:b], seq[b:], valid),
+         "kl/chosen": jax.lax.stop_gradient(((sums[:b] - ref_sums[:b]) / n_chosen) * valid).sum()}
+  return per_pair, aux
+
+
+def _multi_loss_fn(params, batch, rng, *, model, ref_model, ref_params_fn, opts, chunk):
+  tok = side_token_logps(model, params, batch, rng, chunk)
+  if "ref_logps" in batch:
+    ref = batch["ref_logps"]
+  else:
+    ref = jax.lax.stop_gradient(side_token_logps(
+        ref_model, jax.lax.stop_gradient(ref_params_fn(params)), batch, chunk=chunk))
+  valid = preference.valid_pairs(batch)
+  per_pair, aux = multi_pair_losses(tok, ref, batch["weights"].astype(jnp.float32), valid, opts)
+  return per_pair.sum(), valid.sum(), aux
+
+
 def dpo_loss_fn(params, batch, rng, *, model, ref_model, ref_params_fn, beta: float,
-                loss_type: str, label_smoothing: float, chunk: int = 0):
+                loss_type: str, label_smoothing: float, chunk: int = 0, opts=None):
   """DPO family over one batch; returns (sum of pair losses, pairs, aux sums).
 
   The reference log-probabilities come from `batch["ref_logps"]` ([2B], precomputed) when
   present, else from `ref_model` on `ref_params_fn(params)`: the same params with the
-  adapters switched off (no second copy of the model), or a frozen initial copy.
+  adapters switched off (no second copy of the model), or a frozen initial copy. `opts`
+  (`loss_options`) switches to TRL's whole loss (`multi_pair_losses`).
   """
+  if opts is not None:
+    return _multi_loss_fn(params, batch, rng, model=model, ref_model=ref_model,
+                          ref_params_fn=ref_params_fn, opts=opts, chunk=chunk)
   sums, means = side_logps(model, params, batch, rng, chunk)
   if "ref_logps" in batch:
     ref_sums, ref_means = batch["ref_logps"], batch["ref_logps_mean"]
@@ -71,10 +157,10 @@ def dpo_loss_fn(params, batch, rng, *, model, ref_model, ref_params_fn, beta: fl
 
 
 def make_dpo_step(model, ref_model, ref_params_fn, tx, schedule, *, beta, loss_type,
-                  label_smoothing=0.0, grad_accum=1, axis_name=None, chunk=0):
+                  label_smoothing=0.0, grad_accum=1, axis_name=None, chunk=0, opts=None):
   loss_fn = functools.partial(dpo_loss_fn, model=model, ref_model=ref_model,
                               ref_params_fn=ref_params_fn, beta=beta, loss_type=loss_type,
-                              label_smoothing=label_smoothing, chunk=chunk)
+                              label_smoothing=label_smoothing, chunk=chunk, opts=opts)
   return functools.partial(common.update_step, loss_fn=loss_fn, tx=tx, schedule=schedule,
                            grad_accum=grad_accum, axis_name=axis_name)
 
@@ -109,6 +195,10 @@ def run(config, workdir: str) -> dict:
   t, d = config.train, config.dpo
   if d.reference not in REFERENCES:
     raise UserError(f"config.dpo.reference={d.reference!r}: expected auto or precomputed")
+  opts = loss_options(d)
+  if opts is not None and opts["ld_alpha"] is not None and d.reference == "precomputed":
+    raise UserError("config.dpo.ld_alpha needs dpo.reference=auto (the precomputed table holds "
+                    "one sum per row; LD-DPO's split depends on both sides of the pair)")
   drift = wd.check_resume(config, workdir)  # a resume with a changed config is refused
   par = setup.parallel(config)
   par.check_batch(int(t.batch_size))
@@ -137,7 +227,7 @@ def run(config, workdir: str) -> dict:
     del init_params
 
   dpo_kw = dict(beta=float(d.beta), loss_type=d.loss_type,
-                label_smoothing=float(d.label_smoothing), chunk=int(t.logprob_chunk))
+                label_smoothing=float(d.label_smoothing), chunk=int(t.logprob_chunk), opts=opts)
   step_fn = par.compile(lambda axis: make_dpo_step(
       model, ref.model, ref.params_fn, tx, schedule, grad_accum=int(t.grad_accum),
       axis_name=axis, **dpo_kw), state, frozen)

@@ -1,0 +1,63 @@
+"""The preference trainers from the command line on the tiny model: TRL's other DPO loss types
+(a weighted list with ld_alpha), ORPO, CPO/SimPO and KTO each train a few steps and log their
+metrics; a bad loss type or data layout is one error line that names the key, file or row, and
+writes nothing."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.test_cli import ENV, ROOT, _error_lines, _script
+
+
+def _pref(script, config, base_dir, train, ev, w, *extra, steps=2):
+  return _script(script, f"--config={os.path.join(ROOT, 'configs', config)}",
+                 f"--workdir={w}", f"--config.model.hf_path={base_dir}",
+                 f"--config.data.path={train}", f"--config.data.eval_path={ev}",
+                 "--config.train.seq_len=352", "--config.train.batch_size=4",
+                 f"--config.train.steps={steps}", "--config.train.log_every=1",
+                 f"--config.train.eval_every={steps}", f"--config.train.save_every={steps}",
+                 *extra)
+
+
+def _run(cmd):
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+
+
+def _metrics(w):
+  with open(os.path.join(w, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  out = {}
+  for r in rows:
+    out.update(r)
+  return out
+
+
+def test_dpo_loss_type_list_trains_from_the_cli(base_dir, pref_files, tmp_path):
+  w = str(tmp_path / "mpo")
+  res = _run(_pref("dpo.py", "dpo.py:loss=sigmoid+bco_pair+sft,smoke", base_dir, *pref_files, w,
+                   "--config.dpo.loss_weights=0.8,0.2,1.0", "--config.dpo.ld_alpha=0.5"))
+  assert res.returncode == 0, res.stderr[-3000:]
+  m = _metrics(w)
+  for k in ("loss", "rewards/margins", "logps/chosen", "eval_loss", "eval_rewards/accuracies"):
+    assert k in m and m[k] == m[k], (k, m)  # present and not nan
+  with open(os.path.join(w, "config.json")) as f:
+    d = json.load(f)["dpo"]
+  assert (d["loss_type"], d["loss_weights"], d["ld_alpha"]) == ("sigmoid,bco_pair,sft",
+                                                               "0.8,0.2,1.0", 0.5)
+
+
+@pytest.mark.parametrize("extra,names", [
+    (["--config.dpo.loss_type=sigmoid,kto"], ["config.dpo.loss_type", "'kto'"]),
+    (["--config.dpo.loss_type=sigmoid,sft", "--config.dpo.loss_weights=1"],
+     ["config.dpo.loss_weights"]),
+])
+def test_bad_dpo_loss_is_one_line(base_dir, pref_files, tmp_path, extra, names):
+  w = str(tmp_path / "bad")
+  res = _run(_pref("dpo.py", "dpo.py:smoke", base_dir, *pref_files, w, *extra))
+  assert res.returncode != 0
+  lines = _error_lines(res.stderr)
+  assert len(lines) == 1 and all(n in lines[0] for n in names), res.stderr[-2000:]
+  assert not os.path.exists(w)

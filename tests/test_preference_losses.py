@@ -1,0 +1,178 @@
+"""TRL's preference losses beyond the original four DPO types: every DPO `loss_type` of TRL
+1.16 (weighted combinations, ld_alpha, f-divergences), ORPO, CPO/SimPO and KTO. Each is checked
+by running TRL's own trainer code on a stub trainer with the same tensors: loss, gradient with
+respect to the per-token logps, and the logged metrics."""
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax import losses as L
+from ftjax.train import dpo
+
+torch = pytest.importorskip("torch")
+trl = pytest.importorskip("trl")
+
+B, T = 6, 9
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+           "logps/chosen", "logps/rejected")
+identity = lambda x: x
+
+
+def _rows(seed=0):
+  """Per-token policy and reference logps [2B, T] (rows chosen, then rejected) and response
+  masks [2B, T]; column 0 is a prompt token, responses of 1..T-1 tokens."""
+  rng = np.random.default_rng(seed)
+  pol = -rng.uniform(0.0, 1.0, (2 * B, T)).astype(np.float32)
+  ref = -rng.uniform(0.0, 1.0, (2 * B, T)).astype(np.float32)
+  mask = np.zeros((2 * B, T), np.float32)
+  for i, n in enumerate(rng.integers(1, T, 2 * B)):
+    mask[i, 1:1 + n] = 1.0
+  # The chosen side drifts up pair by pair, so logits take both signs.
+  pol[:B] += 0.08 * np.arange(B)[:, None]
+  return pol * mask, ref * mask, mask
+
+
+def _eval_module():
+  """A stand-in policy module in eval mode (TRL reads `.training` and checks it for PEFT)."""
+  m = torch.nn.Module().eval()
+  m.is_gradient_checkpointing = False
+  return m
+
+
+def _trl_dpo(pol, ref, mask, opts):
+  """TRL 1.16 `DPOTrainer._compute_loss` on a stub: (loss, d loss / d per-token logps, metrics)."""
+  from trl import DPOTrainer
+  log_probs = torch.tensor(pol[:, 1:], dtype=torch.float32, requires_grad=True)
+  ref_lp = torch.tensor(ref[:, 1:], dtype=torch.float32)
+  n = pol.shape[0]
+  inputs = {"input_ids": torch.zeros((n, T), dtype=torch.long),
+            "attention_mask": torch.ones((n, T), dtype=torch.long),
+            "completion_mask": torch.tensor(mask).long()}
+  out = lambda lp: SimpleNamespace(log_probs=lp, entropy=torch.zeros_like(lp),
+                                   mean_logits=torch.zeros_like(lp),
+                                   is_top1=torch.zeros_like(lp, dtype=torch.bool))
+  stub = SimpleNamespace(
+      model=_eval_module(),
+      ref_model=lambda **kw: out(ref_lp),
+      aux_loss_enabled=False, ld_alpha=opts["ld_alpha"],
+      accelerator=SimpleNamespace(device=torch.device("cpu"), gather=identity,
+                                  gather_for_metrics=identity),
+      args=SimpleNamespace(discopop_tau=opts["discopop_tau"], gradient_checkpointing_kwargs=None),
+      precompute_ref_logps=False, f_divergence_type=opts["f_divergence_type"],
+      f_alpha_divergence_coef=opts["f_alpha_divergence_coef"],
+      loss_types=list(opts["loss_types"]), loss_weights=list(opts["loss_weights"]),
+      beta=opts["beta"], label_smoothing=opts["label_smoothing"], use_weighting=False,
+      _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
+  loss = DPOTrainer._compute_loss(stub, lambda **kw: out(log_probs), inputs,
+                                  return_outputs=False)
+  loss.backward()
+  grad = np.zeros_like(pol)
+  grad[:, 1:] = log_probs.grad.numpy()
+  return float(loss.detach()), grad * mask, {k: v[-1] for k, v in stub._metrics["eval"].items()}
+
+
+def _ours_dpo(pol, ref, mask, opts, valid=None):
+  """The DPO trainer's `multi_pair_losses`: (loss, gradient, metrics) as TRL reports them."""
+  valid = jnp.ones(B) if valid is None else valid
+  n = valid.sum()
+
+  def f(tok):
+    per, aux = dpo.multi_pair_losses(tok, jnp.asarray(ref), jnp.asarray(mask), valid, opts)
+    return per.sum() / n, aux
+  (loss, aux), g = jax.value_and_grad(f, has_aux=True)(jnp.asarray(pol))
+  return float(loss), np.asarray(g) * mask, {k: float(v) / float(n) for k, v in aux.items()}
+
+
+def _opts(loss_types, weights=None, *, beta=0.1, eps=0.0, f="reverse_kl", f_alpha=0.5,
+          ld_alpha=None, tau=0.05):
+  return dict(loss_types=tuple(loss_types), loss_weights=weights or [1.0] * len(loss_types),
+              beta=beta, label_smoothing=eps, f_divergence_type=f, f_alpha_divergence_coef=f_alpha,
+              discopop_tau=tau, ld_alpha=ld_alpha)
+
+
+NEW_TYPES = ["exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+             "apo_down", "discopop", "sft", "sigmoid_norm"]
+CASES = (
+    [(_opts([t], eps=1e-3 if t == "exo_pair" else 0.0), f"{t}") for t in NEW_TYPES]
+    + [(_opts(["aot"], eps=0.1), "aot-eps"), (_opts(["discopop"], beta=0.5, tau=0.2), "discopop-tau"),
+       (_opts(["sigmoid", "sft"], [0.8, 0.2]), "mpo-like"),
+       (_opts(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]), "mpo"),
+       (_opts(["hinge", "ipo", "robust"], [1.0, 0.5, 2.0], eps=0.2), "legacy-mix"),
+       (_opts(["sigmoid"], ld_alpha=0.3), "ld_alpha"),
+       (_opts(["ipo", "sigmoid_norm"], ld_alpha=0.0), "ld_alpha0-norm"),
+       (_opts(["sigmoid", "sft"], f="forward_kl"), "forward_kl"),
+       (_opts(["hinge", "exo_pair"], eps=0.01, f="js_divergence"), "js"),
+       (_opts(["sigmoid", "discopop", "ipo"], f="alpha_divergence", f_alpha=0.3), "alpha"),
+       (_opts(["robust"], eps=0.1, f="alpha_divergence", f_alpha=1.0), "alpha1")])
+
+
+@pytest.mark.parametrize("opts", [c[0] for c in CASES], ids=[c[1] for c in CASES])
+def test_dpo_loss_types_match_trl_trainer(opts):
+  pol, ref, mask = _rows(seed=1)
+  want_loss, want_grad, want_m = _trl_dpo(pol, ref, mask, opts)
+  loss, grad, m = _ours_dpo(pol, ref, mask, opts)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-6)
+  assert np.abs(want_grad).max() > 0
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
+  for k in METRICS:
+    np.testing.assert_allclose(m[k], want_m[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired", "sft", "exo_pair"])
+def test_batch_level_losses_skip_padding_pairs(loss_type):
+  """aot sorts over the batch and sft averages over its tokens: two padding pairs with junk
+  logps (weight 0, as the trainer's eval padding) must leave TRL's loss of the real pairs."""
+  opts = _opts([loss_type], eps=1e-3 if loss_type == "exo_pair" else 0.0)
+  pol, ref, mask = _rows(seed=2)
+  want_loss, want_grad, _ = _trl_dpo(pol, ref, mask, opts)
+  junk = np.random.default_rng(3)
+  pad = lambda x, lo: np.concatenate([x[:B], lo, x[B:], lo])
+  jp = lambda: -junk.uniform(0, 40, (2, T)).astype(np.float32)
+  ones = np.ones((2, T), np.float32)
+  pol2, ref2, mask2 = pad(pol, jp()), pad(ref, jp()), pad(mask, ones)
+  global B
+  b0, B = B, B + 2
+  try:
+    loss, grad, _ = _ours_dpo(pol2, ref2, mask2, opts,
+                              valid=jnp.asarray([1.0] * b0 + [0.0, 0.0]))
+  finally:
+    B = b0
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-6)
+  real = np.r_[np.arange(B), B + 2 + np.arange(B)]
+  np.testing.assert_allclose(grad[real], want_grad, rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(grad[[B, B + 1, 2 * B + 2, 2 * B + 3]], 0.0)
+
+
+def test_legacy_config_keeps_the_original_loss_path():
+  d = dict(loss_type="sigmoid", beta=0.1, label_smoothing=0.0, loss_weights="", ld_alpha=None,
+           f_divergence_type="reverse_kl")
+  assert dpo.loss_options(d) is None
+  for t in L.DPO_LOSS_TYPES:
+    assert dpo.loss_options({**d, "loss_type": t, "label_smoothing": 0.1}) is None
+  assert dpo.loss_options({**d, "loss_type": "sigmoid,sft"})["loss_types"] == ("sigmoid", "sft")
+  assert dpo.loss_options({**d, "loss_type": ["sigmoid", "sft"], "loss_weights": "1,0.5"})[
+      "loss_weights"] == [1.0, 0.5]
+  assert dpo.loss_options({**d, "ld_alpha": 0.5}) is not None
+
+
+@pytest.mark.parametrize("change,key", [
+    ({"loss_type": "kto"}, "dpo.loss_type"), ({"loss_type": "sigmoid,nope"}, "dpo.loss_type"),
+    ({"loss_type": "sigmoid,sft", "loss_weights": "1"}, "dpo.loss_weights"),
+    ({"loss_weights": "a,b", "loss_type": "sigmoid,sft"}, "dpo.loss_weights"),
+    ({"f_divergence_type": "tv"}, "dpo.f_divergence_type"),
+    ({"f_divergence_type": "forward_kl", "loss_type": "bco_pair"}, "dpo.f_divergence_type"),
+    ({"loss_type": "exo_pair"}, "dpo.label_smoothing"),
+    ({"ld_alpha": 1.5}, "dpo.ld_alpha")])
+def test_bad_dpo_options_are_one_line_errors(change, key):
+  from ftjax.errors import UserError
+  d = dict(loss_type="sigmoid", beta=0.1, label_smoothing=0.0, loss_weights="", ld_alpha=None,
+           f_divergence_type="reverse_kl", **{})
+  d.update(change)
+  with pytest.raises(UserError, match=key.replace(".", r"\.")) as e:
+    dpo.loss_options(d)
+  assert "\n" not in str(e.value)
