@@ -61,3 +61,44 @@ def test_bad_dpo_loss_is_one_line(base_dir, pref_files, tmp_path, extra, names):
   lines = _error_lines(res.stderr)
   assert len(lines) == 1 and all(n in lines[0] for n in names), res.stderr[-2000:]
   assert not os.path.exists(w)
+
+
+def test_orpo_builds_no_reference_and_trains(base_dir, pref_files, tmp_path, monkeypatch):
+  """Full fine-tuning ORPO: a DPO run would keep a frozen copy of every param; ORPO must never
+  ask for a reference at all. Runs in-process, with the reference builder booby-trapped."""
+  from configs import orpo as orpo_config
+  from ftjax.train import orpo, reference
+
+  def trap(*a, **kw):
+    raise AssertionError("ORPO built a reference")
+  monkeypatch.setattr(reference, "policy", trap)
+  cfg = orpo_config.get_config("adapter=none,smoke")
+  cfg.model.hf_path = base_dir
+  cfg.data.path, cfg.data.eval_path = pref_files
+  cfg.train.update(seq_len=352, steps=2, batch_size=4, eval_every=2, save_every=2, log_every=1)
+  out = orpo.run(cfg, str(tmp_path / "orpo"))
+  for k in ("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/margins",
+            "eval_loss", "eval_log_odds_ratio"):
+    assert k in out and out[k] == out[k], (k, out)
+  # loss = nll - beta * log_odds_ratio per pair, averaged: the logged parts add up.
+  assert abs(out["loss"] - (out["nll_loss"] - 0.1 * out["log_odds_ratio"])) < 1e-4
+
+
+def test_simpo_trains_from_the_cli(base_dir, pref_files, tmp_path):
+  w = str(tmp_path / "simpo")
+  res = _run(_pref("cpo.py", "cpo.py:loss=simpo,smoke", base_dir, *pref_files, w,
+                   "--config.cpo.beta=2.0"))
+  assert res.returncode == 0, res.stderr[-3000:]
+  m = _metrics(w)
+  for k in ("loss", "rewards/margins", "logps/chosen", "eval_loss", "nll_loss"):
+    assert k in m and m[k] == m[k], (k, m)
+  assert m["nll_loss"] == 0.0  # SimPO: cpo_alpha = 0, no NLL term
+
+
+def test_bad_cpo_loss_is_one_line(base_dir, pref_files, tmp_path):
+  w = str(tmp_path / "bad")
+  res = _run(_pref("cpo.py", "cpo.py:loss=sipmo,smoke", base_dir, *pref_files, w))
+  lines = _error_lines(res.stderr)
+  assert res.returncode != 0 and len(lines) == 1, res.stderr[-2000:]
+  assert "config.cpo.loss_type" in lines[0] and "'sipmo'" in lines[0]
+  assert not os.path.exists(w)

@@ -176,3 +176,99 @@ def test_bad_dpo_options_are_one_line_errors(change, key):
   with pytest.raises(UserError, match=key.replace(".", r"\.")) as e:
     dpo.loss_options(d)
   assert "\n" not in str(e.value)
+
+
+# ---- ORPO and CPO/SimPO: TRL's get_batch_loss_metrics on stub trainers --------------------
+
+V = 11
+
+
+def _token_rows(seed=0):
+  """ids, attention masks and labels [2B, T+1] (chosen rows, then rejected) as TRL's ORPO/CPO
+  collators build them, plus random logits [2B, T+1, V]."""
+  rng = np.random.default_rng(seed)
+  n, width = 2 * B, T + 1
+  ids = rng.integers(0, V, (n, width))
+  attn = np.zeros((n, width), np.int64)
+  labels = np.full((n, width), -100, np.int64)
+  for i in range(n):
+    p = int(rng.integers(1, 4))  # prompt tokens (the pair's two rows share none here: no matter)
+    length = int(rng.integers(p + 1, width + 1))
+    attn[i, :length] = 1
+    labels[i, p:length] = ids[i, p:length]
+  logits = rng.normal(0, 1.5, (n, width, V)).astype(np.float32)
+  return ids, attn, labels, logits
+
+
+def _trl_pair_trainer(cls, ids, attn, labels, logits, **attrs):
+  """Run `cls.get_batch_loss_metrics` (ORPO or CPO) on a stub: (loss, d loss / d logits, metrics)."""
+  import functools
+  lg = torch.tensor(logits, requires_grad=True)
+  t = lambda x: torch.tensor(x)
+  batch = {"chosen_input_ids": t(ids[:B]), "chosen_attention_mask": t(attn[:B]),
+           "chosen_labels": t(labels[:B]), "rejected_input_ids": t(ids[B:]),
+           "rejected_attention_mask": t(attn[B:]), "rejected_labels": t(labels[B:])}
+  stub = SimpleNamespace(is_encoder_decoder=False, padding_value=0, pad_token_id=0,
+                         aux_loss_enabled=False,
+                         accelerator=SimpleNamespace(device=torch.device("cpu"),
+                                                     gather_for_metrics=identity), **attrs)
+  stub.concatenated_inputs, stub.get_batch_logps = cls.concatenated_inputs, cls.get_batch_logps
+  stub.concatenated_forward = functools.partial(cls.concatenated_forward, stub)
+  for name in ("odds_ratio_loss", "cpo_loss"):
+    if hasattr(cls, name):
+      setattr(stub, name, functools.partial(getattr(cls, name), stub))
+  model = lambda *a, **kw: SimpleNamespace(logits=lg)
+  try:
+    loss, metrics = cls.get_batch_loss_metrics(stub, model, batch, "train")
+  except (AttributeError, KeyError, TypeError) as e:
+    pytest.skip(f"trl {trl.__version__} {cls.__name__} does not fit the stub: {e!r}")
+  loss.backward()
+  return float(loss.detach()), lg.grad.numpy(), {k: float(v) for k, v in metrics.items()}
+
+
+def _ours_pair(fn, ids, attn, labels, logits):
+  """The trainer's view of the same rows: targets = ids[1:], weights on the response labels."""
+  targets = jnp.asarray(ids[:, 1:])
+  seg = jnp.asarray(attn[:, 1:])
+  weights = jnp.asarray((labels[:, 1:] != -100).astype(np.float32))
+  valid = jnp.ones(B)
+
+  def f(lg):
+    tok = L.logprobs_from_logits(lg[:, :-1], targets) * seg
+    per, aux = fn(tok, weights, seg, valid)
+    return per.sum() / B, aux
+  (loss, aux), g = jax.value_and_grad(f, has_aux=True)(jnp.asarray(logits))
+  return float(loss), np.asarray(g), {k: float(v) / B for k, v in aux.items()}
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_orpo_matches_trl(beta):
+  from trl.experimental.orpo import ORPOTrainer
+  rows = _token_rows(seed=4)
+  want_loss, want_g, want_m = _trl_pair_trainer(ORPOTrainer, *rows, beta=beta)
+  loss, g, m = _ours_pair(lambda tok, w, seg, valid: dpo.orpo_pair_losses(tok, w, seg, valid, beta),
+                          *rows)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-7)
+  for k in METRICS + ("nll_loss", "log_odds_ratio", "log_odds_chosen"):
+    np.testing.assert_allclose(m[k], want_m[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+CPO_CASES = [dict(loss_type="sigmoid"), dict(loss_type="sigmoid", label_smoothing=0.2),
+             dict(loss_type="hinge", beta=0.5), dict(loss_type="ipo"),
+             dict(loss_type="simpo", cpo_alpha=0.0, simpo_gamma=0.5, beta=2.0),
+             dict(loss_type="simpo", cpo_alpha=0.3), dict(loss_type="sigmoid", alpha=0.2)]
+
+
+@pytest.mark.parametrize("case", CPO_CASES, ids=[str(c) for c in CPO_CASES])
+def test_cpo_simpo_match_trl(case):
+  from trl.experimental.cpo import CPOTrainer
+  c = {**dpo.CPO_DEFAULTS, **case}
+  rows = _token_rows(seed=5)
+  want_loss, want_g, want_m = _trl_pair_trainer(CPOTrainer, *rows, **c)
+  loss, g, m = _ours_pair(lambda tok, w, seg, valid: dpo.cpo_pair_losses(tok * w, w, valid, c),
+                          *rows)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-7)
+  for k in METRICS + ("nll_loss",):
+    np.testing.assert_allclose(m[k], want_m[k], rtol=1e-5, atol=1e-6, err_msg=k)

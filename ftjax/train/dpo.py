@@ -125,6 +125,103 @@ def _multi_loss_fn(params, batch, rng, *, model, ref_model, ref_params_fn, opts,
   return per_pair.sum(), valid.sum(), aux
 
 
+# ---- reference-free pair losses: ORPO and CPO/SimPO (trl.experimental.orpo / .cpo) --------
+
+CPO_DEFAULTS = dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, cpo_alpha=1.0,
+                    simpo_gamma=0.5, alpha=0.0)
+
+
+def _chosen_token_mean(tok, mask, valid):
+  """Mean logprob over the chosen rows' `mask` tokens of the real pairs: float32 scalar (TRL's
+  NLL is a cross-entropy averaged over all those tokens of the batch)."""
+  b = valid.shape[0]
+  m = mask[:b].astype(jnp.float32) * valid[:, None]
+  return (tok[:b] * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+def orpo_pair_losses(tok_all, weights, seg, valid, beta: float):
+  """trl.experimental.orpo's loss on per-token logps; returns (losses [B], aux sums).
+
+  loss = NLL(chosen, prompt AND response tokens, as TRL) - mean(beta * logsigmoid(log odds)),
+  the odds from the MEAN response logps. Summed over the real pairs, the losses give n times it.
+
+  Args:
+    tok_all: float [2B, T] logps of every target token (prompt included; 0 on padding).
+    weights: float [2B, T], 1 on response tokens; seg: [2B, T], > 0 on every target token.
+    valid: float [B], 1 per real pair.
+  """
+  m = weights.astype(jnp.float32)
+  means = (tok_all * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)  # [2B]
+  b = valid.shape[0]
+  nll = -_chosen_token_mean(tok_all, seg > 0, valid)
+  ratio_losses, rc, rr, ratio, log_odds = losses.orpo_loss(means[:b], means[b:], beta)
+  per_pair = (nll - ratio_losses) * valid
+  aux = {**losses.dpo_metric_sums(rc, rr, means[:b], means[b:], valid),
+         "nll_loss": jax.lax.stop_gradient(nll) * valid.sum(),
+         "log_odds_ratio": (ratio * valid).sum(), "log_odds_chosen": (log_odds * valid).sum()}
+  return per_pair, aux
+
+
+def cpo_pair_losses(tok, weights, valid, c: dict):
+  """trl.experimental.cpo's loss (CPO, SimPO, AlphaPO): mean(cpo_loss) + cpo_alpha * NLL of the
+  chosen responses; returns (losses [B], aux sums) as `orpo_pair_losses`.
+
+  Args:
+    tok: float [2B, T] response logps (0 elsewhere); weights: float [2B, T]; valid: float [B].
+    c: CPO_DEFAULTS' keys. "ipo" and "simpo" use mean response logps, the others sums (TRL).
+  """
+  m = weights.astype(jnp.float32)
+  sums = (tok * m).sum(-1)
+  seq = sums / jnp.maximum(m.sum(-1), 1.0) if c["loss_type"] in ("ipo", "simpo") else sums
+  b = valid.shape[0]
+  per, rc, rr = losses.cpo_loss(seq[:b], seq[b:], beta=float(c["beta"]),
+                                loss_type=c["loss_type"],
+                                label_smoothing=float(c["label_smoothing"]),
+                                simpo_gamma=float(c["simpo_gamma"]), alpha=float(c["alpha"]))
+  nll = (-_chosen_token_mean(tok, m > 0, valid) if float(c["cpo_alpha"]) != 0.0
+         else jnp.zeros((), jnp.float32))
+  per_pair = (per + float(c["cpo_alpha"]) * nll) * valid
+  aux = {**losses.dpo_metric_sums(rc, rr, seq[:b], seq[b:], valid),
+         "nll_loss": jax.lax.stop_gradient(nll) * valid.sum()}
+  return per_pair, aux
+
+
+def orpo_loss_fn(params, batch, rng, *, model, beta: float, chunk: int = 0):
+  """ORPO over one batch: (sum of pair losses, pairs, aux sums). No reference forward."""
+  hidden = _hidden(model, params, batch, rng)
+  head = lambda h: heads.lm_logits(params, h, model.cfg)
+  seg = batch["segment_ids"]
+  tok_all = losses.token_logprobs(hidden, head, batch["targets"], seg > 0, chunk)
+  valid = preference.valid_pairs(batch)
+  per_pair, aux = orpo_pair_losses(tok_all, batch["weights"], seg, valid, beta)
+  return per_pair.sum(), valid.sum(), aux
+
+
+def cpo_loss_fn(params, batch, rng, *, model, cpo: dict, chunk: int = 0):
+  """CPO / SimPO over one batch: (sum of pair losses, pairs, aux sums). No reference forward."""
+  tok = side_token_logps(model, params, batch, rng, chunk)
+  valid = preference.valid_pairs(batch)
+  per_pair, aux = cpo_pair_losses(tok, batch["weights"], valid, cpo)
+  return per_pair.sum(), valid.sum(), aux
+
+
+def _reference_free_options(config, method: str) -> dict:
+  """The `orpo` / `cpo` section, checked (UserError naming the key)."""
+  if method == "orpo":
+    c = {"beta": config.orpo.beta}
+  else:
+    c = {k: config.cpo.get(k, v) for k, v in CPO_DEFAULTS.items()}
+    if c["loss_type"] not in losses.CPO_LOSS_TYPES:
+      raise UserError(f"config.cpo.loss_type={c['loss_type']!r}: unknown loss type; expected one "
+                      f"of {', '.join(losses.CPO_LOSS_TYPES)}")
+    if not 0.0 <= float(c["label_smoothing"]) < 0.5:
+      raise UserError(f"config.cpo.label_smoothing={c['label_smoothing']!r}: expected [0, 0.5)")
+  beta = c["beta"]
+  if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+    raise UserError(f"config.{method}.beta={beta!r}: expected a number > 0")
+  return c
+
+
 def dpo_loss_fn(params, batch, rng, *, model, ref_model, ref_params_fn, beta: float,
                 loss_type: str, label_smoothing: float, chunk: int = 0, opts=None):
   """DPO family over one batch; returns (sum of pair losses, pairs, aux sums).
@@ -190,26 +287,45 @@ def attach_reference(batch: dict, table: dict) -> dict:
 @wd.exclusive  # one run per workdir; a file or read-only disk is refused first
 def run(config, workdir: str) -> dict:
   """Train; returns the last logged metrics (and eval metrics) as floats."""
+  return train_pairs(config, workdir, "dpo")
+
+
+METHODS = ("dpo", "orpo", "cpo")
+
+
+def train_pairs(config, workdir: str, method: str = "dpo") -> dict:
+  """The preference-pair loop of `run` (DPO), ORPO (`train/orpo.py`) and CPO/SimPO
+  (`train/cpo.py`). The reference-free methods build no reference: no second forward, no copy
+  of the params. Call it through a `wd.exclusive` run."""
   # ---- setup: config, model and data are checked before anything is written
   common.validate(config)
-  t, d = config.train, config.dpo
-  if d.reference not in REFERENCES:
-    raise UserError(f"config.dpo.reference={d.reference!r}: expected auto or precomputed")
-  opts = loss_options(d)
-  if opts is not None and opts["ld_alpha"] is not None and d.reference == "precomputed":
-    raise UserError("config.dpo.ld_alpha needs dpo.reference=auto (the precomputed table holds "
-                    "one sum per row; LD-DPO's split depends on both sides of the pair)")
+  t = config.train
+  free = None
+  if method == "dpo":
+    d = config.dpo
+    if d.reference not in REFERENCES:
+      raise UserError(f"config.dpo.reference={d.reference!r}: expected auto or precomputed")
+    opts = loss_options(d)
+    if opts is not None and opts["ld_alpha"] is not None and d.reference == "precomputed":
+      raise UserError("config.dpo.ld_alpha needs dpo.reference=auto (the precomputed table holds "
+                      "one sum per row; LD-DPO's split depends on both sides of the pair)")
+    precomputed = d.reference == "precomputed"
+  else:
+    free = _reference_free_options(config, method)
+    precomputed = False
   drift = wd.check_resume(config, workdir)  # a resume with a changed config is refused
   par = setup.parallel(config)
   par.check_batch(int(t.batch_size))
   model, params, tok, base_ref = setup.build_model(config, par=par)
   rules = setup.rules(config)
-  ref = reference.policy(model, config, params, rules,
-                         precomputed=d.reference == "precomputed")
+  ref = None
+  if free is None:
+    ref = reference.policy(model, config, params, rules, precomputed=precomputed)
   state, frozen, schedule, tx, _ = loop.init(config, par, params, rules)
-  frozen = {**frozen, **ref.frozen}
+  if ref is not None:
+    frozen = {**frozen, **ref.frozen}
   # The initial params live on only for a precomputed reference, until its table is built.
-  init_params = params if d.reference == "precomputed" else None
+  init_params = params if precomputed else None
   del params
   build_data = loop.data_builder(pref_data.build_preference_dataset, config, tok, workdir)
 
@@ -219,21 +335,33 @@ def run(config, workdir: str) -> dict:
   logging.info("preference data: %s", data.stats)
   eval_batches = loop.eval_batches(data, t)
   table = None
-  if d.reference == "precomputed":
+  if precomputed:
     table = precompute_reference(ref.model, init_params,
                                  pref_data.eval_batches(data.train.examples, int(t.batch_size),
                                                         int(t.seq_len), pad_id=data.pad_id)
                                  + eval_batches, int(t.logprob_chunk))
     del init_params
 
-  dpo_kw = dict(beta=float(d.beta), loss_type=d.loss_type,
-                label_smoothing=float(d.label_smoothing), chunk=int(t.logprob_chunk), opts=opts)
-  step_fn = par.compile(lambda axis: make_dpo_step(
-      model, ref.model, ref.params_fn, tx, schedule, grad_accum=int(t.grad_accum),
-      axis_name=axis, **dpo_kw), state, frozen)
-  eval_fn = loop.jit_eval(par, lambda tr, frz, b: dpo_loss_fn(
-      partition.merge(tr, frz), b, None, model=model, ref_model=ref.model,
-      ref_params_fn=ref.params_fn, **dpo_kw), frozen)
+  if free is None:
+    dpo_kw = dict(beta=float(d.beta), loss_type=d.loss_type,
+                  label_smoothing=float(d.label_smoothing), chunk=int(t.logprob_chunk),
+                  opts=opts)
+    step_fn = par.compile(lambda axis: make_dpo_step(
+        model, ref.model, ref.params_fn, tx, schedule, grad_accum=int(t.grad_accum),
+        axis_name=axis, **dpo_kw), state, frozen)
+    eval_fn = loop.jit_eval(par, lambda tr, frz, b: dpo_loss_fn(
+        partition.merge(tr, frz), b, None, model=model, ref_model=ref.model,
+        ref_params_fn=ref.params_fn, **dpo_kw), frozen)
+  else:
+    chunk = int(t.logprob_chunk)
+    loss_fn = (functools.partial(orpo_loss_fn, model=model, beta=float(free["beta"]), chunk=chunk)
+               if method == "orpo" else
+               functools.partial(cpo_loss_fn, model=model, cpo=free, chunk=chunk))
+    step_fn = par.compile(lambda axis: functools.partial(
+        common.update_step, loss_fn=loss_fn, tx=tx, schedule=schedule,
+        grad_accum=int(t.grad_accum), axis_name=axis), state, frozen)
+    eval_fn = loop.jit_eval(par, lambda tr, frz, b: loss_fn(partition.merge(tr, frz), b, None),
+                            frozen)
   prep = (lambda b: attach_reference(b, table)) if table is not None else (lambda b: b)
   eval_batches = [prep(b) for b in eval_batches]
   state, frozen = par.state(state), par.frozen(frozen)
@@ -257,7 +385,7 @@ def run(config, workdir: str) -> dict:
         step += 1
         if loop.due(step, t.log_every, t.steps):
           m = preference.per_pair_means(jax.device_get(par.metrics(m)))
-          last = loop.log(step, m, writer, bar, hint="lower optim.lr or dpo.beta")
+          last = loop.log(step, m, writer, bar, hint=f"lower optim.lr or {method}.beta")
         eval_metrics = loop.eval_and_save(step, t, eval_batches, run_eval, writer, save)
         last = {**last, **(eval_metrics or {})}
         if loop.stop_requested(preempt, step):
