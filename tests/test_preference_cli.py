@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 
 from tests.test_cli import ENV, ROOT, _error_lines, _script
@@ -102,3 +103,77 @@ def test_bad_cpo_loss_is_one_line(base_dir, pref_files, tmp_path):
   assert res.returncode != 0 and len(lines) == 1, res.stderr[-2000:]
   assert "config.cpo.loss_type" in lines[0] and "'sipmo'" in lines[0]
   assert not os.path.exists(w)
+
+
+# ---- KTO data and CLI ----------------------------------------------------------------------
+
+
+def _write(path, rows):
+  with open(path, "w") as f:
+    f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+  return str(path)
+
+
+def test_kto_unpairs_paired_rows_as_trl(base_dir):
+  """Paired rows become TRL's `unpair_preference_dataset` rows, in its order, and each one
+  tokenizes as the same row given unpaired."""
+  datasets = pytest.importorskip("datasets")
+  from trl.data_utils import unpair_preference_dataset
+
+  import ftjax
+  from ftjax.data import kto
+  tok = ftjax.tokenizer.load_tokenizer(base_dir)
+  paired = [{"prompt": f"order {i} is", "chosen": f" on its way {i}", "rejected": f" lost {i}"}
+            for i in range(5)]
+  want = unpair_preference_dataset(datasets.Dataset.from_list(paired)).to_list()
+  got, _ = kto.tokenize_kto_records(paired, tok, "auto", 64)
+  unpaired, _ = kto.tokenize_kto_records(want, tok, "auto", 64)
+  assert [g["label"] for g in got] == [int(w["label"]) for w in want]
+  for g, u in zip(got, unpaired):
+    for key in ("prompt", "completion", "completion_mask"):
+      np.testing.assert_array_equal(g[key], u[key])
+  # KL rows: within each block of the batch size, row i pairs prompt i with completion i - 1.
+  pairs = kto.kl_pairs(unpaired, 4, 64)
+  for start in (0, 4):
+    block = unpaired[start:start + 4]
+    for i, ex in enumerate(block):
+      p = pairs[start + i]
+      np.testing.assert_array_equal(p["rejected"],
+                                    np.concatenate([ex["prompt"], block[i - 1]["completion"]]))
+
+
+@pytest.mark.parametrize("row,names", [
+    ({"prompt": "hi", "completion": " there", "label": "yes"}, ["row 2", "'label'"]),
+    ({"prompt": "hi", "completion": " there"}, ["row 2", "'label'"]),
+    ({"prompt": "hi", "answer": " there", "label": True}, ["row 2", "'completion'"]),
+    ({"prompt": "hi", "completion": 3, "label": True}, ["row 2", "'completion'"]),
+])
+def test_bad_kto_rows_are_one_line(base_dir, tmp_path, row, names):
+  path = _write(tmp_path / "kto.jsonl", [{"prompt": "a", "completion": " b", "label": True},
+                                         row, {"prompt": "c", "completion": " d", "label": False}])
+  w = str(tmp_path / "w")
+  res = _run(_script("kto.py", f"--config={os.path.join(ROOT, 'configs', 'kto.py')}:smoke",
+                     f"--workdir={w}", f"--config.model.hf_path={base_dir}",
+                     f"--config.data.path={path}"))
+  lines = _error_lines(res.stderr)
+  assert res.returncode != 0 and len(lines) == 1, res.stderr[-2000:]
+  assert "kto.jsonl" in lines[0] and all(n in lines[0] for n in names), lines[0]
+  assert not os.path.exists(w)
+
+
+def test_kto_trains_from_the_cli_on_unpaired_rows(base_dir, pref_files, tmp_path):
+  """The support pairs, unpaired with TRL's own function, as a KTO file."""
+  datasets = pytest.importorskip("datasets")
+  from trl.data_utils import unpair_preference_dataset
+  rows = [json.loads(line) for line in open(pref_files[0])]
+  rows = unpair_preference_dataset(datasets.Dataset.from_list(rows)).to_list()
+  train = _write(tmp_path / "kto.jsonl", rows)
+  w = str(tmp_path / "kto")
+  res = _run(_pref("kto.py", "kto.py:smoke", base_dir, train, pref_files[1], w,
+                   "--config.kto.undesirable_weight=1.2"))
+  assert res.returncode == 0, res.stderr[-3000:]
+  m = _metrics(w)
+  for k in ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins",
+            "logps/chosen", "eval_loss", "eval_rewards/margins", "eval_kl"):
+    assert k in m and m[k] == m[k], (k, m)
+  assert "count/chosen" not in m

@@ -272,3 +272,75 @@ def test_cpo_simpo_match_trl(case):
   np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-7)
   for k in METRICS + ("nll_loss",):
     np.testing.assert_allclose(m[k], want_m[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+# ---- KTO: TRL's KTOTrainer._compute_loss on a stub trainer --------------------------------
+
+
+def _trl_kto(pol, ref, mask, labels, k):
+  """pol/ref/mask [2B, T]: rows [0, B) the examples, [B, 2B) their KL rows."""
+  import functools
+  from trl import KTOTrainer
+  ex_lp = torch.tensor(pol[:B, 1:], requires_grad=True)
+  kl_lp, ref_ex, ref_kl = (torch.tensor(x[:, 1:]) for x in (pol[B:], ref[:B], ref[B:]))
+  ids, kl_ids = torch.zeros((B, T), dtype=torch.long), torch.ones((B, T), dtype=torch.long)
+  batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+           "completion_mask": torch.tensor(mask[:B]).long(), "KL_input_ids": kl_ids,
+           "KL_attention_mask": torch.ones_like(kl_ids),
+           "KL_completion_mask": torch.tensor(mask[B:]).long(),
+           "label": torch.tensor(labels.astype(bool))}
+  out = lambda lp: SimpleNamespace(log_probs=lp, entropy=torch.zeros_like(lp),
+                                   mean_logits=torch.zeros_like(lp))
+  pick = lambda ex, kl: (lambda **kw: out(kl if kw["input_ids"] is kl_ids else ex))
+  stub = SimpleNamespace(
+      model=_eval_module(), ref_model=pick(ref_ex, ref_kl), aux_loss_enabled=False,
+      calculate_KL=k["loss_type"] == "kto", precompute_ref_logps=False,
+      accelerator=SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=identity),
+      args=SimpleNamespace(gradient_checkpointing_kwargs=None),
+      _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1, **k)
+  stub._compute_kl_logps = functools.partial(KTOTrainer._compute_kl_logps, stub)
+  try:
+    loss = KTOTrainer._compute_loss(stub, pick(ex_lp, kl_lp), batch, return_outputs=False)
+  except (AttributeError, KeyError, TypeError) as e:
+    pytest.skip(f"trl {trl.__version__} KTOTrainer._compute_loss does not fit the stub: {e!r}")
+  loss.backward()
+  g = np.zeros_like(pol)
+  g[:B, 1:] = ex_lp.grad.numpy()
+  return float(loss.detach()), g * mask, {k: v[-1] for k, v in stub._metrics["eval"].items()}
+
+
+def _ours_kto(pol, ref, mask, labels, k):
+  valid = jnp.ones(B)
+
+  def f(tok):
+    sums = (tok * mask).sum(-1)
+    b = B
+    sums = jnp.concatenate([sums[:b], jax.lax.stop_gradient(sums[b:])])
+    per, aux = dpo.kto_example_losses(sums, jnp.asarray((ref * mask).sum(-1)),
+                                      jnp.asarray(labels), valid, k)
+    return per.sum() / B, aux
+  (loss, aux), g = jax.value_and_grad(f, has_aux=True)(jnp.asarray(pol))
+  m = dpo.kto_metrics({kk: float(v) / B for kk, v in aux.items()})
+  return float(loss), np.asarray(g) * mask, m
+
+
+KTO_CASES = [dict(loss_type="kto"), dict(loss_type="kto", beta=0.5, desirable_weight=1.33,
+                                          undesirable_weight=0.7),
+             dict(loss_type="apo_zero_unpaired", undesirable_weight=2.0)]
+
+
+@pytest.mark.parametrize("case", KTO_CASES, ids=[str(c) for c in KTO_CASES])
+@pytest.mark.parametrize("kl_sign", [1.0, -1.0])  # z0 > 0, and a negative estimate clamped to 0
+def test_kto_matches_trl_trainer(case, kl_sign):
+  k = {**dpo.KTO_DEFAULTS, **case}
+  pol, ref, mask = _rows(seed=7)
+  pol[B:] += kl_sign * 0.3 * mask[B:]  # moves the KL estimate's sign
+  labels = np.array([1, 0, 1, 1, 0, 0], np.float32)
+  want_loss, want_g, want_m = _trl_kto(pol, ref, mask, labels, k)
+  loss, g, m = _ours_kto(pol, ref, mask, labels, k)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-7)
+  assert np.abs(want_g).max() > 0
+  np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-7)
+  assert np.all(g[B:] == 0)  # the KL rows carry no gradient, as TRL's no_grad pass
+  for key in ("kl",) + METRICS[:2] + ("rewards/margins", "logps/chosen", "logps/rejected"):
+    np.testing.assert_allclose(m[key], want_m[key], rtol=1e-5, atol=1e-6, err_msg=key)

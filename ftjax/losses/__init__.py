@@ -15,6 +15,7 @@ from ftjax.losses.preference import (CPO_LOSS_TYPES, DPO_LOSS_TYPES, F_DIVERGENC
                                      TRL_DPO_LOSS_TYPES, bradley_terry_losses,
                                      bradley_terry_metric_sums, check_dpo_options, cpo_loss,
                                      dpo_loss, dpo_metric_sums, dpo_multi_loss,
+                                     KTO_LOSS_TYPES, kto_loss,
                                      ld_weighted_logps, log1mexp, orpo_loss,
                                      sequence_logps_sum_and_mean)
 from ftjax.losses.tokens import logprobs_from_logits, sft_loss, token_entropy, token_logprobs
@@ -26,7 +27,9 @@ __all__ = [
     "ppo_rewards", "ppo_value_losses",
     "CPO_LOSS_TYPES", "DPO_LOSS_TYPES", "F_DIVERGENCES", "TRL_DPO_LOSS_TYPES",
     "bradley_terry_losses", "bradley_terry_metric_sums", "check_dpo_options", "cpo_loss",
-    "dpo_loss", "dpo_metric_sums", "dpo_multi_loss", "ld_weighted_logps", "log1mexp",
+    "dpo_loss", "dpo_metric_sums", "dpo_multi_loss", "KTO_LOSS_TYPES", "kto_loss",
+    "ld_weighted_logps",
+    "log1mexp",
     "orpo_loss", "sequence_logps_sum_and_mean",
     "logprobs_from_logits", "sft_loss", "token_entropy", "token_logprobs",
 ]

@@ -353,6 +353,40 @@ def cpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, *
   return losses, beta * sg(rc_), beta * sg(rr_)
 
 
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+def kto_loss(policy_logps: jax.Array, ref_logps: jax.Array, labels: jax.Array, kl: jax.Array, *,
+             beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             loss_type: str = "kto") -> tuple[jax.Array, jax.Array]:
+  """KTO (Ethayarajh et al. 2024) per example, as TRL's `KTOTrainer._compute_loss`.
+
+  With r = policy - reference logps and z0 = kl (the batch's KL estimate, no gradient):
+    "kto":               desirable 1 - sigmoid(beta (r - z0)),
+                         undesirable 1 - sigmoid(beta (z0 - r))
+    "apo_zero_unpaired": desirable 1 - sigmoid(beta r), undesirable sigmoid(beta r)
+  times desirable_weight / undesirable_weight; TRL's loss is the mean over the batch.
+
+  Args:
+    policy_logps, ref_logps: float [B] summed completion logps; labels: [B], 1 desirable, 0 not.
+    kl: float scalar z0 (TRL: mean over the KL rows of policy - reference logps, clamped >= 0).
+  Returns:
+    (losses, rewards) float32 [B]; rewards = beta * r, without gradient.
+  """
+  if loss_type not in KTO_LOSS_TYPES:
+    raise ValueError(f"kto.loss_type: unknown loss type {loss_type!r}; expected one of "
+                     f"{', '.join(KTO_LOSS_TYPES)}")
+  r = policy_logps.astype(jnp.float32) - ref_logps.astype(jnp.float32)
+  good = labels.astype(jnp.float32) > 0.5
+  z0 = jax.lax.stop_gradient(jnp.asarray(kl, jnp.float32))
+  if loss_type == "kto":
+    chosen, rejected = 1 - jax.nn.sigmoid(beta * (r - z0)), 1 - jax.nn.sigmoid(beta * (z0 - r))
+  else:
+    chosen, rejected = 1 - jax.nn.sigmoid(beta * r), jax.nn.sigmoid(beta * r)
+  losses = jnp.where(good, desirable_weight * chosen, undesirable_weight * rejected)
+  return losses, beta * jax.lax.stop_gradient(r)
+
+
 def dpo_metric_sums(chosen_rewards: jax.Array, rejected_rewards: jax.Array,
                     policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array,
                     weights: Optional[jax.Array] = None) -> dict[str, jax.Array]:

@@ -20,6 +20,7 @@ from absl import logging
 
 from ftjax import checkpoint, heads, losses, partition
 from ftjax import workdir as wd
+from ftjax.data import kto as kto_data
 from ftjax.data import preference as pref_data
 from ftjax.errors import UserError
 from ftjax.train import common, loop, preference, reference, setup
@@ -205,10 +206,87 @@ def cpo_loss_fn(params, batch, rng, *, model, cpo: dict, chunk: int = 0):
   return per_pair.sum(), valid.sum(), aux
 
 
+# ---- KTO (TRL's KTOTrainer) on unpaired rows: batches of `ftjax.data.kto` ------------------
+
+KTO_DEFAULTS = dict(beta=0.1, loss_type="kto", desirable_weight=1.0, undesirable_weight=1.0)
+
+
+def kto_example_losses(sums, ref_sums, labels, valid, k: dict):
+  """TRL's `KTOTrainer._compute_loss` on summed logps; returns (losses [B], aux sums).
+
+  Args:
+    sums, ref_sums: float [2B] policy and reference summed completion logps, rows [0, B) the
+      examples and [B, 2B) their KL (mismatched) sequences.
+    labels: float [B], 1 desirable, 0 undesirable; valid: float [B], 1 per real example.
+    k: KTO_DEFAULTS' keys.
+  The KL estimate z0 is the mean over the real KL rows of policy - reference logps, clamped at
+  0 and without gradient; "apo_zero_unpaired" uses none (0). Summed over the real examples the
+  losses give n times TRL's mean. The aux sums hold per-label sums and counts that
+  `kto_metrics` turns into TRL's per-label means.
+  """
+  b = valid.shape[0]
+  if k["loss_type"] == "kto":
+    kl = ((sums[b:] - ref_sums[b:]) * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+    kl = jnp.maximum(jax.lax.stop_gradient(kl), 0.0)
+  else:
+    kl = jnp.zeros((), jnp.float32)
+  per, rewards = losses.kto_loss(sums[:b], ref_sums[:b], labels, kl, beta=float(k["beta"]),
+                                 desirable_weight=float(k["desirable_weight"]),
+                                 undesirable_weight=float(k["undesirable_weight"]),
+                                 loss_type=k["loss_type"])
+  good, bad = labels * valid, (1 - labels) * valid
+  sg = jax.lax.stop_gradient
+  aux = {"kl": kl * valid.sum(), "count/chosen": good.sum(), "count/rejected": bad.sum(),
+         "rewards/chosen": (rewards * good).sum(), "rewards/rejected": (rewards * bad).sum(),
+         "logps/chosen": sg(sums[:b] * good).sum(), "logps/rejected": sg(sums[:b] * bad).sum()}
+  return per * valid, aux
+
+
+def kto_metrics(m: dict, prefix: str = "") -> dict:
+  """Per-label sums (`kto_example_losses`, already divided by the example count) -> TRL's
+  per-label means (sum / count of that label) and rewards/margins; drops the counts."""
+  m = dict(m)
+  c, r = m.pop(prefix + "count/chosen", 0.0), m.pop(prefix + "count/rejected", 0.0)
+  for side, n in (("chosen", c), ("rejected", r)):
+    for what in ("rewards", "logps"):
+      key = f"{prefix}{what}/{side}"
+      if key in m:
+        if n > 0:
+          m[key] = m[key] / n
+        else:
+          del m[key]  # TRL logs nothing for a label the batch lacks
+  if prefix + "rewards/chosen" in m and prefix + "rewards/rejected" in m:
+    m[prefix + "rewards/margins"] = m[prefix + "rewards/chosen"] - m[prefix + "rewards/rejected"]
+  return m
+
+
+def kto_loss_fn(params, batch, rng, *, model, ref_model, ref_params_fn, kto: dict,
+                chunk: int = 0):
+  """KTO over one batch: (sum of example losses, examples, aux sums)."""
+  sums = side_logps(model, params, batch, rng, chunk)[0]
+  ref_sums = jax.lax.stop_gradient(side_logps(
+      ref_model, jax.lax.stop_gradient(ref_params_fn(params)), batch, chunk=chunk)[0])
+  b = sums.shape[0] // 2
+  # The KL rows give only the (gradient-free) reference point, as TRL's no_grad pass.
+  sums = jnp.concatenate([sums[:b], jax.lax.stop_gradient(sums[b:])])
+  valid = preference.valid_pairs(batch)
+  per, aux = kto_example_losses(sums, ref_sums, batch["kto_label"][:b], valid, kto)
+  return per.sum(), valid.sum(), aux
+
+
 def _reference_free_options(config, method: str) -> dict:
   """The `orpo` / `cpo` section, checked (UserError naming the key)."""
   if method == "orpo":
     c = {"beta": config.orpo.beta}
+  elif method == "kto":
+    c = {k: config.kto.get(k, v) for k, v in KTO_DEFAULTS.items()}
+    if c["loss_type"] not in losses.KTO_LOSS_TYPES:
+      raise UserError(f"config.kto.loss_type={c['loss_type']!r}: unknown loss type; expected one "
+                      f"of {', '.join(losses.KTO_LOSS_TYPES)}")
+    for key in ("desirable_weight", "undesirable_weight"):
+      w = c[key]
+      if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+        raise UserError(f"config.kto.{key}={w!r}: expected a number >= 0")
   else:
     c = {k: config.cpo.get(k, v) for k, v in CPO_DEFAULTS.items()}
     if c["loss_type"] not in losses.CPO_LOSS_TYPES:
@@ -290,7 +368,7 @@ def run(config, workdir: str) -> dict:
   return train_pairs(config, workdir, "dpo")
 
 
-METHODS = ("dpo", "orpo", "cpo")
+METHODS = ("dpo", "orpo", "cpo", "kto")
 
 
 def train_pairs(config, workdir: str, method: str = "dpo") -> dict:
@@ -313,13 +391,14 @@ def train_pairs(config, workdir: str, method: str = "dpo") -> dict:
   else:
     free = _reference_free_options(config, method)
     precomputed = False
+  needs_ref = free is None or method == "kto"
   drift = wd.check_resume(config, workdir)  # a resume with a changed config is refused
   par = setup.parallel(config)
   par.check_batch(int(t.batch_size))
   model, params, tok, base_ref = setup.build_model(config, par=par)
   rules = setup.rules(config)
   ref = None
-  if free is None:
+  if needs_ref:
     ref = reference.policy(model, config, params, rules, precomputed=precomputed)
   state, frozen, schedule, tx, _ = loop.init(config, par, params, rules)
   if ref is not None:
@@ -327,7 +406,8 @@ def train_pairs(config, workdir: str, method: str = "dpo") -> dict:
   # The initial params live on only for a precomputed reference, until its table is built.
   init_params = params if precomputed else None
   del params
-  build_data = loop.data_builder(pref_data.build_preference_dataset, config, tok, workdir)
+  build = kto_data.build_kto_dataset if method == "kto" else pref_data.build_preference_dataset
+  build_data = loop.data_builder(build, config, tok, workdir)
 
   # ---- restore (a fresh run reads its data first, so a bad file leaves no workdir)
   ckpt, state, data, start = loop.restore(workdir, t, state, base_ref, build_data,
@@ -354,9 +434,13 @@ def train_pairs(config, workdir: str, method: str = "dpo") -> dict:
         ref_params_fn=ref.params_fn, **dpo_kw), frozen)
   else:
     chunk = int(t.logprob_chunk)
-    loss_fn = (functools.partial(orpo_loss_fn, model=model, beta=float(free["beta"]), chunk=chunk)
-               if method == "orpo" else
-               functools.partial(cpo_loss_fn, model=model, cpo=free, chunk=chunk))
+    if method == "orpo":
+      loss_fn = functools.partial(orpo_loss_fn, model=model, beta=float(free["beta"]), chunk=chunk)
+    elif method == "kto":
+      loss_fn = functools.partial(kto_loss_fn, model=model, ref_model=ref.model,
+                                  ref_params_fn=ref.params_fn, kto=free, chunk=chunk)
+    else:
+      loss_fn = functools.partial(cpo_loss_fn, model=model, cpo=free, chunk=chunk)
     step_fn = par.compile(lambda axis: functools.partial(
         common.update_step, loss_fn=loss_fn, tx=tx, schedule=schedule,
         grad_accum=int(t.grad_accum), axis_name=axis), state, frozen)
@@ -373,7 +457,8 @@ def train_pairs(config, workdir: str, method: str = "dpo") -> dict:
     ckpt.save(step, par.host_state(state), data.train.state, eval_metrics, extra)
 
   def run_eval():
-    return loop.evaluate(eval_fn, par.host_state(state)["params"], eval_batches)
+    out = loop.evaluate(eval_fn, par.host_state(state)["params"], eval_batches)
+    return kto_metrics(out, "eval_") if method == "kto" else out
 
   # ---- loop
   with loop.closing(ckpt, bar, writer):
@@ -385,6 +470,8 @@ def train_pairs(config, workdir: str, method: str = "dpo") -> dict:
         step += 1
         if loop.due(step, t.log_every, t.steps):
           m = preference.per_pair_means(jax.device_get(par.metrics(m)))
+          if method == "kto":
+            m = kto_metrics(m)
           last = loop.log(step, m, writer, bar, hint=f"lower optim.lr or {method}.beta")
         eval_metrics = loop.eval_and_save(step, t, eval_batches, run_eval, writer, save)
         last = {**last, **(eval_metrics or {})}

@@ -18,9 +18,9 @@ def valid_pairs(batch: dict) -> jax.Array:
   return (batch["weights"][:b].sum(-1) > 0).astype(jnp.float32)
 
 
-# The keys without a "/" that are sums over pairs too (reward model; ORPO and CPO).
+# The keys without a "/" that are sums over pairs too (reward model; ORPO, CPO, KTO).
 PER_PAIR_KEYS = ("accuracy", "reward_chosen", "reward_rejected", "margin", "nll_loss",
-                 "log_odds_ratio", "log_odds_chosen")
+                 "log_odds_ratio", "log_odds_chosen", "kl")
 
 
 def per_pair_means(metrics: dict) -> dict:
