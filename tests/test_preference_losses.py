@@ -99,7 +99,8 @@ NEW_TYPES = ["exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpair
              "apo_down", "discopop", "sft", "sigmoid_norm"]
 CASES = (
     [(_opts([t], eps=1e-3 if t == "exo_pair" else 0.0), f"{t}") for t in NEW_TYPES]
-    + [(_opts(["aot"], eps=0.1), "aot-eps"), (_opts(["discopop"], beta=0.5, tau=0.2), "discopop-tau"),
+    + [(_opts(["aot"], eps=0.1), "aot-eps"),
+       (_opts(["discopop"], beta=0.5, tau=0.2), "discopop-tau"),
        (_opts(["sigmoid", "sft"], [0.8, 0.2]), "mpo-like"),
        (_opts(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]), "mpo"),
        (_opts(["hinge", "ipo", "robust"], [1.0, 0.5, 2.0], eps=0.2), "legacy-mix"),
@@ -201,7 +202,8 @@ def _token_rows(seed=0):
 
 
 def _trl_pair_trainer(cls, ids, attn, labels, logits, **attrs):
-  """Run `cls.get_batch_loss_metrics` (ORPO or CPO) on a stub: (loss, d loss / d logits, metrics)."""
+  """Run `cls.get_batch_loss_metrics` (ORPO or CPO) on a stub: (loss, d loss / d logits,
+  metrics)."""
   import functools
   lg = torch.tensor(logits, requires_grad=True)
   t = lambda x: torch.tensor(x)
