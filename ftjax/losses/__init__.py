@@ -12,8 +12,12 @@ from ftjax.losses.grpo import (GRPO_LOSS_TYPES, SCALE_REWARDS, grpo_advantages, 
 from ftjax.losses.ppo import (KL_ESTIMATORS, adaptive_kl_update, apply_missing_eos_penalty, gae,
                               kl_penalty, last_index, masked_mean, masked_var, masked_whiten,
                               ppo_policy_losses, ppo_rewards, ppo_value_losses)
-from ftjax.losses.preference import (DPO_LOSS_TYPES, bradley_terry_losses,
-                                     bradley_terry_metric_sums, dpo_loss, dpo_metric_sums,
+from ftjax.losses.preference import (CPO_LOSS_TYPES, DPO_LOSS_TYPES, F_DIVERGENCES,
+                                     TRL_DPO_LOSS_TYPES, bradley_terry_losses,
+                                     bradley_terry_metric_sums, check_dpo_options, cpo_loss,
+                                     dpo_loss, dpo_metric_sums, dpo_multi_loss,
+                                     KTO_LOSS_TYPES, kto_loss,
+                                     ld_weighted_logps, log1mexp, orpo_loss,
                                      sequence_logps_sum_and_mean)
 from ftjax.losses.rloo import rloo_advantages, rloo_loss_sum, sequence_kl
 from ftjax.losses.tokens import logprobs_from_logits, sft_loss, token_entropy, token_logprobs
@@ -24,7 +28,11 @@ __all__ = [
     "last_index", "masked_mean", "masked_var", "masked_whiten", "ppo_policy_losses",
     "ppo_rewards", "ppo_value_losses",
     "rloo_advantages", "rloo_loss_sum", "sequence_kl",
-    "DPO_LOSS_TYPES", "bradley_terry_losses", "bradley_terry_metric_sums", "dpo_loss",
-    "dpo_metric_sums", "sequence_logps_sum_and_mean",
+    "CPO_LOSS_TYPES", "DPO_LOSS_TYPES", "F_DIVERGENCES", "TRL_DPO_LOSS_TYPES",
+    "bradley_terry_losses", "bradley_terry_metric_sums", "check_dpo_options", "cpo_loss",
+    "dpo_loss", "dpo_metric_sums", "dpo_multi_loss", "KTO_LOSS_TYPES", "kto_loss",
+    "ld_weighted_logps",
+    "log1mexp",
+    "orpo_loss", "sequence_logps_sum_and_mean",
     "logprobs_from_logits", "sft_loss", "token_entropy", "token_logprobs",
 ]

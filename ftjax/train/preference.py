@@ -18,9 +18,13 @@ def valid_pairs(batch: dict) -> jax.Array:
   return (batch["weights"][:b].sum(-1) > 0).astype(jnp.float32)
 
 
+# The keys without a "/" that are sums over pairs too (reward model; ORPO, CPO, KTO).
+PER_PAIR_KEYS = ("accuracy", "reward_chosen", "reward_rejected", "margin", "nll_loss",
+                 "log_odds_ratio", "log_odds_chosen", "kl")
+
+
 def per_pair_means(metrics: dict) -> dict:
   """Aux sums of `update_step` divided by the number of pairs (its `target_tokens`)."""
   n = max(float(metrics["target_tokens"]), 1.0)
-  return {k: (float(v) / n if ("/" in k or k in ("accuracy", "reward_chosen", "reward_rejected",
-                                                  "margin")) else float(v))
+  return {k: (float(v) / n if ("/" in k or k in PER_PAIR_KEYS) else float(v))
           for k, v in metrics.items()}
