@@ -46,6 +46,14 @@ ALLOWED_DRIFT = ("train.steps", "train.log_every", "train.eval_every", "train.sa
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_collections",
              "transformers", "tokenizers", "safetensors", "datasets")
 _MISSING = "<missing>"
+# Config keys added after workdirs were saved without them, with the value their absence meant
+# (what the code did before the key existed). A saved config that lacks one of these resumes
+# when the new config holds that value: the run is the same run. Add a key here whenever a
+# config file gains one that changes nothing at its default.
+ADDED_KEYS = {
+    "dpo.loss_weights": "", "dpo.ld_alpha": None, "dpo.f_divergence_type": "reverse_kl",
+    "dpo.f_alpha_divergence_coef": 0.5, "dpo.discopop_tau": 0.05,
+}
 
 
 def flatten(d: Any, prefix: str = "") -> dict:
@@ -142,7 +150,8 @@ def check_resume(config, workdir: str) -> dict:
     except ValueError as e:
       raise UserError(f"{path}: unreadable saved config ({e})") from None
   new = config_dict(config)
-  diff = config_diff(saved, new)
+  diff = {k: v for k, v in config_diff(saved, new).items()
+          if not (v[0] == _MISSING and k in ADDED_KEYS and v[1] == ADDED_KEYS[k])}
   drift = [k for k in diff if k not in ALLOWED_DRIFT]
   if drift and not new.get("allow_drift", False):
     shown = "; ".join(f"{k}: {_short(diff[k][0])} -> {_short(diff[k][1])}" for k in drift[:4])

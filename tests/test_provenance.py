@@ -113,3 +113,22 @@ def test_run_json_and_drift_refused_then_allowed(base_dir, chat_files, tmp_path)
   with open(os.path.join(w, "config.json")) as f:
     assert json.load(f)["optim"]["lr"] == 0.01
   assert max(int(n) for n in os.listdir(os.path.join(w, "checkpoints")) if n.isdigit()) == 3
+
+
+def test_keys_added_since_a_run_was_saved_resume_at_their_old_meaning(tmp_path):
+  """A DPO workdir saved before `dpo.loss_weights` etc. existed resumes when they hold the value
+  their absence meant; the same key at another value is still drift."""
+  from configs import dpo as dpo_config
+  from ftjax import provenance
+  config = dpo_config.get_config()
+  saved = provenance.config_dict(config)
+  for key in provenance.ADDED_KEYS:
+    section, name = key.split(".")
+    if section in saved:
+      saved[section].pop(name, None)
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+  assert provenance.check_resume(config, str(tmp_path)) == {}
+  config.dpo.f_divergence_type = "js_divergence"
+  with pytest.raises(UserError, match="dpo.f_divergence_type"):
+    provenance.check_resume(config, str(tmp_path))
