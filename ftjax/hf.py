@@ -557,8 +557,12 @@ def is_export(path: str) -> bool:
   return os.path.isfile(os.path.join(path, EXPORT_MARKER))
 
 
-def write_hf_dir(out_dir: str, write: Callable[[str], None], info: Optional[dict] = None):
+def write_hf_dir(out_dir: str, write: Callable[[str], None], info: Optional[dict] = None,
+                 readme: Optional[str] = None):
   """Run `write(tmp_dir)`, then swap tmp_dir in for out_dir: no half-written export.
+
+  `readme` (a model card, ftjax/model_card.py) is written as README.md with the files, so the
+  card and the weights it describes arrive together.
 
   `EXPORT_MARKER` (`info` as JSON) goes in beside the files, so that a later export knows the
   directory for an ftjax export it may replace (experiments/export.py refuses other non-empty
@@ -580,6 +584,9 @@ def write_hf_dir(out_dir: str, write: Callable[[str], None], info: Optional[dict
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the export's mode
     write(tmp)
+    if readme is not None:
+      with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(readme)
     with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
       json.dump({"written_by": "ftjax", **(info or {})}, f, indent=2)
     if not os.path.exists(out_dir):
@@ -657,7 +664,7 @@ def _recover(out_dir: str):
 
 def save_pretrained(model: Decoder, params: dict, out_dir: str, dtype: Optional[str] = None,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer_from: str = None,
-                    export_info: Optional[dict] = None):
+                    export_info: Optional[dict] = None, readme: Optional[str] = None):
   """Write config.json, generation_config.json and safetensors that transformers loads.
 
   LoRA/DoRA adapters are merged in and 4-bit kernels dequantized first (see `lora.merge`).
@@ -667,6 +674,7 @@ def save_pretrained(model: Decoder, params: dict, out_dir: str, dtype: Optional[
     max_shard_bytes: above this, shards plus model.safetensors.index.json.
     tokenizer_from: an HF directory whose tokenizer files are copied alongside.
     export_info: facts for the export marker (see `write_hf_dir`), e.g. the workdir and step.
+    readme: the model card, written as README.md inside the same atomic write.
   """
   if model.spec.prefix is not None:
     raise ValueError("save_pretrained: prefix/prompt tuning cannot be merged into HF weights; "
@@ -690,7 +698,7 @@ def save_pretrained(model: Decoder, params: dict, out_dir: str, dtype: Optional[
     if tokenizer_from:
       copy_tokenizer(tokenizer_from, tmp)
 
-  write_hf_dir(out_dir, write, {"format": "merged", **(export_info or {})})
+  write_hf_dir(out_dir, write, {"format": "merged", **(export_info or {})}, readme)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
