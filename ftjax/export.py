@@ -191,6 +191,8 @@ def export(workdir: str, out: str, format: str = "merged", step=None, dtype=None
   # Checked before the Checkpointer, which would create an empty checkpoints/ here.
   if not wd.has_checkpoints(workdir):
     raise UserError(f"{workdir}: no checkpoint to restore (the run saved none yet)")
+  if config.adapter.kind == "bottleneck":
+    raise UserError(f"{workdir}: --format={format}: {hf.BOTTLENECK_NO_MERGE}")
   if format == "peft" and config.adapter.kind == "none":
     raise UserError(f"{workdir}: the run trained no adapter (adapter.kind=none); "
                      "use --format=merged")

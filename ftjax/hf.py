@@ -468,7 +468,7 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
                     attention: str = "xla", remat: bool | str = False, lora=None, quant=None,
                     prefix=None, rng: Optional[jax.Array] = None, mesh=None, rules=None,
                     quant_targets: Optional[str] = None, adapter_dtype: str = "float32",
-                    **config_overrides):
+                    bottleneck=None, **config_overrides):
   """Load a HF causal LM directory (or hub name) as (Decoder, params).
 
   Args:
@@ -482,6 +482,7 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
     quant: None, "nf4", "int4" or a `QuantConfig`: the linear kernels are quantized tensor by
       tensor while streaming, so the full model never exists in float32.
     prefix: a `PrefixConfig` (prefix or prompt tuning), initialised beside the base.
+    bottleneck: a `BottleneckConfig` (Houlsby / Pfeiffer adapters), initialised beside it.
     rng: key for the adapter initialisation (default PRNGKey(0)).
     mesh, rules: place every tensor straight into its shards on this mesh (see sharding.py).
     quant_targets: regex of the linear layers kept in 4 bits (default: all attention and MLP
@@ -506,7 +507,7 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
   if isinstance(quant, str):
     from ftjax.quant import QuantConfig
     qcfg = QuantConfig(kind=quant)
-  spec = AdapterSpec(lora=lora, quant=qcfg, prefix=prefix)
+  spec = AdapterSpec(lora=lora, quant=qcfg, prefix=prefix, bottleneck=bottleneck)
   if quant_targets:
     spec = dataclasses.replace(spec, quant_targets=quant_targets)
   model = Decoder(cfg, spec)
@@ -526,7 +527,7 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
     return arr  # load_params cast it to the param's dtype
 
   params = load_params(path, cfg, convert, target)
-  if lora is not None or prefix is not None:
+  if lora is not None or prefix is not None or bottleneck is not None:
     params = lora_lib.init_adapters(model, params,
                                     jax.random.PRNGKey(0) if rng is None else rng)
     if target is not None:  # the (small) adapter leaves into their shards too
@@ -550,6 +551,11 @@ def hf_tensors(cfg: ModelConfig, params: dict, dtype: Optional[str] = None
 
 
 EXPORT_MARKER = "ftjax_export.json"
+# Why a bottleneck adapter has no merged export (and, PEFT having no bottleneck type, no PEFT one).
+BOTTLENECK_NO_MERGE = (
+    "bottleneck adapters cannot be merged into the base weights (a nonlinearity sits between "
+    "their two projections, so no single linear layer equals them) and PEFT has no format for "
+    "them; keep the ftjax workdir (generate.py and eval.py --workdir=... load it)")
 
 
 def is_export(path: str) -> bool:
@@ -676,6 +682,8 @@ def save_pretrained(model: Decoder, params: dict, out_dir: str, dtype: Optional[
     export_info: facts for the export marker (see `write_hf_dir`), e.g. the workdir and step.
     readme: the model card, written as README.md inside the same atomic write.
   """
+  if model.spec.bottleneck is not None:
+    raise ValueError(BOTTLENECK_NO_MERGE)
   if model.spec.prefix is not None:
     raise ValueError("save_pretrained: prefix/prompt tuning cannot be merged into HF weights; "
                      "export the adapter with save_adapter (PEFT format) instead")

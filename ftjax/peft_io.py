@@ -134,6 +134,8 @@ def save_adapter(model: Decoder, params: dict, out_dir: str,
   `tokenizer_from`, `export_info` and `readme` (the model card) as in `hf.save_pretrained`.
   """
   lcfg = model.spec.lora
+  if model.spec.bottleneck is not None:
+    raise ValueError(hf.BOTTLENECK_NO_MERGE)
   if model.spec.prefix is not None:
     if lcfg is not None:
       raise ValueError("save_adapter: PEFT has no format for LoRA and prefix tuning together")
