@@ -11,6 +11,7 @@ import pytest
 import torch
 from flax import traverse_util
 
+import ftjax
 from configs import sft as sft_config
 from ftjax import export, heldout, hf, lora, partition
 from ftjax import workdir as wd
@@ -57,6 +58,13 @@ def test_fresh_adapter_leaves_logits_unchanged(hf_models, placement, sites):
   assert np.abs(np.asarray(model.apply({"params": moved}, tokens)) - ours).max() > 1e-3
   np.testing.assert_array_equal(
       np.asarray(lora.disable(model).apply({"params": moved}, tokens)), ours)
+  # The KV-cache decode runs the adapters too: greedy tokens equal the full forward's argmax.
+  out = ftjax.generate(model, moved, tokens[:1, :6], max_new_tokens=4)
+  seq = tokens[:1, :6]
+  for _ in range(4):
+    nxt = np.asarray(model.apply({"params": moved}, seq))[:, -1].argmax(-1)
+    seq = np.concatenate([seq, nxt[:, None]], axis=1)
+  np.testing.assert_array_equal(np.asarray(out.tokens), seq[:, 6:])
 
 
 def test_one_adapter_is_down_act_up_with_residual():
