@@ -58,10 +58,12 @@ def model(preset="tiny") -> dict:
 
 
 def adapter(kind="lora") -> dict:
-  """`kind`: none | lora | dora (LoRA with dora=True) | prefix | prompt."""
+  """`kind`: none | lora | dora (LoRA with dora=True) | prefix | prompt | bottleneck (Houlsby /
+  Pfeiffer adapters: `reduction_factor`, `placement` houlsby | pfeiffer)."""
   return dict(kind="lora" if kind == "dora" else kind, rank=8, alpha=16.0, dropout=0.0,
               targets="all-linear", rslora=False, dora=kind == "dora", init="kaiming",
-              length=16, reparam=False, reparam_hidden=512, train_extra="",
+              length=16, reparam=False, reparam_hidden=512, reduction_factor=16,
+              placement="houlsby", train_extra="",
               dtype="float32")  # trainable adapter params, whatever model.dtype is
 
 

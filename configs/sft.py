@@ -5,7 +5,7 @@
 
 The arg is a comma list of `key=value` or flags:
   model=PRESET      a preset from ftjax.config.PRESETS (used when model.hf_path is empty)
-  adapter=KIND      none | lora | dora | prefix | prompt
+  adapter=KIND      none | lora | dora | prefix | prompt | bottleneck
   quant=KIND        none | nf4 | int4 (frozen base in 4 bits; needs an adapter)
   format=FMT        chat | alpaca | prompt_completion | text
   smoke             shrink everything so the config runs in CI in seconds

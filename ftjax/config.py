@@ -346,3 +346,40 @@ class PrefixConfig:
       raise ValueError(f"PrefixConfig.kind={self.kind!r}: expected prefix or prompt")
     if self.length < 0:
       raise ValueError(f"PrefixConfig.length={self.length} must be >= 0")
+
+
+BOTTLENECK_PLACEMENTS = ("houlsby", "pfeiffer")
+
+
+@dataclasses.dataclass(frozen=True)
+class BottleneckConfig:
+  """Bottleneck adapters: h + up(act(down(h))) on a sublayer's output, inside every block.
+
+  houlsby (Houlsby et al. 2019): after the attention and after the MLP sublayer; pfeiffer
+  (Pfeiffer et al. 2020): after the MLP only. down [D, D // reduction_factor] starts random
+  (normal, `init_std`), up starts at zero: a fresh adapter leaves the model unchanged.
+  """
+
+  reduction_factor: int = 16
+  placement: str = "houlsby"
+  activation: str = "relu"  # relu | silu | gelu_tanh | gelu
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    if self.placement not in BOTTLENECK_PLACEMENTS:
+      raise ValueError(f"BottleneckConfig.placement={self.placement!r}: expected houlsby or "
+                       "pfeiffer")
+    if int(self.reduction_factor) != self.reduction_factor or self.reduction_factor < 1:
+      raise ValueError(f"BottleneckConfig.reduction_factor={self.reduction_factor}: expected "
+                       "an integer >= 1")
+    if self.activation not in ("relu", "silu", "gelu_tanh", "gelu"):
+      raise ValueError(f"BottleneckConfig.activation={self.activation!r}: expected relu, silu, "
+                       "gelu_tanh or gelu")
+
+  def sites(self) -> tuple[str, ...]:
+    """The sublayers whose output gets an adapter: attn and/or mlp."""
+    return ("attn", "mlp") if self.placement == "houlsby" else ("mlp",)
+
+  def size(self, d_model: int) -> int:
+    """The bottleneck width: d_model // reduction_factor, at least 1."""
+    return max(1, d_model // int(self.reduction_factor))

@@ -3,7 +3,8 @@
 The checkpoint is the latest one (`step="best"` for the best by eval loss, or a number).
 The tokenizer is copied alongside. Files are written to a temporary directory and moved
 into place only when complete; the directory gets an `ftjax_export.json` (workdir, step,
-format) that marks it as an ftjax export.
+format) that marks it as an ftjax export, and a model card, README.md (ftjax/model_card.py:
+metadata, config diff, data, held-out metrics, provenance, limitations), written with the files.
 
 `out` is checked before the model is loaded. Refused: the run's base model or tokenizer
 directory, an ftjax workdir (this one or another), a checkpoint folder, any directory that
@@ -22,7 +23,7 @@ import tempfile
 from absl import logging
 import jax
 
-from ftjax import checkpoint, hf, workdir as wd
+from ftjax import checkpoint, hf, model_card, provenance, workdir as wd
 from ftjax.errors import UserError
 from ftjax.peft_io import save_adapter
 from ftjax.train import setup
@@ -168,6 +169,14 @@ def resolve_step(workdir: str, config, step):
     ckpt.close()
 
 
+def _param_counts(params, config) -> dict:
+  """{"total", "trainable"} parameter counts for the card (trainable: by the run's rules; a
+  4-bit kernel counts its stored elements)."""
+  from ftjax import partition
+  from ftjax.train import setup
+  return partition.summary(params, partition.label_params(params, setup.rules(config)))
+
+
 def _missing_dirs(path: str) -> list[str]:
   return [d for d in _ancestors(path) if not os.path.exists(d)]
 
@@ -182,6 +191,8 @@ def export(workdir: str, out: str, format: str = "merged", step=None, dtype=None
   # Checked before the Checkpointer, which would create an empty checkpoints/ here.
   if not wd.has_checkpoints(workdir):
     raise UserError(f"{workdir}: no checkpoint to restore (the run saved none yet)")
+  if config.adapter.kind == "bottleneck":
+    raise UserError(f"{workdir}: --format={format}: {hf.BOTTLENECK_NO_MERGE}")
   if format == "peft" and config.adapter.kind == "none":
     raise UserError(f"{workdir}: the run trained no adapter (adapter.kind=none); "
                      "use --format=merged")
@@ -190,14 +201,16 @@ def export(workdir: str, out: str, format: str = "merged", step=None, dtype=None
   tok_dir = setup.tokenizer_path(config)
   model, params, _, config = wd.load_trained(workdir, step)
   info = {"workdir": _real(workdir), "step": step}
+  card = model_card.build(workdir, step, format, provenance.config_dict(config),
+                          _param_counts(params, config))
   created = _missing_dirs(os.path.dirname(os.path.abspath(out)))
   try:
     if format == "merged":
       hf.save_pretrained(model, params, out, dtype=dtype, tokenizer_from=tok_dir,
-                            export_info=info)
+                            export_info=info, readme=card)
     else:
       save_adapter(model, params, out, base_model_name_or_path=config.model.hf_path or None,
-                         tokenizer_from=tok_dir, export_info=info)
+                         tokenizer_from=tok_dir, export_info=info, readme=card)
   except OSError as e:
     if e.errno not in WRITE_ERRNOS:
       raise

@@ -468,7 +468,7 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
                     attention: str = "xla", remat: bool | str = False, lora=None, quant=None,
                     prefix=None, rng: Optional[jax.Array] = None, mesh=None, rules=None,
                     quant_targets: Optional[str] = None, adapter_dtype: str = "float32",
-                    **config_overrides):
+                    bottleneck=None, **config_overrides):
   """Load a HF causal LM directory (or hub name) as (Decoder, params).
 
   Args:
@@ -482,6 +482,7 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
     quant: None, "nf4", "int4" or a `QuantConfig`: the linear kernels are quantized tensor by
       tensor while streaming, so the full model never exists in float32.
     prefix: a `PrefixConfig` (prefix or prompt tuning), initialised beside the base.
+    bottleneck: a `BottleneckConfig` (Houlsby / Pfeiffer adapters), initialised beside it.
     rng: key for the adapter initialisation (default PRNGKey(0)).
     mesh, rules: place every tensor straight into its shards on this mesh (see sharding.py).
     quant_targets: regex of the linear layers kept in 4 bits (default: all attention and MLP
@@ -506,7 +507,7 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
   if isinstance(quant, str):
     from ftjax.quant import QuantConfig
     qcfg = QuantConfig(kind=quant)
-  spec = AdapterSpec(lora=lora, quant=qcfg, prefix=prefix)
+  spec = AdapterSpec(lora=lora, quant=qcfg, prefix=prefix, bottleneck=bottleneck)
   if quant_targets:
     spec = dataclasses.replace(spec, quant_targets=quant_targets)
   model = Decoder(cfg, spec)
@@ -526,7 +527,7 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
     return arr  # load_params cast it to the param's dtype
 
   params = load_params(path, cfg, convert, target)
-  if lora is not None or prefix is not None:
+  if lora is not None or prefix is not None or bottleneck is not None:
     params = lora_lib.init_adapters(model, params,
                                     jax.random.PRNGKey(0) if rng is None else rng)
     if target is not None:  # the (small) adapter leaves into their shards too
@@ -550,6 +551,11 @@ def hf_tensors(cfg: ModelConfig, params: dict, dtype: Optional[str] = None
 
 
 EXPORT_MARKER = "ftjax_export.json"
+# Why a bottleneck adapter has no merged export (and, PEFT having no bottleneck type, no PEFT one).
+BOTTLENECK_NO_MERGE = (
+    "bottleneck adapters cannot be merged into the base weights (a nonlinearity sits between "
+    "their two projections, so no single linear layer equals them) and PEFT has no format for "
+    "them; keep the ftjax workdir (generate.py and eval.py --workdir=... load it)")
 
 
 def is_export(path: str) -> bool:
@@ -557,8 +563,12 @@ def is_export(path: str) -> bool:
   return os.path.isfile(os.path.join(path, EXPORT_MARKER))
 
 
-def write_hf_dir(out_dir: str, write: Callable[[str], None], info: Optional[dict] = None):
+def write_hf_dir(out_dir: str, write: Callable[[str], None], info: Optional[dict] = None,
+                 readme: Optional[str] = None):
   """Run `write(tmp_dir)`, then swap tmp_dir in for out_dir: no half-written export.
+
+  `readme` (a model card, ftjax/model_card.py) is written as README.md with the files, so the
+  card and the weights it describes arrive together.
 
   `EXPORT_MARKER` (`info` as JSON) goes in beside the files, so that a later export knows the
   directory for an ftjax export it may replace (experiments/export.py refuses other non-empty
@@ -580,6 +590,9 @@ def write_hf_dir(out_dir: str, write: Callable[[str], None], info: Optional[dict
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the export's mode
     write(tmp)
+    if readme is not None:
+      with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(readme)
     with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
       json.dump({"written_by": "ftjax", **(info or {})}, f, indent=2)
     if not os.path.exists(out_dir):
@@ -657,7 +670,7 @@ def _recover(out_dir: str):
 
 def save_pretrained(model: Decoder, params: dict, out_dir: str, dtype: Optional[str] = None,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer_from: str = None,
-                    export_info: Optional[dict] = None):
+                    export_info: Optional[dict] = None, readme: Optional[str] = None):
   """Write config.json, generation_config.json and safetensors that transformers loads.
 
   LoRA/DoRA adapters are merged in and 4-bit kernels dequantized first (see `lora.merge`).
@@ -667,7 +680,10 @@ def save_pretrained(model: Decoder, params: dict, out_dir: str, dtype: Optional[
     max_shard_bytes: above this, shards plus model.safetensors.index.json.
     tokenizer_from: an HF directory whose tokenizer files are copied alongside.
     export_info: facts for the export marker (see `write_hf_dir`), e.g. the workdir and step.
+    readme: the model card, written as README.md inside the same atomic write.
   """
+  if model.spec.bottleneck is not None:
+    raise ValueError(BOTTLENECK_NO_MERGE)
   if model.spec.prefix is not None:
     raise ValueError("save_pretrained: prefix/prompt tuning cannot be merged into HF weights; "
                      "export the adapter with save_adapter (PEFT format) instead")
@@ -690,7 +706,7 @@ def save_pretrained(model: Decoder, params: dict, out_dir: str, dtype: Optional[
     if tokenizer_from:
       copy_tokenizer(tokenizer_from, tmp)
 
-  write_hf_dir(out_dir, write, {"format": "merged", **(export_info or {})})
+  write_hf_dir(out_dir, write, {"format": "merged", **(export_info or {})}, readme)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

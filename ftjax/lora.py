@@ -97,9 +97,14 @@ def apply(module: nn.Module, lcfg: LoraConfig, x: jax.Array, y: jax.Array,
   return out if on is None else jnp.where(on, out, y)
 
 
+BOTTLENECK_MODULES = ("attn_adapter", "mlp_adapter")  # model.Block's bottleneck adapters
+
+
 def is_adapter_leaf(key: tuple) -> bool:
-  """LoRA leaves, and the prefix/prompt tuning params (top-level `prefix`, `prompt`)."""
-  return key[-1] in LORA_LEAVES or key[0] in ("prefix", "prompt")
+  """LoRA leaves, the prefix/prompt tuning params (top-level `prefix`, `prompt`), and the
+  bottleneck adapters' params (`.../attn_adapter/...`, `.../mlp_adapter/...`)."""
+  return (key[-1] in LORA_LEAVES or key[0] in ("prefix", "prompt")
+          or any(k in BOTTLENECK_MODULES for k in key))
 
 
 def adapter_params(params: dict) -> dict:
@@ -183,8 +188,9 @@ def init_adapters(model, params: dict, rng: jax.Array) -> dict:
   dead code: nothing of base size is built. DoRA magnitudes start at the column norms of the
   loaded base kernels, so training starts exactly at the base model.
   """
-  if model.spec.lora is None and model.spec.prefix is None:
-    raise ValueError("init_adapters: the model has no LoraConfig or PrefixConfig")
+  if model.spec.lora is None and model.spec.prefix is None and model.spec.bottleneck is None:
+    raise ValueError("init_adapters: the model has no LoraConfig, PrefixConfig or "
+                     "BottleneckConfig")
   paths = target_paths(model)
   lcfg = model.spec.lora
   if lcfg is not None and not paths:

@@ -241,7 +241,8 @@ def train_flops_per_token(cfg: Any, seq_len: int, trainable: Any, frozen: Any = 
   size = lambda x: int(np.prod(np.shape(x)))
   trained_base = trained_lora = frozen_lora = 0
   for key, leaf in traverse_util.flatten_dict(dict(trainable or {})).items():
-    if key[-1] in ("lora_a", "lora_b", "lora_magnitude"):
+    if key[-1] in ("lora_a", "lora_b", "lora_magnitude") or any(
+        k in ("attn_adapter", "mlp_adapter") for k in key):
       trained_lora += size(leaf)
     elif key[0] == "embed":
       trained_base += head if cfg.tie_embeddings else 0  # tied: also the output matmul

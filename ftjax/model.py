@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import heads, lora, quant
-from ftjax.config import (LORA_TARGET_PRESETS, LoraConfig, ModelConfig, PrefixConfig,
-                          dot_precision)
+from ftjax.config import (LORA_TARGET_PRESETS, BottleneckConfig, LoraConfig, ModelConfig,
+                          PrefixConfig, dot_precision)
 
 Array = jax.Array
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -47,6 +47,8 @@ def _dtype(name):
 
 
 def _act(name: str):
+  if name == "relu":  # bottleneck adapters' default (Houlsby's and AdapterHub's)
+    return jax.nn.relu
   if name == "silu":
     return jax.nn.silu
   if name == "gelu_tanh":
@@ -71,11 +73,19 @@ class AdapterSpec:
   quant: Any = None  # ftjax.quant.QuantConfig
   quant_targets: str = LORA_TARGET_PRESETS["all-linear"]  # embeddings and norms stay dense
   prefix: Optional[PrefixConfig] = None
+  bottleneck: Optional[BottleneckConfig] = None
   adapters_enabled: bool = True
 
   def prefix_of(self, kind: str) -> Optional[PrefixConfig]:
     if self.adapters_enabled and self.prefix is not None and self.prefix.kind == kind:
       return self.prefix
+    return None
+
+  def bottleneck_at(self, site: str) -> Optional[BottleneckConfig]:
+    """The bottleneck config when `site` (attn | mlp) gets an adapter (declared even while
+    adapters are disabled: the params tree does not change)."""
+    if self.bottleneck is not None and site in self.bottleneck.sites():
+      return self.bottleneck
     return None
 
   def lora_for(self, path: str) -> Optional[LoraConfig]:
@@ -359,6 +369,36 @@ class Mlp(nn.Module):
     return lin(cfg.d_model, ("mlp", "embed"), name="down_proj")(hidden, layer)
 
 
+class Bottleneck(nn.Module):
+  """A bottleneck adapter (Houlsby et al. 2019; Pfeiffer et al. 2020) on a sublayer's output
+  h [..., D]: h + up(act(down(h))), down [D, D/reduction_factor], up [D/r, D], both with a bias.
+  `up` starts at zero, so a fresh adapter returns h exactly: training starts at the base model.
+  Params are `adapter_dtype`, cast to the compute dtype in the matmuls, as LoRA's."""
+
+  cfg: ModelConfig
+  bottleneck: BottleneckConfig
+  enabled: bool = True
+
+  @nn.compact
+  def __call__(self, h: Array) -> Array:
+    cfg, bc = self.cfg, self.bottleneck
+    d, r = h.shape[-1], bc.size(h.shape[-1])
+    adt, dt = _dtype(cfg.adapter_dtype), _dtype(cfg.dtype)
+    prec = dot_precision(cfg.matmul_precision, dt)
+    part = nn.with_logical_partitioning
+    down = self.param("down", part(nn.initializers.normal(bc.init_std), ("embed", "bottleneck")),
+                      (d, r), adt)
+    down_b = self.param("down_bias", part(nn.initializers.zeros, ("bottleneck",)), (r,), adt)
+    up = self.param("up", part(nn.initializers.zeros, ("bottleneck", "embed")), (r, d), adt)
+    up_b = self.param("up_bias", part(nn.initializers.zeros, ("embed",)), (d,), adt)
+    if not self.enabled:
+      return h
+    z = jnp.einsum("...D,DR->...R", h.astype(dt), down.astype(dt), precision=prec)
+    z = _act(bc.activation)(z + down_b.astype(dt))
+    y = jnp.einsum("...R,RD->...D", z, up.astype(dt), precision=prec) + up_b.astype(dt)
+    return h + y.astype(h.dtype)
+
+
 def _norm(cfg: ModelConfig, name: str) -> Norm:
   return Norm(cfg.norm, cfg.norm_eps, cfg.norm_add_one, cfg.norm_bias, "norm",
               _dtype(cfg.dtype), _dtype(cfg.param_dtype), name=name)
@@ -382,9 +422,17 @@ class Block(nn.Module):
     attn = Attention(self.cfg, self.spec, name="attn")
     h, cache = attn(_norm(self.cfg, "attn_norm")(x), positions, key_valid, q_idx, k_idx, q_seg,
                     k_seg, cache, prefix, layer)
-    x = x + h
-    x = x + Mlp(self.cfg, self.spec, name="mlp")(_norm(self.cfg, "mlp_norm")(x), layer)
+    x = x + self._adapter("attn", h)
+    h = Mlp(self.cfg, self.spec, name="mlp")(_norm(self.cfg, "mlp_norm")(x), layer)
+    x = x + self._adapter("mlp", h)
     return constrain(x, ("batch", "length", "act_embed")), cache
+
+  def _adapter(self, site: str, h):
+    """A sublayer's output through its bottleneck adapter (`<site>_adapter`), if it has one."""
+    bc = self.spec.bottleneck_at(site)
+    if bc is None:
+      return h
+    return Bottleneck(self.cfg, bc, self.spec.adapters_enabled, name=f"{site}_adapter")(h)
 
 
 def segment_positions(segment_ids: Array) -> Array:

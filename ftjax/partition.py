@@ -26,6 +26,7 @@ RULES: dict[str, list[tuple[str, str]]] = {
     "lora": [(r"/lora_(a|b|magnitude)$", TRAIN), (".*", FREEZE)],
     "prefix": [(r"^prefix(/|$)", TRAIN), (".*", FREEZE)],
     "prompt": [(r"^prompt(/|$)", TRAIN), (".*", FREEZE)],
+    "bottleneck": [(r"(^|/)(attn|mlp)_adapter/", TRAIN), (".*", FREEZE)],
     "none": [(".*", FREEZE)],
 }
 

@@ -123,7 +123,7 @@ def _fuse_qkv(layers: list[str], leaves: dict, rank: int) -> tuple[np.ndarray, n
 
 def save_adapter(model: Decoder, params: dict, out_dir: str,
                  base_model_name_or_path: Optional[str] = None, tokenizer_from: str = None,
-                 export_info: Optional[dict] = None):
+                 export_info: Optional[dict] = None, readme: Optional[str] = None):
   """Write a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`).
 
   LoRA/DoRA as PEFT's LORA; prefix and prompt tuning as PREFIX_TUNING / PROMPT_TUNING.
@@ -131,14 +131,16 @@ def save_adapter(model: Decoder, params: dict, out_dir: str,
   `_fuse_qkv`), with `rank_pattern`/`alpha_pattern` keeping alpha/r.
 
   `peft.PeftModel.from_pretrained(base, out_dir)` loads it with the same logits.
-  `tokenizer_from` and `export_info` as in `hf.save_pretrained`.
+  `tokenizer_from`, `export_info` and `readme` (the model card) as in `hf.save_pretrained`.
   """
   lcfg = model.spec.lora
+  if model.spec.bottleneck is not None:
+    raise ValueError(hf.BOTTLENECK_NO_MERGE)
   if model.spec.prefix is not None:
     if lcfg is not None:
       raise ValueError("save_adapter: PEFT has no format for LoRA and prefix tuning together")
     return _save_prefix_adapter(model, params, out_dir, base_model_name_or_path, tokenizer_from,
-                                export_info)
+                                export_info, readme)
   if lcfg is None:
     raise ValueError("save_adapter: the model has no adapter")
   gpt2 = model.cfg.family == "gpt2"
@@ -192,7 +194,7 @@ def save_adapter(model: Decoder, params: dict, out_dir: str,
     if tokenizer_from:
       hf.copy_tokenizer(tokenizer_from, tmp)
 
-  hf.write_hf_dir(out_dir, write, {"format": "peft", **(export_info or {})})
+  hf.write_hf_dir(out_dir, write, {"format": "peft", **(export_info or {})}, readme)
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -326,7 +328,7 @@ def load_adapter(model: Decoder, params: dict, adapter_dir: str) -> tuple[Decode
 
 def _save_prefix_adapter(model: Decoder, params: dict, out_dir: str,
                         base_model_name_or_path: str | None = None, tokenizer_from: str = None,
-                        export_info: Optional[dict] = None):
+                        export_info: Optional[dict] = None, readme: Optional[str] = None):
   """Write a PEFT prefix- or prompt-tuning adapter that `PeftModel.from_pretrained` loads."""
   pc, cfg = model.spec.prefix, model.cfg
   shared = {"task_type": "CAUSAL_LM", "num_virtual_tokens": pc.length, "inference_mode": True,
@@ -351,7 +353,7 @@ def _save_prefix_adapter(model: Decoder, params: dict, out_dir: str,
     if tokenizer_from:
       hf.copy_tokenizer(tokenizer_from, tmp)
 
-  hf.write_hf_dir(out_dir, write, {"format": "peft", **(export_info or {})})
+  hf.write_hf_dir(out_dir, write, {"format": "peft", **(export_info or {})}, readme)
 
 
 def _load_prefix_adapter(model: Decoder, params: dict, adapter_dir: str, acfg: dict):

@@ -14,6 +14,9 @@ experiment on that workdir (the first run, then every resume), each with
                with allow_drift)
   config       this attempt's resolved config
   data_hashes  {absolute path: sha256} of the local data files the config names
+  data_stats   {"train": DataStats, "eval": DataStats} as dicts (examples, tokens, truncated,
+               ...) of the data this attempt read, added once the data is built (the model
+               card's data section reads it)
 
 so that with `--config.allow_drift=True` both the old and the new config are on record.
 
@@ -230,4 +233,30 @@ def record_run(config, workdir: str, diff: dict, resumed: bool):
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump({"runs": runs + [attempt]}, f, indent=2, default=str)
+  os.replace(tmp, path)
+
+
+def record_data_stats(workdir: str, data):
+  """Adds `data.stats` and `data.eval_stats` (a built dataset's counts) to this attempt's entry,
+  the last one in `workdir`/run.json (process 0; written atomically). Datasets without stats
+  (online RL's prompts) add nothing."""
+  import jax
+  stats = getattr(data, "stats", None)
+  path = os.path.join(workdir, "run.json")
+  if jax.process_index() != 0 or not hasattr(stats, "as_dict") or not os.path.exists(path):
+    return
+  with open(path) as f:
+    try:
+      record = json.load(f)
+    except ValueError:
+      return
+  runs = record.get("runs") if isinstance(record, dict) else None
+  if not runs or not isinstance(runs[-1], dict):
+    return
+  evals = getattr(data, "eval_stats", None)
+  runs[-1]["data_stats"] = {"train": stats.as_dict(),
+                            "eval": evals.as_dict() if hasattr(evals, "as_dict") else None}
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(record, f, indent=2, default=str)
   os.replace(tmp, path)

@@ -42,6 +42,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("position", None),
     ("lora", None),
+    ("bottleneck", None),
     ("prefix", None),
     ("layers", None),
     ("act_embed", None),

@@ -304,3 +304,20 @@ def regenerate(data_dir: str = DATA_DIR):
 
 if __name__ == "__main__":
   regenerate()
+
+
+def card_limitations(metrics: dict) -> list[str]:
+  """The model card's failure figures (ftjax/model_card.py) from a run's last eval: the rate of
+  replies with an invented order number, with its Wilson interval where its counts were logged."""
+  from ftjax import stats
+  key = next((k for k in metrics if k.rsplit("/", 1)[-1] in ("invented", "eval_invented")),
+             None)
+  if key is None:
+    return ["Invented order numbers: not measured by this run's eval; measure them with "
+            "`python experiments/eval.py --task=support --model=THIS_DIR --data=FILE`."]
+  k, n = metrics.get(f"{key}_k"), metrics.get(f"{key}_n")
+  if isinstance(k, (int, float)) and isinstance(n, (int, float)) and n >= 1 and k == int(k):
+    return ["Replies quoting an order number that is not in the ticket (invented): "
+            + stats.format_proportion("invented", int(k), int(n))]
+  return [f"Replies quoting an order number that is not in the ticket (invented): "
+          f"{100 * float(metrics[key]):.1f}% of held-out replies (no counts logged: no interval)"]

@@ -39,7 +39,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from ftjax import checkpoint, metrics as metrics_lib, partition
+from ftjax import checkpoint, metrics as metrics_lib, partition, provenance
 from ftjax import workdir as wd
 from ftjax.errors import Diverged, Interrupted
 from ftjax.train import common, setup
@@ -107,6 +107,7 @@ def restore(workdir: str, t, state: dict, base_ref: dict, build_data: Callable,
   if not resume:  # checkpoints/ is made only once the run has begun
     data = build_data(None)
     begin()
+    provenance.record_data_stats(workdir, data)
   ckpt = checkpoint.Checkpointer(workdir, keep=int(t.keep), async_save=bool(t.async_save),
                                  best_metric=best_metric)
   try:
@@ -117,6 +118,7 @@ def restore(workdir: str, t, state: dict, base_ref: dict, build_data: Callable,
         checkpoint.check_base(extra, base_ref["path"])
       data = build_data(data_state)
       begin()
+      provenance.record_data_stats(workdir, data)
       if skipped:
         moved = ckpt.set_aside([s for s, _ in skipped])
         why = "; ".join(f"step {s} ({r}) moved to {os.path.basename(m)}"
@@ -148,15 +150,21 @@ def jit_eval(par, fn: Callable, frozen: dict) -> Callable:
   return eval_fn
 
 
-def evaluate(eval_fn: Callable, trainable: dict, batches) -> dict:
-  """Means over the eval set of a loss_fn's `(loss_sum, count, aux sums)`, as `eval_<name>`."""
+def evaluate(eval_fn: Callable, trainable: dict, batches, rates: tuple = ()) -> dict:
+  """Means over the eval set of a loss_fn's `(loss_sum, count, aux sums)`, as `eval_<name>`.
+  Each of `rates` (an aux that sums 0/1 outcomes per counted example) also gets its counts,
+  `eval_<name>_k` of `eval_<name>_n`, for its interval (the model card's Wilson interval)."""
   sums, n = {}, 0.0
   for batch in batches:
     loss_sum, count, aux = jax.device_get(eval_fn(trainable, batch))
     n += float(count)
     for k, v in {"loss": loss_sum, **aux}.items():
       sums[k] = sums.get(k, 0.0) + float(v)
-  return {f"eval_{k}": v / max(n, 1.0) for k, v in sums.items()}
+  out = {f"eval_{k}": v / max(n, 1.0) for k, v in sums.items()}
+  for k in rates:
+    if k in sums and n:
+      out[f"eval_{k}_k"], out[f"eval_{k}_n"] = int(round(sums[k])), int(round(n))
+  return out
 
 
 def open_logs(workdir: str, steps: int, start: int):

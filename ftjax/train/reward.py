@@ -98,7 +98,8 @@ def run(config, workdir: str) -> dict:
     ckpt.save(step, par.host_state(state), data.train.state, eval_metrics, extra)
 
   def run_eval():
-    return loop.evaluate(eval_fn, par.host_state(state)["params"], eval_batches)
+    return loop.evaluate(eval_fn, par.host_state(state)["params"], eval_batches,
+                         rates=("accuracy",))
 
   # ---- loop
   with loop.closing(ckpt, bar, writer):

@@ -16,15 +16,15 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from ftjax import checkpoint, heads, hf, partition
-from ftjax.config import (ADAPTER_DTYPES, MATMUL_PRECISIONS, LoraConfig, PrefixConfig,
-                          get_preset)
+from ftjax.config import (ADAPTER_DTYPES, MATMUL_PRECISIONS, BottleneckConfig, LoraConfig,
+                          PrefixConfig, get_preset)
 from ftjax.errors import UserError
 from ftjax.model import AdapterSpec, Decoder, init_params
 from ftjax.quant import QuantConfig
 from ftjax.tokenizer import load_tokenizer
 from ftjax.train import common
 
-ADAPTER_KINDS = ("none", "lora", "prefix", "prompt")
+ADAPTER_KINDS = ("none", "lora", "prefix", "prompt", "bottleneck")
 
 
 def _get(c, key, default=None):
@@ -41,7 +41,7 @@ def adapter_spec(config) -> AdapterSpec:
   if q.kind != "none" and kind == "none":
     raise UserError("config.quant.kind needs an adapter: a 4-bit base cannot be fully "
                      "fine-tuned (set config.adapter.kind=lora)")
-  lora = prefix = quant = None
+  lora = prefix = quant = bottleneck = None
   try:  # the dataclasses check their fields; here the fields come from the user's config
     if kind == "lora":
       lora = LoraConfig(rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=a.targets,
@@ -49,11 +49,14 @@ def adapter_spec(config) -> AdapterSpec:
     elif kind in ("prefix", "prompt"):
       prefix = PrefixConfig(kind=kind, length=a.length, reparam=a.reparam,
                             reparam_hidden=a.reparam_hidden)
+    elif kind == "bottleneck":  # configs saved before these keys existed get the defaults
+      bottleneck = BottleneckConfig(reduction_factor=_get(a, "reduction_factor", 16),
+                                    placement=_get(a, "placement", "houlsby"))
     if q.kind != "none":
       quant = QuantConfig(kind=q.kind, block_size=q.block_size, double_quant=q.double_quant)
   except ValueError as e:
     raise UserError(f"config.adapter / config.quant: {e}") from None
-  return AdapterSpec(lora=lora, quant=quant, prefix=prefix)
+  return AdapterSpec(lora=lora, quant=quant, prefix=prefix, bottleneck=bottleneck)
 
 
 def numerics_config(config) -> dict:
@@ -109,7 +112,8 @@ def build_model(config, rng: Optional[jax.Array] = None, par=None):
       extra.update(mesh=par.mesh, rules=par.rules)
     model, params = hf.load_pretrained(
         m.hf_path, dtype=dtype, compute_dtype=cdt, attention=m.attention, remat=m.remat,
-        lora=spec.lora, quant=spec.quant, prefix=spec.prefix, rng=rng, **numerics, **extra)
+        lora=spec.lora, quant=spec.quant, prefix=spec.prefix, bottleneck=spec.bottleneck,
+        rng=rng, **numerics, **extra)
     path = hf.resolve(m.hf_path)
     return model, params, tok, {"kind": "hf", **checkpoint.base_reference(path)}
   cfg = get_preset(m.preset).replace(
