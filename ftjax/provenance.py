@@ -56,6 +56,7 @@ _MISSING = "<missing>"
 ADDED_KEYS = {
     "dpo.loss_weights": "", "dpo.ld_alpha": None, "dpo.f_divergence_type": "reverse_kl",
     "dpo.f_alpha_divergence_coef": 0.5, "dpo.discopop_tau": 0.05,
+    "adapter.reduction_factor": 16, "adapter.placement": "houlsby",  # read by bottleneck only
 }
 
 

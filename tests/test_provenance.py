@@ -116,8 +116,8 @@ def test_run_json_and_drift_refused_then_allowed(base_dir, chat_files, tmp_path)
 
 
 def test_keys_added_since_a_run_was_saved_resume_at_their_old_meaning(tmp_path):
-  """A DPO workdir saved before `dpo.loss_weights` etc. existed resumes when they hold the value
-  their absence meant; the same key at another value is still drift."""
+  """A DPO workdir saved before `dpo.loss_weights`, `adapter.placement` etc. existed resumes
+  when they hold the value their absence meant; the same key at another value is still drift."""
   from configs import dpo as dpo_config
   from ftjax import provenance
   config = dpo_config.get_config()
