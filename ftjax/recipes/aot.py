@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import math
 import os
 import re
 import shutil
@@ -348,9 +347,10 @@ def run(preset: str, modes=("full", "lora", "qlora", "int4"), kinds=("sft",), ba
         seq_len: int = 2048, dtype: str = "bfloat16", compute_dtype: str = "bfloat16",
         remat: Any = "full", rank: int = 16, chunk: int = 256, mesh: str = "",
         temps: bool = False, count_flops: bool = True, num_generations: int = 8,
-        max_new_tokens: int = 256, verbose: bool = True) -> list[dict]:
-  """Every (kind, mode) on one device, then (with `mesh`, e.g. "fsdp=8") on that mesh."""
-  for m in modes:
+        max_new_tokens: int = 256, mesh_modes=None, verbose: bool = True) -> list[dict]:
+  """Every (kind, mode) on one device, then (with `mesh`, e.g. "fsdp=8") the `mesh_modes`
+  (default: all `modes`) on that mesh."""
+  for m in list(modes) + list(mesh_modes or []):
     if m not in MODES:
       raise ValueError(f"--aot_modes={m!r}: expected some of {', '.join(MODES)}")
   for k in kinds:
@@ -366,7 +366,7 @@ def run(preset: str, modes=("full", "lora", "qlora", "int4"), kinds=("sft",), ba
   records = []
   for msh in meshes:
     for kind in kinds:
-      for mode in modes:
+      for mode in (modes if msh is None or not mesh_modes else mesh_modes):
         if kind == "dpo" and mode == "full":
           continue
         rec = run_one(cfg, kind, mode, mesh=msh, temps=temps, count_flops=count_flops, **kw)
