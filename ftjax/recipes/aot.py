@@ -8,7 +8,10 @@
 Nothing is allocated and nothing runs: params come from `jax.eval_shape(model.init)`, are split
 into trainable and frozen by the trainers' own rules (`common.split_params`,
 `partition.rules_for`), the optimizer state is `jax.eval_shape(common.init_state)`, and the
-batch is `jax.ShapeDtypeStruct`s. The step is the trainers' (`sft.make_step`,
+batch is `jax.ShapeDtypeStruct`s. The state passed is the one every step after the first
+sees, the step's own output state (`jax.eval_shape` of the step): with bf16 params under full
+fine-tuning optax's moments come back float32, so `init_state`'s bf16 moments would under-count
+(`state_dtype_changes` counts such leaves). The step is the trainers' (`sft.make_step`,
 `grpo.make_step`, `dpo.make_dpo_step`, the sampler's one-token decode) jitted with the state
 donated, lowered and compiled. Reported per row:
 
@@ -34,6 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
+import math
 import os
 import re
 import shutil
@@ -201,7 +206,10 @@ def _shardings(s: Setup, kind: str, args: tuple, mesh, rules):
   tr_sh = pick(s.trainable)
   state_sh = jax.jit(lambda t: common.init_state(t, s.tx, 0), in_shardings=(tr_sh,)).lower(
       s.trainable).compile().output_shardings
-  batch = jax.tree_util.tree_map(lambda x: batch_sh if x.ndim else rep, args[2])
+  n = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  # A batch of fewer rows than batch shards (batch 1 on fsdp=8) is replicated.
+  batch = jax.tree_util.tree_map(lambda x: batch_sh if x.ndim and x.shape[0] % n == 0 else rep,
+                                 args[2])
   return (state_sh, pick(s.frozen), batch)
 
 
@@ -295,6 +303,16 @@ def run_one(cfg: ModelConfig, kind: str, mode: str, *, batch: int, seq_len: int,
             rules=sharding.RULES, temps: bool = False, count_flops: bool = True, **kw) -> dict:
   """Compile one step and return its record."""
   s, fn, args, tokens, formula = STEPS[kind](cfg, mode, batch=batch, seq_len=seq_len, **kw)
+  changed = 0
+  if kind != "decode":
+    # The state every step after the first sees: the step's own output. With bf16 params under
+    # full FT, optax's moments come back float32 (the gradients are float32), so the state
+    # `init_state` builds is not the steady one (and the trainer's step 2 recompiles).
+    steady = jax.eval_shape(fn, *args)[0]
+    changed = sum(a.dtype != b.dtype for a, b in zip(jax.tree_util.tree_leaves(args[0]),
+                                                     jax.tree_util.tree_leaves(steady)))
+    args = (steady,) + tuple(args[1:])
+    s.state = steady
   in_sh = _shardings(s, kind, args, mesh, rules) if mesh is not None else None
   dump = tempfile.mkdtemp(prefix="ftjax-aot-") if temps else None
   try:
@@ -304,7 +322,8 @@ def run_one(cfg: ModelConfig, kind: str, mode: str, *, batch: int, seq_len: int,
            "mesh": None if mesh is None else {k: int(v) for k, v in mesh.shape.items() if v > 1},
            "compile_s": secs, **memory(compiled),
            "trainable_bytes": tree_bytes(s.trainable), "frozen_bytes": tree_bytes(s.frozen),
-           "opt_state_bytes": tree_bytes(s.state["opt_state"]),
+           "opt_state_bytes": tree_bytes(s.state["opt_state"]) if kind != "decode" else 0,
+           "state_dtype_changes": changed,
            "tokens": tokens, "formula_flops": formula,
            "flops_scanned": flops(compiled)}
     if temps:
@@ -347,9 +366,11 @@ def run(preset: str, modes=("full", "lora", "qlora", "int4"), kinds=("sft",), ba
         seq_len: int = 2048, dtype: str = "bfloat16", compute_dtype: str = "bfloat16",
         remat: Any = "full", rank: int = 16, chunk: int = 256, mesh: str = "",
         temps: bool = False, count_flops: bool = True, num_generations: int = 8,
-        max_new_tokens: int = 256, mesh_modes=None, verbose: bool = True) -> list[dict]:
+        max_new_tokens: int = 256, mesh_modes=None, verbose: bool = True,
+        out: Optional[str] = None) -> list[dict]:
   """Every (kind, mode) on one device, then (with `mesh`, e.g. "fsdp=8") the `mesh_modes`
-  (default: all `modes`) on that mesh."""
+  (default: all `modes`) on that mesh. Each record is appended to the JSON-lines file `out` as
+  soon as it is compiled (a long table keeps its rows if a later one fails)."""
   for m in list(modes) + list(mesh_modes or []):
     if m not in MODES:
       raise ValueError(f"--aot_modes={m!r}: expected some of {', '.join(MODES)}")
@@ -363,6 +384,8 @@ def run(preset: str, modes=("full", "lora", "qlora", "int4"), kinds=("sft",), ba
     meshes.append(sharding.make_mesh(spec, jax.devices()[:n]))
   kw = dict(batch=batch, seq_len=seq_len, rank=rank, chunk=chunk,
             num_generations=num_generations, max_new_tokens=max_new_tokens)
+  if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   records = []
   for msh in meshes:
     for kind in kinds:
@@ -373,6 +396,9 @@ def run(preset: str, modes=("full", "lora", "qlora", "int4"), kinds=("sft",), ba
         rec.update(preset=preset, param_dtype=dtype, compute_dtype=compute_dtype,
                    remat=cfg.remat, platform=jax.devices()[0].platform, jax=jax.__version__)
         records.append(rec)
+        if out:
+          with open(out, "a") as f:
+            f.write(json.dumps({"time": time.time(), "bench": "aot", **rec}) + "\n")
         if verbose:
           print(format_table([rec]).splitlines()[2], flush=True)
   if verbose:

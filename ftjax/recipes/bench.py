@@ -430,7 +430,7 @@ def run(benches: Sequence[str] | str = BENCHES, preset: str = "tiny", batch: int
                            compute_dtype=compute_dtype if compute_dtype_given else dtype,
                            remat="full" if remat else "none", rank=rank,
                            num_generations=num_generations, max_new_tokens=max_new_tokens,
-                           verbose=verbose, **(aot or {})):
+                           verbose=verbose, out=out, **(aot or {})):
         records.append({"bench": b, **r})
       continue
     if b == "quant_memory":  # shapes only: independent of attention and dtypes
@@ -460,6 +460,7 @@ def run(benches: Sequence[str] | str = BENCHES, preset: str = "tiny", batch: int
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "a") as f:
       for r in records:
-        f.write(json.dumps({"time": time.time(), **r}) + "\n")
+        if r["bench"] != "aot":  # aot.run wrote its records as it went
+          f.write(json.dumps({"time": time.time(), **r}) + "\n")
   return records
 
