@@ -188,8 +188,8 @@ STEPS: dict[str, Callable] = {"sft": sft_step, "grpo": grpo_step, "dpo": dpo_ste
 
 def _shardings(s: Setup, kind: str, args: tuple, mesh, rules):
   """in_shardings of the step's args on `mesh`: params by their logical names (as the
-  trainers shard them), the optimizer state as jit propagates it from the params (what
-  `common.init_state` under jit gives the trainers), the batch over data x fsdp."""
+  trainers shard them), the optimizer state as `loop.init_state` places it (each moment like
+  its param), the batch over data x fsdp."""
   names = sharding.param_shardings(s.model, partition.merge(s.trainable, s.frozen), mesh, rules)
   flat = traverse_util.flatten_dict(names)
 
@@ -202,10 +202,8 @@ def _shardings(s: Setup, kind: str, args: tuple, mesh, rules):
   if kind == "decode":
     cache = jax.tree_util.tree_map(lambda _: rep, args[0])
     return (cache, pick(args[1]), rep)
-  from ftjax.train import common
-  tr_sh = pick(s.trainable)
-  state_sh = jax.jit(lambda t: common.init_state(t, s.tx, 0), in_shardings=(tr_sh,)).lower(
-      s.trainable).compile().output_shardings
+  from ftjax.train import loop
+  state_sh = loop.state_shardings(s.tx, args[0], pick(s.trainable), mesh)  # as the trainers
   n = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
   # A batch of fewer rows than batch shards (batch 1 on fsdp=8) is replicated.
   batch = jax.tree_util.tree_map(lambda x: batch_sh if x.ndim and x.shape[0] % n == 0 else rep,
