@@ -25,7 +25,7 @@ def define_flags():
   """Flags of the command line; defined only when run as a script, so that they never clash in a
   process that imports several of these scripts' packages."""
   flags.DEFINE_multi_string("bench", ["forward,lora_step,full_step,generate,quant_memory"],
-                            f"Benches, a comma list or repeated: {', '.join(bench.BENCHES)}.")
+                            f"Benches, a comma list or repeated: {', '.join(bench.ALL_BENCHES)}.")
   flags.DEFINE_string("preset", "tiny", "Model preset (ftjax.PRESETS).")
   flags.DEFINE_integer("batch", 4, "Batch size B.")
   flags.DEFINE_integer("seq_len", 128, "Sequence length T (the prompt length for generate).")
