@@ -25,7 +25,7 @@ def define_flags():
   """Flags of the command line; defined only when run as a script, so that they never clash in a
   process that imports several of these scripts' packages."""
   flags.DEFINE_multi_string("bench", ["forward,lora_step,full_step,generate,quant_memory"],
-                            f"Benches, a comma list or repeated: {', '.join(bench.BENCHES)}.")
+                            f"Benches, a comma list or repeated: {', '.join(bench.ALL_BENCHES)}.")
   flags.DEFINE_string("preset", "tiny", "Model preset (ftjax.PRESETS).")
   flags.DEFINE_integer("batch", 4, "Batch size B.")
   flags.DEFINE_integer("seq_len", 128, "Sequence length T (the prompt length for generate).")
@@ -44,6 +44,15 @@ def define_flags():
   flags.DEFINE_integer("rank", 16, "LoRA rank of lora_step and qlora_step (alpha = 2 * rank).")
   flags.DEFINE_enum("peer", "none", list(bench.PEERS), "hf: the same step in transformers + "
                     "PEFT.")
+  flags.DEFINE_list("aot_modes", ["full", "lora", "qlora", "int4"], "aot: adapter modes.")
+  flags.DEFINE_list("aot_steps", ["sft"], "aot: steps to compile (sft, grpo, dpo, decode).")
+  flags.DEFINE_string("mesh", "", "aot: also compile on this mesh (e.g. fsdp=8) for per-device "
+                      "bytes (fake CPU devices: XLA_FLAGS="
+                      "--xla_force_host_platform_device_count=8).")
+  flags.DEFINE_list("aot_mesh_modes", [], "aot: modes compiled on --mesh (default: --aot_modes).")
+  flags.DEFINE_bool("aot_temps", False, "aot: list the largest temporary buffers (XLA dump).")
+  flags.DEFINE_bool("aot_flops", True, "aot: measure FLOPs (two extra 1- and 2-layer compiles).")
+  flags.DEFINE_integer("logprob_chunk", 256, "aot: positions per LM-head chunk (0: all).")
   flags.DEFINE_integer("seed", 0, "Seed of the random params and tokens.")
   flags.DEFINE_string("out", None, "JSON-lines file to append one record per row to.")
 
@@ -54,7 +63,10 @@ def main(argv):
   F = flags.FLAGS
   bench.run(F.bench, F.preset, F.batch, F.seq_len, F.attention, F.dtype, F.compute_dtype,
             F.steps, F.warmup, F.max_new_tokens, F.remat, F.seed, F.out, rank=F.rank,
-            peer=F.peer, num_generations=F.num_generations)
+            peer=F.peer, num_generations=F.num_generations,
+            aot=dict(modes=F.aot_modes, kinds=F.aot_steps, mesh=F.mesh,
+                     mesh_modes=F.aot_mesh_modes, temps=F.aot_temps, count_flops=F.aot_flops,
+                     chunk=F.logprob_chunk))
 
 
 if __name__ == "__main__":

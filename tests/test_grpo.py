@@ -195,7 +195,9 @@ def test_arithmetic_run_raises_reward_without_retracing(tmp_path, monkeypatch):
   assert out["step"] == 10 and len(rows) == 10
   assert np.mean(rewards_[-3:]) > np.mean(rewards_[:3]) + 0.3, rewards_
   for k in ("kl", "entropy", "clip_ratio/low_mean", "frac_reward_zero_std",
-            "completions/mean_length", "rollout_seconds", "rewards/format_match/mean"):
+            "completions/mean_length", "rollout_seconds", "score_seconds",
+            "advantages_seconds", "reference_seconds", "update_seconds",
+            "rewards/format_match/mean"):
     assert k in rows[0] or (k == "kl" and c.grpo.beta == 0), k
 
 

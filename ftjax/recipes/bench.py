@@ -18,6 +18,11 @@ Benches (`--bench`, a comma list or repeated; `--attention` runs each listed imp
   quant_memory  bytes of the linear kernels in float32, bfloat16, NF4 and int4 (each with and
                 without double quant): layer 0's kernels are really quantized and the result
                 is extrapolated to every layer (all layers have the same shapes).
+  aot           compile ahead of time, from abstract shapes, without allocating or running
+                anything: the SFT step (--aot_steps=sft,grpo,dpo,decode for the others) per
+                --aot_modes (full, lora, qlora = NF4 + double quant, int4 + double quant);
+                memory_analysis bytes, FLOPs (checked against the MFU formula below) and
+                compile seconds, on one device and per device on --mesh (ftjax/recipes/aot.py).
   grpo_step     one GRPO iteration of ftjax/train/grpo.py with LoRA (--rank): the rollout of
                 --batch prompts (--seq_len tokens) x --num_generations samples of
                 --max_new_tokens each (no early EOS) from the live params, then the update step
@@ -67,6 +72,8 @@ from ftjax.model import AdapterSpec
 
 BENCHES = ("forward", "lora_step", "qlora_step", "full_step", "generate", "quant_memory",
            "grpo_step")
+# aot compiles without running, one row per mode: asked for by name, not part of "every bench".
+ALL_BENCHES = BENCHES + ("aot",)
 STEP_BENCHES = ("lora_step", "qlora_step", "full_step")
 PEERS = ("none", "hf")
 ATTENTIONS = ("xla", "dot_product")
@@ -384,7 +391,7 @@ def run(benches: Sequence[str] | str = BENCHES, preset: str = "tiny", batch: int
         dtype: str = "float32", compute_dtype: Optional[str] = None, steps: int = 10,
         warmup: int = 2, max_new_tokens: int = 32, remat: bool = False, seed: int = 0,
         out: Optional[str] = None, verbose: bool = True, rank: int = 16, peer: str = "none",
-        num_generations: int = 8) -> list[dict]:
+        num_generations: int = 8, aot: Optional[dict] = None) -> list[dict]:
   """Run each bench (timed ones once per attention implementation); returns the records.
 
   Prints the table when `verbose`; appends one JSON line per record to `out` when given.
@@ -393,8 +400,8 @@ def run(benches: Sequence[str] | str = BENCHES, preset: str = "tiny", batch: int
   """
   benches, attention = _split(benches), _split(attention)
   for b in benches:
-    if b not in BENCHES:
-      raise ValueError(f"--bench={b!r}: expected some of {', '.join(BENCHES)}")
+    if b not in ALL_BENCHES:
+      raise ValueError(f"--bench={b!r}: expected some of {', '.join(ALL_BENCHES)}")
   for a in attention:
     if a not in ATTENTIONS:
       raise ValueError(f"--attention={a!r}: expected some of {', '.join(ATTENTIONS)}")
@@ -408,6 +415,7 @@ def run(benches: Sequence[str] | str = BENCHES, preset: str = "tiny", batch: int
   if batch < 1 or seq_len < 2 or steps < 1 or max_new_tokens < 1:
     raise ValueError(f"bench: need batch >= 1, seq_len >= 2, steps >= 1, max_new_tokens >= 1; "
                      f"got {batch}, {seq_len}, {steps}, {max_new_tokens}")
+  compute_dtype_given = compute_dtype is not None
   compute_dtype = compute_dtype or default_compute_dtype()
   base = ftjax.get_preset(preset).replace(param_dtype=dtype, dtype=compute_dtype, remat=remat)
   device = jax.devices()[0]
@@ -418,6 +426,15 @@ def run(benches: Sequence[str] | str = BENCHES, preset: str = "tiny", batch: int
             max_new_tokens=max_new_tokens, rank=rank, num_generations=num_generations)
   records = []
   for b in benches:
+    if b == "aot":  # compiled, never run: its own table (ftjax/recipes/aot.py)
+      from ftjax.recipes import aot as aot_lib
+      for r in aot_lib.run(preset, batch=batch, seq_len=seq_len, dtype=dtype,
+                           compute_dtype=compute_dtype if compute_dtype_given else dtype,
+                           remat="full" if remat else "none", rank=rank,
+                           num_generations=num_generations, max_new_tokens=max_new_tokens,
+                           verbose=verbose, out=out, **(aot or {})):
+        records.append({"bench": b, **r})
+      continue
     if b == "quant_memory":  # shapes only: independent of attention and dtypes
       records.append({"bench": b, "attention": None, **common, **bench_quant_memory(base, seed)})
       continue
@@ -433,15 +450,19 @@ def run(benches: Sequence[str] | str = BENCHES, preset: str = "tiny", batch: int
         if "peer_tokens_per_s" in rec:
           rec["ratio"] = rec["tokens_per_s"] / rec["peer_tokens_per_s"]
       records.append(rec)
-  if verbose:
+  if verbose and any(r["bench"] != "aot" for r in records):
+    records_ = records
+    records = [r for r in records if r["bench"] != "aot"]
     print(f"preset={preset} ({base.num_params():,} params) B={batch} T={seq_len} "
           f"params={dtype} compute={compute_dtype} device={device.device_kind} "
           f"({device.platform}, 1 device)")
     print(format_table(records))
+    records = records_
   if out:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "a") as f:
       for r in records:
-        f.write(json.dumps({"time": time.time(), **r}) + "\n")
+        if r["bench"] != "aot":  # aot.run wrote its records as it went
+          f.write(json.dumps({"time": time.time(), **r}) + "\n")
   return records
 

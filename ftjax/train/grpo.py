@@ -27,6 +27,7 @@ The step's batch (N = prompts * G rows; see `ftjax.rollout` for the first four a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -423,20 +424,30 @@ def run(config, workdir: str) -> dict:
         t1 = time.perf_counter()
         total, per_fn, names = score(reward_fns, weights, rows, rollout.decode(tok, ro), ro,
                                      n_gen)
+        t2 = time.perf_counter()
         ref_logps = None
         if ref is not None:
-          ref_logps = ref_lp(ref.params_fn({**policy(), **ref.frozen}), ro)
+          ref_logps = jax.block_until_ready(ref_lp(ref.params_fn({**policy(), **ref.frozen}), ro))
+        t3 = time.perf_counter()
         adv, zero_std, adv_metrics = advantages(total, n_gen, g, s, ro, ref_logps)
         batch = par.batch(step_batch(ro, adv, None if s.loss_type == "rloo" else ref_logps))
-        t2 = time.perf_counter()
-        for _ in range(int(g.num_iterations)):
-          state, m = step_fn(state, frozen, batch)
+        t4 = time.perf_counter()
+        # The update moves nothing between host and device: state, frozen params and the placed
+        # batch are on device already (under pmap the batch is a host array pmap places).
+        with (jax.transfer_guard("disallow") if par.mode == "pjit" else contextlib.nullcontext()):
+          for _ in range(int(g.num_iterations)):
+            state, m = step_fn(state, frozen, batch)
         m = jax.device_get(par.metrics(m))
         step += 1
         if loop.due(step, t.log_every, t.steps):
           host = {**host_metrics(m, s),
                   **rollout_metrics(ro, total, per_fn, names, zero_std, n_gen), **adv_metrics,
-                  "rollout_seconds": t1 - t0, "update_seconds": time.perf_counter() - t2}
+                  # Phases of the step, host seconds: sampling, reward scoring (decode +
+                  # reward functions), reference forward, advantages + batch placement, the
+                  # update(s) to their metrics on the host.
+                  "rollout_seconds": t1 - t0, "score_seconds": t2 - t1,
+                  "reference_seconds": t3 - t2, "advantages_seconds": t4 - t3,
+                  "update_seconds": time.perf_counter() - t4}
           last = loop.log(step, host, writer, bar, hint="lower optim.lr")
         eval_metrics = loop.eval_and_save(step, t, eval_rows, run_eval, writer, save)
         last = {**last, **(eval_metrics or {})}

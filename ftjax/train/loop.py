@@ -37,18 +37,36 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
+import optax
 from absl import logging
 
-from ftjax import checkpoint, metrics as metrics_lib, partition, provenance
+from ftjax import checkpoint, metrics as metrics_lib, partition, provenance, sharding
 from ftjax import workdir as wd
 from ftjax.errors import Diverged, Interrupted
 from ftjax.train import common, setup
 
 
+def state_shardings(tx, state_shapes: dict, param_shardings: dict, mesh) -> dict:
+  """Shardings of a train state on `mesh`: the params' own, each optimizer moment its param's
+  (optax's param-shaped leaves), the rest (counts, step, rng) replicated."""
+  rep = sharding.replicated(mesh)
+  opt = optax.tree_map_params(tx, lambda _, sh: sh, state_shapes["opt_state"], param_shardings,
+                              transform_non_params=lambda _: rep)
+  return {"step": rep, "params": param_shardings, "opt_state": opt, "rng": rep}
+
+
 def init_state(par, trainable: dict, tx, seed: int) -> dict:
-  """The train state, built by a jit under the run's mesh so it lands in the params' shards."""
+  """The train state, built by a jit under the run's mesh in the params' shards. The moments
+  need explicit out_shardings: zeros_like depends on no input, so jit would replicate them on
+  every device (the whole optimizer state per device under fsdp)."""
+  fn = lambda tr: common.init_state(tr, tx, int(seed))
   with par.context():
-    return jax.jit(lambda tr: common.init_state(tr, tx, int(seed)))(trainable)
+    if par.mesh is None:
+      return jax.jit(fn)(trainable)
+    shapes = jax.eval_shape(fn, trainable)
+    out = state_shardings(tx, shapes, jax.tree_util.tree_map(lambda x: x.sharding, trainable),
+                          par.mesh)
+    return jax.jit(fn, out_shardings=out)(trainable)
 
 
 class Init(NamedTuple):
