@@ -25,7 +25,9 @@ def define_flags():
   flags.DEFINE_string("workdir", "/tmp/ftjax_demo", "Where every stage writes.")
   flags.DEFINE_string("base", None, "An HF model directory to fine-tune instead of pretraining.")
   flags.DEFINE_bool("smoke", False, "A few steps per stage (CI).")
-  flags.DEFINE_integer("eval_examples", 48, "Held-out tickets to evaluate (0: all).")
+  flags.DEFINE_integer("eval_examples", demo.EVAL_EXAMPLES,
+                       "Held-out tickets to evaluate (0: all 120).")
+  flags.DEFINE_integer("seed", 0, "The seed of every stage (train.seed, model.seed, data.seed).")
   flags.DEFINE_enum("rl", "none", list(demo.RL_KINDS), "After SFT: online RL (grpo: the task "
                     "scorer as reward; ppo: a reward model trained on the preference pairs).")
 
@@ -35,7 +37,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  report = demo.run(FLAGS.workdir, FLAGS.base, FLAGS.smoke, FLAGS.eval_examples, FLAGS.rl)
+  report = demo.run(FLAGS.workdir, FLAGS.base, FLAGS.smoke, FLAGS.eval_examples, FLAGS.rl,
+                    FLAGS.seed)
   print(demo.format_report(report))
 
 
