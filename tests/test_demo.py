@@ -30,7 +30,7 @@ def test_score_reply_catches_invented_and_missing_details():
 
 def test_shipped_data_is_what_the_generator_makes(tmp_path):
   support.regenerate(str(tmp_path))
-  for name in ("train", "eval", "pretrain"):
+  for name in ("train", "eval", "pretrain", "pretrain_copy"):
     assert (open(tmp_path / f"{name}.jsonl").read()
             == open(os.path.join(support.DATA_DIR, f"{name}.jsonl")).read()), name
   # Held-out tickets are not in the training set.
@@ -49,3 +49,38 @@ def test_demo_smoke_end_to_end(tmp_path):
   assert os.path.exists(os.path.join(report["adapter"], "adapter_model.safetensors"))
   text = demo.format_report(report)
   assert "order details quoted correctly" in text and "customer:" in text
+  n = report["after"]["invented_n"]
+  assert n == 8 and f"invented {report['after']['invented_k']}/{n} (" in text
+
+
+def test_seed_reaches_every_stage(tmp_path, monkeypatch):
+  """--seed=7 sets train.seed, model.seed and data.seed (where a stage has one) of every stage
+  the demo runs: pretraining, SFT, and the RL stages (the trainers are stubbed: no training)."""
+  seen = []
+
+  def record(name):
+    def run(cfg, workdir):
+      seen.append((name, cfg))
+      return {}
+    return run
+
+  fake = {k: 0.5 for k, _, _ in demo.METRICS} | {"samples": []}
+  monkeypatch.setattr(demo, "train_tokenizer", lambda d: d)
+  monkeypatch.setattr(demo.sft, "run", record("sft"))
+  monkeypatch.setattr(demo.grpo, "run", record("grpo"))
+  monkeypatch.setattr(demo.reward, "run", record("reward"))
+  monkeypatch.setattr(demo.ppo, "run", record("ppo"))
+  monkeypatch.setattr(demo.export, "export", lambda src, out, kind: out)
+  monkeypatch.setattr(demo, "load_pretrained", lambda path: (None, None))
+  monkeypatch.setattr(demo, "load_tokenizer", lambda path: None)
+  monkeypatch.setattr(demo.wd, "load_trained", lambda path: (None, None, None, None))
+  monkeypatch.setattr(demo, "evaluate", lambda loaded, n: fake)
+  for rl in ("grpo", "ppo"):
+    demo.run(str(tmp_path / rl), rl=rl, seed=7)
+  stages = [name for name, _ in seen]
+  assert stages == ["sft", "sft", "grpo", "sft", "sft", "reward", "ppo"], stages
+  for name, cfg in seen:
+    assert cfg.train.seed == 7 and cfg.model.seed == 7, name
+    # configs/common.py fixes data.seed=0; the demo must not leave it there.
+    assert cfg.data.get("seed", 7) == 7, name
+  assert "seed" in seen[0][1].data and "seed" in seen[1][1].data
