@@ -84,3 +84,20 @@ def test_seed_reaches_every_stage(tmp_path, monkeypatch):
     # configs/common.py fixes data.seed=0; the demo must not leave it there.
     assert cfg.data.get("seed", 7) == 7, name
   assert "seed" in seen[0][1].data and "seed" in seen[1][1].data
+
+
+def test_seed_table_flags_a_seed_that_misses_a_claim():
+  """The per-seed table marks a seed that misses any claim and names the worst seed's count."""
+  def report(seed, invented_k):
+    after = {"eval_loss": 0.7}
+    for k, n, hits in (("details", 100, 90), ("invented", 120, invented_k),
+                       ("escalation_ok", 120, 120), ("voice", 120, 119)):
+      after.update({k: hits / n, f"{k}_k": hits, f"{k}_n": n})
+    return {"seed": seed, "after": after, "total_s": 100.0}
+
+  reports = [report(0, 2), report(1, 3)]  # 2/120 = 1.7% meets invented <= 2%; 3/120 = 2.5% not
+  assert [demo.meets_claims(r["after"]) for r in reports] == [True, False]
+  table = demo.format_seed_table(reports)
+  assert "1/2 seeds meet the claims" in table
+  assert "| 1 | 90/100" in table and "| NO |" in table
+  assert "- invented 3/120 (2.5%" in table and "(worst seed, 1)" in table

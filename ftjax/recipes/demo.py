@@ -206,3 +206,46 @@ def proportion_lines(metrics: dict) -> list[str]:
   return [stats.format_proportion(k, metrics[f"{k}_k"], metrics[f"{k}_n"])
           for k, _, _ in METRICS if metrics.get(f"{k}_n")]
 
+
+# The README's headline claims, checked on every seed of `--seeds` (issue 19): (metric, bound,
+# True when the rate must be at least the bound).
+CLAIMS = (("details", 0.80, True), ("invented", 0.02, False), ("escalation_ok", 0.95, True),
+          ("voice", 0.95, True))
+
+
+def run_seeds(workdir: str, n_seeds: int, eval_examples: int = EVAL_EXAMPLES) -> list[dict]:
+  """The demo on seeds 0..n_seeds-1, each in workdir/seed_K (finished stages resume)."""
+  return [run(os.path.join(workdir, f"seed_{k}"), eval_examples=eval_examples, seed=k)
+          for k in range(n_seeds)]
+
+
+def meets_claims(after: dict) -> bool:
+  return all(after[k] >= b if at_least else after[k] <= b for k, b, at_least in CLAIMS)
+
+
+def format_seed_table(reports: list[dict]) -> str:
+  """A markdown table of the SFT model's held-out figures per seed (counts and Wilson 95%
+  intervals), whether each seed meets CLAIMS, and the worst seed's figure of each metric."""
+  def cell(a, k):
+    p, lo, hi = stats.wilson(a[f"{k}_k"], a[f"{k}_n"])
+    return f"{a[f'{k}_k']}/{a[f'{k}_n']} ({100 * p:.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%)"
+
+  rates = [k for k, _, _ in CLAIMS]
+  lines = ["| seed | " + " | ".join(rates) + " | held-out loss | meets claims | time |",
+           "|---|" + "---|" * (len(rates) + 3)]
+  for r in reports:
+    a = r["after"]
+    lines.append(f"| {r['seed']} | " + " | ".join(cell(a, k) for k in rates)
+                 + f" | {a['eval_loss']:.3f} | {'yes' if meets_claims(a) else 'NO'} | "
+                 f"{r['total_s']:.0f} s |")
+  worst = []
+  for k, _, at_least in CLAIMS:
+    r = (min if at_least else max)(reports, key=lambda r: r["after"][k])
+    lo, hi = (min(x["after"][k] for x in reports), max(x["after"][k] for x in reports))
+    a = r["after"]
+    worst.append(f"- {stats.format_proportion(k, a[k + '_k'], a[k + '_n'])} (worst seed, "
+                 f"{r['seed']}); over seeds {100 * lo:.1f}-{100 * hi:.1f}%")
+  claims = ", ".join(f"{k} {'>=' if ge else '<='} {100 * b:g}%" for k, b, ge in CLAIMS)
+  held = sum(meets_claims(r["after"]) for r in reports)
+  return "\n".join(lines + ["", f"{held}/{len(reports)} seeds meet the claims ({claims})."]
+                   + worst)
