@@ -28,11 +28,7 @@ def get_config(arg=None):
   smoke = bool(a.get("smoke"))
   if stage == "pretrain":
     c = common.base(dict(adapter="none", format="text", model="demo"))
-    # Retail text, and as many copy drills (support.make_copy_drills: answers that quote an
-    # order on file) as documents of it: with the retail text alone, whether the base learned
-    # to copy order numbers within 1200 steps depended on the seed (issue 19).
-    c.data.sources = [{"path": os.path.join(DATA, "pretrain.jsonl"), "format": "text"},
-                      {"path": os.path.join(DATA, "pretrain_copy.jsonl"), "format": "text"}]
+    c.data.path = os.path.join(DATA, "pretrain.jsonl")
     c.optim.update(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.01)
     c.train.update(steps=12 if smoke else 1200, batch_size=16, seq_len=128, log_every=10,
                    eval_every=100000, save_every=400, keep=1)
