@@ -42,7 +42,11 @@ def test_shipped_data_is_what_the_generator_makes(tmp_path):
 def test_demo_smoke_end_to_end(tmp_path):
   report = demo.run(str(tmp_path / "demo"), smoke=True, eval_examples=8)
   for stage in ("before", "after"):
-    assert set(report[stage]) == {k for k, _, _ in demo.METRICS}
+    names = {k for k, _, _ in demo.METRICS}
+    rates = names - {"eval_loss"}  # each rate comes with its counts, for its interval
+    assert set(report[stage]) == names | {f"{k}_{c}" for k in rates for c in "kn"}
+    for k in rates:
+      assert report[stage][k] == report[stage][f"{k}_k"] / report[stage][f"{k}_n"]
     assert np.isfinite(report[stage]["eval_loss"])
   assert report["after"]["eval_loss"] < report["before"]["eval_loss"]
   assert os.path.exists(os.path.join(report["merged"], "model.safetensors"))
