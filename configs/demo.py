@@ -31,7 +31,7 @@ def get_config(arg=None):
     c.data.path = os.path.join(DATA, "pretrain.jsonl")
     c.optim.update(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.01)
     c.train.update(steps=12 if smoke else 1200, batch_size=16, seq_len=128, log_every=10,
-                   eval_every=100000, save_every=100, keep=1)
+                   eval_every=100000, save_every=400, keep=1)
   else:
     c = common.base(dict(adapter="lora", format="chat", model="demo"))
     c.data.path = os.path.join(DATA, "train.jsonl")

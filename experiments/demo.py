@@ -16,6 +16,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ftjax import cli  # noqa: E402
+from ftjax.errors import UserError  # noqa: E402
 from ftjax.recipes import demo  # noqa: E402
 
 __doc__ = demo.__doc__  # absl's --help and usage errors print the main module's docstring
@@ -25,7 +26,11 @@ def define_flags():
   flags.DEFINE_string("workdir", "/tmp/ftjax_demo", "Where every stage writes.")
   flags.DEFINE_string("base", None, "An HF model directory to fine-tune instead of pretraining.")
   flags.DEFINE_bool("smoke", False, "A few steps per stage (CI).")
-  flags.DEFINE_integer("eval_examples", 48, "Held-out tickets to evaluate (0: all).")
+  flags.DEFINE_integer("eval_examples", demo.EVAL_EXAMPLES,
+                       "Held-out tickets to evaluate (0: all 120).")
+  flags.DEFINE_integer("seed", 0, "The seed of every stage (train.seed, model.seed, data.seed).")
+  flags.DEFINE_integer("seeds", 0, "Run seeds 0..N-1 (in WORKDIR/seed_K) and print the per-seed "
+                       "table of the README's claims (BUILD.md); 0: one run of --seed.")
   flags.DEFINE_enum("rl", "none", list(demo.RL_KINDS), "After SFT: online RL (grpo: the task "
                     "scorer as reward; ppo: a reward model trained on the preference pairs).")
 
@@ -35,7 +40,14 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  report = demo.run(FLAGS.workdir, FLAGS.base, FLAGS.smoke, FLAGS.eval_examples, FLAGS.rl)
+  if FLAGS.seeds:
+    if FLAGS.base or FLAGS.smoke or FLAGS.rl != "none":
+      raise UserError("--seeds runs the default demo: drop --base, --smoke and --rl")
+    print(demo.format_seed_table(demo.run_seeds(FLAGS.workdir, FLAGS.seeds,
+                                                FLAGS.eval_examples)))
+    return
+  report = demo.run(FLAGS.workdir, FLAGS.base, FLAGS.smoke, FLAGS.eval_examples, FLAGS.rl,
+                    FLAGS.seed)
   print(demo.format_report(report))
 
 

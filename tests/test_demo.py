@@ -42,10 +42,66 @@ def test_shipped_data_is_what_the_generator_makes(tmp_path):
 def test_demo_smoke_end_to_end(tmp_path):
   report = demo.run(str(tmp_path / "demo"), smoke=True, eval_examples=8)
   for stage in ("before", "after"):
-    assert set(report[stage]) == {k for k, _, _ in demo.METRICS}
+    names = {k for k, _, _ in demo.METRICS}
+    rates = names - {"eval_loss"}  # each rate comes with its counts, for its interval
+    assert set(report[stage]) == names | {f"{k}_{c}" for k in rates for c in "kn"}
+    for k in rates:
+      assert report[stage][k] == report[stage][f"{k}_k"] / report[stage][f"{k}_n"]
     assert np.isfinite(report[stage]["eval_loss"])
   assert report["after"]["eval_loss"] < report["before"]["eval_loss"]
   assert os.path.exists(os.path.join(report["merged"], "model.safetensors"))
   assert os.path.exists(os.path.join(report["adapter"], "adapter_model.safetensors"))
   text = demo.format_report(report)
   assert "order details quoted correctly" in text and "customer:" in text
+  n = report["after"]["invented_n"]
+  assert n == 8 and f"invented {report['after']['invented_k']}/{n} (" in text
+
+
+def test_seed_reaches_every_stage(tmp_path, monkeypatch):
+  """--seed=7 sets train.seed, model.seed and data.seed (where a stage has one) of every stage
+  the demo runs: pretraining, SFT, and the RL stages (the trainers are stubbed: no training)."""
+  seen = []
+
+  def record(name):
+    def run(cfg, workdir):
+      seen.append((name, cfg))
+      return {}
+    return run
+
+  fake = {k: 0.5 for k, _, _ in demo.METRICS} | {"samples": []}
+  monkeypatch.setattr(demo, "train_tokenizer", lambda d: d)
+  monkeypatch.setattr(demo.sft, "run", record("sft"))
+  monkeypatch.setattr(demo.grpo, "run", record("grpo"))
+  monkeypatch.setattr(demo.reward, "run", record("reward"))
+  monkeypatch.setattr(demo.ppo, "run", record("ppo"))
+  monkeypatch.setattr(demo.export, "export", lambda src, out, kind: out)
+  monkeypatch.setattr(demo, "load_pretrained", lambda path: (None, None))
+  monkeypatch.setattr(demo, "load_tokenizer", lambda path: None)
+  monkeypatch.setattr(demo.wd, "load_trained", lambda path: (None, None, None, None))
+  monkeypatch.setattr(demo, "evaluate", lambda loaded, n: fake)
+  for rl in ("grpo", "ppo"):
+    demo.run(str(tmp_path / rl), rl=rl, seed=7)
+  stages = [name for name, _ in seen]
+  assert stages == ["sft", "sft", "grpo", "sft", "sft", "reward", "ppo"], stages
+  for name, cfg in seen:
+    assert cfg.train.seed == 7 and cfg.model.seed == 7, name
+    # configs/common.py fixes data.seed=0; the demo must not leave it there.
+    assert cfg.data.get("seed", 7) == 7, name
+  assert "seed" in seen[0][1].data and "seed" in seen[1][1].data
+
+
+def test_seed_table_flags_a_seed_that_misses_a_claim():
+  """The per-seed table marks a seed that misses any claim and names the worst seed's count."""
+  def report(seed, invented_k):
+    after = {"eval_loss": 0.7}
+    for k, n, hits in (("details", 100, 90), ("invented", 120, invented_k),
+                       ("escalation_ok", 120, 120), ("voice", 120, 119)):
+      after.update({k: hits / n, f"{k}_k": hits, f"{k}_n": n})
+    return {"seed": seed, "after": after, "total_s": 100.0}
+
+  reports = [report(0, 2), report(1, 3)]  # 2/120 = 1.7% meets invented <= 2%; 3/120 = 2.5% not
+  assert [demo.meets_claims(r["after"]) for r in reports] == [True, False]
+  table = demo.format_seed_table(reports)
+  assert "1/2 seeds meet the claims" in table
+  assert "| 1 | 90/100" in table and "| NO |" in table
+  assert "- invented 3/120 (2.5%" in table and "(worst seed, 1)" in table

@@ -25,7 +25,7 @@ import time
 
 from absl import logging
 
-from ftjax import export, heldout, hf, load_pretrained, recipes, workdir as wd
+from ftjax import export, heldout, hf, load_pretrained, recipes, stats, workdir as wd
 from ftjax.tasks import support
 from ftjax.tokenizer import load_tokenizer, train_bpe_tokenizer
 from ftjax.train import grpo, ppo, reward, sft
@@ -39,6 +39,25 @@ METRICS = [("details", "order details quoted correctly", True),
 
 
 RL_KINDS = ("none", "grpo", "ppo")
+
+# All 120 shipped held-out tickets: at 48, one ticket moved a rate by 2 points.
+EVAL_EXAMPLES = 0
+EVAL_TICKETS = support.SPLITS["eval"][0]
+
+
+def seeded(cfg, seed: int):
+  """`cfg` with `seed` in train.seed, model.seed and data.seed (PPO's prompt data has no order
+  seed): the init, the data order and the sampling keys of a stage all follow --seed.
+  configs/common.py fixes data.seed=0, so it is set here too, not left to train.seed."""
+  cfg.train.seed = cfg.model.seed = int(seed)
+  if "seed" in cfg.data:
+    cfg.data.seed = int(seed)
+  return cfg
+
+
+def stage_config(name: str, arg: str, smoke: bool, seed: int):
+  """A stage's config (configs/<name>.py:<arg>[,smoke]) with the demo's seed in it."""
+  return seeded(recipes.get_config(name, arg + (",smoke" if smoke else "")), seed)
 
 
 def train_tokenizer(out_dir: str, vocab_size: int = 1024):
@@ -56,40 +75,50 @@ def train_tokenizer(out_dir: str, vocab_size: int = 1024):
 
 
 def evaluate(loaded, n: int) -> dict:
+  # One batch of all the tickets: greedy decoding of a model this small costs per step, not
+  # per row, so 120 rows at once take what 16 did.
+  batch = min(n, EVAL_TICKETS) if n else EVAL_TICKETS
   return heldout.evaluate(os.path.join(support.DATA_DIR, "eval.jsonl"), fmt="chat",
-                          task="support", seq_len=160, batch_size=16, max_examples=n,
+                          task="support", seq_len=160, batch_size=batch, max_examples=n,
                           max_new_tokens=64, show=3, loaded=loaded)
 
 
-def run_rl(kind: str, workdir: str, merged: str, smoke: bool, eval_examples: int) -> dict:
+def run_rl(kind: str, workdir: str, merged: str, smoke: bool, eval_examples: int,
+           seed: int = 0) -> dict:
   """Stage 6: GRPO or PPO from the merged SFT model; (held-out metrics, KL to SFT, seconds)."""
   t0 = time.time()
   rl_dir = os.path.join(workdir, kind)
   if kind == "grpo":
-    cfg = recipes.get_config("grpo", "task=support" + (",smoke" if smoke else ""))
+    cfg = stage_config("grpo", "task=support", smoke, seed)
     cfg.model.hf_path = merged
     logging.info("[6/6] GRPO with the task scorer as reward")
     out = grpo.run(cfg, rl_dir)
     kl, kl_unit = out.get("kl"), "k3, per token"  # TRL's GRPO `kl`: mean over tokens
   else:
-    rcfg = recipes.get_config("reward", "data=support" + (",smoke" if smoke else ""))
+    rcfg = stage_config("reward", "data=support", smoke, seed)
     rcfg.model.hf_path = merged
     rm_dir = os.path.join(workdir, "reward_model")
     logging.info("[6/6] a reward model on the preference pairs, then PPO against it")
     reward.run(rcfg, rm_dir)
-    cfg = recipes.get_config("ppo", "data=support" + (",smoke" if smoke else ""))
+    cfg = stage_config("ppo", "data=support", smoke, seed)
     cfg.model.hf_path = merged
     cfg.ppo.reward_model = rm_dir
     out = ppo.run(cfg, rl_dir)
     # TRL's PPO `objective/kl`: summed over each completion's tokens, then averaged.
     kl, kl_unit = out.get("objective/kl"), f"{cfg.ppo.kl_estimator}, per reply"
   after = evaluate(wd.load_trained(rl_dir)[:3], eval_examples)
-  return {"metrics": {k: after[k] for k, _, _ in METRICS}, "kl_to_sft": kl, "kl_unit": kl_unit,
+  return {"metrics": _metrics(after), "kl_to_sft": kl, "kl_unit": kl_unit,
           "samples": after["samples"], "seconds": time.time() - t0}
 
 
-def run(workdir: str, base: str | None = None, smoke: bool = False, eval_examples: int = 48,
-        rl: str = "none") -> dict:
+def _metrics(ev: dict) -> dict:
+  """The report's metrics of one evaluation, each rate with its counts (`<m>_k` of `<m>_n`)."""
+  return {k: ev[k] for k, _, _ in METRICS} | {
+      f"{k}_{c}": ev[f"{k}_{c}"] for k, _, _ in METRICS for c in "kn" if f"{k}_{c}" in ev}
+
+
+def run(workdir: str, base: str | None = None, smoke: bool = False,
+        eval_examples: int = EVAL_EXAMPLES, rl: str = "none", seed: int = 0) -> dict:
   t0 = time.time()
   if base is not None:  # a bad --base fails before the workdir is made
     hf.resolve(base)
@@ -97,7 +126,7 @@ def run(workdir: str, base: str | None = None, smoke: bool = False, eval_example
   times = {}
   if base is None:
     tok_dir = train_tokenizer(os.path.join(workdir, "tokenizer"))
-    cfg = recipes.get_config("demo", "stage=pretrain" + (",smoke" if smoke else ""))
+    cfg = stage_config("demo", "stage=pretrain", smoke, seed)
     cfg.model.tokenizer = tok_dir
     pre_dir = os.path.join(workdir, "pretrain")
     logging.info("[1/4] pretraining the %s base on retail text", cfg.model.preset)
@@ -106,25 +135,28 @@ def run(workdir: str, base: str | None = None, smoke: bool = False, eval_example
     times["pretrain_s"] = time.time() - t0
   model, params = load_pretrained(base)
   logging.info("[2/4] evaluating the base on held-out tickets")
+  t1 = time.time()
   before = evaluate((model, params, load_tokenizer(base)), eval_examples)
+  times["eval_base_s"] = time.time() - t1
 
   t1 = time.time()
-  cfg = recipes.get_config("demo", "stage=sft" + (",smoke" if smoke else ""))
+  cfg = stage_config("demo", "stage=sft", smoke, seed)
   cfg.model.hf_path = base
   sft_dir = os.path.join(workdir, "sft")
   logging.info("[3/4] LoRA SFT on support tickets")
   sft.run(cfg, sft_dir)
   times["sft_s"] = time.time() - t1
+  t1 = time.time()
   after = evaluate(wd.load_trained(sft_dir)[:3], eval_examples)
+  times["eval_sft_s"] = time.time() - t1
 
   logging.info("[4/4] exporting")
   merged = export.export(sft_dir, os.path.join(workdir, "export_merged"), "merged")
   adapter = export.export(sft_dir, os.path.join(workdir, "export_lora"), "peft")
-  report = {"before": {k: before[k] for k, _, _ in METRICS},
-            "after": {k: after[k] for k, _, _ in METRICS},
+  report = {"seed": seed, "before": _metrics(before), "after": _metrics(after),
             "samples": after["samples"], "merged": merged, "adapter": adapter}
   if rl != "none":
-    r = run_rl(rl, workdir, merged, smoke, eval_examples)
+    r = run_rl(rl, workdir, merged, smoke, eval_examples, seed)
     report.update(rl=rl, after_rl=r["metrics"], kl_to_sft=r["kl_to_sft"], kl_unit=r["kl_unit"],
                   samples=r["samples"])
     times["rl_s"] = r["seconds"]
@@ -153,10 +185,67 @@ def format_report(r: dict) -> str:
     kl_label = f"KL to the SFT model ({r.get('kl_unit', 'per token')}, last step)"
     lines.append(f"{kl_label:<44}{'':>10}{'':>12}"
                  f"{_fmt_kl(r['kl_to_sft']):>12}")
+  for stage, title in (("before", "base"), ("after", "after SFT"), ("after_rl", f"after {rl}")):
+    if stage in r:
+      lines += ["", f"{title} (seed {r.get('seed', 0)}): counts and 95% Wilson intervals"]
+      lines += [f"  {line}" for line in proportion_lines(r[stage])]
   lines.append("")
   for s in r["samples"]:
     lines += [f"customer: {s['prompt']}", f"  assistant: {s['reply']}"]
+  stage_times = ", ".join(f"{k.removesuffix('_s')} {r[k]:.0f}s" for k in TIMES if k in r)
   lines += ["", f"merged HF model: {r['merged']}", f"PEFT adapter:    {r['adapter']}",
-            f"time: {r['total_s']:.0f}s"]
+            f"time: {r['total_s']:.0f}s ({stage_times})"]
   return "\n".join(lines)
 
+
+TIMES = ("pretrain_s", "eval_base_s", "sft_s", "eval_sft_s", "rl_s")
+
+
+def proportion_lines(metrics: dict) -> list[str]:
+  """`invented 1/120 (0.8%, 95% CI 0.1-4.6%)` for each rate of METRICS that has its counts."""
+  return [stats.format_proportion(k, metrics[f"{k}_k"], metrics[f"{k}_n"])
+          for k, _, _ in METRICS if metrics.get(f"{k}_n")]
+
+
+# The README's headline claims, checked on every seed of `--seeds` (issue 19): (metric, bound,
+# True when the rate must be at least the bound).
+CLAIMS = (("details", 0.80, True), ("invented", 0.02, False), ("escalation_ok", 0.95, True),
+          ("voice", 0.95, True))
+
+
+def run_seeds(workdir: str, n_seeds: int, eval_examples: int = EVAL_EXAMPLES) -> list[dict]:
+  """The demo on seeds 0..n_seeds-1, each in workdir/seed_K (finished stages resume)."""
+  return [run(os.path.join(workdir, f"seed_{k}"), eval_examples=eval_examples, seed=k)
+          for k in range(n_seeds)]
+
+
+def meets_claims(after: dict) -> bool:
+  return all(after[k] >= b if at_least else after[k] <= b for k, b, at_least in CLAIMS)
+
+
+def format_seed_table(reports: list[dict]) -> str:
+  """A markdown table of the SFT model's held-out figures per seed (counts and Wilson 95%
+  intervals), whether each seed meets CLAIMS, and the worst seed's figure of each metric."""
+  def cell(a, k):
+    p, lo, hi = stats.wilson(a[f"{k}_k"], a[f"{k}_n"])
+    return f"{a[f'{k}_k']}/{a[f'{k}_n']} ({100 * p:.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%)"
+
+  rates = [k for k, _, _ in CLAIMS]
+  lines = ["| seed | " + " | ".join(rates) + " | held-out loss | meets claims | time |",
+           "|---|" + "---|" * (len(rates) + 3)]
+  for r in reports:
+    a = r["after"]
+    lines.append(f"| {r['seed']} | " + " | ".join(cell(a, k) for k in rates)
+                 + f" | {a['eval_loss']:.3f} | {'yes' if meets_claims(a) else 'NO'} | "
+                 f"{r['total_s']:.0f} s |")
+  worst = []
+  for k, _, at_least in CLAIMS:
+    r = (min if at_least else max)(reports, key=lambda r: r["after"][k])
+    lo, hi = (min(x["after"][k] for x in reports), max(x["after"][k] for x in reports))
+    a = r["after"]
+    worst.append(f"- {stats.format_proportion(k, a[k + '_k'], a[k + '_n'])} (worst seed, "
+                 f"{r['seed']}); over seeds {100 * lo:.1f}-{100 * hi:.1f}%")
+  claims = ", ".join(f"{k} {'>=' if ge else '<='} {100 * b:g}%" for k, b, ge in CLAIMS)
+  held = sum(meets_claims(r["after"]) for r in reports)
+  return "\n".join(lines + ["", f"{held}/{len(reports)} seeds meet the claims ({claims})."]
+                   + worst)
