@@ -156,3 +156,28 @@ def pref_files(tmp_path_factory):
   support.write_jsonl(train, support.make_preference_pairs(96, 0))
   support.write_jsonl(ev, support.make_preference_pairs(24, 1))
   return train, ev
+
+
+# The files with the longest tests (a CI run's --durations), heaviest first. Under `-n 2` the
+# workers take tests from the front of this order one at a time, so the long ones start early
+# and the short ones fill the end: the longest-first schedule, instead of a worker finishing a
+# 150-s test alone. A file's tests stay together, so its module fixtures are built once per
+# worker. Files not named keep their collection order after these.
+SLOW_FILES = ("test_sft", "test_sweep", "test_sharding", "test_ppo", "test_grpo",
+              "test_beta_study", "test_demo", "test_bench", "test_repro", "test_workdir_safety",
+              "test_preference", "test_provenance", "test_demo_rl", "test_export_guards",
+              "test_grpo_sharding", "test_validation", "test_lora", "test_rollout", "test_quant",
+              "test_cli", "test_generate_cli", "test_grpo_tasks")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(SLOW_FILES)}
+  key = lambda item: rank.get(item.path.stem, len(SLOW_FILES))
+  items[:] = sorted(items, key=key)  # stable: collection order within a file and after
+
+
+def pytest_configure(config):
+  # xdist's load scheduler otherwise hands each worker a quarter of its share up front, in
+  # order: one worker would get every slow file above.
+  if getattr(config.option, "dist", "no") == "load" and config.option.maxschedchunk is None:
+    config.option.maxschedchunk = 1
