@@ -6,7 +6,17 @@ import shutil
 import tempfile
 
 # Eight fake CPU devices for the sharding tests; set before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+  _flags += " --xla_force_host_platform_device_count=8"
+# A pmap or pjit collective on the fake devices is a rendezvous of 8 threads; XLA aborts the
+# process (SIGABRT, "Termination timeout ... of 40 seconds exceeded") when one arrives 40 s
+# after the first. On a 2-core machine running two xdist workers and their subprocesses, a
+# starved thread can be that late (CI lost a worker this way in test_ppo's pmap run). 600 s
+# keeps a real hang failing, as a hang, in any test that would still end in time.
+if "collective_call_terminate_timeout" not in _flags:
+  _flags += " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,15 +30,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   _owner = os.getpid()  # forked children must not remove it
   atexit.register(lambda: os.getpid() == _owner and shutil.rmtree(_cache_dir, True))
-# Only the experiment subprocesses use it: the pytest processes compile in memory. One in-process
-# pmap test aborted once with the cache on (tests/test_ppo.py, not reproduced); the subprocesses
-# (kill/resume, mesh equality, CLI errors) are where the same programs compile again and again.
+# The pytest processes use it too: a resume, a second mesh or a recipe's later stage in-process
+# loads the steps an earlier run compiled. Writes are not atomic (jax's LRUCache without a size
+# limit): a reader racing a writer in another process gets a truncated entry, which fails to
+# decompress, and jax warns and compiles instead.
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-jax.config.update("jax_enable_compilation_cache", False)
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
 VOCAB = 320
@@ -148,3 +156,28 @@ def pref_files(tmp_path_factory):
   support.write_jsonl(train, support.make_preference_pairs(96, 0))
   support.write_jsonl(ev, support.make_preference_pairs(24, 1))
   return train, ev
+
+
+# The files with the longest tests (a CI run's --durations), heaviest first. Under `-n 2` the
+# workers take tests from the front of this order one at a time, so the long ones start early
+# and the short ones fill the end: the longest-first schedule, instead of a worker finishing a
+# 150-s test alone. A file's tests stay together, so its module fixtures are built once per
+# worker. Files not named keep their collection order after these.
+SLOW_FILES = ("test_sft", "test_sweep", "test_sharding", "test_ppo", "test_grpo",
+              "test_beta_study", "test_demo", "test_bench", "test_repro", "test_workdir_safety",
+              "test_preference", "test_provenance", "test_demo_rl", "test_export_guards",
+              "test_grpo_sharding", "test_validation", "test_lora", "test_rollout", "test_quant",
+              "test_cli", "test_generate_cli", "test_grpo_tasks")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(SLOW_FILES)}
+  key = lambda item: rank.get(item.path.stem, len(SLOW_FILES))
+  items[:] = sorted(items, key=key)  # stable: collection order within a file and after
+
+
+def pytest_configure(config):
+  # xdist's load scheduler otherwise hands each worker a quarter of its share up front, in
+  # order: one worker would get every slow file above.
+  if getattr(config.option, "dist", "no") == "load" and config.option.maxschedchunk is None:
+    config.option.maxschedchunk = 1

@@ -150,8 +150,9 @@ def _config(cfg, base_dir, pref_files, **train):
 
 
 def test_reward_model_learns_and_exports(base_dir, pref_files, tmp_path):
-  cfg = _config(reward_config.get_config("smoke"), base_dir, pref_files, steps=60,
-                batch_size=8, eval_every=60, save_every=60)
+  # 40 steps reach 0.75 held-out accuracy and loss 0.44 here (60: 0.83, 0.38).
+  cfg = _config(reward_config.get_config("smoke"), base_dir, pref_files, steps=40,
+                batch_size=8, eval_every=40, save_every=40)
   cfg.optim.lr = 5e-3
   out = reward.run(cfg, str(tmp_path / "rm"))
   # A zero head ties every pair (accuracy 0, loss log 2 at the start); training separates
@@ -174,8 +175,9 @@ def test_reward_model_learns_and_exports(base_dir, pref_files, tmp_path):
                                                ("none", "auto")])
 def test_dpo_raises_heldout_preference_accuracy(base_dir, pref_files, tmp_path, adapter,
                                                 reference):
+  # 15 steps reach 0.875 held-out accuracy and loss 0.26 here (30: 0.875, 0.21).
   cfg = _config(dpo_config.get_config(f"adapter={adapter},smoke"), base_dir, pref_files,
-                steps=30, batch_size=8, eval_every=30, save_every=30)
+                steps=15, batch_size=8, eval_every=15, save_every=15)
   cfg.dpo.reference = reference
   cfg.optim.lr = 5e-3 if adapter == "lora" else 1e-3
   out = dpo.run(cfg, str(tmp_path / "dpo"))

@@ -26,7 +26,9 @@ def test_eight_fake_devices():
 @pytest.mark.parametrize("adapter", ["lora", "none"])
 def test_first_losses_equal_on_every_mesh(base_dir, chat_files, tmp_path, adapter):
   losses = {}
-  for mode, shape in MESHES:
+  # Full fine-tuning skips data=8: replicated params and optimizer state reduce their gradients
+  # as LoRA's do there; its own classes (fsdp-sharded trainables and moments, tensor, pmap) stay.
+  for mode, shape in MESHES if adapter == "lora" else [m for m in MESHES if m[1] != "data=8"]:
     c = sft_config.get_config(f"adapter={adapter},smoke")
     c.model.hf_path = base_dir
     c.data.path, c.data.eval_path = chat_files[0], ""

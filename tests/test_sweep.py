@@ -106,14 +106,16 @@ def test_failed_runs_do_not_stop_the_sweep(base_dir, chat_files, tmp_path):
     assert status["status"] == "failed" and status["returncode"] == 1
 
 
-def test_grid_runs_then_skips_and_resumes(base_dir, chat_files, tmp_path):
+def test_sweep_runs_then_skips_and_resumes(base_dir, chat_files, tmp_path):
+  # Two keys zipped: two runs (each a training subprocess) that differ in both; the grid's
+  # names and commands are checked without training (test_typo_and_dry_run_write_nothing).
   root = str(tmp_path / "sweep")
   sweeps = [sweep.parse_sweep("adapter.rank=2,4"), sweep.parse_sweep("optim.lr=1e-4,3e-4")]
-  runs = sweep.plan(CONFIG, root, sweeps, _fixed(base_dir, chat_files))
-  sweep.write_definition(root, CONFIG, sweeps, [], "grid", runs)
+  runs = sweep.plan(CONFIG, root, sweeps, _fixed(base_dir, chat_files), mode="zip")
+  sweep.write_definition(root, CONFIG, sweeps, [], "zip", runs)
   assert sweep.run_all(runs) == []
-  assert sorted(os.listdir(root)) == sorted(["sweep.json"] + [
-      f"adapter.rank={r},optim.lr={lr}" for r in (2, 4) for lr in ("1e-4", "3e-4")])
+  assert sorted(os.listdir(root)) == ["adapter.rank=2,optim.lr=1e-4",
+                                      "adapter.rank=4,optim.lr=3e-4", "sweep.json"]
   mtimes = {}
   for r in runs:
     cfg = json.load(open(os.path.join(r.workdir, "config.json")))
@@ -136,8 +138,7 @@ def test_grid_runs_then_skips_and_resumes(base_dir, chat_files, tmp_path):
   os.remove(os.path.join(runs[1].workdir, sweep.STATUS_FILE))
   said = []
   assert sweep.run_all(runs, said.append) == []
-  assert [s.split(": ")[1] for s in said] == ["done, skipped", "running (log", "done, skipped",
-                                              "done, skipped"]
+  assert [s.split(": ")[1] for s in said] == ["done, skipped", "running (log"]
   assert open(os.path.join(runs[1].workdir, "metrics.jsonl")).read() == mtimes[runs[1].name][1]
   assert open(os.path.join(runs[1].workdir, "log.txt")).read().count("\n# ") == 2
 
