@@ -11,7 +11,9 @@ from ftjax.recipes import demo
 @pytest.mark.parametrize("kind", ["grpo", "ppo"])
 def test_rl_stage_smoke(base_dir, tmp_path, kind):
   r = demo.run_rl(kind, str(tmp_path), base_dir, smoke=True, eval_examples=4)
-  assert set(r["metrics"]) == {k for k, _, _ in demo.METRICS}
+  names = {k for k, _, _ in demo.METRICS}  # each rate with its counts (Wilson intervals)
+  rates = names - {"eval_loss"}
+  assert set(r["metrics"]) == names | {f"{k}_{c}" for k in rates for c in "kn"}
   assert np.isfinite(r["kl_to_sft"])
   if kind == "grpo":  # k3 to the reference (the SFT model) is >= 0; PPO logs k1's mean
     assert r["kl_to_sft"] >= 0

@@ -138,7 +138,8 @@ def warm_start_config(config, data_path: str) -> ml_collections.ConfigDict:
                  seed=int(config.model.seed), head="lm", matmul_precision="auto")
   c.adapter = dict(kind="none", rank=8, alpha=16.0, dropout=0.0, targets="all-linear",
                    rslora=False, dora=False, init="kaiming", length=16, reparam=False,
-                   reparam_hidden=512, train_extra="", dtype="float32")
+                   reparam_hidden=512, reduction_factor=16, placement="houlsby",
+                   train_extra="", dtype="float32")
   c.quant = dict(kind="none", block_size=64, double_quant=True)
   c.data = dict(path=data_path, sources=[], format="prompt_completion", fields={}, packing=True,
                 overflow="truncate", skip_malformed=False, loss_on_prompt=False,
