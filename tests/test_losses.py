@@ -53,7 +53,7 @@ def _trl_dpo(tok, masks, loss_type, eps, beta):
   trl = pytest.importorskip("trl")
   from trl import DPOTrainer
   if not hasattr(DPOTrainer, "_compute_loss"):
-    pytest.skip(f"trl {trl.__version__} has no DPOTrainer._compute_loss (0.x API)")
+    pytest.fail(f"trl {trl.__version__} has no DPOTrainer._compute_loss (0.x API)")
   completion_mask = torch.tensor(np.concatenate([masks["c"], masks["r"]]))  # [2B, T]
   shift = completion_mask[:, 1:]
   # The fused head returns per-token logps of shifted labels, zero where the label is -100.
@@ -80,7 +80,7 @@ def _trl_dpo(tok, masks, loss_type, eps, beta):
   try:
     loss = DPOTrainer._compute_loss(stub, lambda **kw: outputs, inputs, return_outputs=False)
   except (AttributeError, KeyError, TypeError) as e:  # a TRL version the stub does not fit
-    pytest.skip(f"trl {trl.__version__} DPOTrainer._compute_loss does not fit the stub: {e!r}")
+    pytest.fail(f"trl {trl.__version__} DPOTrainer._compute_loss does not fit the stub: {e!r}")
   return float(loss), {k: v[-1] for k, v in stub._metrics["eval"].items()}
 
 
@@ -323,7 +323,7 @@ def _trl_reward_loss(rc, rr, margin, center):
   try:
     loss = RewardTrainer.compute_loss(stub, model, inputs)
   except (AttributeError, KeyError, TypeError) as e:
-    pytest.skip(f"trl {trl.__version__} RewardTrainer.compute_loss does not fit the stub: {e!r}")
+    pytest.fail(f"trl {trl.__version__} RewardTrainer.compute_loss does not fit the stub: {e!r}")
   return float(loss), stub._metrics["eval"]["accuracy"][-1]
 
 
