@@ -37,7 +37,7 @@ from ftjax.data import cache
 from ftjax.data import preference as pref
 from ftjax.data.formats import (DataStats, _messages, _pc_example,
                                 _RowError, collect_sources, each_record)
-from ftjax.data.sources import DataError, Records, cfg_get, describe, load_records
+from ftjax.data.sources import DataError, Records, cfg_get, describe
 
 UNPAIR_CHUNK = 1000  # datasets.map's default batch size, the blocks TRL unpairs
 
@@ -248,19 +248,9 @@ class KTOData(pref.PreferenceData):
 
 def prepare_kto_source(source: Any, tokenizer, seq_len: int, data_config: Any = None, *,
                        records=None) -> tuple[list[dict], DataStats]:
-  data_config = data_config or {}
-  opt = lambda k, d=None: cfg_get(source, k, cfg_get(data_config, k, d))
-  fmt = opt("format")
-  if fmt is None:
-    raise DataError(f"data source {describe(source)}: no format (set data.format: "
-                    f"{', '.join(pref.PREFERENCE_FORMATS)})")
-  if records is None:
-    records = load_records(source, bool(opt("skip_malformed", False)))
-  return tokenize_kto_records(
-      records, tokenizer, fmt, seq_len, fields=opt("fields"), overflow=opt("overflow", "truncate"),
-      skip_malformed=bool(opt("skip_malformed", False)),
-      chat_template=bool(opt("chat_template", False)), add_bos=bool(opt("add_bos", True)),
-      max_prompt_length=opt("max_prompt_length") or opt("max_prompt_len"))
+  """One source's KTO examples: the preference loader with the unpaired tokenizer."""
+  return pref.prepare_preference_source(source, tokenizer, seq_len, data_config,
+                                        records=records, tokenize=tokenize_kto_records)
 
 
 def build_kto_dataset(data_config: Any, tokenizer, seq_len: int, batch_size: int, *,

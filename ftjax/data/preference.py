@@ -566,8 +566,10 @@ class PreferenceData:
 
 
 def prepare_preference_source(source: Any, tokenizer, seq_len: int, data_config: Any = None, *,
-                              records: Records | None = None) -> tuple[list[dict], DataStats]:
-  """Load (unless `records` is given) and tokenize one source; its own keys beat data_config's."""
+                              records: Records | None = None, tokenize: Any = None
+                              ) -> tuple[list[dict], DataStats]:
+  """Load (unless `records` is given) and tokenize one source; its own keys beat data_config's.
+  `tokenize` (default `tokenize_preference_records`) is KTO's for unpaired rows."""
   data_config = data_config or {}
   opt = lambda k, d=None: cfg_get(source, k, cfg_get(data_config, k, d))
   fmt = opt("format")
@@ -576,7 +578,7 @@ def prepare_preference_source(source: Any, tokenizer, seq_len: int, data_config:
                     f"source's format: {', '.join(PREFERENCE_FORMATS)})")
   if records is None:
     records = load_records(source, bool(opt("skip_malformed", False)))
-  return tokenize_preference_records(
+  return (tokenize or tokenize_preference_records)(
       records, tokenizer, fmt, seq_len, fields=opt("fields"), overflow=opt("overflow", "truncate"),
       skip_malformed=bool(opt("skip_malformed", False)),
       chat_template=bool(opt("chat_template", False)), add_bos=bool(opt("add_bos", True)),
