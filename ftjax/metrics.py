@@ -71,7 +71,7 @@ class MetricsWriter:
     self._file = open(path, "a", buffering=1)  # line-buffered: a killed run loses <= 1 line
     if use_tensorboard:
       try:
-        from tensorboardX import SummaryWriter
+        SummaryWriter = _import_tensorboardx().SummaryWriter
       except ImportError:
         log.warning("tensorboardX is not installed; writing %s only", METRICS_FILE)
       else:
@@ -146,6 +146,26 @@ def read_metrics(workdir: str) -> list[dict]:
   return out
 
 
+def _import_tensorboardx():
+  """tensorboardX, imported without torch when torch is not loaded yet.
+
+  tensorboardX's writer does `try: import torch` only to name a type in its hints; that import
+  is ~1.2 s of every run's start on a CPU, and ftjax writes numpy scalars. Marking torch absent
+  for the duration of the import makes tensorboardX take its numpy-only branch; the mark is
+  removed at once, so a later `import torch` (the user's, or transformers') works as usual."""
+  import sys
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    import tensorboardX
+    return tensorboardX
+  sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+  try:
+    import tensorboardX
+  finally:
+    if sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+  return tensorboardX
+
+
 def drop_tensorboard_steps_after(tb_dir: str, step: int) -> None:
   """Rewrite the event files of `tb_dir` without the summaries of steps > `step`.
 
@@ -154,6 +174,7 @@ def drop_tensorboard_steps_after(tb_dir: str, step: int) -> None:
   """
   import struct
 
+  _import_tensorboardx()
   from tensorboardX.proto import event_pb2
   from tensorboardX.record_writer import masked_crc32c
   if not os.path.isdir(tb_dir):

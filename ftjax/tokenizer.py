@@ -60,12 +60,26 @@ def _check_json(path: str):
     raise UserError(f"{path}: invalid JSON ({e})") from None
 
 
+# The class AutoTokenizer resolves a plain `tokenizer.json` tokenizer (ours, and many hub ones)
+# to. Loading it by name skips AutoTokenizer's import of transformers' model configs, which
+# pulls in torch: ~2 s of every CLI start on a CPU.
+PLAIN_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def _plain_fast_tokenizer(path: str, names: set) -> bool:
+  import json
+  if "tokenizer.json" not in names or "tokenizer_config.json" not in names:
+    return False
+  with open(os.path.join(path, "tokenizer_config.json")) as f:
+    cfg = json.load(f)
+  return cfg.get("tokenizer_class") in PLAIN_FAST_CLASSES and "auto_map" not in cfg
+
+
 def load_tokenizer(path: str):
   """An HF tokenizer from a local directory (no remote code).
 
   A directory with no tokenizer files and a corrupt JSON file (config.json, tokenizer.json,
   tokenizer_config.json) are told apart: each is one line naming what is wrong."""
-  from transformers import AutoTokenizer
   if not os.path.isdir(path):
     raise UserError(f"{path}: no such tokenizer directory")
   names = set(os.listdir(path))
@@ -79,6 +93,10 @@ def load_tokenizer(path: str):
     raise UserError(f"{path}: has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
                     "give a tokenizer directory (config.model.tokenizer, generate.py --tokenizer)")
   try:
+    if _plain_fast_tokenizer(path, names):
+      from transformers import PreTrainedTokenizerFast
+      return PreTrainedTokenizerFast.from_pretrained(path)
+    from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
   except (OSError, ValueError) as e:  # missing or unreadable tokenizer files
     msg = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
