@@ -29,6 +29,10 @@ def get_config(arg=None):
   if stage == "pretrain":
     c = common.base(dict(adapter="none", format="text", model="demo"))
     c.data.path = os.path.join(DATA, "pretrain.jsonl")
+    # The demo tokenizer's post-processor adds no BOS, so plain text would start without one;
+    # every chat row of the later stages starts with the template's BOS, which the base should
+    # have seen at the start of a sequence (and the shipped measurements were made so).
+    c.data.add_bos = True
     c.optim.update(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.01)
     c.train.update(steps=12 if smoke else 1200, batch_size=16, seq_len=128, log_every=10,
                    eval_every=100000, save_every=400, keep=1)

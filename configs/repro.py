@@ -34,7 +34,9 @@ def get_config(arg=None):
   smoke = bool(a.get("smoke"))
   if stage not in ("base", "sft"):
     raise UserError(f"configs/repro.py: stage={stage!r}: expected base or sft")
-  general = {"path": PRETRAIN, "format": "text", "limit": GENERAL_TRAIN}
+  # add_bos: the demo's base pretrains on this text with BOS first (configs/demo.py); the
+  # replayed rows keep that.
+  general = {"path": PRETRAIN, "format": "text", "limit": GENERAL_TRAIN, "add_bos": True}
   if stage == "base":
     if "replay" in a:
       raise UserError("configs/repro.py: replay= applies to stage=sft only")

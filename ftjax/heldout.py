@@ -40,12 +40,13 @@ def load(workdir=None, model_path=None, step=None):
 
 def evaluate(data_path, workdir=None, model_path=None, step=None, fmt="chat", task="none",
              seq_len=512, batch_size=16, max_examples=0, max_new_tokens=64, show=3,
-             loaded=None) -> dict:
+             loaded=None, add_bos=None) -> dict:
   """Metrics dict (and `samples`: a few prompt/reply/reference triples) of the model in
   `workdir` (checkpoint `step`, default the latest), in `model_path`, or `loaded`
-  (model, params, tokenizer)."""
+  (model, params, tokenizer). `add_bos`: `data.add_bos` for plain-text formats (None: the
+  tokenizer's own special tokens)."""
   model, params, tok = loaded or load(workdir, model_path, step)
-  source = {"path": data_path, "format": fmt}
+  source = {"path": data_path, "format": fmt, "add_bos": add_bos}
   if max_examples:
     source["limit"] = max_examples
   records = list(data_lib.load_records(source))

@@ -39,7 +39,9 @@ def write_jsonl(path, rows):
 # --- formats: golden ---------------------------------------------------------------------------
 
 def test_alpaca_golden(tok):
-  ex = tokenize_example({"instruction": "Say hi", "output": "hello world"}, tok, "alpaca")
+  # add_bos=True: BOS first although this tokenizer's tokenizer(text) adds none (the default).
+  ex = tokenize_example({"instruction": "Say hi", "output": "hello world"}, tok, "alpaca",
+                        add_bos=True)
   prompt = formats.ALPACA_PROMPT_NO_INPUT.format(instruction="Say hi")
   np.testing.assert_array_equal(ex["tokens"], [BOS, *ids(tok, prompt), *ids(tok, "hello world"),
                                                END])
@@ -50,7 +52,7 @@ def test_alpaca_golden(tok):
   assert tok.decode(ex["tokens"]) == "<|bos|>" + prompt + "hello world<|end|>"
 
   rec = {"instr": "Return it", "ctx": "the blue jacket", "out": "Done."}
-  ex = tokenize_example(rec, tok, "alpaca",
+  ex = tokenize_example(rec, tok, "alpaca", add_bos=True,
                         fields={"instruction": "instr", "input": "ctx", "output": "out"})
   prompt = formats.ALPACA_PROMPT.format(instruction="Return it", input="the blue jacket")
   assert tok.decode(ex["tokens"]) == "<|bos|>" + prompt + "Done.<|end|>"
@@ -69,7 +71,7 @@ def test_alpaca_with_chat_template(tok):
 
 def test_prompt_completion_golden(tok):
   rec = {"prompt": "Where is my order?", "completion": " It shipped."}
-  ex = tokenize_example(rec, tok, "prompt_completion")
+  ex = tokenize_example(rec, tok, "prompt_completion", add_bos=True)
   p, c = ids(tok, "Where is my order?"), ids(tok, " It shipped.")
   np.testing.assert_array_equal(ex["tokens"], [BOS, *p, *c, END])
   np.testing.assert_array_equal(ex["loss_mask"], [False] * (1 + len(p)) + [True] * (len(c) + 1))
@@ -82,9 +84,12 @@ def test_prompt_completion_golden(tok):
 
 
 def test_text_golden(tok):
-  ex = tokenize_example({"text": "hello world"}, tok, "text")
+  ex = tokenize_example({"text": "hello world"}, tok, "text", add_bos=True)
   np.testing.assert_array_equal(ex["tokens"], [BOS, *ids(tok, "hello world"), END])
   assert ex["loss_mask"].all()
+  # By default the special tokens are the tokenizer's own: this one adds no BOS.
+  ex = tokenize_example({"text": "hello world"}, tok, "text")
+  np.testing.assert_array_equal(ex["tokens"], [*tok("hello world")["input_ids"], END])
 
 
 def test_chat_golden_multi_turn(tok):

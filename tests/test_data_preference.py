@@ -48,7 +48,7 @@ def write_jsonl(path, rows):
 # --- formats: golden -----------------------------------------------------------------------------
 
 def test_pairs_golden(tok):
-  ex = pref.tokenize_preference(PAIR, tok, "pairs")
+  ex = pref.tokenize_preference(PAIR, tok, "pairs", add_bos=True)  # BOS: the override
   p = ids(tok, "Where is my order?")
   np.testing.assert_array_equal(ex["chosen"], [BOS, *p, *ids(tok, " It shipped."), END])
   np.testing.assert_array_equal(ex["rejected"], [BOS, *p, *ids(tok, " No idea."), END])
@@ -224,13 +224,13 @@ def test_overflow_truncate_keeps_the_prompt(tok):
 
 def test_overflow_long_prompt_cut_from_the_left(tok):
   long = {"prompt": LONG, "chosen": " It shipped.", "rejected": " No idea."}
-  full = pref.tokenize_preference(long, tok, "pairs")
+  full = pref.tokenize_preference(long, tok, "pairs", add_bos=True)
   seq_len = 12
   p = full["prompt_len"]
   assert p > seq_len + 1
   # max_prompt_length >= seq_len: the prompt takes all but one position.
   (t,), st = pref.tokenize_preference_records([long], tok, "pairs", seq_len,
-                                              max_prompt_length=seq_len)
+                                              max_prompt_length=seq_len, add_bos=True)
   assert st.truncated == 1 and t["prompt_len"] == seq_len
   # BOS stays first, then the end of the prompt, then one response token.
   np.testing.assert_array_equal(t["chosen"], [BOS, *full["chosen"][p - seq_len + 1:p + 1]])
@@ -257,10 +257,11 @@ def test_long_prompt_keeps_its_end_as_trl_does(tok):
   responses whole when they fit; so do we, BOS kept first."""
   long = {"prompt": LONG * 3, "chosen": " It shipped on Monday.",
           "rejected": " I want to return the jacket."}
-  full = pref.tokenize_preference(long, tok, "pairs")
+  full = pref.tokenize_preference(long, tok, "pairs", add_bos=True)
   p, seq_len, mpl = full["prompt_len"], 48, 20
-  prompt = full["chosen"][1:p]  # without BOS, as TRL tokenizes it
-  (t,), _ = pref.tokenize_preference_records([long], tok, "pairs", seq_len, max_prompt_length=mpl)
+  prompt = full["chosen"][1:p]  # without BOS, as TRL tokenizes it with this tokenizer
+  (t,), _ = pref.tokenize_preference_records([long], tok, "pairs", seq_len, max_prompt_length=mpl,
+                                             add_bos=True)
   assert t["prompt_len"] >= mpl
   k = t["prompt_len"] - 1
   np.testing.assert_array_equal(t["chosen"][:t["prompt_len"]], [BOS, *prompt[-k:]])
@@ -383,7 +384,9 @@ def test_prompts_match_their_pairs(tok):
   p = pref.tokenize_prompt({"prompt": PROMPT}, tok)
   text = tok.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
   np.testing.assert_array_equal(p, ids(tok, text))
-  np.testing.assert_array_equal(pref.tokenize_prompt({"prompt": "hi"}, tok), [BOS, *ids(tok, "hi")])
+  np.testing.assert_array_equal(pref.tokenize_prompt({"prompt": "hi"}, tok), tok("hi")["input_ids"])
+  np.testing.assert_array_equal(pref.tokenize_prompt({"prompt": "hi"}, tok, add_bos=True),
+                                [BOS, *ids(tok, "hi")])
 
 
 def test_prompt_batches_left_padded(tok, tmp_path):
@@ -391,7 +394,8 @@ def test_prompt_batches_left_padded(tok, tmp_path):
                      [{"prompt": "hi"}, {"prompt": PROMPT}, {"text": "x"}, {"prompt": LONG}])
   with pytest.raises(DataError, match=r"prompts\.jsonl: row 3: field 'prompt' is missing"):
     pref.tokenize_prompts(load_records(path), tok)
-  prompts, st = pref.tokenize_prompts(load_records(path), tok, skip_malformed=True, max_len=50)
+  prompts, st = pref.tokenize_prompts(load_records(path), tok, skip_malformed=True, max_len=50,
+                                      add_bos=True)
   assert (st.examples, st.skipped, st.truncated) == (3, 1, 1)
   assert len(prompts[2]) == 50 and prompts[2][0] == BOS
   batches = pref.prompt_batches(prompts, 2, pad_id=PAD)
@@ -465,10 +469,7 @@ def test_auto_takes_trl_layouts_as_trl_does(tok, tmp_path):
     ex = pref.tokenize_preference(row, tok, "auto")
     p = ex["prompt_len"]
     prompt = list(ex["chosen"][:p])
-    if name.startswith("standard"):
-      assert prompt[0] == BOS  # ftjax starts non-chat sequences with BOS; TRL's do not
-      prompt = prompt[1:]
-    assert prompt == trl["prompt_ids"], name
+    assert prompt == trl["prompt_ids"], name  # no BOS on plain text: tokenizer(text) adds none
     for side in ("chosen", "rejected"):
       response = list(ex[side][p:])
       # TRL keeps what the chat template puts after the end-of-turn token (a newline), which

@@ -18,8 +18,8 @@ def torch_text_loss(base_dir: str, path: str, n: int, seq_len: int) -> float:
   from ftjax import data as data_lib
   from ftjax.tokenizer import load_tokenizer
   tok = load_tokenizer(base_dir)
-  data = data_lib.build_dataset({"sources": [{"path": path, "format": "text", "limit": n}],
-                                 "packing": False}, tok, seq_len, 4)
+  source = {"path": path, "format": "text", "limit": n, "add_bos": True}  # as repro.measure
+  data = data_lib.build_dataset({"sources": [source], "packing": False}, tok, seq_len, 4)
   model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
   loss_sum = count = 0.0
   for batch in data_lib.eval_batches(data.train.examples, 4, seq_len, pad_id=data.pad_id):

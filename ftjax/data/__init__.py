@@ -22,7 +22,9 @@ with `config.data` (a ConfigDict or dict) holding:
   skip_malformed  False: a malformed row raises DataError; True: it is counted and skipped
   loss_on_prompt  False: only completions / assistant turns are targets
   chat_template   False: alpaca / prompt_completion use the tokenizer's chat template if True
-  add_bos         True: non-chat formats start with the tokenizer's BOS (when it has one)
+  add_bos         unset (None): non-chat formats start with the special tokens tokenizer(text)
+                  itself adds (Llama's BOS; none for GPT-2 or Qwen), as TRL; True: with the
+                  tokenizer's BOS (when it has one) all the same; False: with none
   eval_fraction   records of each source held out for eval (0.0), chosen by seed
   eval_sources    optional list of sources used for eval only (unweighted, unshuffled)
   cache_dir       tokenized examples are cached there, keyed by the sources' content, the
@@ -40,8 +42,8 @@ from typing import Any
 import numpy as np
 
 from ftjax.data import cache
-from ftjax.data.formats import (DataStats, FORMATS, collect_sources, count_tokens, fit,
-                                tokenize_example, tokenize_records)
+from ftjax.data.formats import (DataStats, FORMATS, add_bos_option, bos_ids, collect_sources,
+                                count_tokens, fit, tokenize_example, tokenize_records)
 from ftjax.data.packing import BATCH_KEYS, make_batch, pack_rows
 from ftjax.data.pipeline import BatchIterator, eval_batches
 from ftjax.data.sources import (EVAL_STREAM, DataError, Records, cfg_get, describe,
@@ -49,7 +51,7 @@ from ftjax.data.sources import (EVAL_STREAM, DataError, Records, cfg_get, descri
 
 __all__ = [
     "EVAL_STREAM", "BATCH_KEYS", "BatchIterator", "DataError", "DataStats", "FORMATS", "Records",
-    "SFTData",
+    "SFTData", "bos_ids",
     "build_dataset", "count_tokens", "eval_batches", "fit", "load_records", "make_batch", "mix",
     "mix_counts", "pack_rows", "prepare_source", "tokenize_example", "tokenize_records",
 ]
@@ -93,7 +95,7 @@ def prepare_source(source: Any, tokenizer, seq_len: int, data_config: Any = None
                           skip_malformed=bool(opt("skip_malformed", False)),
                           loss_on_prompt=bool(opt("loss_on_prompt", False)),
                           chat_template=bool(opt("chat_template", False)),
-                          add_bos=bool(opt("add_bos", True)))
+                          add_bos=add_bos_option(opt("add_bos")))
 
 
 def build_dataset(data_config: Any, tokenizer, seq_len: int, batch_size: int, *, seed: int = 0,

@@ -29,7 +29,9 @@ from absl import logging
 from ftjax.data.formats import DataStats
 from ftjax.data.sources import cfg_get
 
-CACHE_VERSION = 1  # bump when the example layout or tokenization code changes meaning
+# Bump when the example layout or tokenization code changes meaning (2: a plain-text sequence
+# starts with the special tokens tokenizer(text) adds, no longer always with BOS).
+CACHE_VERSION = 2
 # Tokenizer files in a model or tokenizer directory (the model's weights are not hashed).
 _TOKENIZER_FILE = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|"
                              r"vocab\..*|merges\.txt|.*\.model|chat_template\..*)$")

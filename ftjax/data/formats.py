@@ -18,7 +18,11 @@ Every format turns one record into an example `{"tokens": int32 [n], "loss_mask"
 
 Non-chat formats are `[bos] + prompt + completion + [eos]`, the prompt and completion tokenized
 separately so the boundary is exact; the completion and EOS are targets (everything with
-`loss_on_prompt=True`). `bos` is left out when the tokenizer has none or `add_bos=False`.
+`loss_on_prompt=True`). `[bos]` is what `tokenizer(text)` itself puts before the text, as TRL and
+transformers pipelines tokenize (`add_bos=None`, the default): Llama's BOS, nothing for GPT-2 or
+Qwen, nothing for a tokenizer with a `bos_token` that its post-processor does not add.
+`add_bos=True` starts every sequence with the tokenizer's BOS (when it has one) all the same;
+`add_bos=False` leaves it out even where the tokenizer adds it (see `bos_ids`).
 
 Field names map through `fields`, e.g. `{"instruction": "instr", "output": "answer"}`; for chat,
 `messages`, `role` and `content` can be renamed.
@@ -144,6 +148,35 @@ def _ids(tokenizer, text: str) -> list[int]:
   return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def bos_ids(tokenizer, add_bos: bool | None = None) -> list[int]:
+  """The ids a plain-text (non-chat) sequence starts with.
+
+  None: the special tokens `tokenizer(text)` puts before the text, so that the sequences are
+  TRL's (its SFT and DPO tokenize plain text with `tokenizer(text)`) and the log-probs are those
+  a transformers pipeline computes. True / False: the tokenizer's BOS, or nothing, whatever the
+  tokenizer itself does (the `add_bos` override).
+  """
+  if add_bos is None:
+    # Where the text's own ids sit in the full encoding: what comes before is the post-
+    # processor's prefix (a TemplateProcessing BOS), whatever the tokenizer calls it.
+    probe = "a"
+    plain, full = _ids(tokenizer, probe), list(tokenizer(probe)["input_ids"])
+    for i in range(len(full) - len(plain) + 1):
+      if full[i:i + len(plain)] == plain:
+        return full[:i]
+    return []
+  bos = tokenizer.bos_token_id
+  return [bos] if add_bos and bos is not None else []
+
+
+def add_bos_option(value: Any) -> bool | None:
+  """`data.add_bos` as `bos_ids` takes it: None (unset: the tokenizer's own behaviour) or a bool."""
+  if value is None or isinstance(value, (bool, np.bool_)):
+    return None if value is None else bool(value)
+  raise DataError(f"data.add_bos={value!r}: expected true, false, or unset (the tokenizer's own "
+                  "special tokens, as tokenizer(text) adds them)")
+
+
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
   try:
     return tokenizer.apply_chat_template(messages, tokenize=False,
@@ -195,8 +228,8 @@ def _turn_start(tokenizer, messages: list[dict], i: int, full: str) -> int | Non
 
 
 def _pc_example(tokenizer, prompt: str, completion: str, loss_on_prompt: bool,
-                add_bos: bool) -> dict:
-  bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+                add_bos: bool | None) -> dict:
+  bos = bos_ids(tokenizer, add_bos)
   if tokenizer.eos_token_id is None:
     raise DataError("the tokenizer has no eos token")
   p = bos + (_ids(tokenizer, prompt) if prompt else [])
@@ -208,7 +241,7 @@ def _pc_example(tokenizer, prompt: str, completion: str, loss_on_prompt: bool,
 
 def tokenize_example(record: Mapping, tokenizer, format: str, *,
                      fields: Mapping[str, str] | None = None, loss_on_prompt: bool = False,
-                     chat_template: bool = False, add_bos: bool = True) -> dict:
+                     chat_template: bool = False, add_bos: bool | None = None) -> dict:
   """One record -> `{"tokens": int32 [n], "loss_mask": bool [n]}` (see the module docstring).
 
   Raises `DataError("field 'x' is missing")` etc. for a malformed record; the caller (usually
@@ -305,7 +338,7 @@ def fit(example: dict, seq_len: int, overflow: str) -> tuple[list[dict], str | N
 def tokenize_records(records: Records | Sequence[Mapping], tokenizer, format: str, seq_len: int,
                      *, fields: Mapping[str, str] | None = None, overflow: str = "truncate",
                      skip_malformed: bool = False, loss_on_prompt: bool = False,
-                     chat_template: bool = False, add_bos: bool = True,
+                     chat_template: bool = False, add_bos: bool | None = None,
                      ) -> tuple[list[dict], DataStats]:
   """Tokenize every record, fit it to seq_len, and count what happened.
 

@@ -47,7 +47,7 @@ def _is_bool(v) -> bool:
 
 
 def _example(tokenizer, record: Mapping, completion_key: str, label: bool, format: str,
-             fields: Mapping[str, str], chat_template: bool, add_bos: bool) -> dict:
+             fields: Mapping[str, str], chat_template: bool, add_bos: bool | None) -> dict:
   """One (prompt, completion, label) -> {"prompt": int32 [p], "completion": int32 [c],
   "completion_mask": bool [c], "label": 1 | 0}."""
   pk = fields.get("prompt", "prompt")
@@ -98,7 +98,7 @@ def _example(tokenizer, record: Mapping, completion_key: str, label: bool, forma
 
 def tokenize_kto(record: Mapping, tokenizer, format: str = "auto", *,
                  fields: Mapping[str, str] | None = None, chat_template: bool = False,
-                 add_bos: bool = True) -> list[tuple[str, dict]]:
+                 add_bos: bool | None = None) -> list[tuple[str, dict]]:
   """One record -> [(group, example)]: an unpaired row gives one ("row", ex), a paired row
   ("chosen", ex) and ("rejected", ex) (TRL's unpairing). Raises DataError naming the field."""
   fields = dict(fields or {})
@@ -140,7 +140,7 @@ def _fit(ex: dict, seq_len: int, overflow: str, max_prompt_length, bos_id) -> tu
 
 def tokenize_kto_records(records, tokenizer, format: str, seq_len: int, *, fields=None,
                          overflow: str = "truncate", skip_malformed: bool = False,
-                         chat_template: bool = False, add_bos: bool = True,
+                         chat_template: bool = False, add_bos: bool | None = None,
                          max_prompt_length=None) -> tuple[list[dict], DataStats]:
   """Records -> KTO examples (unpaired in TRL's order), fitted to seq_len + 1 tokens."""
   pref._check(tokenizer, format, chat_template)

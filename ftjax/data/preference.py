@@ -5,7 +5,8 @@ Formats (field names map through `fields`, e.g. `{"chosen": "good", "role": "fro
   auto   each row as TRL reads it: `chat` when chosen, rejected or prompt is a message list
          (TRL's "conversational" rows), else `pairs` (its "standard" rows).
   pairs  prompt, chosen, rejected: strings. `[bos] + prompt + response + [eos]`, the prompt and
-         the response tokenized separately (as `formats` does for prompt_completion); with
+         the response tokenized separately (as `formats` does for prompt_completion; `[bos]` is
+         what tokenizer(text) adds, as TRL, unless `add_bos` overrides it); with
          `chat_template=True` the prompt is one user turn and the response one assistant turn,
          rendered with the tokenizer's chat template. Without a `prompt` field the prompt is
          implicit: the common prefix of chosen and rejected (TRL's `extract_prompt`).
@@ -74,8 +75,8 @@ from absl import logging
 from ftjax import rollout
 from ftjax.data import cache, pipeline
 from ftjax.data.formats import (DataStats, _field, _ids, _messages, _pc_example,
-                                _render, _RowError, check_tokenizer, collect_sources,
-                                each_record)
+                                _render, _RowError, add_bos_option, bos_ids, check_tokenizer,
+                                collect_sources, each_record)
 from ftjax.data.pipeline import BatchIterator
 from ftjax.data.sources import DataError, Records, cfg_get, describe, load_records
 from ftjax.errors import UserError
@@ -213,7 +214,7 @@ def _chat_pair(tokenizer, prompt: list[dict], chosen: dict, rejected: dict,
 
 def tokenize_preference(record: Mapping, tokenizer, format: str, *,
                         fields: Mapping[str, str] | None = None, chat_template: bool = False,
-                        add_bos: bool = True) -> dict:
+                        add_bos: bool | None = None) -> dict:
   """One record -> a pair dict (see the module docstring).
 
   Raises `DataError("field 'x' ...")` for a malformed record; the caller adds the file and row.
@@ -351,7 +352,7 @@ def count_pair_tokens(examples: Sequence[dict], stats: DataStats) -> DataStats:
 def tokenize_preference_records(records: Records | Sequence[Mapping], tokenizer, format: str,
                                 seq_len: int, *, fields: Mapping[str, str] | None = None,
                                 overflow: str = "truncate", skip_malformed: bool = False,
-                                chat_template: bool = False, add_bos: bool = True,
+                                chat_template: bool = False, add_bos: bool | None = None,
                                 max_prompt_length: int | None = None
                                 ) -> tuple[list[dict], DataStats]:
   """Tokenize every record into a pair, fit it to seq_len, and count what happened.
@@ -460,7 +461,7 @@ def eval_batches(examples: Sequence[dict], batch_size: int, seq_len: int, *, pad
 
 def tokenize_prompt(record: Mapping, tokenizer, format: str = "pairs", *,
                     fields: Mapping[str, str] | None = None, chat_template: bool = False,
-                    add_bos: bool = True) -> np.ndarray:
+                    add_bos: bool | None = None) -> np.ndarray:
   """A record's prompt tokens, int32 [n], ending where generation starts.
 
   For a preference record these are its pair's first prompt_len tokens. A prompt-only record has
@@ -483,8 +484,8 @@ def tokenize_prompt(record: Mapping, tokenizer, format: str = "pairs", *,
       text = (_pair_strings(record, fields)[0] if has_pair
               else _field(record, fields, "prompt", allow_empty=True))
       if format != "chat" and not chat_template:
-        bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
-        return np.asarray(bos + (_ids(tokenizer, text) if text else []), np.int32)
+        return np.asarray(bos_ids(tokenizer, add_bos) + (_ids(tokenizer, text) if text else []),
+                          np.int32)
       messages = [{"role": "user", "content": text}]
     if not messages:
       raise _RowError(fields.get("prompt", "prompt"), "is empty")
@@ -495,7 +496,7 @@ def tokenize_prompt(record: Mapping, tokenizer, format: str = "pairs", *,
 
 def tokenize_prompts(records: Records | Sequence[Mapping], tokenizer, format: str = "pairs", *,
                      fields: Mapping[str, str] | None = None, chat_template: bool = False,
-                     add_bos: bool = True, skip_malformed: bool = False,
+                     add_bos: bool | None = None, skip_malformed: bool = False,
                      max_len: int | None = None) -> tuple[list[np.ndarray], DataStats]:
   """`tokenize_prompt` over records; prompts longer than max_len are cut from the left (BOS kept).
 
@@ -581,7 +582,7 @@ def prepare_preference_source(source: Any, tokenizer, seq_len: int, data_config:
   return (tokenize or tokenize_preference_records)(
       records, tokenizer, fmt, seq_len, fields=opt("fields"), overflow=opt("overflow", "truncate"),
       skip_malformed=bool(opt("skip_malformed", False)),
-      chat_template=bool(opt("chat_template", False)), add_bos=bool(opt("add_bos", True)),
+      chat_template=bool(opt("chat_template", False)), add_bos=add_bos_option(opt("add_bos")),
       max_prompt_length=opt("max_prompt_length") or opt("max_prompt_len"))
 
 

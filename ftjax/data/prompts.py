@@ -47,17 +47,14 @@ def load_rows(source, where: Optional[str] = None) -> list[dict]:
 
 def encode(tokenizer, prompt, max_len: int = 0) -> list[int]:
   """Prompt token ids: chat messages through the chat template with the generation prompt
-  opened (as TRL), strings as they are."""
+  opened (as TRL), strings as `tokenizer(prompt)` encodes them (its BOS only if it adds one)."""
   if isinstance(prompt, list):
     text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
   else:
+    # With the tokenizer's own special tokens, as TRL's GRPO tokenizes text prompts and as
+    # ftjax's SFT formats start a plain-text sequence by default (`formats.bos_ids`).
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    bos = getattr(tokenizer, "bos_token_id", None)
-    # As ftjax's SFT formats lay a prompt out ([bos] + prompt + completion): a tokenizer that
-    # adds no BOS itself would otherwise show the SFT model prompts it never saw.
-    if isinstance(bos, int) and (not ids or ids[0] != bos):
-      ids = [bos] + ids
   return ids[-max_len:] if max_len else ids
 
 

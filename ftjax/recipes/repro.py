@@ -131,8 +131,9 @@ def measure(ctx: Context, loaded) -> dict:
   task = heldout.evaluate(SUPPORT_EVAL, fmt="chat", task="support", seq_len=192,
                           batch_size=16, max_examples=ctx.tickets,
                           max_new_tokens=8 if ctx.smoke else 64, show=1, loaded=loaded)
+  # With BOS, as the base was pretrained on this text (configs/repro.py, configs/demo.py).
   general = heldout.evaluate(ctx.general_eval, fmt="text", seq_len=128, batch_size=16,
-                             max_examples=ctx.general, loaded=loaded)
+                             max_examples=ctx.general, loaded=loaded, add_bos=True)
   scores = [task[k] for k in TASK_KEYS]
   # Same combination as support.true_reward: a score in [0, 1], higher is better.
   task_score = (np.nan_to_num(scores[0], nan=1.0) + 1 - scores[1] + scores[2] + scores[3]) / 4
