@@ -23,12 +23,19 @@ def test_eight_fake_devices():
   assert jax.device_count() == 8
 
 
+# Each mesh class once per trainable layout, each against its own one-device run. LoRA: replicated
+# trainables whose gradients reduce over data=8, and A/B split by the tensor rules of the mixed
+# mesh. Full fine-tuning: trainables and Adam moments sharded by fsdp=8, and pmap's replicated
+# whole state. (pmap's replicated LoRA state and fsdp's LoRA are the same reductions again; DPO,
+# GRPO and PPO run pmap and fsdp with their own steps below and in their files.)
+SFT_MESHES = {"lora": [("pjit", "data=1"), ("pjit", "data=8"), ("pjit", "data=2,fsdp=2,tensor=2")],
+              "none": [("pjit", "data=1"), ("pjit", "fsdp=8"), ("pmap", "data=-1")]}
+
+
 @pytest.mark.parametrize("adapter", ["lora", "none"])
 def test_first_losses_equal_on_every_mesh(base_dir, chat_files, tmp_path, adapter):
   losses = {}
-  # Full fine-tuning skips data=8: replicated params and optimizer state reduce their gradients
-  # as LoRA's do there; its own classes (fsdp-sharded trainables and moments, tensor, pmap) stay.
-  for mode, shape in MESHES if adapter == "lora" else [m for m in MESHES if m[1] != "data=8"]:
+  for mode, shape in SFT_MESHES[adapter]:
     c = sft_config.get_config(f"adapter={adapter},smoke")
     c.model.hf_path = base_dir
     c.data.path, c.data.eval_path = chat_files[0], ""
