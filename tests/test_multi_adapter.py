@@ -61,8 +61,25 @@ def _batch():
   return np.concatenate([tokens, tokens[:1]]), np.concatenate([mask, mask[:1]])
 
 
+def _merged_torch(model, params, out_dir):
+  """transformers' model of ftjax's merged export (a 4-bit base dequantized, the adapter
+  folded in): the reference where PEFT has no NF4 on this CPU."""
+  ftjax.save_pretrained(model, params, out_dir)
+  return transformers.AutoModelForCausalLM.from_pretrained(out_dir).eval()
+
+
+def _torch_greedy(model, tokens, n):
+  """PEFT's own greedy continuation of one unpadded prompt."""
+  with torch.no_grad():
+    out = model.generate(torch.tensor(tokens[None], dtype=torch.long), max_new_tokens=n,
+                         do_sample=False, pad_token_id=0)
+  return out[0, len(tokens):].numpy()
+
+
 @pytest.mark.parametrize("quant", [None, "nf4"])
-def test_mixed_batch_equals_each_adapter_alone(hf_models, peft_adapters, quant):
+def test_mixed_batch_equals_each_adapter_alone(hf_models, peft_adapters, quant, tmp_path):
+  """Logits: each row vs its adapter alone in ftjax (1e-5) and, fp32, in PEFT (1e-4). Greedy
+  tokens: vs PEFT's generate (fp32), or transformers' on the merged NF4 model."""
   path = hf_models["llama"][0]
   base_model, base = ftjax.load_pretrained(path, quant=quant)
   model, params = ftjax.load_adapters(base_model, base, peft_adapters)
@@ -74,25 +91,25 @@ def test_mixed_batch_equals_each_adapter_alone(hf_models, peft_adapters, quant):
   np.testing.assert_array_equal(rows, [0, 1, 2, -1])
   tokens, mask = _batch()
   mixed = _logits(model, params, tokens, mask, rows)
-  alone, greedy = [], []
-  for i, name in enumerate(names):
-    one = ((base_model, base) if name is None
-           else ftjax.load_adapter(base_model, base, peft_adapters[name]))
+  out = np.asarray(sampling.generate(model, params, tokens, mask, max_new_tokens=6,
+                                     adapter_rows=rows).tokens)
+  base_ref = _logits(base_model, base, tokens[3:], mask[3:])[0]
+  np.testing.assert_array_equal(mixed[3][mask[3]], base_ref[mask[3]])  # no adapter: the base
+  for i, name in enumerate(KINDS):
+    one = ftjax.load_adapter(base_model, base, peft_adapters[name])
     ref = _logits(*one, tokens[i:i + 1], mask[i:i + 1])[0]
     np.testing.assert_allclose(mixed[i][mask[i]], ref[mask[i]], atol=1e-5, rtol=0)
-    alone.append(ref)
-    if quant is None and name is not None:  # PEFT itself (the tiny base's fp32 weights)
+    assert np.abs(ref - base_ref)[mask[i]].max() > 1e-1  # the adapter changes the model
+    if quant is None:  # PEFT itself
       pm = _peft_model(path, i, **KINDS[name])
       torch_ref = _torch_logits(pm, tokens[i:i + 1], mask[i:i + 1])[0]
       assert np.abs(mixed[i] - torch_ref)[mask[i]].max() <= 1e-4
-    greedy.append(np.asarray(sampling.generate(*one, tokens[i:i + 1], mask[i:i + 1],
-                                               max_new_tokens=6).tokens)[0])
-  # The adapters really differ from each other and from the base.
-  for i in range(3):
-    assert np.abs(alone[i] - alone[3])[mask[i]].max() > 1e-1
-  out = sampling.generate(model, params, tokens, mask, max_new_tokens=6, adapter_rows=rows)
-  np.testing.assert_array_equal(np.asarray(out.tokens), np.stack(greedy))
-  assert len({tuple(g) for g in greedy}) > 1
+      greedy = _torch_greedy(pm, tokens[i][mask[i]], 6)
+    else:
+      merged = _merged_torch(*one, str(tmp_path / name))
+      greedy = _torch_greedy(merged, tokens[i][mask[i]], 6)
+    np.testing.assert_array_equal(out[i], greedy, err_msg=name)
+  assert len({tuple(t) for t in out}) > 1
 
 
 def test_peft_multi_adapter_layout_round_trips(hf_models, peft_adapters, tmp_path):
@@ -143,31 +160,34 @@ def test_workdir_beside_peft_dir_and_bad_inputs(base_dir, chat_files, hf_models,
   train, ev = chat_files
   run = str(tmp_path / "run")
   config = make_config(base_dir, train, ev, steps=2, eval_every=2, save_every=2)
+  config.data.eval_path = ""  # no eval step to compile
   config.adapter.update(rslora=True, dropout=0.0)
   config.optim.lr = 5e-2  # two steps that move B well away from zero
   sft.run(config, run)
   requests = str(tmp_path / "requests.jsonl")
-  reqs = [{"prompt": "Where is my order?", "adapter": "trained"},
+  reqs = [{"messages": [{"role": "user", "content": "Where is my order?"}], "adapter": "trained"},
           {"messages": [{"role": "user", "content": "I want a refund"}], "adapter": "peft"},
           {"prompt": "Where is my order?"}]
   with open(requests, "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in reqs)
   flags = [f"trained={run}", f"peft={peft_adapters['lora']}"]
   texts = inference.generate_multi(flags, requests, base=base_dir, max_new_tokens=6)
-  # Each row alone: the workdir through load_trained, the PEFT dir through generate_texts.
+  assert len(texts) == 3
+  # Each row alone in transformers: the workdir's model merged, the PEFT dir in PEFT.
+  from ftjax import rollout
   tok = ftjax.tokenizer.load_tokenizer(base_dir)
   m1, p1, _, _ = wd.load_trained(run)
-  ids = inference.encode_prompts(tok, ["Where is my order?"])
-  from ftjax import rollout
-  ro = rollout.rollout(m1, p1, ids, n_samples=1, max_new_tokens=6, rng=None,
-                       temperature=0.0, eos_ids=rollout.eos_ids(tok, m1),
-                       pad_id=rollout.pad_id(tok))
-  assert texts[0] == rollout.decode(tok, ro)[0]
-  assert texts[1] == inference.generate_texts(peft_adapters["lora"], ["I want a refund"],
-                                              tokenizer_path=base_dir, chat=True,
-                                              max_new_tokens=6, base=base_dir)[0]
-  assert texts[2] == inference.generate_texts(base_dir, ["Where is my order?"],
-                                              max_new_tokens=6)[0]
+  ids = inference.encode_prompts(tok, ["Where is my order?", "I want a refund"], chat=True)
+  eos = set(rollout.eos_ids(tok, m1))
+
+  def text(torch_model, prompt):
+    want = _torch_greedy(torch_model, np.asarray(prompt), 6)
+    cut = next((j + 1 for j, t in enumerate(want) if int(t) in eos), len(want))
+    return tok.decode(want[:cut], skip_special_tokens=True)
+  assert texts[0] == text(_merged_torch(m1, p1, str(tmp_path / "merged")), ids[0])
+  # the peft_adapters["lora"] model, rebuilt from the same seed
+  assert texts[1] == text(_peft_model(hf_models["llama"][0], 0, **KINDS["lora"]), ids[1])
+  assert texts[0] != texts[2] or texts[1] != texts[2]
   # An adapter of another base (qwen3's q_proj is 32 -> 64): one line naming it.
   qwen = str(tmp_path / "qwen")
   _peft_model(hf_models["qwen3"][0], 0, r=2, target_modules=["q_proj"]).save_pretrained(qwen)
