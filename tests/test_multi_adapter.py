@@ -204,3 +204,4 @@ def test_workdir_beside_peft_dir_and_bad_inputs(base_dir, chat_files, hf_models,
   assert res.returncode != 0 and not res.stdout
   last = res.stderr.strip().splitlines()
   assert len(last) == 1 and f"{requests}:4" in last[0] and "'nosuch'" in last[0], res.stderr
+

@@ -388,7 +388,9 @@ def bench_multi_lora_decode(cfg: ModelConfig, batch: int, seq_len: int, steps: i
   sep_med = statistics.median(sep_times)
   rec = {"compile_s": compile_s, "n_adapters": n, "rows": b, "rank": rank,
          "max_new_tokens": max_new_tokens, "prompt_len": seq_len,
-         "separate_median_s": sep_med, "separate_tokens_per_s": decoded / sep_med,
+         "separate_median_s": sep_med, "separate_min_s": min(sep_times),
+         "separate_max_s": max(sep_times), "max_s": max(times),
+         "separate_tokens_per_s": decoded / sep_med,
          "separate_compile_s": sep_compile_s,
          "note": "tokens_per_s counts decoded tokens of the mixed batch (prefill included); "
                  "separate_*: each adapter's rows in its own call, the N calls summed"}
