@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import ml_collections
 import numpy as np
@@ -160,10 +160,10 @@ def warm_start_config(config, data_path: str) -> ml_collections.ConfigDict:
 # ---------------------------------------------------------------------------- step-by-step
 # Column addition written one step per digit, for process reward models (TRL's PRM layout):
 #
-#   37+48=  ->  ["7+8+0=15 write 5 carry 1", "3+4+1=8 write 8 carry 0", "answer 85"]
+#   37+48=  ->  ["7+8+0=15 write 5 carry 1", "3+4+1=08 write 8 carry 0", "answer 85"]
 #
-# A step states the column's digits and incoming carry, their sum, the digit written and the
-# carry out; the last step reads the answer off the written digits. Every step can be checked
+# A step states the column's digits and incoming carry, their sum (two digits: the carry out
+# and the digit written, each in its place), the digit written and the carry out; the last step reads the answer off the written digits. Every step can be checked
 # on its own line except what it inherits (its carry in, the answer's digits), so a verifier
 # has to read earlier steps too.
 
@@ -200,7 +200,7 @@ def solve(a: int, b: int, error_at: Optional[int] = None, kind: str = "carry",
         total = total + delta if total + delta <= 19 else total - delta
         digit, out = total % 10, total // 10
       ok = False
-    steps.append(f"{da[i]}+{db[i]}+{carry}={total} write {digit} carry {out}")
+    steps.append(f"{da[i]}+{db[i]}+{carry}={total:02d} write {digit} carry {out}")
     labels.append(ok)
     written.append(digit)
     carry = out
@@ -222,10 +222,10 @@ def step_answer(steps: list[str]) -> Optional[int]:
 
 
 def prm_rows(split: str, n: int, seed: int = 0, max_operand: int = 999,
-             error_fraction: float = 0.5) -> list[dict]:
+             error_fraction: float = 0.5, kinds: Sequence[str] = ERROR_KINDS) -> list[dict]:
   """Step-labelled solutions in TRL's PRM layout `{"prompt", "completions", "labels"}`: a
-  fraction `error_fraction` of them with one planted error (a dropped carry where the problem
-  has a carry, else a wrong digit) at a random column. Held-out operand pairs only in "eval"
+  fraction `error_fraction` of them with one planted error of one of `kinds` (ERROR_KINDS; a
+  dropped carry falls back to a wrong digit in a column without a carry) at a random column. Held-out operand pairs only in "eval"
   (as `rows`). Seeded: the same (split, n, seed) gives the same rows."""
   rng = np.random.default_rng([seed, 3, 0 if split == "train" else 1])
   out = []
@@ -235,7 +235,7 @@ def prm_rows(split: str, n: int, seed: int = 0, max_operand: int = 999,
     if rng.random() < error_fraction:
       width = max(len(str(a)), len(str(b)))
       error_at = int(rng.integers(0, width))
-      kind = ERROR_KINDS[int(rng.integers(0, 2))]
+      kind = kinds[int(rng.integers(0, len(kinds)))]
     steps, labels = solve(a, b, error_at, kind, rng)
     out.append({"prompt": r["prompt"], "completions": steps, "labels": labels})
   return out
@@ -255,3 +255,8 @@ def sample_solutions(a: int, b: int, k: int, rng: np.random.Generator,
     else:
       out.append(solve(a, b))
   return out
+
+
+def prm_texts(n: int = 1000, seed: int = 0) -> list[str]:
+  """Step-by-step solutions as text, e.g. to train a tokenizer for a process reward model."""
+  return [r["prompt"] + "\n".join(r["completions"]) for r in prm_rows("train", n, seed)]
