@@ -163,9 +163,10 @@ def warm_start_config(config, data_path: str) -> ml_collections.ConfigDict:
 #   37+48=  ->  ["7+8+0=15 write 5 carry 1", "3+4+1=08 write 8 carry 0", "answer 85"]
 #
 # A step states the column's digits and incoming carry, their sum (two digits: the carry out
-# and the digit written, each in its place), the digit written and the carry out; the last step reads the answer off the written digits. Every step can be checked
-# on its own line except what it inherits (its carry in, the answer's digits), so a verifier
-# has to read earlier steps too.
+# and the digit written, each in its place), the digit written and the carry out; the last
+# step reads the answer off the written digits. Every step can be checked on its own line
+# except what it inherits (its carry in, the answer's digits), so a verifier has to read
+# earlier steps too. From the first bad step on, every step is labelled bad (PRM800K).
 
 ERROR_KINDS = ("carry", "digit")  # a dropped carry (carry 0 out of a sum >= 10), a wrong sum
 
@@ -224,8 +225,9 @@ def step_answer(steps: list[str]) -> Optional[int]:
 def prm_rows(split: str, n: int, seed: int = 0, max_operand: int = 999,
              error_fraction: float = 0.5, kinds: Sequence[str] = ERROR_KINDS) -> list[dict]:
   """Step-labelled solutions in TRL's PRM layout `{"prompt", "completions", "labels"}`: a
-  fraction `error_fraction` of them with one planted error of one of `kinds` (ERROR_KINDS; a
-  dropped carry falls back to a wrong digit in a column without a carry) at a random column. Held-out operand pairs only in "eval"
+  fraction `error_fraction` of them with one planted error of one of `kinds` (ERROR_KINDS): a
+  dropped carry in a random carrying column (a wrong digit when the problem has no carry), a
+  wrong digit in a random column. Held-out operand pairs only in "eval"
   (as `rows`). Seeded: the same (split, n, seed) gives the same rows."""
   rng = np.random.default_rng([seed, 3, 0 if split == "train" else 1])
   out = []
@@ -233,12 +235,31 @@ def prm_rows(split: str, n: int, seed: int = 0, max_operand: int = 999,
     a, b = (int(x) for x in r["prompt"][:-1].split("+"))
     error_at, kind = None, "carry"
     if rng.random() < error_fraction:
-      width = max(len(str(a)), len(str(b)))
-      error_at = int(rng.integers(0, width))
       kind = kinds[int(rng.integers(0, len(kinds)))]
+      error_at = _error_column(a, b, kind, rng)
     steps, labels = solve(a, b, error_at, kind, rng)
     out.append({"prompt": r["prompt"], "completions": steps, "labels": labels})
   return out
+
+
+def carry_columns(a: int, b: int) -> list[int]:
+  """The columns (0 = units) whose sum carries."""
+  out, carry, i = [], 0, 0
+  while a or b or carry:
+    carry = (a % 10 + b % 10 + carry) // 10
+    if carry:
+      out.append(i)
+    a, b, i = a // 10, b // 10, i + 1
+  return out
+
+
+def _error_column(a: int, b: int, kind: str, rng: np.random.Generator) -> int:
+  """Where an error of `kind` goes: a dropped carry in a column that carries (any column when
+  none does: `solve` then plants a wrong digit), a wrong digit anywhere."""
+  cols = carry_columns(a, b) if kind == "carry" else []
+  if not cols:
+    cols = list(range(max(len(str(a)), len(str(b)))))
+  return int(cols[int(rng.integers(0, len(cols)))])
 
 
 def sample_solutions(a: int, b: int, k: int, rng: np.random.Generator,
@@ -251,7 +272,11 @@ def sample_solutions(a: int, b: int, k: int, rng: np.random.Generator,
   for _ in range(k):
     slips = [i for i in range(width) if rng.random() < step_error]
     if slips:
-      out.append(solve(a, b, slips[0], ERROR_KINDS[int(rng.integers(0, 2))], rng))
+      kind = ERROR_KINDS[int(rng.integers(0, 2))]
+      # a dropped carry needs a carry: the solver slips in the first carrying column instead
+      at = next((c for c in carry_columns(a, b) if c >= slips[0]), slips[0]) \
+          if kind == "carry" else slips[0]
+      out.append(solve(a, b, at, kind, rng))
     else:
       out.append(solve(a, b))
   return out
