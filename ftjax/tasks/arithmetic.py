@@ -168,7 +168,9 @@ def warm_start_config(config, data_path: str) -> ml_collections.ConfigDict:
 # except what it inherits (its carry in, the answer's digits), so a verifier has to read
 # earlier steps too. From the first bad step on, every step is labelled bad (PRM800K).
 
-ERROR_KINDS = ("carry", "digit")  # a dropped carry (carry 0 out of a sum >= 10), a wrong sum
+# A dropped carry (carry 0 out of a sum >= 10), a wrong digit written (the sum's last digit
+# miscopied), a wrong sum (the column added wrong: only an addition table tells).
+ERROR_KINDS = ("carry", "digit", "sum")
 
 
 def _digits(n: int) -> list[int]:
@@ -181,9 +183,10 @@ def solve(a: int, b: int, error_at: Optional[int] = None, kind: str = "carry",
   correct solution).
 
   kind "carry": the column's carry is dropped (written as 0; only where the sum is >= 10,
-  otherwise it falls back to "digit"). kind "digit": the column's sum is off by 1..9 (from
-  `rng`, else +1). Later steps work on from the wrong state, and every step from the first
-  bad one on is labelled False, as in PRM800K. The answer step is the last step.
+  otherwise it falls back to "digit"). kind "digit": the digit written is off by 1..9 (from
+  `rng`, else +1) from the sum's last digit. kind "sum": the column's sum is off by 1..9, and
+  its digit and carry follow it. Later steps work on from the wrong state, and every step from
+  the first bad one on is labelled False, as in PRM800K. The answer step is the last step.
   """
   da, db = _digits(a), _digits(b)
   width = max(len(da), len(db))
@@ -193,13 +196,17 @@ def solve(a: int, b: int, error_at: Optional[int] = None, kind: str = "carry",
     total = da[i] + db[i] + carry
     digit, out = total % 10, total // 10
     if i == error_at:
+      if kind not in ERROR_KINDS:
+        raise ValueError(f"error kind {kind!r}: expected one of {ERROR_KINDS}")
+      delta = int(rng.integers(1, 10)) if rng is not None else 1
       if kind == "carry" and out:
         out = 0
-      else:
-        delta = int(rng.integers(1, 10)) if rng is not None else 1
+      elif kind == "sum":
         # 19 (9 + 9 + 1) is the largest true column sum: stay within 0..19
         total = total + delta if total + delta <= 19 else total - delta
         digit, out = total % 10, total // 10
+      else:
+        digit = (digit + delta) % 10
       ok = False
     steps.append(f"{da[i]}+{db[i]}+{carry}={total:02d} write {digit} carry {out}")
     labels.append(ok)
@@ -223,11 +230,12 @@ def step_answer(steps: list[str]) -> Optional[int]:
 
 
 def prm_rows(split: str, n: int, seed: int = 0, max_operand: int = 999,
-             error_fraction: float = 0.5, kinds: Sequence[str] = ERROR_KINDS) -> list[dict]:
+             error_fraction: float = 0.5, kinds: Sequence[str] = ("carry", "digit")
+             ) -> list[dict]:
   """Step-labelled solutions in TRL's PRM layout `{"prompt", "completions", "labels"}`: a
-  fraction `error_fraction` of them with one planted error of one of `kinds` (ERROR_KINDS): a
-  dropped carry in a random carrying column (a wrong digit when the problem has no carry), a
-  wrong digit in a random column. Held-out operand pairs only in "eval"
+  fraction `error_fraction` of them drawn to get one planted error of one of `kinds`
+  (ERROR_KINDS): a dropped carry in a random carrying column (none when the problem has no
+  carry), a wrong digit or a wrong sum in a random column. Held-out operand pairs only in "eval"
   (as `rows`). Seeded: the same (split, n, seed) gives the same rows."""
   rng = np.random.default_rng([seed, 3, 0 if split == "train" else 1])
   out = []
@@ -253,13 +261,11 @@ def carry_columns(a: int, b: int) -> list[int]:
   return out
 
 
-def _error_column(a: int, b: int, kind: str, rng: np.random.Generator) -> int:
-  """Where an error of `kind` goes: a dropped carry in a column that carries (any column when
-  none does: `solve` then plants a wrong digit), a wrong digit anywhere."""
-  cols = carry_columns(a, b) if kind == "carry" else []
-  if not cols:
-    cols = list(range(max(len(str(a)), len(str(b)))))
-  return int(cols[int(rng.integers(0, len(cols)))])
+def _error_column(a: int, b: int, kind: str, rng: np.random.Generator) -> Optional[int]:
+  """Where an error of `kind` goes: a dropped carry in a column that carries (None, no error,
+  when none does: there is no carry to drop), a wrong digit or sum in any column."""
+  cols = carry_columns(a, b) if kind == "carry" else range(max(len(str(a)), len(str(b))))
+  return int(cols[int(rng.integers(0, len(cols)))]) if len(cols) else None
 
 
 def sample_solutions(a: int, b: int, k: int, rng: np.random.Generator,
@@ -272,7 +278,7 @@ def sample_solutions(a: int, b: int, k: int, rng: np.random.Generator,
   for _ in range(k):
     slips = [i for i in range(width) if rng.random() < step_error]
     if slips:
-      kind = ERROR_KINDS[int(rng.integers(0, 2))]
+      kind = ("carry", "digit")[int(rng.integers(0, 2))]
       # a dropped carry needs a carry: the solver slips in the first carrying column instead
       at = next((c for c in carry_columns(a, b) if c >= slips[0]), slips[0]) \
           if kind == "carry" else slips[0]
