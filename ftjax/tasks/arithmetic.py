@@ -269,18 +269,20 @@ def _error_column(a: int, b: int, kind: str, rng: np.random.Generator) -> Option
 
 
 def sample_solutions(a: int, b: int, k: int, rng: np.random.Generator,
-                     step_error: float = 0.15) -> list[tuple[list[str], list[bool]]]:
+                     step_error: float = 0.15, kinds: Sequence[str] = ("carry", "digit")
+                     ) -> list[tuple[list[str], list[bool]]]:
   """k sampled solutions of a + b from a noisy solver: each column independently goes wrong
-  with probability `step_error` (the first slip is planted; later columns work on from it),
-  as candidates for best-of-N selection."""
+  with probability `step_error` (the first slip is planted, of one of `kinds`; later columns
+  work on from it), as candidates for best-of-N selection."""
   width = max(len(str(a)), len(str(b)))
   out = []
   for _ in range(k):
     slips = [i for i in range(width) if rng.random() < step_error]
     if slips:
-      kind = ("carry", "digit")[int(rng.integers(0, 2))]
-      # a dropped carry needs a carry: the solver slips in the first carrying column instead
-      at = next((c for c in carry_columns(a, b) if c >= slips[0]), slips[0]) \
+      kind = kinds[int(rng.integers(0, len(kinds)))]
+      # a dropped carry needs a carry: the first carrying column from the slip on (none left:
+      # no carry to drop, the solution stays right)
+      at = next((c for c in carry_columns(a, b) if c >= slips[0]), None) \
           if kind == "carry" else slips[0]
       out.append(solve(a, b, at, kind, rng))
     else:
