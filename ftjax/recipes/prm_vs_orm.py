@@ -106,7 +106,10 @@ def run_seed(root: str, s: dict, seed: int) -> dict:
   out = {"seed": seed}
   for name, outcome in (("prm", False), ("orm", True)):
     w = os.path.join(root, f"seed{seed}", name)
-    m = prm.run(rm_config(s, seed, outcome), w)
+    c = rm_config(s, seed, outcome)
+    if outcome:  # the PRM's tokenizer (trained on the same texts): the same tokens for both
+      c.model.tokenizer = os.path.join(root, f"seed{seed}", "prm", "tokenizer")
+    m = prm.run(c, w)
     out[f"{name}_eval"] = {k: m[k] for k in ("eval_accuracy", "eval_bad_f1") if k in m}
   rows = arithmetic.rows("eval", s["problems"], seed, s["max_operand"])
   rng = np.random.default_rng([seed, 0x626f6e])
