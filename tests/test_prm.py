@@ -19,14 +19,15 @@ ROW = {"prompt": "Which number is larger, 9.8 or 9.11?",
 
 def _trl_tokenize_row():
   """TRL's own PRMTrainer.tokenize_row where the installed TRL still has it (v0.19 .. 0.28)."""
-  try:
-    from trl.experimental.prm import PRMTrainer
-  except ImportError:
-    try:
-      from trl.trainer.prm_trainer import PRMTrainer
-    except ImportError:
-      return None
-  return PRMTrainer.tokenize_row
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # trl.experimental warns on import
+    for module in ("trl.experimental.prm", "trl.trainer.prm_trainer"):
+      try:
+        return __import__(module, fromlist=["PRMTrainer"]).PRMTrainer.tokenize_row
+      except (ImportError, AttributeError):
+        pass
+  return None
 
 
 @pytest.mark.parametrize("separator", ["\n", " ; "])
