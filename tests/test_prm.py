@@ -199,6 +199,7 @@ def test_prm_vs_orm_recipe_smoke(tmp_path):
   r = prm_vs_orm.run(str(tmp_path / "w"), out, seeds=1, smoke=True)
   (seed,) = r["results"]
   assert sorted(seed["curve"]) == [1, 2, 4]
+  assert set(seed["prm_eval"]) == set(seed["orm_eval"]) == {"eval_accuracy", "eval_bad_f1"}
   # With one sample per draw every method picks the same solution.
   assert len({seed["curve"][1][m] for m in prm_vs_orm.METHODS}) == 1
   with open(r["readme"]) as f:

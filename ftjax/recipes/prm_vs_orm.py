@@ -101,6 +101,7 @@ def score_samples(workdir: str, problems: list, samples: list, how: str) -> np.n
 
 def run_seed(root: str, s: dict, seed: int) -> dict:
   """Both reward models of one seed, their held-out step metrics and the best-of-N curves."""
+  from ftjax import model_card
   from ftjax.tasks import arithmetic
   from ftjax.train import prm
   out = {"seed": seed}
@@ -109,7 +110,8 @@ def run_seed(root: str, s: dict, seed: int) -> dict:
     c = rm_config(s, seed, outcome)
     if outcome:  # the PRM's tokenizer (trained on the same texts): the same tokens for both
       c.model.tokenizer = os.path.join(root, f"seed{seed}", "prm", "tokenizer")
-    m = prm.run(c, w)
+    prm.run(c, w)  # a finished run (a rerun of the study) resumes at its end: nothing to do
+    m = model_card.last_eval(w)
     out[f"{name}_eval"] = {k: m[k] for k in ("eval_accuracy", "eval_bad_f1") if k in m}
   rows = arithmetic.rows("eval", s["problems"], seed, s["max_operand"])
   rng = np.random.default_rng([seed, 0x626f6e])
