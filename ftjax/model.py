@@ -584,6 +584,11 @@ class Decoder(nn.Module):
                                                                 heads.AXES["score"]),
                           (cfg.d_model, 1), _dtype(cfg.adapter_dtype))  # new, trained
       out = heads.score({"score": kernel}, x, cfg)  # [B, T]
+    elif cfg.head == "token":
+      kernel = self.param("token_score", nn.with_logical_partitioning(
+          nn.initializers.zeros, heads.AXES["token_score"]),
+          (cfg.d_model, heads.TOKEN_LABELS), _dtype(cfg.adapter_dtype))  # new, trained
+      out = heads.token_logits({"token_score": kernel}, x, cfg)  # [B, T, 2]
     elif cfg.tie_embeddings:
       out = heads.lm_logits({"embed": embed}, x, cfg)  # [B, T, V]
     else:
