@@ -36,7 +36,14 @@ RLOOConfig's None). `beta` stays this config's (TRL's RLOOConfig default is 0.05
 batch sizes); `train.steps` counts rollouts, each followed by `grpo.num_iterations` updates on
 its batch. `grpo.rewards` are built-ins `name[:arg]` of ftjax.rewards (`answer_match:answer`,
 `format_match:REGEX`, `soft_overlong_punishment:MAX:CACHE`, `reward_model:PATH`,
-`support_scorer`), weighted by `grpo.reward_weights` (empty: all 1).
+`process_reward:PATH[:min|last]`, `support_scorer`), weighted by `grpo.reward_weights` (empty:
+all 1). `process_reward` scores a completion's steps (lines) with a process reward model
+(experiments/prm.py's workdir or export): the weakest step's P(good) with `min` (the default),
+the last step's with `last`:
+
+  python experiments/grpo.py --config=configs/grpo.py --workdir=/tmp/grpo_prm \
+      --config.model.hf_path=/path/to/sft_hf --config.data.path=prompts.jsonl \
+      "--config.grpo.rewards=('process_reward:/tmp/prm:min',)"
 """
 
 import os

@@ -5,6 +5,7 @@ from ftjax.hf import CheckpointError, load_pretrained, save_pretrained
 from ftjax.model import Decoder, init_cache, init_params, logical_axes
 from ftjax import heads, lora, losses, partition, quant, rewards, rollout, tokenizer
 from ftjax.lora import merge
+from ftjax.adapters import load_adapters, save_adapters
 from ftjax.peft_io import load_adapter, save_adapter
 from ftjax.quant import QuantConfig
 from ftjax.sampling import GenerateOutput, generate
@@ -16,5 +17,5 @@ __all__ = [
     "ModelConfig", "PRESETS", "get_preset", "CheckpointError", "load_pretrained",
     "save_pretrained", "Decoder", "init_cache", "init_params", "logical_axes",
     "GenerateOutput", "generate", "LoraConfig", "QuantConfig", "load_adapter", "merge",
-    "save_adapter", "PrefixConfig",
+    "save_adapter", "PrefixConfig", "load_adapters", "save_adapters",
 ]

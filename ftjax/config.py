@@ -35,6 +35,9 @@ def dot_precision(name: str, dtype: Any) -> Optional[jax.lax.Precision]:
 
 
 ATTENTIONS = ("xla", "dot_product", "cudnn")
+HEADS = ("lm", "score", "token")
+# A token head's classes, as TRL's PRMTrainer labels steps: 0 a bad step, 1 a good one.
+TOKEN_LABELS = 2
 # none: keep every activation; full: keep only each block's input (recompute the block);
 # the others are jax.checkpoint_policies of that name (e.g. keep matmul outputs).
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
@@ -104,8 +107,10 @@ class ModelConfig:
   # Blocks run under a scan over stacked [L, ...] params (`layers/...`): trace and compile time
   # do not grow with depth. False keeps one `layer_{i}` subtree per block (for debugging).
   scan_layers: bool = True
-  # Output head: "lm" (next-token logits [B, T, V]) or "score" (a scalar per position [B, T],
-  # read at the last real token by reward models; HF's *ForSequenceClassification `score`).
+  # Output head: "lm" (next-token logits [B, T, V]), "score" (a scalar per position [B, T],
+  # read at the last real token by reward models; HF's *ForSequenceClassification `score`) or
+  # "token" (TOKEN_LABELS logits per position [B, T, 2]: a process reward model's bad/good step
+  # classifier; HF's *ForTokenClassification `score`).
   head: str = "lm"
   # Token ids carried through to export (generation_config.json).
   bos_token_id: Optional[int] = None
@@ -124,8 +129,8 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.activation={self.activation!r}: expected silu|gelu_tanh|gelu")
     if self.positions not in ("rope", "learned"):
       raise ValueError(f"ModelConfig.positions={self.positions!r}: expected rope or learned")
-    if self.head not in ("lm", "score"):
-      raise ValueError(f"ModelConfig.head={self.head!r}: expected lm or score")
+    if self.head not in HEADS:
+      raise ValueError(f"ModelConfig.head={self.head!r}: expected one of {HEADS}")
     if self.attention not in ATTENTIONS:
       raise ValueError(f"ModelConfig.attention={self.attention!r}: expected one of {ATTENTIONS}")
     if isinstance(self.remat, bool):
@@ -164,6 +169,8 @@ class ModelConfig:
     total = self.n_layers * (attn + mlp + norms) + d * (2 if self.norm_bias else 1)
     if self.head == "score":
       total += d
+    if self.head == "token":
+      total += d * TOKEN_LABELS
     if include_embeddings:
       total += self.vocab_size * d
       if not self.tie_embeddings and self.head == "lm":

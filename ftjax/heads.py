@@ -5,7 +5,9 @@ a small function `(params, hidden) -> out` over the full params tree, so one tru
 several heads (PPO's policy and value) and a loss can apply the LM head one chunk of T at a
 time (`losses.token_logprobs`) instead of holding [B, T, V] float32 logits.
 
-Param paths: `embed` [V, D] (tied LM head), `lm_head` [D, V], `score` [D, 1], `value` [D, 1].
+Param paths: `embed` [V, D] (tied LM head), `lm_head` [D, V], `score` [D, 1], `value` [D, 1],
+`token_score` [D, 2] (a process reward model's step classifier; HF's *ForTokenClassification
+`score`, exported without a bias).
 Heads are plain matrices (never LoRA-wrapped nor quantized), so they read the arrays directly.
 """
 
@@ -16,10 +18,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from ftjax.config import ModelConfig, dot_precision
+from ftjax.config import TOKEN_LABELS, ModelConfig, dot_precision
 
 # Logical axes of each head param, for sharding rules (see model.Decoder, which creates them).
-AXES = {"lm_head": ("embed", "vocab"), "score": ("embed", None), "value": ("embed", None)}
+AXES = {"lm_head": ("embed", "vocab"), "score": ("embed", None), "value": ("embed", None),
+        "token_score": ("embed", None)}
 
 
 def lm_logits(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -92,3 +95,22 @@ def init_value(cfg: ModelConfig) -> dict:
   """A zero value head `{"value": [D, 1]}` to merge into the params; trainable, like `score`
   for reward models (zero, so every value starts at 0 whatever the trunk)."""
   return {"value": jnp.zeros((cfg.d_model, 1), jnp.dtype(cfg.adapter_dtype))}
+
+
+def token_logits(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """A token classifier's logits (a process reward model): [..., D] -> float32 [..., 2], class 1
+  a good step and class 0 a bad one, as TRL's PRMTrainer labels them."""
+  dt = jnp.dtype(cfg.dtype)
+  return jnp.einsum("...D,DC->...C", hidden.astype(dt), params["token_score"].astype(dt),
+                    preferred_element_type=jnp.float32,
+                    precision=dot_precision(cfg.matmul_precision, dt))
+
+
+def step_scores(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """P(good step) at every position: softmax of `token_logits`, class 1 (TRL's step score)."""
+  return jax.nn.softmax(token_logits(params, hidden, cfg), axis=-1)[..., 1]
+
+
+def init_token_score(cfg: ModelConfig) -> jax.Array:
+  """A zero step classifier [D, 2] (both classes equally likely until it trains)."""
+  return jnp.zeros((cfg.d_model, TOKEN_LABELS), jnp.dtype(cfg.adapter_dtype))

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import lora as lora_lib, st_io
-from ftjax.config import ModelConfig
+from ftjax.config import TOKEN_LABELS, ModelConfig
 from ftjax.errors import UserError
 from ftjax.model import Decoder
 
@@ -33,6 +33,7 @@ _SEQ_CLS = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceC
             "mistral": "MistralForSequenceClassification",
             "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
             "gemma": "GemmaForSequenceClassification"}
+_TOKEN_CLS = {k: v.replace("Sequence", "Token") for k, v in _SEQ_CLS.items()}
 _ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM"}
 _ACTS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -123,6 +124,13 @@ def config_from_hf(hf: dict, path: str = "config.json", **overrides) -> ModelCon
     if hf.get("num_labels", len(hf.get("id2label") or {0: 0})) != 1:
       raise CheckpointError(f"{path}: only single-score (num_labels=1) classifiers are supported")
     cfg["head"] = "score"
+  if any(a.endswith("ForTokenClassification") for a in hf.get("architectures") or []):
+    labels = hf.get("num_labels", len(hf.get("id2label") or {0: 0, 1: 1}))
+    if labels != TOKEN_LABELS or mt == "gpt2" or hf.get("token_classification_bias", True):
+      raise CheckpointError(f"{path}: only {TOKEN_LABELS}-label token classifiers without a bias "
+                            "(ftjax's process reward models: token_classification_bias=false, "
+                            "not gpt2) are supported")
+    cfg["head"] = "token"
   cfg.update(overrides)
   return ModelConfig(**cfg)
 
@@ -153,9 +161,16 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if cfg.family == "mistral":
       out["sliding_window"] = cfg.sliding_window
   out["model_type"] = cfg.family
-  out["architectures"] = [_ARCH[cfg.family] if cfg.head == "lm" else _SEQ_CLS[cfg.family]]
+  if cfg.head == "token" and cfg.family == "gpt2":
+    raise UserError("a token-classification head exports for llama, mistral, qwen2, qwen3 and "
+                    "gemma (transformers' GPT2ForTokenClassification has a bias ftjax lacks)")
+  arch = {"lm": _ARCH, "score": _SEQ_CLS, "token": _TOKEN_CLS}[cfg.head]
+  out["architectures"] = [arch[cfg.family]]
   if cfg.head == "score":
     out["num_labels"] = 1
+  if cfg.head == "token":  # transformers' generic token classifier, its Linear without a bias
+    out.update(num_labels=TOKEN_LABELS, token_classification_bias=False,
+               id2label={0: "bad", 1: "good"}, label2id={"bad": 0, "good": 1})
   out["torch_dtype"] = out["dtype"] = cfg.param_dtype
   try:  # Let the installed transformers fill in its defaults and its own key layout.
     import transformers
@@ -243,6 +258,8 @@ def tensor_map(cfg: ModelConfig) -> list[Entry]:
 def _head(cfg: ModelConfig, one):
   if cfg.head == "score":
     one("score.weight", "score", "T")  # [1, D] in HF
+  elif cfg.head == "token":
+    one("score.weight", "token_score", "T")  # [2, D] in HF
   elif not cfg.tie_embeddings:
     one("lm_head.weight", "lm_head", "T")
 
@@ -431,7 +448,7 @@ def load_params(path: str, cfg: ModelConfig,
       entry = entries.get(name)
       if entry is None:
         if not name.endswith(_IGNORED_SUFFIXES) and not (
-            name == "lm_head.weight" and (cfg.tie_embeddings or cfg.head == "score")):
+            name == "lm_head.weight" and (cfg.tie_embeddings or cfg.head != "lm")):
           unexpected.append(raw_name)
         continue
       want = _hf_shape(entry, [_get(shapes, p)[entry.layer is not None:] for p in entry.paths])
@@ -448,6 +465,10 @@ def load_params(path: str, cfg: ModelConfig,
     # A causal-LM checkpoint loaded as a reward model: a fresh (zero) score head.
     log.info("%s: no score.weight; the reward head starts at zero", path)
     place(("score",), None, np.zeros((cfg.d_model, 1), dtypes["score"]))
+    missing.remove("score.weight")
+  if cfg.head == "token" and "score.weight" in missing:
+    log.info("%s: no score.weight; the step classifier starts at zero", path)
+    place(("token_score",), None, np.zeros((cfg.d_model, TOKEN_LABELS), dtypes["token_score"]))
     missing.remove("score.weight")
   if missing:
     raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from the safetensors files"

@@ -8,6 +8,10 @@ without copying or reloading the base arrays.
 
 Under scanned layers a layer path (`layers/attn/q_proj`) holds the stacked [L, ...] arrays of
 every block; `LoraConfig.layers` leaves zero slices in the blocks it excludes.
+
+Serving several adapters in one batch (`MultiLoraConfig`, `apply_multi`; loaded by adapters.py)
+stacks them instead: `multi_lora_a` [N, in, R], `multi_lora_b` [N, R, out] beside the kernel,
+and each batch row names its adapter (S-LoRA / Punica's per-row gather).
 """
 
 from __future__ import annotations
@@ -30,6 +34,32 @@ from ftjax.config import LoraConfig, dot_precision
 # `model.Decoder`) as an argument and build its plain twin with `_plain`, never by import.
 
 LORA_LEAVES = ("lora_a", "lora_b", "lora_magnitude")
+# apply_multi's leaves: N adapters stacked, for serving (never trained).
+MULTI_LEAVES = ("multi_lora_a", "multi_lora_b", "multi_lora_factor", "multi_lora_magnitude")
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiLoraConfig:
+  """N LoRA/rsLoRA/DoRA adapters over one base, each batch row picking one (or none).
+
+  `configs[n]` is adapter n's own LoraConfig (its rank, alpha, rslora, dora, targets, layers),
+  kept for export; its A and B are zero-padded to the largest rank `rank`, which leaves
+  x A B unchanged. `targets` is the regex of every layer some adapter adapts; an adapter
+  that does not adapt a layer (or a block, LoraConfig.layers) has A = B = 0 there.
+  """
+
+  names: tuple[str, ...]
+  configs: tuple[LoraConfig, ...]
+  rank: int
+  targets: str
+
+  @property
+  def scales(self) -> tuple[float, ...]:
+    return tuple(c.scale for c in self.configs)
+
+  @property
+  def dora(self) -> bool:
+    return any(c.dora for c in self.configs)
 
 
 def _kaiming_uniform_a_sqrt5(key, shape, dtype):
@@ -97,13 +127,54 @@ def apply(module: nn.Module, lcfg: LoraConfig, x: jax.Array, y: jax.Array,
   return out if on is None else jnp.where(on, out, y)
 
 
+def apply_multi(module: nn.Module, mcfg: MultiLoraConfig, x: jax.Array, y: jax.Array,
+                rows: Optional[jax.Array]) -> jax.Array:
+  """The output of a `model.Linear` under N stacked adapters, adapter `rows[b]` on row b.
+
+  Args:
+    module: the Linear; `multi_lora_a` [N, in, R], `multi_lora_b` [N, R, out] (and, with DoRA,
+      `multi_lora_factor` and `multi_lora_magnitude` [N, out]) sit beside its kernel.
+    x: the layer input [B, T, in]; y: the base output x @ W [B, T, out] (the base is shared:
+      never merged, never copied per adapter).
+    rows: int32 [B], each row's adapter index; -1 (or None for the whole batch): no adapter.
+  Returns:
+    [B, T, out]: row b gets y + s_n x A_n B_n with n = rows[b] (Punica's gathered BGMV), times
+    DoRA's m_n / ||W + s_n A_n B_n||; a row without adapter gets its scale 0 and factor 1.
+  """
+  n, r, (d_in, d_out) = len(mcfg.names), mcfg.rank, (x.shape[-1], module.features)
+  dtype, axes, adt = module.dtype, module.axes, module.adapter_dtype
+  zeros, part = nn.initializers.zeros, nn.with_logical_partitioning
+  a = module.param("multi_lora_a", part(zeros, (None, axes[0], "lora")), (n, d_in, r), adt)
+  b = module.param("multi_lora_b", part(zeros, (None, "lora", axes[1])), (n, r, d_out), adt)
+  if mcfg.dora:
+    # DoRA's m / ||W + s A B|| depends on frozen params only: adapters.py folds it once at load
+    # instead of forming N dense [in, out] sums per step. The magnitude is kept for export.
+    factor = module.param("multi_lora_factor", part(nn.initializers.ones, (None, axes[1])),
+                          (n, d_out), jnp.float32)
+    module.param("multi_lora_magnitude", part(nn.initializers.ones, (None, axes[1])),
+                 (n, d_out), adt)
+  if rows is None or not module.spec.adapters_enabled:
+    return y
+  on = rows >= 0
+  idx = jnp.where(on, rows, 0)  # [B]
+  scale = jnp.where(on, jnp.asarray(mcfg.scales, jnp.float32)[idx], 0.0).astype(dtype)
+  prec = dot_precision(module.precision, dtype)
+  xa = jnp.einsum("bti,bir->btr", x.astype(dtype), a[idx].astype(dtype), precision=prec)
+  delta = jnp.einsum("btr,bro->bto", xa, b[idx].astype(dtype), precision=prec)
+  out = y + delta * scale[:, None, None]
+  if not mcfg.dora:
+    return out
+  f = jnp.where(on[:, None], factor[idx], 1.0).astype(dtype)  # [B, out]
+  return f[:, None, :] * out
+
+
 BOTTLENECK_MODULES = ("attn_adapter", "mlp_adapter")  # model.Block's bottleneck adapters
 
 
 def is_adapter_leaf(key: tuple) -> bool:
   """LoRA leaves, the prefix/prompt tuning params (top-level `prefix`, `prompt`), and the
   bottleneck adapters' params (`.../attn_adapter/...`, `.../mlp_adapter/...`)."""
-  return (key[-1] in LORA_LEAVES or key[0] in ("prefix", "prompt")
+  return (key[-1] in LORA_LEAVES or key[-1] in MULTI_LEAVES or key[0] in ("prefix", "prompt")
           or any(k in BOTTLENECK_MODULES for k in key))
 
 
@@ -231,7 +302,8 @@ def merge(model, params: dict) -> tuple:
 
   def walk(node, path):
     if path in shapes:  # a linear layer: kernel (+ bias) (+ LoRA leaves)
-      out = {k: v for k, v in node.items() if k != "kernel" and k not in LORA_LEAVES}
+      out = {k: v for k, v in node.items()
+             if k != "kernel" and k not in LORA_LEAVES + MULTI_LEAVES}
       w = dense_kernel(model, path, node["kernel"], shapes[path])
       if "lora_a" in node and lcfg is not None:
         a, b = node["lora_a"].astype(jnp.float32), node["lora_b"].astype(jnp.float32)

@@ -15,6 +15,7 @@ Call signature:
   logits = model.apply({"params": p}, tokens)                       # [B, T] -> [B, T, V] fp32
   logits = model.apply(..., tokens, positions=pos, mask=m, segment_ids=seg)
   logits, cache = model.apply(..., tokens, mask=m, cache=cache)    # incremental decoding
+  logits = model.apply(..., tokens, adapter_rows=rows)  # AdapterSpec.multi: row b's adapter
   hidden = model.apply(..., tokens, return_hidden=True)            # [B, T, D]; heads.py maps
                                                                     # it to logits/score/value
 
@@ -74,6 +75,7 @@ class AdapterSpec:
   quant_targets: str = LORA_TARGET_PRESETS["all-linear"]  # embeddings and norms stay dense
   prefix: Optional[PrefixConfig] = None
   bottleneck: Optional[BottleneckConfig] = None
+  multi: Optional[lora.MultiLoraConfig] = None  # N adapters, one per batch row (adapters.py)
   adapters_enabled: bool = True
 
   def prefix_of(self, kind: str) -> Optional[PrefixConfig]:
@@ -91,6 +93,11 @@ class AdapterSpec:
   def lora_for(self, path: str) -> Optional[LoraConfig]:
     if self.lora is not None and re.search(self.lora.pattern, path):
       return self.lora
+    return None
+
+  def multi_lora_for(self, path: str) -> Optional[lora.MultiLoraConfig]:
+    if self.multi is not None and re.search(self.multi.targets, path):
+      return self.multi
     return None
 
   def lora_layer_on(self, layer) -> Optional[Array]:
@@ -111,7 +118,8 @@ class Linear(nn.Module):
   The base kernel keeps its path (`.../q_proj/kernel`); a quantized kernel is a dict of code and
   scale arrays at the same path (`quant.kernel_param`, multiplied by `quant.dot`). LoRA adds
   `lora_a` [in, r] and `lora_b` [r, out] beside it (and `lora_magnitude` [out] for DoRA), declared
-  and applied by `lora.apply`.
+  and applied by `lora.apply`; or, serving several adapters, their stacked [N, ...] factors,
+  row b taking adapter `rows[b]` (`lora.apply_multi`).
   """
 
   features: int
@@ -124,8 +132,10 @@ class Linear(nn.Module):
   spec: AdapterSpec = AdapterSpec()
 
   @nn.compact
-  def __call__(self, x: Array, layer: Optional[Array] = None) -> Array:
-    """x [..., in] -> [..., out]; `layer` (int32 []) is the block index, for LoraConfig.layers."""
+  def __call__(self, x: Array, layer: Optional[Array] = None,
+               rows: Optional[Array] = None) -> Array:
+    """x [..., in] -> [..., out]; `layer` (int32 []) is the block index, for LoraConfig.layers;
+    `rows` (int32 [B]) each row's adapter under AdapterSpec.multi."""
     path = "/".join(self.scope.path)
     shape = (x.shape[-1], self.features)
     qcfg = self.spec.quant_for(path)
@@ -135,6 +145,9 @@ class Linear(nn.Module):
     lcfg = self.spec.lora_for(path)
     if lcfg is not None:  # DoRA reads the dense kernel (a 4-bit one is dequantized for it)
       y = lora.apply(self, lcfg, x, y, lambda: quant.dense(kernel, qcfg, shape, self.dtype), layer)
+    mcfg = self.spec.multi_lora_for(path)
+    if mcfg is not None:
+      y = lora.apply_multi(self, mcfg, x, y, rows)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                              (self.axes[1],)),
@@ -300,7 +313,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, cache, prefix=None,
-               layer=None):
+               layer=None, rows=None):
     cfg = self.cfg
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     b, t, _ = x.shape
@@ -308,11 +321,11 @@ class Attention(nn.Module):
     lin = functools.partial(Linear, dtype=dt, param_dtype=pdt,
                             adapter_dtype=_dtype(cfg.adapter_dtype),
                             precision=cfg.matmul_precision, spec=self.spec)
-    q = lin(n * h, ("embed", "q_heads"), cfg.qkv_bias, name="q_proj")(x, layer)
+    q = lin(n * h, ("embed", "q_heads"), cfg.qkv_bias, name="q_proj")(x, layer, rows)
     q = q.reshape(b, t, n, h)
-    k = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="k_proj")(x, layer)
+    k = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="k_proj")(x, layer, rows)
     k = k.reshape(b, t, kv, h)
-    v = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="v_proj")(x, layer)
+    v = lin(kv * h, ("embed", "kv_heads"), cfg.qkv_bias, name="v_proj")(x, layer, rows)
     v = v.reshape(b, t, kv, h)
     if cfg.qk_norm:
       norm = functools.partial(Norm, "rmsnorm", cfg.norm_eps, axis_name="head_dim", dtype=dt,
@@ -344,7 +357,7 @@ class Attention(nn.Module):
       impl = "dot_product" if cfg.attention == "cudnn" else cfg.attention
       out = dot_attention(q, k, v, allowed, impl, prec)  # [B, T, N, H]
     out = out.reshape(b, t, n * h)
-    out = lin(cfg.d_model, ("q_heads", "embed"), cfg.o_bias, name="o_proj")(out, layer)
+    out = lin(cfg.d_model, ("q_heads", "embed"), cfg.o_bias, name="o_proj")(out, layer, rows)
     return out, cache
 
 
@@ -353,7 +366,7 @@ class Mlp(nn.Module):
   spec: AdapterSpec = AdapterSpec()
 
   @nn.compact
-  def __call__(self, x, layer=None):
+  def __call__(self, x, layer=None, rows=None):
     cfg = self.cfg
     lin = functools.partial(Linear, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
                             adapter_dtype=_dtype(cfg.adapter_dtype),
@@ -361,12 +374,12 @@ class Mlp(nn.Module):
                             spec=self.spec)
     act = _act(cfg.activation)
     if cfg.gated_mlp:
-      hidden = act(lin(cfg.mlp_dim, ("embed", "mlp"), name="gate_proj")(x, layer)) * lin(
-          cfg.mlp_dim, ("embed", "mlp"), name="up_proj")(x, layer)
+      hidden = act(lin(cfg.mlp_dim, ("embed", "mlp"), name="gate_proj")(x, layer, rows)) * lin(
+          cfg.mlp_dim, ("embed", "mlp"), name="up_proj")(x, layer, rows)
     else:
-      hidden = act(lin(cfg.mlp_dim, ("embed", "mlp"), name="up_proj")(x, layer))
+      hidden = act(lin(cfg.mlp_dim, ("embed", "mlp"), name="up_proj")(x, layer, rows))
     hidden = constrain(hidden, ("batch", "length", "act_mlp"))  # [B, T, F]
-    return lin(cfg.d_model, ("mlp", "embed"), name="down_proj")(hidden, layer)
+    return lin(cfg.d_model, ("mlp", "embed"), name="down_proj")(hidden, layer, rows)
 
 
 class Bottleneck(nn.Module):
@@ -416,14 +429,14 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, per_layer, positions, key_valid, q_idx, k_idx, q_seg, k_seg,
-               cache_index):
+               cache_index, rows=None):
     layer, kv, prefix = per_layer
     cache = None if kv is None else {**kv, "index": cache_index}
     attn = Attention(self.cfg, self.spec, name="attn")
     h, cache = attn(_norm(self.cfg, "attn_norm")(x), positions, key_valid, q_idx, k_idx, q_seg,
-                    k_seg, cache, prefix, layer)
+                    k_seg, cache, prefix, layer, rows)
     x = x + self._adapter("attn", h)
-    h = Mlp(self.cfg, self.spec, name="mlp")(_norm(self.cfg, "mlp_norm")(x), layer)
+    h = Mlp(self.cfg, self.spec, name="mlp")(_norm(self.cfg, "mlp_norm")(x), layer, rows)
     x = x + self._adapter("mlp", h)
     return constrain(x, ("batch", "length", "act_embed")), cache
 
@@ -492,7 +505,8 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, positions: Optional[Array] = None,
                mask: Optional[Array] = None, segment_ids: Optional[Array] = None,
-               cache: Optional[dict] = None, return_hidden: bool = False, decode: bool = False):
+               cache: Optional[dict] = None, return_hidden: bool = False, decode: bool = False,
+               adapter_rows: Optional[Array] = None):
     cfg = self.cfg
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     b, t = tokens.shape
@@ -558,7 +572,7 @@ class Decoder(nn.Module):
     x = constrain(x, ("batch", "length", "act_embed"))
 
     x, new_kv = self._blocks(x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, cache,
-                             prefix_kv)
+                             prefix_kv, adapter_rows)
     x = _norm(cfg, "final_norm")(x)
     x = x[:, n_soft:]  # outputs for the real tokens only
     # Heads live in heads.py as functions of (params, hidden); they are created here so that
@@ -570,6 +584,11 @@ class Decoder(nn.Module):
                                                                 heads.AXES["score"]),
                           (cfg.d_model, 1), _dtype(cfg.adapter_dtype))  # new, trained
       out = heads.score({"score": kernel}, x, cfg)  # [B, T]
+    elif cfg.head == "token":
+      kernel = self.param("token_score", nn.with_logical_partitioning(
+          nn.initializers.zeros, heads.AXES["token_score"]),
+          (cfg.d_model, heads.TOKEN_LABELS), _dtype(cfg.adapter_dtype))  # new, trained
+      out = heads.token_logits({"token_score": kernel}, x, cfg)  # [B, T, 2]
     elif cfg.tie_embeddings:
       out = heads.lm_logits({"embed": embed}, x, cfg)  # [B, T, V]
     else:
@@ -582,7 +601,8 @@ class Decoder(nn.Module):
     new_cache = {**new_kv, "mask": key_valid, "index": cache["index"] + t_all}
     return out, new_cache
 
-  def _blocks(self, x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, cache, prefix_kv):
+  def _blocks(self, x, positions, key_valid, q_idx, k_idx, q_seg, k_seg, cache, prefix_kv,
+              rows=None):
     """The L blocks: scanned over stacked params, cache and prefix, or unrolled.
 
     Returns (x, {"k", "v"} [L, B, S, K, H] or None).
@@ -590,7 +610,7 @@ class Decoder(nn.Module):
     cfg, n = self.cfg, self.cfg.n_layers
     kv = None if cache is None else {"k": cache["k"], "v": cache["v"]}
     index = None if cache is None else cache["index"]
-    shared = (positions, key_valid, q_idx, k_idx, q_seg, k_seg, index)
+    shared = (positions, key_valid, q_idx, k_idx, q_seg, k_seg, index, rows)
     block_cls = Block
     if cfg.remat != "none" and cache is None:
       # Under scan the loop body is its own computation, so CSE cannot undo the remat.

@@ -5,7 +5,8 @@
 
 Metadata: `base_model` (a hub id; a local base directory is named in the body only, as the hub
 accepts no path there), `library_name` (`peft` for an adapter, `ftjax` otherwise),
-`pipeline_tag` (`text-classification` for a reward model, else `text-generation`), `tags` (the
+`pipeline_tag` (`text-classification` for a reward model, `token-classification` for a
+process reward model, else `text-generation`), `tags` (the
 trainer, the adapter kind, `qlora` for a 4-bit base), `datasets` (hub names as such, local files
 as `sha256:<content hash>`), `license` when the base directory's own card names one, and the
 held-out metrics of the run's last eval at or before the exported step as `model-index`
@@ -30,12 +31,18 @@ from typing import Any, Optional
 
 from ftjax import metrics as metrics_lib, provenance, stats, tasks
 
-TRAINERS = ("dpo", "grpo", "ppo", "reward")  # config sections; a config with none of them: sft
+# Config sections naming the trainer; a config with none of them: sft.
+TRAINERS = ("dpo", "grpo", "ppo", "reward", "prm")
 _PLACEHOLDER = "<!-- fill in -->"
 
 
+_KIND = {"score": " (a Bradley-Terry reward model: one score per sequence)",
+         "token": " (a process reward model: P(good step) at each step's separator token, "
+                  "class 1 of an AutoModelForTokenClassification)"}
+
+
 def trainer_of(config: dict) -> str:
-  """sft | dpo | grpo | ppo | reward, from the config's algorithm section."""
+  """sft | dpo | grpo | ppo | reward | prm, from the config's algorithm section."""
   return next((t for t in TRAINERS if t in config), "sft")
 
 
@@ -253,7 +260,8 @@ def build(workdir: str, step: int, fmt: str, config: dict, params_count: Optiona
   runs = _runs(workdir)
   last = runs[-1] if runs else {}
   trainer = trainer_of(config)
-  reward = (config.get("model") or {}).get("head") == "score"
+  head = (config.get("model") or {}).get("head")
+  reward = head == "score"
   if reward:
     trainer = "reward"
   base_id, base_text, lic = _base(config)
@@ -261,7 +269,8 @@ def build(workdir: str, step: int, fmt: str, config: dict, params_count: Optiona
   evals = last_eval(workdir, step)
   rows = metric_rows(evals)
   name = os.path.basename(os.path.abspath(workdir)) or "ftjax-model"
-  pipeline = "text-classification" if reward else "text-generation"
+  pipeline = {"score": "text-classification", "token": "token-classification"}.get(
+      head, "text-generation")
   data_name = next((os.path.basename(s["name"]) for s in sources if s["split"] == "eval"),
                    "held-out split of the training data")
   data_id = next((d for s in sources if s["split"] == "eval" for d in _dataset_ids([s])),
@@ -279,7 +288,7 @@ def build(workdir: str, step: int, fmt: str, config: dict, params_count: Optiona
   what = {"merged": "merged Hugging Face model (adapter folded into the weights)",
           "peft": "PEFT adapter (load it over the base model with `peft.PeftModel`)"}[fmt]
   out += [f"A {what}, trained with ftjax's `{trainer}` trainer"
-          f"{' (a Bradley-Terry reward model: one score per sequence)' if reward else ''}.",
+          f"{_KIND.get(head, '')}.",
           "", f"- Base model: {base_text}",
           f"- Adapter: `{(config.get('adapter') or {}).get('kind', 'none')}`; quantized base: "
           f"`{(config.get('quant') or {}).get('kind', 'none')}`",
@@ -364,7 +373,7 @@ def build(workdir: str, step: int, fmt: str, config: dict, params_count: Optiona
           "other data.",
           f"- {_PLACEHOLDER} Failure rates measured on your own data "
           "(`python experiments/eval.py --model=THIS_DIR --data=FILE --task=...`)."]
-  if trainer in ("dpo", "grpo", "ppo", "reward"):
+  if trainer in ("dpo", "grpo", "ppo", "reward", "prm"):
     out.append("- Preference and reward training optimise a proxy: check replies for reward "
                "hacking (length, flattery, format) before trusting the scores.")
   body = "\n".join(out) + "\n"

@@ -15,6 +15,9 @@ Built-ins (factories returning such callables):
   soft_overlong_punishment(...) TRL's length penalty (`trl.rewards.get_soft_overlong_punishment`)
   reward_model(path)            a trained ftjax reward model (workdir) or an HF
                                 *ForSequenceClassification export, scoring prompt + completion
+  process_reward(path[:min|last|prod])  a process reward model (experiments/prm.py workdir or
+                                its *ForTokenClassification export): the completion's steps'
+                                P(good), the weakest (min, the default) or the last step's
 A task's own rewards (the support demo's `support_scorer`) live with the task (ftjax/tasks/) and
 reach `from_spec` as `named`.
 """
@@ -249,8 +252,39 @@ class reward_model:  # noqa: N801
     return [float(r) for r in out]
 
 
+class process_reward:  # noqa: N801
+  """A process reward model's score of a completion's steps (the completion split at the PRM's
+  step separator, "\n" by default; empty steps dropped): the weakest step's P(good) (`min`) or
+  the last step's (`last`); `prod` multiplies them. From an experiments/prm.py workdir or its
+  HF *ForTokenClassification export (`ftjax.train.prm.StepScorer`). A completion without a
+  step gets None (no score)."""
+
+  def __init__(self, spec: str, batch_size: int = 32):
+    import os
+    from ftjax.train import prm
+    path, _, how = spec.rpartition(":")
+    if how not in prm.AGGREGATIONS:  # no aggregation given: the path holds every colon
+      path, how = spec, "min"
+    prm.aggregate([], how)  # an unknown aggregation is refused here, before any rollout
+    self.scorer = prm.StepScorer(path, batch_size=batch_size)
+    self.how = how
+    self.__name__ = f"process_reward({os.path.basename(os.path.normpath(path))}:{how})"
+
+  def __call__(self, prompts, completions, **columns) -> list:
+    from ftjax.train import prm
+    sep = self.scorer.separator
+    steps = [[s for s in text_of(c).split(sep) if s.strip()] for c in completions]
+    keep = [i for i, s in enumerate(steps) if s]
+    scored = self.scorer([text_of(prompts[i]) for i in keep], [steps[i] for i in keep])
+    out: list = [None] * len(completions)
+    for i, s in zip(keep, scored):
+      out[i] = prm.aggregate(s, self.how)
+    return out
+
+
 BUILTINS = {"answer_match": answer_match, "format_match": format_match,
-            "soft_overlong_punishment": soft_overlong_punishment, "reward_model": reward_model}
+            "soft_overlong_punishment": soft_overlong_punishment, "reward_model": reward_model,
+            "process_reward": process_reward}
 
 
 def from_spec(spec: str, named: Optional[dict] = None) -> RewardFn:

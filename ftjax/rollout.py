@@ -98,13 +98,14 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad: int, length: Optional[int
 def rollout(model, params, prompt_ids: Sequence[Sequence[int]], *, n_samples: int,
             max_new_tokens: int, rng: jax.Array, temperature: float = 1.0, top_k: int = 0,
             top_p: float = 1.0, eos_ids: Sequence[int] = (), pad_id: int = 0,
-            prompt_len: Optional[int] = None) -> dict:
+            prompt_len: Optional[int] = None, adapter_rows=None) -> dict:
   """`n_samples` completions of each prompt, sampled from `params` as they are.
 
   Args:
     prompt_ids: B token lists (already chat-templated); none may be empty.
     n_samples: G, completions per prompt.
     prompt_len: fixed left-padded prompt length P (None: bucketed to the longest).
+    adapter_rows: int [B], each prompt's adapter under AdapterSpec.multi (adapters.py).
   Returns:
     the batch dict of the module docstring, numpy arrays with B * G rows.
   """
@@ -114,7 +115,7 @@ def rollout(model, params, prompt_ids: Sequence[Sequence[int]], *, n_samples: in
   out = sampling.generate(model, params, tokens, mask, max_new_tokens=max_new_tokens, rng=rng,
                           temperature=temperature, top_k=top_k, top_p=top_p,
                           eos_id=tuple(eos_ids) or None, n_samples=n_samples, pad_id=pad_id,
-                          bucket=False)
+                          bucket=False, adapter_rows=adapter_rows)
   toks, lps, keep = (np.asarray(x) for x in jax.device_get(tuple(out)))
   g = int(n_samples)
   eos = np.asarray(list(eos_ids) or [-1])

@@ -55,18 +55,20 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k",
                                              "top_p", "eos_ids", "n", "pad_id"))
-def _generate(params, tokens, mask, rng, *, model: Decoder, max_new_tokens: int,
+def _generate(params, tokens, mask, rng, rows, *, model: Decoder, max_new_tokens: int,
               temperature: float, top_k: int, top_p: float, eos_ids: tuple, n: int, pad_id: int):
   b, t = tokens.shape
   m = max_new_tokens
   cache = init_cache(model.cfg, b, t + m + prompt_length(model))
-  logits, cache = model.apply({"params": params}, tokens, mask=mask, cache=cache)
+  logits, cache = model.apply({"params": params}, tokens, mask=mask, cache=cache,
+                              adapter_rows=rows)
   logits = logits[:, -1]  # [B, V]; prompts are left-padded, so the last slot is the last token
   if n > 1:
     rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis)
     # k, v [L, B, S, K, H] repeat along B; the mask [B, S] along its first axis.
     logits = rep(logits)
     cache = {**cache, "k": rep(cache["k"], 1), "v": rep(cache["v"], 1), "mask": rep(cache["mask"])}
+    rows = None if rows is None else rep(rows)
   bn = b * n
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
@@ -84,7 +86,8 @@ def _generate(params, tokens, mask, rng, *, model: Decoder, max_new_tokens: int,
     out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
     out_mask = out_mask.at[:, i].set(~done)
     done = done | jnp.isin(tok, eos)
-    logits, cache = model.apply({"params": params}, tok[:, None], cache=cache, decode=True)
+    logits, cache = model.apply({"params": params}, tok[:, None], cache=cache, decode=True,
+                                adapter_rows=rows)
     return i + 1, logits[:, -1], cache, done, out_tok, out_lp, out_mask, key
 
   state = (jnp.zeros((), jnp.int32), logits, cache, jnp.zeros((bn,), bool),
@@ -98,7 +101,7 @@ def generate(model: Decoder, params: dict, prompt_tokens, prompt_mask=None,
              max_new_tokens: int = 32, rng: Optional[jax.Array] = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              eos_id: Union[None, int, Sequence[int]] = None, n_samples: int = 1,
-             pad_id: int = 0, bucket: bool = True) -> GenerateOutput:
+             pad_id: int = 0, bucket: bool = True, adapter_rows=None) -> GenerateOutput:
   """Sample continuations of left-padded prompts.
 
   Args:
@@ -107,6 +110,7 @@ def generate(model: Decoder, params: dict, prompt_tokens, prompt_mask=None,
     eos_id: one id or several; a sequence stops after emitting any of them.
     n_samples: samples per prompt; outputs are grouped per prompt (row b * n + j).
     bucket: left-pad T up to `bucket_length(T)` so that new prompt lengths reuse compilations.
+    adapter_rows: int [B], each prompt's adapter under AdapterSpec.multi (-1: none; adapters.py).
   Returns:
     GenerateOutput(tokens [B*n, M] int32, logprobs [B*n, M] float32, mask [B*n, M] bool);
     logprobs are log_softmax(logits / temperature) of the sampled tokens (raw at temperature
@@ -129,7 +133,8 @@ def generate(model: Decoder, params: dict, prompt_tokens, prompt_mask=None,
   eos_ids = () if eos_id is None else (
       (int(eos_id),) if np.isscalar(eos_id) else tuple(int(e) for e in eos_id))
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  return _generate(params, jnp.asarray(tokens), jnp.asarray(mask), rng, model=model,
+  rows = None if adapter_rows is None else jnp.asarray(adapter_rows, jnp.int32)
+  return _generate(params, jnp.asarray(tokens), jnp.asarray(mask), rng, rows, model=model,
                    max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                    top_k=int(top_k), top_p=float(top_p), eos_ids=eos_ids, n=int(n_samples),
                    pad_id=int(pad_id))

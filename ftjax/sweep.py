@@ -38,7 +38,7 @@ SWEEP_FILE = "sweep.json"  # ROOT/sweep.json: the sweep's definition, for report
 STATUS_FILE = "sweep_status.json"  # ROOT/<run>/sweep_status.json: done or failed, and the command
 LOG_FILE = "log.txt"
 # A config section that names the algorithm, and so the script; no such section: sft.py.
-SCRIPT_SECTIONS = ("dpo", "reward", "grpo", "ppo")
+SCRIPT_SECTIONS = ("dpo", "reward", "prm", "grpo", "ppo")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NAME = 120  # longer run names are cut and end in a hash of the whole name
 

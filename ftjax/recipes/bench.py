@@ -18,6 +18,13 @@ Benches (`--bench`, a comma list or repeated; `--attention` runs each listed imp
   quant_memory  bytes of the linear kernels in float32, bfloat16, NF4 and int4 (each with and
                 without double quant): layer 0's kernels are really quantized and the result
                 is extrapolated to every layer (all layers have the same shapes).
+  multi_lora_decode
+                N = 1, 4, 16 LoRA adapters (--rank, all linear layers, random A and B) over one
+                base, --batch rows (rounded up to a multiple of N; row i on adapter i mod N):
+                greedy decode of --max_new_tokens per row as ONE mixed batch (ftjax/adapters.py,
+                each row gathers its adapter) against each adapter's rows run SEPARATELY on an
+                ordinary LoRA model (N calls, one compilation). Decoded tokens/s of both, their
+                ratio (asked for by name, not part of "every bench").
   aot           compile ahead of time, from abstract shapes, without allocating or running
                 anything: the SFT step (--aot_steps=sft,grpo,dpo,decode for the others) per
                 --aot_modes (full, lora, qlora = NF4 + double quant, int4 + double quant);
@@ -73,7 +80,8 @@ from ftjax.model import AdapterSpec
 BENCHES = ("forward", "lora_step", "qlora_step", "full_step", "generate", "quant_memory",
            "grpo_step")
 # aot compiles without running, one row per mode: asked for by name, not part of "every bench".
-ALL_BENCHES = BENCHES + ("aot",)
+ALL_BENCHES = BENCHES + ("aot", "multi_lora_decode")
+MULTI_LORA_N = (1, 4, 16)  # multi_lora_decode: adapters in the batch
 STEP_BENCHES = ("lora_step", "qlora_step", "full_step")
 PEERS = ("none", "hf")
 ATTENTIONS = ("xla", "dot_product")
@@ -329,7 +337,68 @@ def bench_quant_memory(cfg: ModelConfig, seed: int, **_) -> dict:
                "params in bfloat16 (float32 for the float32 column)")}
 
 
+def _lora_tree(cfg: ModelConfig, rank: int, seed: int):
+  """(LoRA model on all linear layers, alpha 2 * rank; its random params)."""
+  spec = AdapterSpec(lora=ftjax.LoraConfig(rank=rank, alpha=2.0 * rank))
+  model = ftjax.Decoder(cfg, spec)
+  params = ftjax.init_params(model, jax.random.PRNGKey(seed))
+  return model, params
+
+
+def bench_multi_lora_decode(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int,
+                            seed: int, max_new_tokens: int = 32, rank: int = 16,
+                            n_adapters: int = 4, **_) -> Timed:
+  from ftjax import lora
+  from ftjax.lora import MultiLoraConfig
+  n = int(n_adapters)
+  b = -(-batch // n) * n
+  single, params = _lora_tree(cfg, rank, seed)
+  base = lora.base_params(params)
+  flat = traverse_util.flatten_dict(lora.adapter_params(params))
+  keys = jax.random.split(jax.random.PRNGKey(seed + 3), n)
+  per_adapter = []  # n adapter trees: A as initialised per seed, B random (not zero)
+  for i in range(n):
+    ks = jax.random.split(keys[i], len(flat))
+    per_adapter.append({k: 0.02 * jax.random.normal(kk, v.shape, v.dtype)
+                        for (k, v), kk in zip(sorted(flat.items()), ks)})
+  sites = sorted({k[:-1] for k in flat})
+  stacked = {}
+  for site in sites:
+    axis = 1 if lora.is_stacked(site) else 0  # [L, N, ...] under the scan
+    for leaf, multi in (("lora_a", "multi_lora_a"), ("lora_b", "multi_lora_b")):
+      stacked[site + (multi,)] = jnp.stack([t[site + (leaf,)] for t in per_adapter], axis)
+  mcfg = MultiLoraConfig(names=tuple(f"a{i}" for i in range(n)),
+                         configs=(single.spec.lora,) * n, rank=rank,
+                         targets="(" + "|".join("/".join(s) + "$" for s in sites) + ")")
+  multi = ftjax.Decoder(cfg, AdapterSpec(multi=mcfg))
+  multi_params = lora.with_adapter(base, traverse_util.unflatten_dict(stacked))
+  prompt = np.asarray(_tokens(cfg, b, seq_len, seed))
+  mask = np.ones(prompt.shape, bool)
+  rows = np.arange(b, dtype=np.int32) % n
+  gen = functools.partial(ftjax.generate, max_new_tokens=max_new_tokens, temperature=0.0)
+  mixed = lambda: gen(multi, multi_params, prompt, mask, adapter_rows=rows)
+  one_params = [lora.with_adapter(base, traverse_util.unflatten_dict(t)) for t in per_adapter]
+
+  def separate():
+    return [gen(single, one_params[i], prompt[rows == i], mask[rows == i]) for i in range(n)]
+
+  compile_s, times = time_calls(mixed, steps, warmup)
+  sep_compile_s, sep_times = time_calls(separate, steps, warmup)
+  decoded = b * max_new_tokens
+  sep_med = statistics.median(sep_times)
+  rec = {"compile_s": compile_s, "n_adapters": n, "rows": b, "rank": rank,
+         "max_new_tokens": max_new_tokens, "prompt_len": seq_len,
+         "separate_median_s": sep_med, "separate_min_s": min(sep_times),
+         "separate_max_s": max(sep_times), "max_s": max(times),
+         "separate_tokens_per_s": decoded / sep_med,
+         "separate_compile_s": sep_compile_s,
+         "note": "tokens_per_s counts decoded tokens of the mixed batch (prefill included); "
+                 "separate_*: each adapter's rows in its own call, the N calls summed"}
+  return rec, times, decoded, None
+
+
 TIMED = {"forward": bench_forward, "generate": bench_generate, "grpo_step": bench_grpo_step,
+         "multi_lora_decode": bench_multi_lora_decode,
          **{b: bench_step for b in STEP_BENCHES}}
 
 
@@ -367,6 +436,10 @@ def format_table(records: list[dict]) -> str:
       continue
     med = r["median_s"] * 1e3
     note = f"decoded {r['max_new_tokens']} tok/seq" if r["bench"] == "generate" else ""
+    if r["bench"] == "multi_lora_decode":
+      note = (f"N={r['n_adapters']} adapters, {r['rows']} rows; separate "
+              f"{r['separate_tokens_per_s']:,.0f} tok/s; mixed/separate "
+              f"{r['tokens_per_s'] / r['separate_tokens_per_s']:.2f}x")
     if r["bench"] == "grpo_step":
       note = (f"update tok/s; rollout {r['rollout_tokens_per_s']:,.0f} decoded tok/s "
               f"({r['completions']} x {r['max_new_tokens']} tok in {r['rollout_median_s']:.2f}s)")
@@ -438,9 +511,10 @@ def run(benches: Sequence[str] | str = BENCHES, preset: str = "tiny", batch: int
     if b == "quant_memory":  # shapes only: independent of attention and dtypes
       records.append({"bench": b, "attention": None, **common, **bench_quant_memory(base, seed)})
       continue
-    for a in attention:
+    ns = MULTI_LORA_N if b == "multi_lora_decode" else (None,)  # one record per N adapters
+    for a, n in ((a, n) for a in attention for n in ns):
       cfg = base.replace(attention=a)
-      rec, times, n_tokens, flops = TIMED[b](cfg, bench=b, **kw)
+      rec, times, n_tokens, flops = TIMED[b](cfg, bench=b, n_adapters=n, **kw)
       rec = {"bench": b, "attention": a, **common, "steps": steps, "warmup": max(warmup, 1),
              **rec}
       rec = _throughput(rec, times, n_tokens, flops)
