@@ -167,7 +167,8 @@ SLOW_FILES = ("test_sft", "test_sweep", "test_sharding", "test_ppo", "test_grpo"
               "test_beta_study", "test_demo", "test_bench", "test_repro", "test_workdir_safety",
               "test_preference", "test_provenance", "test_demo_rl", "test_export_guards",
               "test_grpo_sharding", "test_validation", "test_lora", "test_rollout", "test_quant",
-              "test_cli", "test_generate_cli", "test_grpo_tasks")
+              "test_cli", "test_generate_cli", "test_grpo_tasks", "test_prm", "test_multi_adapter",
+              "test_label")
 
 
 def pytest_collection_modifyitems(config, items):
