@@ -109,13 +109,13 @@ class LLMJudge:
   def verdict_logprobs(self, prompt_ids: Sequence[Sequence[int]]) -> np.ndarray:
     """float64 [N, V]: log p(verdict v | prompt i), each verdict's tokens summed.
 
-    One forward per verdict *path* (a verdict that is no other's prefix) reads the full
-    next-token distribution at each of its positions, so every verdict along it comes from
-    that forward: "1".."9" and "10" = "1" "0" take one forward, not ten."""
+    One forward per verdict *path* (`_verdict_paths`) reads the full next-token distribution
+    at each of its positions, so every verdict along it comes from that forward: "1".."9" and
+    "10" = "1" "0" take one forward, not ten."""
     pad = rollout.pad_id(self.tok)
     rows = [(i, q) for i in range(len(prompt_ids)) for q in range(len(self.paths))]
     out = np.zeros((len(prompt_ids), len(self.verdicts)), np.float64)
-    m = max(len(x) for x in self.paths)
+    m = max(len(x) for x in self.paths) + 1  # the path, then one masked filler token
     for s in range(0, len(rows), self.batch_size):
       chunk = rows[s:s + self.batch_size]
       tokens, mask = rollout.left_pad([prompt_ids[i] for i, _ in chunk], pad,
@@ -168,18 +168,20 @@ class RewardJudge:
 
 
 def _verdict_paths(verdict_ids: list[list[int]]) -> list[list[int]]:
-  """The verdicts that are no other verdict's proper prefix: each verdict lies along one."""
+  """The fewest token paths along which every verdict can be read: a verdict's last token comes
+  from the whole next-token distribution, so it needs only its other tokens on a path (the
+  maximal ones of them). "1".."9" plus "10" = "1" "0" need one path, ["1"]."""
+  contexts = [list(v[:-1]) for v in verdict_ids]
   paths = []
-  for a in map(list, verdict_ids):
-    if a not in paths and not any(len(b) > len(a) and list(b[:len(a)]) == a
-                                  for b in verdict_ids):
+  for a in contexts:
+    if a not in paths and not any(len(b) > len(a) and b[:len(a)] == a for b in contexts):
       paths.append(a)
   return paths
 
 
 def _path_of(paths: list[list[int]], ids: list[int]) -> int:
-  """The first path that `ids` is a prefix of."""
-  return next(q for q, p in enumerate(paths) if p[:len(ids)] == list(ids))
+  """The first path that holds all but the last of `ids`."""
+  return next(q for q, p in enumerate(paths) if p[:len(ids) - 1] == list(ids[:-1]))
 
 
 def _path_logprobs(model, params, batch):
