@@ -196,7 +196,7 @@ def _path_logprobs(model, params, batch):
 
 
 def make_judge(spec: str, rubric_path: str = "", scale: str = "10",
-               min_score_mass: float = 0.5):
+               min_score_mass: float = 0.5, batch_size: int = 8):
   """(judge, rubric text) from a `--judge` spec (see the module docstring)."""
   if spec.startswith("llm:"):
     if not rubric_path:
@@ -208,7 +208,7 @@ def make_judge(spec: str, rubric_path: str = "", scale: str = "10",
       raise UserError(f"--rubric={rubric_path}: {e.strerror}") from None
     if not rubric.strip():
       raise UserError(f"--rubric={rubric_path}: the file is empty")
-    return LLMJudge(spec[4:], rubric, scale, min_score_mass), rubric
+    return LLMJudge(spec[4:], rubric, scale, min_score_mass, batch_size), rubric
   return RewardJudge(spec), ""
 
 
@@ -226,7 +226,9 @@ def label(policy: str, data: str, out: str, judge: str, *, k: int = 4, rubric: s
   if os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
     raise UserError(f"--out={out}: expected a file in an existing directory")
   rows = load_prompt_rows(data)[:max_prompts or None]
-  scorer, rubric_text = make_judge(judge, rubric, judge_scale, min_score_mass)
+  # The judge reads as many replies at once as one sampling batch writes.
+  scorer, rubric_text = make_judge(judge, rubric, judge_scale, min_score_mass,
+                                   batch_size * k)
   model, params, tok = load_model(policy)
   eos, pad = rollout.eos_ids(tok, model), rollout.pad_id(tok)
   prompts, replies, where, columns = [], [], [], {}

@@ -54,11 +54,15 @@ CONSTITUTION = os.path.join(os.path.dirname(os.path.abspath(support.__file__)),
 # with "10" = "1" "0" in its tokenizer all ten verdicts come from one forward. Neither form
 # reaches label.py's default min_score_mass (0.5) on this model, so the stage takes the
 # normalised verdict distribution whatever its mass (min_score_mass=0) and reports how often
-# the task's rule scorer agrees with the judge's pairs instead. Sizes: labelling 256 prompts x
-# 4 takes about a minute on the 2-core CPU, and the DPO that follows is configs/dpo.py:
-# data=support's (the same steps as --rl=dpo, so the two differ only in their pairs).
+# the task's rule scorer agrees with the judge's pairs instead. Sizes, for at most about 3
+# minutes on the 2-core CPU: labelling 256 tickets x 4 replies took 47 s there (loaded by
+# other jobs), and DPO_STEPS of DPO ~0.75 s each.
 AIF = dict(prompts=256, k=4, max_new_tokens=64, judge_scale="10")
 AIF_SMOKE = dict(prompts=4, k=2, max_new_tokens=8, judge_scale="10")
+# --rl=dpo and --rl=aif run configs/dpo.py:data=support with these steps, so the two differ
+# only in their pairs: 100 x 8 pairs is one pass over the 800 shipped ones (the config's 200
+# would double the stage's time).
+DPO_STEPS = 100
 
 # All 120 shipped held-out tickets: at 48, one ticket moved a rate by 2 points.
 EVAL_EXAMPLES = 0
@@ -131,6 +135,10 @@ def run_rl(kind: str, workdir: str, merged: str, smoke: bool, eval_examples: int
   elif kind in ("dpo", "aif"):
     cfg = stage_config("dpo", "data=support", smoke, seed)
     cfg.model.hf_path = merged
+    if smoke:  # one eval, on 16 of the 96 held-out pairs: the smoke's seconds are in its evals
+      cfg.train.update(eval_every=cfg.train.steps, eval_batches=4)
+    else:
+      cfg.train.steps = DPO_STEPS
     if kind == "aif":
       logging.info("[6/6] AI feedback: the SFT model labels its own replies, then DPO")
       extra["labels"] = label_own_replies(workdir, merged, smoke, seed)
