@@ -146,8 +146,9 @@ def run_rl(kind: str, workdir: str, merged: str, smoke: bool, eval_examples: int
     else:
       logging.info("[6/6] DPO on the shipped preference pairs")
     out = dpo.run(cfg, rl_dir)
-    # k1 on the training batch's chosen replies, mean per token (the reference: the adapter off)
-    kl, kl_unit = out.get("kl/chosen"), "k1 on chosen replies, per token"
+    # DPO's `kl/chosen`: k1 (log pi - log ref) on the last logged batch's chosen replies, mean
+    # per token (the reference: the adapter off, the SFT model).
+    kl, kl_unit = out.get("kl/chosen"), "k1, per token"
     # The held-out human-style pairs (prefs_eval) both variants are scored on.
     acc = "eval_rewards/accuracies"
     if f"{acc}_n" in out:
