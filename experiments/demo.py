@@ -32,7 +32,9 @@ def define_flags():
   flags.DEFINE_integer("seeds", 0, "Run seeds 0..N-1 (in WORKDIR/seed_K) and print the per-seed "
                        "table of the README's claims (BUILD.md); 0: one run of --seed.")
   flags.DEFINE_enum("rl", "none", list(demo.RL_KINDS), "After SFT: online RL (grpo: the task "
-                    "scorer as reward; ppo: a reward model trained on the preference pairs).")
+                    "scorer as reward; ppo: a reward model trained on the preference pairs) or "
+                    "DPO (dpo: on the shipped pairs; aif: on pairs the SFT model labels itself "
+                    "against ftjax/tasks/support_constitution.txt).")
 
 
 FLAGS = flags.FLAGS

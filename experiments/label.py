@@ -42,7 +42,8 @@ def define_flags():
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_integer("batch_size", 8, "Prompts per sampling batch.", lower_bound=1)
+  flags.DEFINE_integer("batch_size", 8, "Prompts per sampling batch (the judge then reads "
+                       "their batch_size x k replies at once).", lower_bound=1)
   flags.DEFINE_integer("max_prompts", 0, "Use the first N prompts (0: all).", lower_bound=0)
 
 

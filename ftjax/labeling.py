@@ -26,15 +26,17 @@ A prompt whose replies all score the same gives no pair (counted as `ties`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from ftjax import hf, rewards, rollout, workdir as wd
+from ftjax import heads, hf, rewards, rollout, workdir as wd
 from ftjax.data import prompts as prompt_data
 from ftjax.errors import UserError
 from ftjax.tokenizer import load_tokenizer
@@ -88,7 +90,9 @@ class LLMJudge:
     for v, ids in zip(self.verdicts, self.verdict_ids):
       if not ids:
         raise UserError(f"judge {path}: the verdict {v!r} has no tokens in its tokenizer")
-    self._fn = jax.jit(lambda p, b: rollout.completion_logprobs(self.model, p, b))
+    self.paths = _verdict_paths(self.verdict_ids)
+    self.path_of = [_path_of(self.paths, ids) for ids in self.verdict_ids]  # [V]
+    self._fn = jax.jit(functools.partial(_path_logprobs, self.model))
     self.__name__ = f"llm({os.path.basename(os.path.normpath(path))})"
 
   def prompt_ids(self, prompt, reply: str) -> list[int]:
@@ -103,25 +107,31 @@ class LLMJudge:
     return prompt_data.encode(self.tok, text + "\nAnswer:")
 
   def verdict_logprobs(self, prompt_ids: Sequence[Sequence[int]]) -> np.ndarray:
-    """float64 [N, V]: log p(verdict v | prompt i), each verdict's tokens summed."""
+    """float64 [N, V]: log p(verdict v | prompt i), each verdict's tokens summed.
+
+    One forward per verdict *path* (`_verdict_paths`) reads the full next-token distribution
+    at each of its positions, so every verdict along it comes from that forward: "1".."9" and
+    "10" = "1" "0" take one forward, not ten."""
     pad = rollout.pad_id(self.tok)
-    rows = [(i, v) for i in range(len(prompt_ids)) for v in range(len(self.verdicts))]
+    rows = [(i, q) for i in range(len(prompt_ids)) for q in range(len(self.paths))]
     out = np.zeros((len(prompt_ids), len(self.verdicts)), np.float64)
-    m = max(len(x) for x in self.verdict_ids)
+    m = max(len(x) for x in self.paths) + 1  # the path, then one masked filler token
     for s in range(0, len(rows), self.batch_size):
       chunk = rows[s:s + self.batch_size]
       tokens, mask = rollout.left_pad([prompt_ids[i] for i, _ in chunk], pad,
                                       rows=self.batch_size)  # [B, P]
       comp = np.full((self.batch_size, m), pad, np.int32)
       cmask = np.zeros((self.batch_size, m), bool)
-      for r, (_, v) in enumerate(chunk):
-        ids = self.verdict_ids[v]
+      for r, (_, q) in enumerate(chunk):
+        ids = self.paths[q]
         comp[r, :len(ids)], cmask[r, :len(ids)] = ids, True
       lp = np.asarray(self._fn(self.params, {"prompt_tokens": tokens, "prompt_mask": mask,
                                              "completion_tokens": comp,
-                                             "completion_mask": cmask}), np.float64)
-      for r, (i, v) in enumerate(chunk):
-        out[i, v] = lp[r].sum()
+                                             "completion_mask": cmask}), np.float64)  # [B, M, V]
+      for r, (i, q) in enumerate(chunk):
+        for v, ids in enumerate(self.verdict_ids):
+          if self.path_of[v] == q:
+            out[i, v] = lp[r, np.arange(len(ids)), ids].sum()
     return out
 
   def scores(self, prompts: list, replies: list[str], where: list[str]) -> np.ndarray:
@@ -157,8 +167,36 @@ class RewardJudge:
     return total.astype(np.float64)
 
 
+def _verdict_paths(verdict_ids: list[list[int]]) -> list[list[int]]:
+  """The fewest token paths along which every verdict can be read: a verdict's last token comes
+  from the whole next-token distribution, so it needs only its other tokens on a path (the
+  maximal ones of them). "1".."9" plus "10" = "1" "0" need one path, ["1"]."""
+  contexts = [list(v[:-1]) for v in verdict_ids]
+  paths = []
+  for a in contexts:
+    if a not in paths and not any(len(b) > len(a) and b[:len(a)] == a for b in contexts):
+      paths.append(a)
+  return paths
+
+
+def _path_of(paths: list[list[int]], ids: list[int]) -> int:
+  """The first path that holds all but the last of `ids`."""
+  return next(q for q, p in enumerate(paths) if p[:len(ids) - 1] == list(ids[:-1]))
+
+
+def _path_logprobs(model, params, batch):
+  """float32 [N, M, V]: log-softmax of the next token at each completion position (the one
+  forward of `rollout.completion_logprobs`, with the whole distribution kept)."""
+  p = batch["prompt_tokens"].shape[1]
+  tokens = jnp.concatenate([batch["prompt_tokens"], batch["completion_tokens"]], axis=1)
+  mask = jnp.concatenate([batch["prompt_mask"], batch["completion_mask"]], axis=1)
+  hidden = model.apply({"params": params}, tokens, mask=mask, return_hidden=True)
+  logits = heads.lm_logits(params, hidden[:, p - 1:-1], model.cfg)  # [N, M, V]
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
 def make_judge(spec: str, rubric_path: str = "", scale: str = "10",
-               min_score_mass: float = 0.5):
+               min_score_mass: float = 0.5, batch_size: int = 8):
   """(judge, rubric text) from a `--judge` spec (see the module docstring)."""
   if spec.startswith("llm:"):
     if not rubric_path:
@@ -170,7 +208,7 @@ def make_judge(spec: str, rubric_path: str = "", scale: str = "10",
       raise UserError(f"--rubric={rubric_path}: {e.strerror}") from None
     if not rubric.strip():
       raise UserError(f"--rubric={rubric_path}: the file is empty")
-    return LLMJudge(spec[4:], rubric, scale, min_score_mass), rubric
+    return LLMJudge(spec[4:], rubric, scale, min_score_mass, batch_size), rubric
   return RewardJudge(spec), ""
 
 
@@ -188,7 +226,9 @@ def label(policy: str, data: str, out: str, judge: str, *, k: int = 4, rubric: s
   if os.path.isdir(out) or not os.path.isdir(os.path.dirname(os.path.abspath(out))):
     raise UserError(f"--out={out}: expected a file in an existing directory")
   rows = load_prompt_rows(data)[:max_prompts or None]
-  scorer, rubric_text = make_judge(judge, rubric, judge_scale, min_score_mass)
+  # The judge reads as many replies at once as one sampling batch writes.
+  scorer, rubric_text = make_judge(judge, rubric, judge_scale, min_score_mass,
+                                   batch_size * k)
   model, params, tok = load_model(policy)
   eos, pad = rollout.eos_ids(tok, model), rollout.pad_id(tok)
   prompts, replies, where, columns = [], [], [], {}

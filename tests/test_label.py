@@ -91,6 +91,8 @@ def test_llm_judge_reads_its_logprobs_as_transformers(base_dir, files):
   p = np.exp(np.asarray(lps) - max(lps))
   want = float((p / p.sum()) @ np.arange(1, 11))
   np.testing.assert_allclose(got, [want], rtol=1e-4)
+  # "10" is "1" "0" here: its path also yields "1".."9", so fewer forwards than verdicts ran.
+  assert len(judge.paths) < len(judge.verdicts)
   yes, _ = labeling.make_judge(f"llm:{base_dir}", rubric, "yesno", min_score_mass=0.0)
   assert 0.0 < yes.scores([prompt], ["Hi."], ["r"])[0] < 1.0
 

@@ -9,11 +9,15 @@
 4. evaluation on held-out tickets before and after: order details quoted correctly, invented
    order numbers, correct escalations, brand voice, held-out loss; a few sample replies;
 5. export: merged HF safetensors and a PEFT LoRA adapter;
-6. with --rl=grpo|ppo (opt-in: minutes more on a CPU), online RL from the merged SFT model with a
-   fresh LoRA adapter: GRPO with the demo's task scorer as the reward (configs/grpo.py:
-   task=support), or PPO against a Bradley-Terry reward model that experiments/reward.py first
-   trains on the shipped preference pairs (configs/ppo.py:data=support); the held-out metrics
-   again, and the KL to the SFT model (the reference: the adapter off).
+6. with --rl=grpo|ppo|dpo|aif (opt-in: minutes more on a CPU), RL or preference tuning from the
+   merged SFT model with a fresh LoRA adapter: GRPO with the demo's task scorer as the reward
+   (configs/grpo.py:task=support), or PPO against a Bradley-Terry reward model that
+   experiments/reward.py first trains on the shipped preference pairs (configs/ppo.py:
+   data=support), or DPO on those human-style pairs (configs/dpo.py:data=support), or AI
+   feedback: the SFT model samples k replies to training tickets, judges them itself against
+   the rubric ftjax/tasks/support_constitution.txt (ftjax/labeling.py), and DPO trains on its
+   best-versus-worst pairs (same DPO config). Then the held-out metrics again, and the KL to the
+   SFT model (the reference: the adapter off).
 Rerunning resumes each stage from its checkpoints.
 """
 
@@ -25,10 +29,10 @@ import time
 
 from absl import logging
 
-from ftjax import export, heldout, hf, load_pretrained, recipes, stats, workdir as wd
+from ftjax import export, heldout, hf, labeling, load_pretrained, recipes, stats, workdir as wd
 from ftjax.tasks import support
 from ftjax.tokenizer import load_tokenizer, train_bpe_tokenizer
-from ftjax.train import grpo, ppo, reward, sft
+from ftjax.train import dpo, grpo, ppo, reward, sft
 
 
 METRICS = [("details", "order details quoted correctly", True),
@@ -38,7 +42,27 @@ METRICS = [("details", "order details quoted correctly", True),
            ("eval_loss", "held-out loss (assistant tokens)", False)]
 
 
-RL_KINDS = ("none", "grpo", "ppo")
+RL_KINDS = ("none", "grpo", "ppo", "dpo", "aif")
+
+# The aif stage's judge: the SFT model itself, reading its verdict after this rubric.
+CONSTITUTION = os.path.join(os.path.dirname(os.path.abspath(support.__file__)),
+                            "support_constitution.txt")
+# Its labelling: the first `prompts` training tickets, k replies each at T=1 (label.py's
+# defaults), best vs worst by the judge. The 1..10 verdict, not yes/no: the demo model, which
+# never saw a judging prompt, puts ~1e-3 of its next-token mass on "1".."10" (digits fill its
+# tickets) but ~1e-10 on "yes"/"no", so P(yes) would be a ratio of two vanishing numbers; and
+# with "10" = "1" "0" in its tokenizer all ten verdicts come from one forward. Neither form
+# reaches label.py's default min_score_mass (0.5) on this model, so the stage takes the
+# normalised verdict distribution whatever its mass (min_score_mass=0) and reports how often
+# the task's rule scorer agrees with the judge's pairs instead. Sizes, for at most about 3
+# minutes on the 2-core CPU: labelling 256 tickets x 4 replies took 47 s there (loaded by
+# other jobs), and DPO_STEPS of DPO ~0.75 s each.
+AIF = dict(prompts=256, k=4, max_new_tokens=64, judge_scale="10")
+AIF_SMOKE = dict(prompts=4, k=2, max_new_tokens=8, judge_scale="10")
+# --rl=dpo and --rl=aif run configs/dpo.py:data=support with these steps, so the two differ
+# only in their pairs: 100 x 8 pairs is one pass over the 800 shipped ones (the config's 200
+# would double the stage's time).
+DPO_STEPS = 100
 
 # All 120 shipped held-out tickets: at 48, one ticket moved a rate by 2 points.
 EVAL_EXAMPLES = 0
@@ -85,16 +109,18 @@ def evaluate(loaded, n: int) -> dict:
 
 def run_rl(kind: str, workdir: str, merged: str, smoke: bool, eval_examples: int,
            seed: int = 0) -> dict:
-  """Stage 6: GRPO or PPO from the merged SFT model; (held-out metrics, KL to SFT, seconds)."""
+  """Stage 6: GRPO, PPO, DPO or AI feedback + DPO from the merged SFT model; (held-out
+  metrics, KL to SFT, seconds, and a preference stage's held-out pair accuracy)."""
   t0 = time.time()
   rl_dir = os.path.join(workdir, kind)
+  extra = {}
   if kind == "grpo":
     cfg = stage_config("grpo", "task=support", smoke, seed)
     cfg.model.hf_path = merged
     logging.info("[6/6] GRPO with the task scorer as reward")
     out = grpo.run(cfg, rl_dir)
     kl, kl_unit = out.get("kl"), "k3, per token"  # TRL's GRPO `kl`: mean over tokens
-  else:
+  elif kind == "ppo":
     rcfg = stage_config("reward", "data=support", smoke, seed)
     rcfg.model.hf_path = merged
     rm_dir = os.path.join(workdir, "reward_model")
@@ -106,9 +132,72 @@ def run_rl(kind: str, workdir: str, merged: str, smoke: bool, eval_examples: int
     out = ppo.run(cfg, rl_dir)
     # TRL's PPO `objective/kl`: summed over each completion's tokens, then averaged.
     kl, kl_unit = out.get("objective/kl"), f"{cfg.ppo.kl_estimator}, per reply"
+  elif kind in ("dpo", "aif"):
+    cfg = stage_config("dpo", "data=support", smoke, seed)
+    cfg.model.hf_path = merged
+    if smoke:  # one eval, on 16 of the 96 held-out pairs: the smoke's seconds are in its evals
+      cfg.train.update(eval_every=cfg.train.steps, eval_batches=4)
+    else:
+      cfg.train.steps = DPO_STEPS
+    if kind == "aif":
+      logging.info("[6/6] AI feedback: the SFT model labels its own replies, then DPO")
+      extra["labels"] = label_own_replies(workdir, merged, smoke, seed)
+      cfg.data.path = extra["labels"]["path"]
+    else:
+      logging.info("[6/6] DPO on the shipped preference pairs")
+    out = dpo.run(cfg, rl_dir)
+    # DPO's `kl/chosen`: k1 (log pi - log ref) on the last logged batch's chosen replies, mean
+    # per token (the reference: the adapter off, the SFT model).
+    kl, kl_unit = out.get("kl/chosen"), "k1, per token"
+    # The held-out human-style pairs (prefs_eval) both variants are scored on.
+    acc = "eval_rewards/accuracies"
+    if f"{acc}_n" in out:
+      extra["pair_accuracy"] = {"k": out[f"{acc}_k"], "n": out[f"{acc}_n"]}
+  else:
+    raise ValueError(f"unknown RL stage {kind!r}: expected one of {RL_KINDS[1:]}")
   after = evaluate(wd.load_trained(rl_dir)[:3], eval_examples)
   return {"metrics": _metrics(after), "kl_to_sft": kl, "kl_unit": kl_unit,
-          "samples": after["samples"], "seconds": time.time() - t0}
+          "samples": after["samples"], "seconds": time.time() - t0, **extra}
+
+
+def label_own_replies(workdir: str, merged: str, smoke: bool, seed: int) -> dict:
+  """The aif stage's pairs: `merged` samples k replies to the first training tickets and judges
+  them itself against CONSTITUTION (labeling.label). Written once to workdir/aif_labels/
+  pairs.jsonl with its provenance (a rerun with the same settings reuses them). Returns the
+  provenance with `path`, and how often the task's rule scorer agrees with the judge: of the
+  pairs whose chosen and rejected reply it scores differently, those it ranks the judge's way."""
+  sizes = AIF_SMOKE if smoke else AIF
+  out_dir = os.path.join(workdir, "aif_labels")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, "pairs.jsonl")
+  data = os.path.join(support.DATA_DIR, "train.jsonl")
+  want = dict(seed=seed, k=sizes["k"], prompts=sizes["prompts"],
+              max_new_tokens=sizes["max_new_tokens"], judge_scale=sizes["judge_scale"],
+              policy=os.path.abspath(merged))
+  prov = None
+  if os.path.exists(path + ".provenance.json"):
+    with open(path + ".provenance.json") as f:
+      prov = json.load(f)
+    if any(prov.get(k) != v for k, v in want.items()):
+      prov = None
+  if prov is None:
+    prov = labeling.label(merged, data, path, f"llm:{merged}", k=sizes["k"],
+                          rubric=CONSTITUTION, judge_scale=sizes["judge_scale"],
+                          min_score_mass=0.0, max_new_tokens=sizes["max_new_tokens"],
+                          seed=seed, max_prompts=sizes["prompts"])
+  meta = {json.dumps(r["prompt"]): r["meta"]
+          for r in labeling.load_prompt_rows(data)[:sizes["prompts"]]}
+  agree = decided = 0
+  with open(path) as f:
+    for line in f:
+      p = json.loads(line)
+      example = {"prompt": p["prompt"], "meta": meta[json.dumps(p["prompt"])]}
+      c, r = (support.true_reward(p[side][-1]["content"], example)
+              for side in ("chosen", "rejected"))
+      if c != r:
+        decided += 1
+        agree += c > r
+  return {**prov, "path": path, "rule_agree_k": agree, "rule_agree_n": decided}
 
 
 def _metrics(ev: dict) -> dict:
@@ -159,6 +248,7 @@ def run(workdir: str, base: str | None = None, smoke: bool = False,
     r = run_rl(rl, workdir, merged, smoke, eval_examples, seed)
     report.update(rl=rl, after_rl=r["metrics"], kl_to_sft=r["kl_to_sft"], kl_unit=r["kl_unit"],
                   samples=r["samples"])
+    report.update({k: r[k] for k in ("labels", "pair_accuracy") if k in r})
     times["rl_s"] = r["seconds"]
   times["total_s"] = time.time() - t0
   report.update(times)
@@ -189,6 +279,18 @@ def format_report(r: dict) -> str:
     if stage in r:
       lines += ["", f"{title} (seed {r.get('seed', 0)}): counts and 95% Wilson intervals"]
       lines += [f"  {line}" for line in proportion_lines(r[stage])]
+  if "pair_accuracy" in r:
+    a = r["pair_accuracy"]
+    lines.append("  " + stats.format_proportion("held-out preference pairs ranked right",
+                                                a["k"], a["n"]))
+  if "labels" in r:
+    lb = r["labels"]
+    lines += ["", f"AI labels ({lb['judge_name']}, rubric {os.path.basename(lb['rubric'])}, "
+              f"verdicts {lb['judge_scale']}): {lb['pairs']} pairs from {lb['prompts']} "
+              f"training tickets x {lb['k']} replies ({lb['ties']} ties), {lb['path']}"]
+    if lb["rule_agree_n"]:
+      lines.append("  " + stats.format_proportion(
+          "pairs the task scorer ranks as the judge", lb["rule_agree_k"], lb["rule_agree_n"]))
   lines.append("")
   for s in r["samples"]:
     lines += [f"customer: {s['prompt']}", f"  assistant: {s['reply']}"]

@@ -457,7 +457,9 @@ def train_pairs(config, workdir: str, method: str = "dpo") -> dict:
     ckpt.save(step, par.host_state(state), data.train.state, eval_metrics, extra)
 
   def run_eval():
-    out = loop.evaluate(eval_fn, par.host_state(state)["params"], eval_batches)
+    # The held-out pair accuracy with its counts (a Wilson interval), as reward.py gives it.
+    out = loop.evaluate(eval_fn, par.host_state(state)["params"], eval_batches,
+                        rates=("rewards/accuracies",))
     return kto_metrics(out, "eval_") if method == "kto" else out
 
   # ---- loop
