@@ -20,13 +20,16 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str):
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str,
+                        add_bos: bool = False):
   """Train a byte-level BPE tokenizer on `texts` and save it as an HF tokenizer in out_dir.
 
   Returns the `transformers.PreTrainedTokenizerFast`. Ids 0..5 are SPECIAL_TOKENS in order:
-  pad=0, bos=1, eos=2 (`<|end|>`, which also closes every chat turn).
+  pad=0, bos=1, eos=2 (`<|end|>`, which also closes every chat turn). `add_bos`: its
+  post-processor puts BOS before every encoded text, as Llama's does, so `tokenizer(text)` (and
+  with it ftjax's and TRL's plain-text rows and GRPO's string prompts) starts with BOS.
   """
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
   from transformers import PreTrainedTokenizerFast
 
   tok = Tokenizer(models.BPE())
@@ -39,6 +42,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str):
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
   tok.train_from_iterator(list(texts), trainer=trainer)
+  if add_bos:
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A $B", special_tokens=[("<|bos|>", 1)])
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>",
                                  eos_token="<|end|>", chat_template=CHAT_TEMPLATE)
   os.makedirs(out_dir, exist_ok=True)

@@ -92,7 +92,9 @@ def prepare(config, workdir: str, sft: Callable, export: Callable) -> Optional[C
 
   def build():
     if tok_path and not os.path.exists(os.path.join(tok_path, "tokenizer.json")):
-      tokenizer_lib.train_bpe_tokenizer(texts(), 300, tok_path)
+      # With BOS from its post-processor: the warm start's rows and GRPO's string prompts
+      # start with BOS (as the task's models and its published figures always had them).
+      tokenizer_lib.train_bpe_tokenizer(texts(), 300, tok_path, add_bos=True)
     _warm_start(config, sft_dir, sft, export)
   return build
 
