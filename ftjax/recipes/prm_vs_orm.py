@@ -14,8 +14,9 @@ writes N_MAX solutions per problem. For each N, best-of-N picks one of N of them
 by majority vote over the final answers (ties: the answer seen first); pass@1 is the fraction of
 problems whose pick is right, averaged over `subsets` random N-subsets of the N_MAX samples per
 problem (as the paper's figure). Reported: per N and method the mean over seeds and its spread
-(min..max, sample standard deviation), a table, a plot, and whether the claim holds: the PRM
-beats both the ORM and majority voting at N = N_MAX, in every seed.
+(its 95% t interval, min..max), a table, a plot with error bars, and the verdict at N = N_MAX
+from the PRM's gaps to the ORM and to majority voting, paired by seed: holds where both 95%
+t intervals lie above 0, does not hold where one lies below 0, inconclusive otherwise.
 
 The solver's slips are of `kinds` (a dropped carry by default): the ones a `tiny` model learns
 to see within the step budget (a miscopied digit takes far longer from scratch).
@@ -31,6 +32,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ftjax import stats
 from ftjax.recipes import REPO, get_config
 
 CLAIM = ("Best-of-N selected by a process reward model beats an outcome reward model trained on "
@@ -142,18 +144,38 @@ def summarize(results: list[dict]) -> dict:
   for n in ns:
     for m in METHODS:
       v = np.asarray([r["curve"][n][m] for r in results])
+      _, lo, hi = stats.t_interval(v)
       out[(n, m)] = dict(mean=float(v.mean()), min=float(v.min()), max=float(v.max()),
-                         std=float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+                         std=float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                         lo=v.min() if lo is None else lo, hi=v.max() if hi is None else hi)
   return out
 
 
+def paired_gaps(results: list[dict], n: int) -> dict:
+  """At N = n, the PRM's pass@1 minus each other method's, paired by seed: (mean, lo, hi) of
+  the 95% t interval (lo/hi None with one seed)."""
+  return {m: stats.t_interval([r["curve"][n]["prm"] - r["curve"][n][m] for r in results])
+          for m in METHODS if m != "prm"}
+
+
 def verdict(results: list[dict]) -> tuple[bool, str]:
+  """At N = N_MAX: holds when the PRM's paired gap to every other method has its whole 95% t
+  interval above 0; does not hold when one lies below 0; else inconclusive."""
   n = max(int(k) for k in results[0]["curve"])
   wins = [r["curve"][n]["prm"] > max(r["curve"][n]["orm"], r["curve"][n]["majority"])
           for r in results]
-  held = all(wins)
-  return held, (f"{'Holds' if held else 'Does not hold'}: the PRM's pick is best at N = {n} in "
-                f"{sum(wins)} of {len(wins)} seeds.")
+  gaps = paired_gaps(results, n)
+  above = [g[1] is not None and g[1] > 0 for g in gaps.values()]
+  below = [g[2] is not None and g[2] < 0 for g in gaps.values()]
+  held = all(above)
+  word = "Holds" if held else "Does not hold" if any(below) else "Inconclusive"
+  parts = "; ".join(
+      f"PRM - {m} {g[0]:+.3f}" + ("" if g[1] is None else f" (95% t CI {g[1]:+.3f}..{g[2]:+.3f}, "
+                                  + ("above 0" if g[1] > 0 else "below 0" if g[2] < 0
+                                     else "includes 0") + ")")
+      for m, g in gaps.items())
+  return held, (f"{word} at this scale. Paired by seed, at N = {n}: {parts}. The PRM's pick is "
+                f"best in {sum(wins)} of {len(wins)} seeds.")
 
 
 def write_outputs(out: str, s: dict, results: list[dict], seconds: float, command: str) -> str:
@@ -164,11 +186,12 @@ def write_outputs(out: str, s: dict, results: list[dict], seconds: float, comman
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump({"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
                "seeds": results, "seconds": seconds}, f, indent=2, default=str)
-  lines = ["| N | " + " | ".join(f"{m} pass@1 (mean, min..max, sd)" for m in METHODS) + " |",
-           "|---|" + "---|" * len(METHODS)]
+  lines = ["| N | " + " | ".join(f"{m} pass@1 (mean [95% t CI], min..max)" for m in METHODS)
+           + " |", "|---|" + "---|" * len(METHODS)]
   for n in ns:
-    cells = [f"{summary[(n, m)]['mean']:.3f} ({summary[(n, m)]['min']:.3f}.."
-             f"{summary[(n, m)]['max']:.3f}, {summary[(n, m)]['std']:.3f})" for m in METHODS]
+    cells = [f"{summary[(n, m)]['mean']:.3f} [{summary[(n, m)]['lo']:.3f}, "
+             f"{summary[(n, m)]['hi']:.3f}] ({summary[(n, m)]['min']:.3f}.."
+             f"{summary[(n, m)]['max']:.3f})" for m in METHODS]
     lines.append(f"| {n} | " + " | ".join(cells) + " |")
   evals = ["| seed | PRM step accuracy | PRM bad-step F1 | ORM step accuracy | ORM bad-step F1 | "
            "sample accuracy |", "|---|---|---|---|---|---|"]
@@ -209,16 +232,15 @@ def _plot(summary: dict, ns: list, path: str) -> Optional[str]:
   fig, ax = plt.subplots(figsize=(5.5, 4))
   for i, m in enumerate(METHODS):
     mean = [summary[(n, m)]["mean"] for n in ns]
-    lo = [summary[(n, m)]["min"] for n in ns]
-    hi = [summary[(n, m)]["max"] for n in ns]
-    ax.plot(ns, mean, "o-", color=f"C{i}", label=m)
-    ax.fill_between(ns, lo, hi, color=f"C{i}", alpha=0.15)
+    err = [[mean[j] - summary[(n, m)]["lo"] for j, n in enumerate(ns)],
+           [summary[(n, m)]["hi"] - mean[j] for j, n in enumerate(ns)]]
+    ax.errorbar(ns, mean, yerr=err, fmt="o-", color=f"C{i}", label=m, capsize=3)
   ax.set_xscale("log", base=2)
   ax.set_xlabel("N (solutions per problem)")
   ax.set_ylabel("held-out pass@1 of the pick")
   ax.grid(alpha=0.3)
   ax.legend()
-  ax.set_title("best-of-N: mean over seeds (band: min..max)", fontsize=10)
+  ax.set_title("best-of-N: mean over seeds (bars: 95% t interval)", fontsize=10)
   return report._save(fig, plt, path)
 
 
