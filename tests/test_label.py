@@ -116,3 +116,14 @@ def test_bad_judge_output_is_one_line_naming_the_row(base_dir, files, tmp_path):
   assert "tickets.jsonl: row 1 reply 0: the judge gave no verdict" in lines[0], lines[0]
   assert "min_score_mass=0.99" in lines[0]
   assert not out.exists() and not os.path.exists(str(out) + ".provenance.json")
+
+
+def test_prompt_rows_in_a_wrong_layout_are_one_line_naming_file_and_row(tmp_path):
+  """Rows label.py cannot take a prompt from: the error names the file and the row."""
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps({"prompt": "Where is my order?"}) + "\n"
+                 + json.dumps({"question": "no prompt and no messages"}) + "\n")
+  with pytest.raises(UserError) as e:
+    labeling.load_prompt_rows(str(bad))
+  msg = str(e.value)
+  assert "\n" not in msg and str(bad) in msg and "2" in msg and "prompt" in msg, msg
