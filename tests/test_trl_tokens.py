@@ -100,6 +100,14 @@ def style(request):
   return request.param, STYLES[request.param]()
 
 
+# GPT-2 has no chat template: the chat rows are compared for the two styles that have one.
+@pytest.fixture(scope="module", params=[n for n in STYLES if n != "gpt2"])
+def chat_style(request):
+  import datasets
+  datasets.disable_progress_bars()
+  return request.param, STYLES[request.param]()
+
+
 def trl_sft(tok, rows, tmp_path):
   """TRL's SFT preparation of `rows`: [(input_ids, labels != -100)]."""
   from datasets import Dataset
@@ -142,10 +150,9 @@ def test_sft_plain_text_as_trl(style, tmp_path):
       assert (ids[0] == tok.bos_token_id) == ADDS_BOS[name]
 
 
-def test_sft_chat_as_trl(style, tmp_path):
-  name, tok = style
-  if tok.chat_template is None:
-    pytest.skip("GPT-2 has no chat template")
+def test_sft_chat_as_trl(chat_style, tmp_path):
+  name, tok = chat_style
+  assert tok.chat_template is not None
   # A whole conversation (TRL's language-modelling rows, every token a target).
   msgs = [{"role": "user", "content": "Where is my order?"},
           {"role": "assistant", "content": "It shipped."},
