@@ -88,7 +88,8 @@ class BatchIterator:
   def __iter__(self):
     return self
 
-  def __next__(self) -> dict[str, np.ndarray]:
+  def next_rows(self) -> list[list[int]]:
+    """This process's rows of the next global batch (lists of example indices); advances."""
     local = self.batch_size // self.process_count
     lo = self.process_index * local
     rows = []
@@ -99,7 +100,10 @@ class BatchIterator:
       self._row += 1
       if self._row == len(rows_e):
         self._epoch, self._row = self._epoch + 1, 0
-    return pk.make_batch(self.examples, rows, self.seq_len, self.pad_id)
+    return rows
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return pk.make_batch(self.examples, self.next_rows(), self.seq_len, self.pad_id)
 
 
 def eval_batches(examples: Sequence[dict], batch_size: int, seq_len: int, *, packing: bool = False,

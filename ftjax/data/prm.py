@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ftjax.data.formats import DataStats, _RowError, collect_sources, each_record
+from ftjax.data.pipeline import BatchIterator
 from ftjax.data.sources import DataError, Records, cfg_get, load_records
 
 IGNORE = -100  # transformers' ignore index: a position that carries no label
@@ -124,48 +125,36 @@ def make_batch(examples: Sequence[dict], rows: Sequence[int | None], seq_len: in
   return {"tokens": tokens, "mask": mask, "labels": labels}
 
 
+_TWO_TOKENS = np.zeros(2, np.int32)  # a placeholder example: 2 tokens, 1 position
+
+
 class PRMIterator:
-  """Infinite shuffled batches (a new order per epoch, from `seed`), with a resumable state."""
+  """Infinite shuffled batches (a new order per epoch, from `seed`), with a resumable state.
+
+  The order, epochs, state `{"epoch", "row"}` and process sharding are `pipeline.BatchIterator`'s
+  without packing, which walks example indices only (`_rows`); the batches are PRM rows."""
 
   def __init__(self, examples: Sequence[dict], batch_size: int, seq_len: int, *, seed: int = 0,
                pad_id: int = 0, state: dict | None = None, process_index: int = 0,
                process_count: int = 1):
     if not examples:
       raise DataError("no PRM training examples (check data.path)")
-    if batch_size % process_count:
-      raise DataError(f"train.batch_size {batch_size} is not divisible by {process_count} "
-                      "processes")
-    self.examples, self.batch_size, self.seq_len = examples, batch_size, seq_len
-    self.seed, self.pad_id = seed, pad_id
-    self.process_index, self.process_count = process_index, process_count
-    state = state or {"epoch": 0, "row": 0}
-    self._epoch, self._row = int(state["epoch"]), int(state["row"])
-    self._order_epoch, self._order = None, None
+    self.examples, self.seq_len, self.pad_id = examples, seq_len, pad_id
+    # One placeholder per example: without packing the walk needs only how many there are.
+    index = [{"tokens": _TWO_TOKENS}] * len(examples)
+    self._rows = BatchIterator(index, batch_size, seq_len, seed=seed, packing=False,
+                               state=state, process_index=process_index,
+                               process_count=process_count)
 
   @property
   def state(self) -> dict:
-    return {"epoch": self._epoch, "row": self._row}
-
-  def _order_of(self, epoch: int) -> np.ndarray:
-    if self._order_epoch != epoch:
-      self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-      self._order_epoch = epoch
-    return self._order
+    return self._rows.state
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    local = self.batch_size // self.process_count
-    lo = self.process_index * local
-    rows = []
-    for k in range(self.batch_size):
-      order = self._order_of(self._epoch)
-      if lo <= k < lo + local:
-        rows.append(int(order[self._row]))
-      self._row += 1
-      if self._row == len(order):
-        self._epoch, self._row = self._epoch + 1, 0
+    rows = [r for (r,) in self._rows.next_rows()]
     return make_batch(self.examples, rows, self.seq_len, self.pad_id)
 
 
