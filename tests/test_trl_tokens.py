@@ -28,6 +28,7 @@ import types
 import pytest
 
 from ftjax.data import formats
+from tests.test_data_preference import TRL_LAYOUTS
 from ftjax.data import preference as pref
 
 CORPUS = [
@@ -176,17 +177,8 @@ def test_sft_chat_as_trl(chat_style, tmp_path):
 
 # --- DPO -----------------------------------------------------------------------------------------
 
-Q = [{"role": "user", "content": "Where is my order?"}]
-GOOD = {"role": "assistant", "content": "It shipped on Monday."}
-BAD = {"role": "assistant", "content": "No idea."}
-DPO_ROWS = {  # TRL's four preference layouts
-    "standard_explicit": {"prompt": "Where is my order?", "chosen": " It shipped on Monday.",
-                          "rejected": " No idea."},
-    "standard_implicit": {"chosen": "Where is my order? It shipped on Monday.",
-                          "rejected": "Where is my order? No idea."},
-    "conversational_explicit": {"prompt": Q, "chosen": [GOOD], "rejected": [BAD]},
-    "conversational_implicit": {"chosen": Q + [GOOD], "rejected": Q + [BAD]},
-}
+# TRL's four preference layouts, as tests/test_data_preference.py writes them.
+DPO_ROWS = TRL_LAYOUTS
 
 
 def test_dpo_as_trl(style, tmp_path):
