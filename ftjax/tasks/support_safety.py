@@ -320,5 +320,5 @@ def write_files(out_dir: str) -> dict:
 if __name__ == "__main__":
   if len(sys.argv) != 2:
     sys.exit("usage: python -m ftjax.tasks.support_safety OUT_DIR")
-  for name, path in write_files(sys.argv[1]).items():
+  for path in write_files(sys.argv[1]).values():
     print(path)
