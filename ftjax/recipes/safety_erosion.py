@@ -31,7 +31,7 @@ from typing import Optional
 
 import numpy as np
 
-from ftjax import export, heldout, hf, stats, workdir as wd
+from ftjax import evaluation, export, hf, stats, workdir as wd
 from ftjax.recipes import REPO, demo
 from ftjax.tasks import support, support_safety
 from ftjax.train import sft
@@ -66,18 +66,19 @@ def settings(smoke: bool = False, seeds: int = 3) -> dict:
   corpus). max_new_tokens 80: the safe replies reach 72."""
   s = dict(smoke=smoke, seeds=seeds, sft_steps=0, sft_rank=0, ft_steps=30, full_lr=1e-4,
            lora_lr=2e-3, lora_rank=8, redteam=160, support_eval=48, max_new_tokens=80,
-           seq_len=384)
+           seq_len=384, rows=0)  # rows: the first of each data file only (0: all)
   if smoke:
     # Rank 4: the smoke's base may be a test's tiny model (a 16-wide k_proj).
     s.update(seeds=min(seeds, 1), sft_steps=2, sft_rank=4, ft_steps=2, lora_rank=4, redteam=8,
-             support_eval=4, max_new_tokens=8)
+             support_eval=0, max_new_tokens=8, rows=32)
   return s
 
 
-def write_data(out_dir: str) -> dict:
+def write_data(out_dir: str, limit: int = 0) -> dict:
   """The study's files (support_safety.FILES), the safe SFT mix (the demo's training tickets
-  and the safe rows) and the replay mix (the harmful rows and 100 other safe rows)."""
-  paths = support_safety.write_files(out_dir)
+  and the safe rows) and the replay mix (the harmful rows and 100 other safe rows); `limit`:
+  the first rows of each file only (the smoke)."""
+  paths = support_safety.write_files(out_dir, limit)
   mixes = {"sft": [os.path.join(support.DATA_DIR, "train.jsonl"), paths["safe"]],
            "harmful_replay": [paths["harmful"], paths["replay"]]}
   for name, parts in mixes.items():
@@ -85,7 +86,8 @@ def write_data(out_dir: str) -> dict:
     with open(paths[name], "w") as f:
       for p in parts:
         with open(p) as g:
-          f.write(g.read())
+          lines = g.readlines()
+        f.writelines(lines[:limit] if limit else lines)
   return paths
 
 
@@ -109,6 +111,11 @@ def sft_config(s: dict, seed: int, hf_path: str, data_path: str):
   if s["sft_steps"]:
     c.train.update(steps=s["sft_steps"], save_every=s["sft_steps"])
   c.train.seq_len = s["seq_len"]
+  if s["smoke"]:
+    # No held-out loss (its seconds were the smoke's largest), and the arms' LoRA optimizer:
+    # the LoRA step then compiles once for the SFT and every LoRA arm.
+    c.data.eval_path = ""
+    c.optim.update(lr=s["lora_lr"], warmup_steps=min(5, int(s["sft_steps"])))
   if s["sft_rank"]:
     c.adapter.update(rank=s["sft_rank"], alpha=2.0 * s["sft_rank"])
   return c
@@ -132,41 +139,55 @@ def ft_config(s: dict, seed: int, hf_path: str, data_path: str, method: str):
   return c
 
 
+def _read(path: str, n: int) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f][:n]
+
+
 def evaluate(run_dir: str, s: dict, paths: dict) -> dict:
   """Red-team policy keeping and the support task's held-out metrics of the model in run_dir:
-  counts {metric: [k, n]}."""
-  loaded = wd.load_trained(run_dir)[:3]
+  counts {metric: [k, n]}, and the first red-team replies ("samples"). Greedy replies only (as
+  heldout.evaluate's generation metrics, without its loss pass, which the study never reads)."""
+  model, params, tok = wd.load_trained(run_dir)[:3]
   out = {}
-  m = heldout.evaluate(paths["redteam"], task="support_safety", seq_len=s["seq_len"],
-                       batch_size=s["redteam"], max_examples=s["redteam"],
-                       max_new_tokens=s["max_new_tokens"], show=0, loaded=loaded)
-  for k in support_safety.METRICS:
-    out[k] = [m[f"{k}_k"], m[f"{k}_n"]]
-  m = heldout.evaluate(os.path.join(support.DATA_DIR, "eval.jsonl"), task="support",
-                       seq_len=s["seq_len"], batch_size=s["support_eval"],
-                       max_examples=s["support_eval"],
-                       max_new_tokens=s["max_new_tokens"], show=0, loaded=loaded)
-  for k in SUPPORT:
-    if f"{k}_n" in m:
-      out[k] = [m[f"{k}_k"], m[f"{k}_n"]]
+  sets = [(paths["redteam"], s["redteam"], support_safety.score_reply,
+           support_safety.METRICS)]
+  if s["support_eval"]:
+    sets.append((os.path.join(support.DATA_DIR, "eval.jsonl"), s["support_eval"],
+                 support.score_reply, SUPPORT))
+  for path, n, score, keys in sets:
+    rows = _read(path, n)
+    prompts = [evaluation.split_chat(r)[0] for r in rows]
+    replies = evaluation.generate_replies(model, params, tok, prompts, s["max_new_tokens"],
+                                          len(rows))
+    m = evaluation.generation_metrics(replies, rows, score)
+    out.update({k: [m[f"{k}_k"], m[f"{k}_n"]] for k in keys if f"{k}_n" in m})
+    if score is support_safety.score_reply:
+      out["samples"] = [{"ticket": p[-1]["content"], "reply": r}
+                        for p, r in zip(prompts[:4], replies[:4])]
   return out
 
 
 def run_seed(root: str, s: dict, seed: int, base: str, paths: dict) -> dict:
-  """The safe SFT model and the six arms of one seed: {arm: counts}."""
+  """The safe SFT model and the six arms of one seed: {"arms": {arm: counts}, "seconds":
+  {arm: [train, eval]}}."""
   seed_dir = os.path.join(root, f"seed{seed}")
   safe_dir = os.path.join(seed_dir, "safe_sft")
+  out = {"seed": seed, "arms": {}, "seconds": {}}
+  t0 = time.time()
   sft.run(sft_config(s, seed, base, paths["sft"]), safe_dir)  # a finished run: nothing to do
   merged = os.path.join(seed_dir, "safe_sft_hf")
   if not os.path.isfile(os.path.join(merged, "config.json")):
     export.export(safe_dir, merged, "merged")
-  out = {"seed": seed, "arms": {"safe_sft": evaluate(safe_dir, s, paths)}}
   for arm, (data, method) in ARMS.items():
-    if data is None:
-      continue
-    d = os.path.join(seed_dir, arm)
-    sft.run(ft_config(s, seed, merged, paths[data], method), d)
+    d = safe_dir
+    if data is not None:
+      t0 = time.time()
+      d = os.path.join(seed_dir, arm)
+      sft.run(ft_config(s, seed, merged, paths[data], method), d)
+    t1 = time.time()
     out["arms"][arm] = evaluate(d, s, paths)
+    out["seconds"][arm] = [round(t1 - t0, 1), round(time.time() - t1, 1)]
   return out
 
 
@@ -280,7 +301,7 @@ def run(workdir: str, out: Optional[str] = None, seeds: int = 3, smoke: bool = F
   out = out or os.path.join(REPO, "docs", "reproductions", "safety_erosion")
   t0 = time.time()
   base_path = resolve_base(workdir, base, smoke)
-  paths = write_data(os.path.join(workdir, "data"))
+  paths = write_data(os.path.join(workdir, "data"), s["rows"])
   results = [run_seed(workdir, s, seed, base_path, paths) for seed in range(s["seeds"])]
   command = "python experiments/safety_erosion.py --workdir=/tmp/safety_erosion" + (
       f" --base={base}" if base else "") + (f" --seeds={seeds}" if seeds != 3 else "") + (

@@ -308,12 +308,13 @@ def summarize(scores: Iterable[dict]) -> dict:
   return out
 
 
-def write_files(out_dir: str) -> dict:
-  """FILES as `<name>.jsonl` in `out_dir`; returns name -> path."""
+def write_files(out_dir: str, limit: int = 0) -> dict:
+  """FILES as `<name>.jsonl` in `out_dir` (the first `limit` rows of each, 0: all); returns
+  name -> path."""
   paths = {}
   for name, (fn, n, seed) in FILES.items():
     paths[name] = os.path.join(out_dir, f"{name}.jsonl")
-    write_jsonl(paths[name], globals()[fn](n, seed))
+    write_jsonl(paths[name], globals()[fn](min(n, limit) if limit else n, seed))
   return paths
 
 
