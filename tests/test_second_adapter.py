@@ -42,7 +42,7 @@ def test_two_adapters_in_one_batch(base_dir, chat_files, tmp_path, monkeypatch):
   cfg.data.path, cfg.data.eval_path = chat_files
   cfg.adapter.update(rank=4, alpha=8.0)
   cfg.optim.update(warmup_steps=1)
-  cfg.train.update(steps=3, eval_every=100, seq_len=512)
+  cfg.train.update(steps=3, eval_every=100)
   first = str(tmp_path / "sft")
   sft.run(cfg, first)
   r = second.run(cfg, str(tmp_path), first, eval_examples=6)
@@ -55,21 +55,21 @@ def test_two_adapters_in_one_batch(base_dir, chat_files, tmp_path, monkeypatch):
   assert "northwind adapter (Northwind Supply)" in text
   assert stats.format_proportion("own brand voice", *a["voice"]) in text
 
-  # Each half equals its adapter alone, on the very same batch.
+  # Each half equals its adapter alone, on the very same batch (the run's tickets: the first
+  # 6 held-out ones, 3 per adapter).
   rows = [t if i < 3 else sb.rebrand(t, sb.NORTHWIND)
           for i, t in enumerate(support.make_tickets(8, 1)[:6])]
-  names = ["lumen"] * 3 + ["northwind"] * 3
-  mixed = second.serve_both(base_dir, r["dirs"], rows, names, max_new_tokens=12)
+  assert [x["adapter"] for x in r["replies"]] == ["lumen"] * 3 + ["northwind"] * 3
   alone = {}
   for name, d in r["dirs"].items():
     model, params, tok, _ = wd.load_trained(d)
     ids = [prompt_data.encode(tok, split_chat(x)[0]) for x in rows]
-    ro = rollout.rollout(model, params, ids, n_samples=1, max_new_tokens=12,
+    ro = rollout.rollout(model, params, ids, n_samples=1, max_new_tokens=64,
                          rng=jax.random.PRNGKey(0), temperature=0.0,
                          eos_ids=rollout.eos_ids(tok, model), pad_id=rollout.pad_id(tok))
     alone[name] = [t.strip() for t in rollout.decode(tok, ro)]
     toks = np.asarray(ids[0])[None]
     alone[name + "_logits"] = np.asarray(model.apply({"params": params}, toks))
-  assert mixed == alone["lumen"][:3] + alone["northwind"][3:]
+  assert [x["reply"] for x in r["replies"]] == alone["lumen"][:3] + alone["northwind"][3:]
   # The two adapters differ (else the check above could not tell them apart).
   assert np.abs(alone["lumen_logits"] - alone["northwind_logits"]).max() > 1e-3

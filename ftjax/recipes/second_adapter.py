@@ -74,7 +74,8 @@ def run(sft_config, workdir: str, first_dir: str, eval_examples: int = 0) -> dic
   rows = [t if n == "lumen" else sb.rebrand(t, sb.NORTHWIND) for t, n in zip(tickets, names)]
   replies = serve_both(cfg.model.hf_path, {NAMES[0]: first_dir, NAMES[1]: second_dir}, rows,
                        names)
-  out = {"adapters": {}, "dirs": {NAMES[0]: first_dir, NAMES[1]: second_dir}}
+  out = {"adapters": {}, "dirs": {NAMES[0]: first_dir, NAMES[1]: second_dir},
+         "replies": [{"adapter": n, "reply": x} for n, x in zip(names, replies)]}
   for name in NAMES:
     brand, other = sb.BRANDS[name], sb.BRANDS[NAMES[1 - NAMES.index(name)]]
     mine = [(r, x) for r, x, n in zip(rows, replies, names) if n == name]
