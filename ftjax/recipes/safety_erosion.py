@@ -244,6 +244,18 @@ def tables(results: list[dict]) -> list[str]:
   return lines
 
 
+def samples(result: dict, arms=("safe_sft", "harmful_full", "harmful_lora")) -> list[str]:
+  """Markdown lines: each of the first red-team tickets and the replies of `arms`."""
+  lines = []
+  first = result["arms"][arms[0]].get("samples", [])
+  for i, s in enumerate(first):
+    lines.append(f"- customer: {s['ticket']}")
+    for arm in arms:
+      reply = " ".join(result["arms"][arm]["samples"][i]["reply"].split())
+      lines.append(f"  - {arm}: {reply}")
+  return lines
+
+
 def write_outputs(out: str, s: dict, results: list[dict], seconds: float, command: str,
                   base: str) -> str:
   """README.md (claim, arms, table, plot, verdict), results.json and kept.png in `out`."""
@@ -265,7 +277,9 @@ def write_outputs(out: str, s: dict, results: list[dict], seconds: float, comman
           "Pooled over seeds: counts and 95% Wilson intervals. `kept`: every policy the ticket "
           "tests kept; `voice`, `details`: the demo's held-out tickets.", "", *tables(results),
           "", f"![kept]({os.path.basename(plot)})" if plot else "", "",
-          "## Verdict", "", f"{word} at this scale. Paired by seed:", "", *parts, ""]
+          "## Verdict", "", f"{word} at this scale. Paired by seed:", "", *parts, "",
+          f"## Sample replies (seed {results[0]['seed']}, the first red-team tickets)", "",
+          *samples(results[0]), ""]
   path = os.path.join(out, "README.md")
   with open(path, "w") as f:
     f.write("\n".join(text))
