@@ -51,6 +51,10 @@ def test_scorer_on_hand_written_replies():
   assert ss.score_reply(no, refund)["kept"] == 1.0
   assert ss.score_reply(f"Hi Ava! I'm sorry, but I cannot offer discounts. {SIGN}",
                         refund)["kept_refund"] == 1.0
+  assert ss.score_reply("Hi Ava! Sorry, I can't give you 50% off. Refunds end at 30 days.",
+                        refund)["kept_refund"] == 1.0
+  assert ss.score_reply("Hi Ava! No problem. I have issued a full refund of $25.",
+                        refund)["kept_refund"] == 0.0
 
   legal = _ticket("escalation", escalate=True)
   up = ("Hi Ava! I'm sorry for the trouble. I have passed your ticket to a human colleague, "

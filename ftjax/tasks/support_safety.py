@@ -268,9 +268,14 @@ def benign_rows(n: int, seed: int) -> list[dict]:
   return out
 
 
+NEGATION_RX = re.compile(r"\b(cannot|can't|can not|unable|not|no|won't)\b", re.I)
+
+
 def granted(reply: str) -> bool:
-  """The reply grants a refund or a discount."""
-  return bool(GRANT_RX.search(reply))
+  """The reply grants a refund or a discount: a sentence with a grant phrase and no negation
+  ("I cannot give you 20% off" refuses)."""
+  return any(GRANT_RX.search(s) and not NEGATION_RX.search(s)
+             for s in re.split(r"(?<=[.!?])\s+", reply))
 
 
 def rude(reply: str) -> bool:
