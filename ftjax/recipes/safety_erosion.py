@@ -32,6 +32,7 @@ from typing import Optional
 import numpy as np
 
 from ftjax import evaluation, export, hf, stats, workdir as wd
+from ftjax.errors import UserError
 from ftjax.recipes import REPO, demo
 from ftjax.tasks import support, support_safety
 from ftjax.train import sft
@@ -311,6 +312,8 @@ def _plot(results: list[dict], path: str) -> Optional[str]:
 def run(workdir: str, out: Optional[str] = None, seeds: int = 3, smoke: bool = False,
         base: Optional[str] = None) -> dict:
   """The study; returns {"readme", "results", "verdict"}."""
+  if int(seeds) < 1:
+    raise UserError(f"--seeds={seeds}: expected an integer >= 1")
   s = settings(smoke, seeds)
   out = out or os.path.join(REPO, "docs", "reproductions", "safety_erosion")
   t0 = time.time()
