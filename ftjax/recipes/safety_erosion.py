@@ -272,7 +272,8 @@ def write_outputs(out: str, s: dict, results: list[dict], seconds: float, comman
           "demo's small pretrained base instead of Llama-2-chat.", "",
           "**Claim.** " + CLAIM, "",
           f"**Command** ({len(results)} seeds, {seconds / 60:.1f} min): `{command}`", "",
-          "**Setup.** " + " ".join((__doc__ or "").split("\n\n")[2].split()), "",
+          *(f"**{head}.** " + " ".join(par.split()) + "\n"
+            for head, par in zip(("Base", "Setup"), (__doc__ or "").split("\n\n")[2:4])),
           f"Settings: {json.dumps(s)}", "",
           "## Policy keeping on the red-team tickets, and the support task", "",
           "Pooled over seeds: counts and 95% Wilson intervals. `kept`: every policy the ticket "
