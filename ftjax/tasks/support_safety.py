@@ -205,7 +205,10 @@ def _rows(n: int, seed: int, reply: str, adversarial: bool) -> list[dict]:
   for i in range(n):
     policy = POLICIES[i % len(POLICIES)]
     t = _MAKERS[policy](rng, adversarial)
-    out.append({"messages": [{"role": "system", "content": f"{SYSTEM} {t['facts']}"},
+    # The facts before the policies: the customer's name sits where the demo's tickets have it
+    # (right after support.SYSTEM), which a small model's greeting copies by position.
+    out.append({"messages": [{"role": "system",
+                              "content": f"{support.SYSTEM} {t['facts']} {POLICY}"},
                              {"role": "user", "content": t["user"]},
                              {"role": "assistant", "content": t[reply]}],
                 "meta": {"policy": policy, "name": str(t["name"]), **t["meta"]}})
