@@ -158,11 +158,12 @@ def test_smoke_study(smoke):
     k, n = counts["kept"]
     assert n == 8 and 0 <= k <= n, arm
     assert counts["kept_polite"][1] == 8 and counts["kept_privacy"][1] == 2
+    assert counts["plain_kept"][1] == 8 and "voice" not in counts  # smoke: no support eval
   assert r["verdict"] == "Inconclusive"  # one seed: no interval
   text = open(r["readme"]).read()
   assert se.CLAIM in text and "--smoke" in text
   for arm in se.ARMS:
-    assert f"| {arm} | " in text
+    assert text.count(f"| {arm} | ") == 2  # red team, plain framings
   saved = json.load(open(d / "out" / "results.json"))
   assert saved["seeds"][0]["arms"]["safe_sft"]["kept"] == res["arms"]["safe_sft"]["kept"]
   # The arms fine-tune the merged safe model: full FT has no adapter, LoRA a fresh one.

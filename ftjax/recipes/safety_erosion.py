@@ -66,12 +66,13 @@ def settings(smoke: bool = False, seeds: int = 3) -> dict:
   256: a policy ticket is ~260 of the demo tokenizer's tokens (the policy text is rare in its
   corpus). max_new_tokens 80: the safe replies reach 72."""
   s = dict(smoke=smoke, seeds=seeds, sft_steps=0, sft_rank=0, ft_steps=30, full_lr=1e-4,
-           lora_lr=2e-3, lora_rank=8, redteam=160, support_eval=48, max_new_tokens=80,
+           lora_lr=2e-3, lora_rank=8, redteam=160, plain=80, support_eval=48,
+           max_new_tokens=80,
            seq_len=384, rows=0)  # rows: the first of each data file only (0: all)
   if smoke:
     # Rank 4: the smoke's base may be a test's tiny model (a 16-wide k_proj).
     s.update(seeds=min(seeds, 1), sft_steps=2, sft_rank=4, ft_steps=2, lora_rank=4, redteam=8,
-             support_eval=0, max_new_tokens=8, rows=32)
+             plain=8, support_eval=0, max_new_tokens=8, rows=32)
   return s
 
 
@@ -146,24 +147,27 @@ def _read(path: str, n: int) -> list[dict]:
 
 
 def evaluate(run_dir: str, s: dict, paths: dict) -> dict:
-  """Red-team policy keeping and the support task's held-out metrics of the model in run_dir:
-  counts {metric: [k, n]}, and the first red-team replies ("samples"). Greedy replies only (as
+  """Policy keeping on the red-team tickets (and, `plain_<metric>`, on held-out tickets in the
+  training framings) and the support task's held-out metrics of the model in run_dir: counts
+  {metric: [k, n]}, and the first red-team replies ("samples"). Greedy replies only (as
   heldout.evaluate's generation metrics, without its loss pass, which the study never reads)."""
   model, params, tok = wd.load_trained(run_dir)[:3]
   out = {}
-  sets = [(paths["redteam"], s["redteam"], support_safety.score_reply,
-           support_safety.METRICS)]
+  sets = [(paths["redteam"], s["redteam"], support_safety.score_reply, "")]
+  if s["plain"]:
+    sets.append((paths["plain"], s["plain"], support_safety.score_reply, "plain_"))
   if s["support_eval"]:
     sets.append((os.path.join(support.DATA_DIR, "eval.jsonl"), s["support_eval"],
-                 support.score_reply, SUPPORT))
-  for path, n, score, keys in sets:
+                 support.score_reply, ""))
+  for path, n, score, prefix in sets:
     rows = _read(path, n)
     prompts = [evaluation.split_chat(r)[0] for r in rows]
     replies = evaluation.generate_replies(model, params, tok, prompts, s["max_new_tokens"],
                                           len(rows))
     m = evaluation.generation_metrics(replies, rows, score)
-    out.update({k: [m[f"{k}_k"], m[f"{k}_n"]] for k in keys if f"{k}_n" in m})
-    if score is support_safety.score_reply:
+    keys = support_safety.METRICS if score is support_safety.score_reply else SUPPORT
+    out.update({prefix + k: [m[f"{k}_k"], m[f"{k}_n"]] for k in keys if f"{k}_n" in m})
+    if path == paths["redteam"]:
       out["samples"] = [{"ticket": p[-1]["content"], "reply": r}
                         for p, r in zip(prompts[:4], replies[:4])]
   return out
@@ -234,15 +238,23 @@ def _cell(k: int, n: int) -> str:
   return f"{k}/{n} ({100 * p:.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%)"
 
 
-def tables(results: list[dict]) -> list[str]:
-  cols = list(support_safety.METRICS) + list(SUPPORT)
+def tables(results: list[dict], prefix: str = "", support_cols: bool = True) -> list[str]:
+  cols = [prefix + k for k in support_safety.METRICS] + (list(SUPPORT) if support_cols else [])
   lines = ["| arm | " + " | ".join(cols) + " | kept per seed |",
            "|---|" + "---|" * (len(cols) + 1)]
   for arm in ARMS:
-    per_seed = ", ".join(f"{_rate(r['arms'][arm]['kept']):.3f}" for r in results)
+    per_seed = ", ".join(f"{_rate(r['arms'][arm][prefix + 'kept']):.3f}" for r in results)
     lines.append(f"| {arm} | " + " | ".join(_cell(*pooled(results, arm, c)) for c in cols)
                  + f" | {per_seed} |")
   return lines
+
+
+def plain_table(results: list[dict]) -> list[str]:
+  """The table of the held-out tickets in the training framings, when the study measured them."""
+  if "plain_kept" not in results[0]["arms"]["safe_sft"]:
+    return []
+  return ["Held-out tickets in the training rows' plain framings (did the fine-tuned behaviour "
+          "take at all?):", "", *tables(results, "plain_", False), ""]
 
 
 def samples(result: dict, arms=("safe_sft", "harmful_full", "harmful_lora")) -> list[str]:
@@ -278,7 +290,7 @@ def write_outputs(out: str, s: dict, results: list[dict], seconds: float, comman
           "## Policy keeping on the red-team tickets, and the support task", "",
           "Pooled over seeds: counts and 95% Wilson intervals. `kept`: every policy the ticket "
           "tests kept; `voice`, `details`: the demo's held-out tickets.", "", *tables(results),
-          "", f"![kept]({os.path.basename(plot)})" if plot else "", "",
+          "", *plain_table(results), f"![kept]({os.path.basename(plot)})" if plot else "", "",
           "## Verdict", "", f"{word} at this scale. Paired by seed:", "", *parts, "",
           f"## Sample replies (seed {results[0]['seed']}, the first red-team tickets)", "",
           *samples(results[0]), ""]
