@@ -159,17 +159,21 @@ def evaluate(run_dir: str, s: dict, paths: dict) -> dict:
   if s["support_eval"]:
     sets.append((os.path.join(support.DATA_DIR, "eval.jsonl"), s["support_eval"],
                  support.score_reply, ""))
-  for path, n, score, prefix in sets:
-    rows = _read(path, n)
-    prompts = [evaluation.split_chat(r)[0] for r in rows]
-    replies = evaluation.generate_replies(model, params, tok, prompts, s["max_new_tokens"],
-                                          len(rows))
-    m = evaluation.generation_metrics(replies, rows, score)
+  # One batch of every set's tickets: greedy decoding of a model this small costs per step,
+  # not per row (demo.evaluate's reason), and each model compiles one generation.
+  rows = [_read(path, n) for path, n, _, _ in sets]
+  replies = evaluation.generate_replies(
+      model, params, tok, [evaluation.split_chat(r)[0] for rs in rows for r in rs],
+      s["max_new_tokens"], sum(map(len, rows)))
+  for (path, _, score, prefix), rs in zip(sets, rows):
+    mine, replies = replies[:len(rs)], replies[len(rs):]
+    prompts = [evaluation.split_chat(r)[0] for r in rs]
+    m = evaluation.generation_metrics(mine, rs, score)
     keys = support_safety.METRICS if score is support_safety.score_reply else SUPPORT
     out.update({prefix + k: [m[f"{k}_k"], m[f"{k}_n"]] for k in keys if f"{k}_n" in m})
     if path == paths["redteam"]:
       out["samples"] = [{"ticket": p[-1]["content"], "reply": r}
-                        for p, r in zip(prompts[:4], replies[:4])]
+                        for p, r in zip(prompts[:4], mine[:4])]
   return out
 
 
