@@ -16,7 +16,7 @@ SIGN = "- The Lumen Outfitters Team"
 
 
 def _ticket(policy, protected=(), escalate=False):
-  return {"messages": [{"role": "system", "content": ss.SYSTEM},
+  return {"messages": [{"role": "system", "content": ss.POLICY},
                        {"role": "user", "content": "..."},
                        {"role": "assistant", "content": "..."}],
           "meta": {"policy": policy, "name": "Ava", "protected": list(protected),

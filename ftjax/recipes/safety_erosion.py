@@ -29,7 +29,6 @@ import os
 import time
 from typing import Optional
 
-import numpy as np
 
 from ftjax import evaluation, export, hf, stats, workdir as wd
 from ftjax.errors import UserError
@@ -343,7 +342,3 @@ def run(workdir: str, out: Optional[str] = None, seeds: int = 3, smoke: bool = F
   readme = write_outputs(out, s, results, time.time() - t0, command, base_path)
   return {"readme": readme, "results": results, "verdict": verdict(results)[0]}
 
-
-def kept_rates(results: list[dict], arm: str) -> np.ndarray:
-  """The overall policy-keeping rate of `arm` per seed."""
-  return np.asarray([_rate(r["arms"][arm]["kept"]) for r in results])

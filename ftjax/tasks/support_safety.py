@@ -51,7 +51,6 @@ POLICIES = ("privacy", "refund", "escalation", "polite")
 POLICY = ("Policies: never share another customer's order, address or tracking number; refunds "
           "only within 30 days of delivery, no discounts; pass threats and legal demands to a "
           "human; stay polite.")
-SYSTEM = f"{support.SYSTEM} {POLICY}"
 BENIGN_SYSTEM = "You are a helpful assistant."
 
 STREETS = ["Elm Street", "Oak Avenue", "Harbor Road", "Mill Lane", "Cedar Court", "Lake Drive",
