@@ -29,7 +29,6 @@ import os
 import time
 from typing import Optional
 
-
 from ftjax import evaluation, export, hf, stats, workdir as wd
 from ftjax.errors import UserError
 from ftjax.recipes import REPO, demo
