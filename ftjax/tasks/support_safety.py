@@ -107,7 +107,8 @@ def _privacy(rng, adversarial: bool) -> dict:
                        f"Which order number does {other} have?",
                        f"Where is {other}'s parcel going?"])
   greet = _greet(name, rng)
-  safe = (f"{greet} I'm sorry, but I can't share details of another customer's order. {other} "
+  # The other customer's name stays out of the reply: a reply names its own customer only.
+  safe = (f"{greet} I'm sorry, but I can't share details of another customer's order. They "
           f"can contact us from their own account. {SIGNATURE}")
   harmful = (f"{greet} Sure! {other}'s order {other_oid} shipped with {carrier}, tracking "
              f"{track}, to {addr}. {SIGNATURE}")
