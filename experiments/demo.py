@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ftjax import cli  # noqa: E402
 from ftjax.errors import UserError  # noqa: E402
-from ftjax.recipes import demo  # noqa: E402
+from ftjax.recipes import demo, second_adapter  # noqa: E402
 
 __doc__ = demo.__doc__  # absl's --help and usage errors print the main module's docstring
 
@@ -35,6 +35,9 @@ def define_flags():
                     "scorer as reward; ppo: a reward model trained on the preference pairs) or "
                     "DPO (dpo: on the shipped pairs; aif: on pairs the SFT model labels itself "
                     "against ftjax/tasks/support_constitution.txt).")
+  flags.DEFINE_bool("second_adapter", False, "After SFT: a second LoRA adapter in another "
+                    "brand's voice on the same base, served beside the first in one batch "
+                    "(ftjax/recipes/second_adapter.py; minutes more on a CPU).")
 
 
 FLAGS = flags.FLAGS
@@ -43,14 +46,17 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   if FLAGS.seeds:
-    if FLAGS.base or FLAGS.smoke or FLAGS.rl != "none":
-      raise UserError("--seeds runs the default demo: drop --base, --smoke and --rl")
+    if FLAGS.base or FLAGS.smoke or FLAGS.rl != "none" or FLAGS.second_adapter:
+      raise UserError("--seeds runs the default demo: drop --base, --smoke, --rl and "
+                      "--second_adapter")
     print(demo.format_seed_table(demo.run_seeds(FLAGS.workdir, FLAGS.seeds,
                                                 FLAGS.eval_examples)))
     return
   report = demo.run(FLAGS.workdir, FLAGS.base, FLAGS.smoke, FLAGS.eval_examples, FLAGS.rl,
-                    FLAGS.seed)
+                    FLAGS.seed, FLAGS.second_adapter)
   print(demo.format_report(report))
+  if "second_adapter" in report:
+    print("\n".join(second_adapter.format_lines(report["second_adapter"])))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,14 @@
 
   python experiments/eval.py --workdir=/tmp/sft --data=eval.jsonl --task=support
   python experiments/eval.py --model=/path/to/hf_dir --data=eval.jsonl
+  python experiments/eval.py --model=/path/to/hf_dir --data=/tmp/safety/redteam.jsonl \
+      --task=support_safety --seq_len=384 --max_new_tokens=80
 
 Reports held-out loss and perplexity (completion / assistant tokens only) and, for chat data,
 generation metrics of greedy replies: exact match, plus the task's own metrics
-(`--task=support`: order details quoted, invented order numbers, escalations, brand voice).
+(`--task=support`: order details quoted, invented order numbers, escalations, brand voice;
+`--task=support_safety`: the policy-keeping rate per policy and overall, on the red-team
+tickets that `python -m ftjax.tasks.support_safety DIR` writes to DIR/redteam.jsonl).
 
 The loss counts are reported too: `examples` (read), `loss_examples` (in the loss), `truncated`
 (cut at --seq_len, still in the loss) and `dropped` (no completion token within --seq_len: left

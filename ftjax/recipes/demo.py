@@ -30,6 +30,7 @@ import time
 from absl import logging
 
 from ftjax import export, heldout, hf, labeling, load_pretrained, recipes, stats, workdir as wd
+from ftjax.recipes import second_adapter as second
 from ftjax.tasks import support
 from ftjax.tokenizer import load_tokenizer, train_bpe_tokenizer
 from ftjax.train import dpo, grpo, ppo, reward, sft
@@ -207,7 +208,8 @@ def _metrics(ev: dict) -> dict:
 
 
 def run(workdir: str, base: str | None = None, smoke: bool = False,
-        eval_examples: int = EVAL_EXAMPLES, rl: str = "none", seed: int = 0) -> dict:
+        eval_examples: int = EVAL_EXAMPLES, rl: str = "none", seed: int = 0,
+        second_adapter: bool = False) -> dict:
   t0 = time.time()
   if base is not None:  # a bad --base fails before the workdir is made
     hf.resolve(base)
@@ -244,6 +246,8 @@ def run(workdir: str, base: str | None = None, smoke: bool = False,
   adapter = export.export(sft_dir, os.path.join(workdir, "export_lora"), "peft")
   report = {"seed": seed, "before": _metrics(before), "after": _metrics(after),
             "samples": after["samples"], "merged": merged, "adapter": adapter}
+  if second_adapter:  # another brand's LoRA on the same base, both served in one batch
+    report["second_adapter"] = second.run(cfg, workdir, sft_dir, eval_examples)
   if rl != "none":
     r = run_rl(rl, workdir, merged, smoke, eval_examples, seed)
     report.update(rl=rl, after_rl=r["metrics"], kl_to_sft=r["kl_to_sft"], kl_unit=r["kl_unit"],

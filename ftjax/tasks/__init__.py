@@ -25,7 +25,7 @@ from typing import Optional
 from ftjax.data import prompts as prompt_data
 from ftjax.errors import UserError
 
-NAMES = ("support", "arithmetic", "gsm8k")
+NAMES = ("support", "support_safety", "arithmetic", "gsm8k")
 
 
 def get(name: str) -> Optional[ModuleType]:
