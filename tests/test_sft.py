@@ -115,7 +115,9 @@ INTERRUPTIONS = ((signal.SIGKILL, 0.0), (signal.SIGKILL, 0.3), (signal.SIGTERM, 
 def test_interrupted_run_resumes_exactly(base_dir, chat_files, tmp_path):
   """Kill (or preempt) the same command at several moments; the end result is bitwise equal."""
   train, ev = chat_files
-  steps, save_every = 60, 5
+  # 4 interruptions, each after a new checkpoint, reach step ~16 (+ the few steps a delay lets
+  # run): 30 steps leave the last run's resume and 10+ steps after it.
+  steps, save_every = 30, 4
   args = _args(base_dir, train, ev, steps, save_every)
   straight = str(tmp_path / "straight")
   sft.run(make_config(base_dir, train, ev, steps=steps, save_every=save_every,
