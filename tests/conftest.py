@@ -158,6 +158,19 @@ def pref_files(tmp_path_factory):
   return train, ev
 
 
+@pytest.fixture(scope="session")
+def sft_lora_run(base_dir, chat_files, tmp_path_factory):
+  """(workdir, its result) of test_sft's 4-step LoRA run, evaluated and saved at steps 2 and 4:
+  trained once per session (per xdist worker), read (not written) by the tests that check its
+  files and exports (test_sft, test_model_card)."""
+  from ftjax.train import sft
+  from tests.test_sft import make_config
+  train, ev = chat_files
+  w = str(tmp_path_factory.mktemp("sft_lora") / "run")
+  out = sft.run(make_config(base_dir, train, ev, steps=4, eval_every=2, save_every=2), w)
+  return w, out
+
+
 # The files with the longest tests (a CI run's --durations), heaviest first. Under `-n 2` the
 # workers take tests from the front of this order one at a time, so the long ones start early
 # and the short ones fill the end: the longest-first schedule, instead of a worker finishing a
