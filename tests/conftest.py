@@ -158,16 +158,29 @@ def pref_files(tmp_path_factory):
   return train, ev
 
 
+@pytest.fixture(scope="session")
+def sft_lora_run(base_dir, chat_files, tmp_path_factory):
+  """(workdir, its result) of test_sft's 4-step LoRA run, evaluated and saved at steps 2 and 4:
+  trained once per session (per xdist worker), read (not written) by the tests that check its
+  files and exports (test_sft, test_model_card)."""
+  from ftjax.train import sft
+  from tests.test_sft import make_config
+  train, ev = chat_files
+  w = str(tmp_path_factory.mktemp("sft_lora") / "run")
+  out = sft.run(make_config(base_dir, train, ev, steps=4, eval_every=2, save_every=2), w)
+  return w, out
+
+
 # The files with the longest tests (a CI run's --durations), heaviest first. Under `-n 2` the
 # workers take tests from the front of this order one at a time, so the long ones start early
 # and the short ones fill the end: the longest-first schedule, instead of a worker finishing a
 # 150-s test alone. A file's tests stay together, so its module fixtures are built once per
 # worker. Files not named keep their collection order after these.
-SLOW_FILES = ("test_sft", "test_sweep", "test_sharding", "test_ppo", "test_grpo",
-              "test_beta_study", "test_demo", "test_bench", "test_repro", "test_workdir_safety",
-              "test_preference", "test_provenance", "test_demo_rl", "test_export_guards",
-              "test_grpo_sharding", "test_validation", "test_lora", "test_rollout", "test_quant",
-              "test_cli", "test_generate_cli", "test_grpo_tasks", "test_prm", "test_multi_adapter",
+SLOW_FILES = ("test_repro", "test_demo", "test_sft", "test_sharding", "test_sweep", "test_ppo",
+              "test_beta_study", "test_grpo", "test_bench", "test_preference", "test_demo_rl",
+              "test_workdir_safety", "test_provenance", "test_grpo_sharding", "test_validation",
+              "test_export_guards", "test_lora", "test_rollout", "test_quant", "test_cli",
+              "test_generate_cli", "test_grpo_tasks", "test_prm", "test_multi_adapter",
               "test_label")
 
 

@@ -11,20 +11,21 @@ import subprocess
 
 import pytest
 
+from ftjax import export
 from ftjax.errors import UserError
+from ftjax.train import sft
 from tests.test_cli import ENV, _error_lines, _script
-from tests.test_sft import _args, _cmd
+from tests.test_sft import make_config
 
 
 @pytest.fixture(scope="module")
 def trained(base_dir, chat_files, tmp_path_factory):
   """A 2-step LoRA SFT workdir without eval data (so it never evaluated), nested one level down
-  (its parent holds nothing else)."""
+  (its parent holds nothing else). Trained in-process: export.py is what runs as a script."""
   train, ev = chat_files
   w = str(tmp_path_factory.mktemp("export_guards") / "runs" / "w")
-  args = [a for a in _args(base_dir, train, ev, 2, 1) if "eval_path" not in a]
-  res = subprocess.run(_cmd(args, w), capture_output=True, text=True, timeout=600, env=ENV)
-  assert res.returncode == 0, res.stderr[-3000:]
+  config = make_config(base_dir, train, "", steps=2, save_every=1, eval_every=1000, log_every=1)
+  sft.run(config, w)
   return w
 
 
@@ -74,24 +75,27 @@ def test_export_refuses_base_workdir_checkpoints_and_user_dirs(trained, base_dir
   link = tmp_path / "link_to_base"
   link.symlink_to(base_dir)
   before["user"] = _tree(str(user))
-  # name -> (command, what the one error line must name)
+  # name -> (export.py's flags after --workdir, what the one error line must name)
   cases = {
-      "base": (_export(w, base_dir), [base_dir, "base model"]),
-      "base_symlink": (_export(w, link), [str(link), "base model"]),
-      "inside_base": (_export(w, os.path.join(base_dir, "sub")), ["inside", "base model"]),
-      "workdir": (_export(w, w), [w, "workdir"]),
-      "holds_workdir": (_export(w, runs, "--overwrite"), [runs, "contains", w]),
-      "checkpoint": (_export(w, os.path.join(w, "checkpoints", "2")), ["checkpoint"]),
-      "in_checkpoints": (_export(w, os.path.join(w, "checkpoints", "hf")), ["checkpoint"]),
-      "other_workdir": (_export(w, other, "--overwrite"), [str(other), "workdir"]),
-      "holds_checkpoint": (_export(w, holds_ckpt, "--overwrite"),
-                           [str(holds_ckpt), "checkpoint"]),
-      "user_dir": (_export(w, user), [str(user), "not an earlier ftjax export", "--overwrite"]),
-      "best_without_eval": (_export(w, tmp_path / "best", "--step=best"),
+      "base": ((base_dir,), [base_dir, "base model"]),
+      "base_symlink": ((link,), [str(link), "base model"]),
+      "inside_base": ((os.path.join(base_dir, "sub"),), ["inside", "base model"]),
+      "workdir": ((w,), [w, "workdir"]),
+      "holds_workdir": ((runs, "--overwrite"), [runs, "contains", w]),
+      "checkpoint": ((os.path.join(w, "checkpoints", "2"),), ["checkpoint"]),
+      "in_checkpoints": ((os.path.join(w, "checkpoints", "hf"),), ["checkpoint"]),
+      "other_workdir": ((other, "--overwrite"), [str(other), "workdir"]),
+      "holds_checkpoint": ((holds_ckpt, "--overwrite"), [str(holds_ckpt), "checkpoint"]),
+      "user_dir": ((user,), [str(user), "not an earlier ftjax export", "--overwrite"]),
+      "best_without_eval": ((tmp_path / "best", "--step=best"),
                             ["--step=best", "eval_loss", "--step=N"]),
-      "file": (_export(w, os.path.join(w, "config.json")), ["not a directory"]),
+      "file": ((os.path.join(w, "config.json"),), ["not a directory"]),
   }
-  results = _run_all({name: cmd for name, (cmd, _) in cases.items()})
+  # Through the script (exit 1, the one line cli.run prints, no traceback): a path guard and
+  # the --step guard. The others call what export.py's main calls with the same arguments;
+  # cli.run prints a UserError's text as that line.
+  by_cli = ("base_symlink", "best_without_eval")
+  results = _run_all({name: _export(w, *cases[name][0]) for name in by_cli})
   for name, (rc, err) in results.items():
     assert rc == 1, (name, err[-3000:])
     assert "Traceback" not in err, (name, err[-3000:])
@@ -99,6 +103,17 @@ def test_export_refuses_base_workdir_checkpoints_and_user_dirs(trained, base_dir
     assert len(lines) == 1, (name, err[-3000:])
     for needle in cases[name][1]:
       assert needle in lines[0], (name, lines[0])
+  for name, (args, needles) in cases.items():
+    if name in by_cli:
+      continue
+    out, flags = str(args[0]), args[1:]
+    with pytest.raises(UserError) as e:
+      export.export(w, out, "merged", "best" if "--step=best" in flags else None, None,
+                    "--overwrite" in flags)
+    line = str(e.value)
+    assert "\n" not in line, (name, line)
+    for needle in needles:
+      assert needle in line, (name, line)
   assert not os.path.exists(tmp_path / "best")
   assert _tree(base_dir) == before["base"]  # byte for byte
   assert _tree(w) == before["w"]  # config.json, run.json, checkpoints
@@ -115,10 +130,11 @@ def test_export_replaces_an_earlier_export_and_a_user_dir_only_with_overwrite(tr
   user.mkdir()
   (user / "config.json").write_text('{"mine": true}')
   (user / "notes.txt").write_text("keep me")
-  results = _run_all({"first": _export(w, out, "--step=1"),
-                      "overwrite": _export(w, user, "--overwrite")})
-  for name, (rc, err) in results.items():
-    assert rc == 0, (name, err[-3000:])
+  # The script once (the user's dir, --overwrite); the rest is export.py's main's one call.
+  res = subprocess.run(_export(w, user, "--overwrite"), capture_output=True, text=True,
+                       timeout=300, env=ENV)
+  assert res.returncode == 0, res.stderr[-3000:]
+  export.export(w, str(out), "merged", "1")
   marker = json.load(open(out / "ftjax_export.json"))
   assert marker["step"] == 1 and marker["format"] == "merged"
   assert os.path.realpath(marker["workdir"]) == os.path.realpath(w)
@@ -127,9 +143,7 @@ def test_export_replaces_an_earlier_export_and_a_user_dir_only_with_overwrite(tr
   assert (user / "notes.txt").read_text() == "keep me"
   assert os.path.exists(user / "ftjax_export.json")
   # An earlier export is replaced without --overwrite (a PEFT adapter over the merged model).
-  res = subprocess.run(_export(w, out, "--format=peft"), capture_output=True, text=True,
-                       timeout=300, env=ENV)
-  assert res.returncode == 0, res.stderr[-3000:]
+  export.export(w, str(out), "peft")
   names = set(os.listdir(out))
   assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= names
   assert "config.json" not in names and "model.safetensors" not in names

@@ -255,7 +255,7 @@ def _latest(workdir):
 
 
 def test_killed_run_resumes_exactly(tmp_path):
-  steps = 12  # enough for a kill after the first save and several steps after it
+  steps = 6  # a kill right after the first save (step 2), and 4 steps after it
   args = OVERRIDES + [f"--config.train.steps={steps}", "--config.train.save_every=2"]
   straight = str(tmp_path / "straight")
   c = _config(steps=steps, save_every=2)

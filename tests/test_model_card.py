@@ -16,16 +16,12 @@ from configs import reward as reward_config
 from configs import sft as sft_config
 from ftjax import export, model_card
 from ftjax.tasks import support
-from ftjax.train import reward, sft
-from tests.test_sft import make_config
+from ftjax.train import reward
 
 
 @pytest.fixture(scope="module")
-def sft_run(base_dir, chat_files, tmp_path_factory):
-  train, ev = chat_files
-  w = str(tmp_path_factory.mktemp("card") / "sft_run")
-  sft.run(make_config(base_dir, train, ev, steps=4, eval_every=2, save_every=2), w)
-  return w
+def sft_run(sft_lora_run):
+  return sft_lora_run[0]  # conftest's session run (test_sft checks its exports' logits)
 
 
 def _last_eval(workdir):

@@ -33,22 +33,21 @@ def make_config(base_dir, train, ev, **train_kw):
   return c
 
 
-def test_sft_lora_end_to_end_and_exports(base_dir, chat_files, tmp_path):
+def test_sft_lora_end_to_end_and_exports(sft_lora_run, base_dir, chat_files, tmp_path):
   train, ev = chat_files
-  config = make_config(base_dir, train, ev, steps=6, eval_every=3, save_every=3)
-  out = sft.run(config, str(tmp_path / "run"))
-  assert out["step"] == 6 and np.isfinite(out["loss"]) and np.isfinite(out["eval_loss"])
-  rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  run, out = sft_lora_run
+  assert out["step"] == 4 and np.isfinite(out["loss"]) and np.isfinite(out["eval_loss"])
+  rows = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
   assert {"loss", "lr", "grad_norm", "param_norm", "update_norm"} <= set(rows[0])
   assert any("eval_loss" in r for r in rows)
-  assert os.listdir(tmp_path / "run" / "tensorboard")
-  assert json.load(open(tmp_path / "run" / "config.json"))["adapter"]["kind"] == "lora"
+  assert os.listdir(os.path.join(run, "tensorboard"))
+  assert json.load(open(os.path.join(run, "config.json")))["adapter"]["kind"] == "lora"
 
-  model, params, tok, _ = wd.load_trained(str(tmp_path / "run"))
+  model, params, tok, _ = wd.load_trained(run)
   tokens = np.random.default_rng(0).integers(6, 320, (2, 10))
   ours = np.asarray(model.apply({"params": params}, tokens))
   # Merged HF export: transformers gives the same logits.
-  merged = export.export(str(tmp_path / "run"), str(tmp_path / "merged"), "merged")
+  merged = export.export(run, str(tmp_path / "merged"), "merged")
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
   with torch.no_grad():
     ref = hf_model(torch.tensor(tokens)).logits.numpy()
@@ -56,13 +55,13 @@ def test_sft_lora_end_to_end_and_exports(base_dir, chat_files, tmp_path):
   assert os.path.exists(os.path.join(merged, "tokenizer.json"))
   # PEFT export on the original base: same logits.
   import peft
-  adapter = export.export(str(tmp_path / "run"), str(tmp_path / "lora"), "peft")
+  adapter = export.export(run, str(tmp_path / "lora"), "peft")
   pm = peft.PeftModel.from_pretrained(
       transformers.AutoModelForCausalLM.from_pretrained(base_dir), adapter).eval()
   with torch.no_grad():
     np.testing.assert_allclose(pm(torch.tensor(tokens)).logits.numpy(), ours, atol=1e-4)
   # eval.py on the workdir and on the merged export agree on the loss.
-  m1 = heldout.evaluate(ev, workdir=str(tmp_path / "run"), task="support", seq_len=352,
+  m1 = heldout.evaluate(ev, workdir=run, task="support", seq_len=352,
                     batch_size=4, max_new_tokens=8)
   m2 = heldout.evaluate(ev, model_path=merged, seq_len=352, batch_size=4, max_new_tokens=8)
   assert abs(m1["eval_loss"] - m2["eval_loss"]) < 1e-4
@@ -115,7 +114,9 @@ INTERRUPTIONS = ((signal.SIGKILL, 0.0), (signal.SIGKILL, 0.3), (signal.SIGTERM, 
 def test_interrupted_run_resumes_exactly(base_dir, chat_files, tmp_path):
   """Kill (or preempt) the same command at several moments; the end result is bitwise equal."""
   train, ev = chat_files
-  steps, save_every = 60, 5
+  # 4 interruptions, each after a new checkpoint, reach step ~16 (+ the few steps a delay lets
+  # run): 30 steps leave the last run's resume and 10+ steps after it.
+  steps, save_every = 30, 4
   args = _args(base_dir, train, ev, steps, save_every)
   straight = str(tmp_path / "straight")
   sft.run(make_config(base_dir, train, ev, steps=steps, save_every=save_every,

@@ -77,7 +77,11 @@ def test_checkpoint_restores_on_another_mesh(base_dir, tmp_path):
       return jax.jit(lambda t: common.init_state(t, tx, 0))(tr)
 
   state8 = placed("fsdp=4,tensor=2", jax.devices())
-  state8["params"] = jax.tree_util.tree_map(lambda x: x * 1.5 + 0.25, state8["params"])
+  # One program for the whole tree (eagerly, each leaf's two ops compile on its own sharding).
+  state8["params"] = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x * 1.5 + 0.25, p),
+                             out_shardings=jax.tree_util.tree_map(lambda x: x.sharding,
+                                                                  state8["params"]))(
+                                                                      state8["params"])
   ck = checkpoint.Checkpointer(str(tmp_path / "w"), async_save=False)
   ck.save(1, state8)
   for spec, devices in (("data=4", jax.devices()[:4]), ("data=1", jax.devices()[:1]),

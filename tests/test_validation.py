@@ -17,7 +17,7 @@ import pytest
 from configs import dpo as dpo_config, grpo as grpo_config, ppo as ppo_config
 from configs import reward as reward_config, sft as sft_config
 from ftjax.errors import UserError
-from ftjax.train import common
+from ftjax.train import common, sft
 from tests.test_sft import _cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,12 +141,6 @@ def test_bad_keys_messages_and_identical_pairs_from_the_cli(base_dir, tmp_path):
       "lr": (_dpo(w("lr"), base_dir, pairs, "--config.optim.lr=0"), ["config.optim.lr=0.0", "> 0"]),
       "max_new_tokens": (_script("generate.py", f"--model={base_dir}", "--prompt=hi",
                                  "--max_new_tokens=0"), ["max_new_tokens"]),
-      "pc_rows": (_sft(w("pc_rows"), base_dir, pc), [
-          "pc.jsonl: row 1", "field 'messages' is missing", "'prompt' and 'completion'",
-          "--config.data.format=prompt_completion"]),
-      "empty_dir": (_sft(w("empty_dir"), str(empty), chat), [str(empty), "empty"]),
-      "corrupt_config": (_sft(w("corrupt_config"), str(corrupt), chat),
-                         [str(corrupt / "config.json"), "invalid JSON"]),
       "all_identical": (_dpo(w("all_identical"), base_dir, pairs,
                              "--config.data.max_prompt_length=64"),
                         ["long.jsonl", f"all {len(rows)} preference pairs", "identical",
@@ -165,6 +159,27 @@ def test_bad_keys_messages_and_identical_pairs_from_the_cli(base_dir, tmp_path):
     for needle in refused[name][1]:
       assert needle in lines[0], (name, lines[0])
     assert "cannot load a tokenizer" not in lines[0], (name, lines[0])
+    assert not os.path.exists(w(name)), (name, os.listdir(w(name)))
+  # What sft.py refuses in the library (its data and model loading): sft.run with the config
+  # _sft's flags give; the UserError's text is the one line cli.run prints.
+  in_process = {
+      "pc_rows": ((base_dir, pc), [
+          "pc.jsonl: row 1", "field 'messages' is missing", "'prompt' and 'completion'",
+          "--config.data.format=prompt_completion"]),
+      "empty_dir": ((str(empty), chat), [str(empty), "empty"]),
+      "corrupt_config": ((str(corrupt), chat), [str(corrupt / "config.json"), "invalid JSON"]),
+  }
+  for name, ((model_dir, data), needles) in in_process.items():
+    c = sft_config.get_config("adapter=lora,smoke")
+    c.model.hf_path, c.data.path = model_dir, data
+    c.train.update(seq_len=64, steps=2)
+    with pytest.raises(UserError) as e:
+      sft.run(c, w(name))
+    line = str(e.value)
+    assert "\n" not in line, (name, line)
+    for needle in needles:
+      assert needle in line, (name, line)
+    assert "cannot load a tokenizer" not in line, (name, line)
     assert not os.path.exists(w(name)), (name, os.listdir(w(name)))
   # Some pairs identical: a warning with the count; the others train (non-zero gradients).
   assert trained.returncode == 0, trained.stderr[-3000:]

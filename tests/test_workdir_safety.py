@@ -158,13 +158,16 @@ def test_refused_runs_write_nothing(trained, base_dir, tmp_path, monkeypatch):
   ftjax.save_pretrained(model, params, other)
   w_base = _copy(w0, tmp_path, "w_base")
   before = _snapshot(w_base)
-  args = [a for a in _args(base_dir, train, ev, 6, 2) if "hf_path" not in a]
-  procs = {"base": _popen(_cmd(args + [f"--config.model.hf_path={other}",
-                                       "--config.allow_drift=True"], w_base))}
+  # In-process (the one line cli.run prints is the UserError's text); the scripts run below.
+  config = _config(other, train, ev, 6)
+  config.allow_drift = True
+  with pytest.raises(UserError) as e:
+    sft.run(config, w_base)
+  lines = {"base": str(e.value)}
   # A workdir that is a file.
   a_file = tmp_path / "a_file"
   a_file.write_text("mine\n")
-  procs["file"] = _popen(_cmd(_args(base_dir, train, ev, 2, 2), str(a_file)))
+  procs = {"file": _popen(_cmd(_args(base_dir, train, ev, 2, 2), str(a_file)))}
   # GRPO: a reward column missing from the data is found by a dry run, before any write.
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text("".join(json.dumps({"prompt": f"{i}+1="}) + "\n" for i in range(4)))
@@ -173,7 +176,8 @@ def test_refused_runs_write_nothing(trained, base_dir, tmp_path, monkeypatch):
                                                                        "grpo.py"),
                                  f"--workdir={w_grpo}", "--config.model.tokenizer=x",
                                  f"--config.data.path={prompts}"))
-  lines = {name: _one_error(p) for name, p in procs.items()}
+  lines.update({name: _one_error(p) for name, p in procs.items()})
+  assert "\n" not in lines["base"]
   assert "changed" in lines["base"] and other in lines["base"], lines["base"]
   assert _snapshot(w_base) == before
   assert f"--workdir={a_file}" in lines["file"] and "is a file" in lines["file"], lines["file"]
@@ -192,7 +196,10 @@ def test_refused_runs_write_nothing(trained, base_dir, tmp_path, monkeypatch):
     rows = saved.splitlines()
     with open(train, "w") as f:
       f.write("\n".join(rows[1:] + rows[:1]) + "\n")
-    line = _one_error(_popen(_cmd(_args(base_dir, train, ev, 6, 2), w_data)))
+    with pytest.raises(UserError) as e:
+      sft.run(_config(base_dir, train, ev, 6), w_data)
+    line = str(e.value)
+    assert "\n" not in line
   finally:
     with open(train, "w") as f:
       f.write(saved)
@@ -225,7 +232,9 @@ def test_full_disk_during_a_save_is_one_line_and_resumable(base_dir, tmp_path, m
   w = str(tmp_path / "w")
   with caplog.at_level(logging.ERROR):
     with pytest.raises(UserError) as e:
-      sft.run(_config(base_dir, train, ev, 6), w)
+      # 4 steps: the save at step 4 is the run's last, and the schedule (so the compiled
+      # step) is the `trained` fixture's.
+      sft.run(_config(base_dir, train, ev, 4), w)
   msg = str(e.value)
   assert "\n" not in msg and os.path.join(w, "checkpoints") in msg, msg
   assert "cannot save step 4 (No space left on device)" in msg and "step 2, is kept" in msg, msg
@@ -233,8 +242,8 @@ def test_full_disk_during_a_save_is_one_line_and_resumable(base_dir, tmp_path, m
   with checkpoint.Checkpointer(w, async_save=False) as ckpt:
     assert ckpt.all_steps() == [2]
   monkeypatch.setattr(jh.JsonCheckpointHandler, "_save_fn", save_fn)  # space freed
-  out = sft.run(_config(base_dir, train, ev, 6), w)
-  assert out["step"] == 6
+  out = sft.run(_config(base_dir, train, ev, 4), w)
+  assert out["step"] == 4
 
 
 _HOST = """
