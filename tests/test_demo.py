@@ -132,8 +132,9 @@ def test_shipped_base_loads_in_transformers_with_its_tokenizer():
   from ftjax import load_pretrained
   from ftjax.tokenizer import load_tokenizer
   tok = load_tokenizer(demo.BASE_DIR)
-  ids = tok.apply_chat_template(support.prompt_messages(support.make_tickets(1, 9)[0]),
-                                add_generation_prompt=True)
+  text = tok.apply_chat_template(support.prompt_messages(support.make_tickets(1, 9)[0]),
+                                 add_generation_prompt=True, tokenize=False)
+  ids = tok(text, add_special_tokens=False)["input_ids"]
   ref = T.AutoModelForCausalLM.from_pretrained(demo.BASE_DIR).eval()
   with torch.no_grad():
     want = ref(torch.tensor([ids])).logits.numpy()
