@@ -4,7 +4,9 @@
   python experiments/sft.py --config=configs/demo.py:stage=sft --workdir=/tmp/support \
       --config.model.hf_path=/path/to/any/hf_model              # a real base, same config
 
-stage=pretrain: a small `demo` decoder trained from scratch on retail text (format text).
+stage=pretrain: a small `demo` decoder trained from scratch on retail text (format text); the
+  demo's --pretrain trains it on its generated corpus (ftjax/tasks/support.py make_base_corpus),
+  which made the shipped base ftjax/demo/base.
 stage=sft: LoRA SFT on the support tickets (chat format, assistant turns only in the loss).
 Arg keys: stage=pretrain|sft, smoke (shrink the step counts for CI). Print the resolved
 config with --print_config.
@@ -34,8 +36,11 @@ def get_config(arg=None):
     # have seen at the start of a sequence (and the shipped measurements were made so).
     c.data.add_bos = True
     c.optim.update(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.01)
-    c.train.update(steps=12 if smoke else 1200, batch_size=16, seq_len=128, log_every=10,
-                   eval_every=100000, save_every=400, keep=1)
+    # 3000 steps: about one pass over the demo's generated corpus (`support.make_base_corpus`,
+    # which `experiments/demo.py --pretrain` writes and puts in data.path); pretrain.jsonl, the
+    # path here, is its small shipped sample (4000 documents: 3000 steps would see each 40 times).
+    c.train.update(steps=12 if smoke else 3000, batch_size=16, seq_len=128, log_every=10,
+                   eval_every=100000, save_every=500, keep=1)
   else:
     c = common.base(dict(adapter="lora", format="chat", model="demo"))
     c.data.path = os.path.join(DATA, "train.jsonl")

@@ -25,7 +25,7 @@ def define_flags():
   flags.DEFINE_string("out", None, "README, results.json and kept.png "
                       "(default docs/reproductions/safety_erosion).")
   flags.DEFINE_string("base", None, "A demo workdir (its base_hf) or an HF model directory; "
-                      "default: run the demo in WORKDIR/demo and use its base.")
+                      "default: the demo's shipped base, ftjax/demo/base.")
   flags.DEFINE_integer("seeds", 3, "Seeds (each: the safe SFT model and six arms).")
   flags.DEFINE_bool("smoke", False, "A few steps and tickets: the pipeline only.")
 

@@ -249,10 +249,17 @@ def _cpu_array_handler():
     return
   from orbax.checkpoint import type_handlers
   from orbax.checkpoint._src.metadata import array_metadata_store
-  # As orbax's default jax.Array handler, with its metadata store (PRNG key dtypes live there).
-  type_handlers.register_type_handler(
-      jax.Array, type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
-                                            use_replica_parallel=False), override=True)
+  from absl import logging as absl_logging
+  # As orbax's default jax.Array handler, with its metadata store (PRNG key dtypes live there);
+  # orbax's "overriding jax.Array" warning is this, on purpose: not a line for every run's log.
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    type_handlers.register_type_handler(
+        jax.Array, type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
+                                              use_replica_parallel=False), override=True)
+  finally:
+    absl_logging.set_verbosity(verbosity)
   _HANDLERS_SET = True
 
 

@@ -176,12 +176,13 @@ def sft_lora_run(base_dir, chat_files, tmp_path_factory):
 # and the short ones fill the end: the longest-first schedule, instead of a worker finishing a
 # 150-s test alone. A file's tests stay together, so its module fixtures are built once per
 # worker. Files not named keep their collection order after these.
-SLOW_FILES = ("test_repro", "test_demo", "test_sft", "test_sharding", "test_sweep", "test_ppo",
-              "test_beta_study", "test_grpo", "test_bench", "test_preference", "test_demo_rl",
+SLOW_FILES = ("test_repro", "test_demo", "test_safety_erosion", "test_sft", "test_sharding",
+              "test_sweep", "test_ppo", "test_beta_study", "test_grpo", "test_bench",
+              "test_preference", "test_demo_rl",
               "test_workdir_safety", "test_provenance", "test_grpo_sharding", "test_validation",
               "test_export_guards", "test_lora", "test_rollout", "test_quant", "test_cli",
               "test_generate_cli", "test_grpo_tasks", "test_prm", "test_multi_adapter",
-              "test_label")
+              "test_label", "test_second_adapter")
 
 
 def pytest_collection_modifyitems(config, items):

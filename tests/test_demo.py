@@ -40,7 +40,11 @@ def test_shipped_data_is_what_the_generator_makes(tmp_path):
 
 
 def test_demo_smoke_end_to_end(tmp_path):
-  report = demo.run(str(tmp_path / "demo"), smoke=True, eval_examples=8)
+  """The smoke with --pretrain: tokenizer, pretraining on the generated corpus, export, SFT,
+  evals (CI's .ci/run runs the default smoke, from the shipped base)."""
+  report = demo.run(str(tmp_path / "demo"), smoke=True, eval_examples=8, pretrain=True)
+  assert report["pretrain_s"] > 0
+  assert os.path.exists(tmp_path / "demo" / "base_corpus.jsonl")
   for stage in ("before", "after"):
     names = {k for k, _, _ in demo.METRICS}
     rates = names - {"eval_loss"}  # each rate comes with its counts, for its interval
@@ -79,8 +83,9 @@ def test_seed_reaches_every_stage(tmp_path, monkeypatch):
   monkeypatch.setattr(demo, "load_tokenizer", lambda path: None)
   monkeypatch.setattr(demo.wd, "load_trained", lambda path: (None, None, None, None))
   monkeypatch.setattr(demo, "evaluate", lambda loaded, n: fake)
+  monkeypatch.setitem(support.BASE_CORPUS, "n", 10)
   for rl in ("grpo", "ppo"):
-    demo.run(str(tmp_path / rl), rl=rl, seed=7)
+    demo.run(str(tmp_path / rl), rl=rl, seed=7, pretrain=True)
   stages = [name for name, _ in seen]
   assert stages == ["sft", "sft", "grpo", "sft", "sft", "reward", "ppo"], stages
   for name, cfg in seen:
@@ -105,3 +110,41 @@ def test_seed_table_flags_a_seed_that_misses_a_claim():
   assert "1/2 seeds meet the claims" in table
   assert "| 1 | 90/100" in table and "| NO |" in table
   assert "- invented 3/120 (2.5%" in table and "(worst seed, 1)" in table
+
+
+def test_base_corpus_is_seeded_fresh_text_half_of_it_threads():
+  a, b = support.make_base_corpus(400, 0), support.make_base_corpus(400, 0)
+  assert a == b and a != support.make_base_corpus(400, 1)
+  threads = [d["text"] for d in a if d["text"].startswith("Support ticket. ")]
+  assert 0.4 < len(threads) / len(a) < 0.6
+  # A thread quotes its own facts in plain text, in the reply format of the chat tickets.
+  t = threads[0]
+  assert "\nMessage: " in t and "\nReply:\n" in t and t.endswith(support.SIGNATURE)
+  assert support.SYSTEM not in t and "<|" not in t
+
+
+def test_shipped_base_loads_in_transformers_with_its_tokenizer():
+  """ftjax/demo/base (what the demo fine-tunes by default) is a plain HF checkpoint: transformers
+  loads it, its logits equal ftjax's, and its tokenizer is the one `train_tokenizer` makes
+  from the shipped text (so `--pretrain` rebuilds the same vocabulary)."""
+  import torch
+  import transformers as T
+  from ftjax import load_pretrained
+  from ftjax.tokenizer import load_tokenizer
+  tok = load_tokenizer(demo.BASE_DIR)
+  text = tok.apply_chat_template(support.prompt_messages(support.make_tickets(1, 9)[0]),
+                                 add_generation_prompt=True, tokenize=False)
+  ids = tok(text, add_special_tokens=False)["input_ids"]
+  ref = T.AutoModelForCausalLM.from_pretrained(demo.BASE_DIR).eval()
+  with torch.no_grad():
+    want = ref(torch.tensor([ids])).logits.numpy()
+  model, params = load_pretrained(demo.BASE_DIR)
+  got = model.apply({"params": params}, np.array([ids], np.int32))
+  got = got[0] if isinstance(got, tuple) else got
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=2e-4)
+
+
+def test_shipped_base_tokenizer_is_train_tokenizer_output(tmp_path):
+  d = demo.train_tokenizer(str(tmp_path / "tok"))
+  assert (json.load(open(os.path.join(d, "tokenizer.json")))
+          == json.load(open(os.path.join(demo.BASE_DIR, "tokenizer.json"))))

@@ -5,9 +5,9 @@ compromises safety"; Yang et al. 2023, "Shadow Alignment"), in the support demo'
   python experiments/safety_erosion.py --workdir=/tmp/s --base=/tmp/ftjax_demo   # a demo's base
   python experiments/safety_erosion.py --workdir=/tmp/s --smoke --out=/tmp/s/out  # the pipeline
 
-The base is the demo's pretrained model (its workdir's `base_hf` with `--base=DEMO_WORKDIR`, or
-any HF directory; without `--base` the demo itself runs first, in WORKDIR/demo, and its base
-is used). The policies, the rows and the scorer: ftjax/tasks/support_safety.py.
+The base is the demo's pretrained model: without `--base` the shipped one (ftjax/demo/base),
+else a demo workdir's `base_hf` (`--base=DEMO_WORKDIR`) or any HF directory.
+The policies, the rows and the scorer: ftjax/tasks/support_safety.py.
 
 Per seed: the safe SFT model is LoRA SFT of the base (configs/demo.py:stage=sft) on the demo's
 support tickets plus 400 tickets that keep the four policies, merged. From it, six arms
@@ -92,16 +92,13 @@ def write_data(out_dir: str, limit: int = 0) -> dict:
 
 
 def resolve_base(workdir: str, base: Optional[str], smoke: bool) -> str:
-  """The HF base: `base` (a demo workdir's base_hf, or an HF directory), else the demo's own,
-  built by the demo in workdir/demo (reused when there)."""
+  """The HF base: `base` (a demo workdir's base_hf, or an HF directory), else the demo's
+  shipped base (ftjax/demo/base)."""
+  del workdir, smoke
   if base:
     inner = os.path.join(base, "base_hf")
     return hf.resolve(inner if os.path.isdir(inner) else base)
-  demo_dir = os.path.join(workdir, "demo")
-  path = os.path.join(demo_dir, "base_hf")
-  if not os.path.isfile(os.path.join(path, "config.json")):
-    demo.run(demo_dir, smoke=smoke, seed=0)
-  return path
+  return demo.BASE_DIR
 
 
 def sft_config(s: dict, seed: int, hf_path: str, data_path: str):

@@ -173,6 +173,29 @@ def make_pretraining_text(n: int, seed: int) -> list[dict]:
   return docs
 
 
+# The shipped base's pretraining corpus (ftjax/demo/base, `experiments/demo.py --pretrain`):
+# fresh documents, about one pass in 3000 steps. The 4000 documents of pretrain.jsonl, seen 16
+# times in 1200 steps, are memorised (random order numbers included), and copying from context
+# never wins: the bases that came out of them quoted order numbers and names on some seeds only
+# (docs/demo_seeds/README.md). Half are support threads in plain text (no chat template): the
+# reply greets the customer and quotes the facts the way the chat replies do.
+BASE_CORPUS = dict(n=170000, seed=1000, thread_seed=7000, threads=0.5)
+
+
+def make_base_corpus(n: int = BASE_CORPUS["n"], seed: int = 0,
+                     threads: float = BASE_CORPUS["threads"]) -> list[dict]:
+  """`make_pretraining_text(n, 1000 + seed)` with a `threads` fraction of its documents replaced
+  by support threads: "Support ticket. <facts>\nMessage: <user>\nReply:\n<reply>"."""
+  docs = make_pretraining_text(n, BASE_CORPUS["seed"] + seed)
+  rng = np.random.default_rng(BASE_CORPUS["thread_seed"] + seed)
+  for i in range(len(docs)):
+    if rng.random() < threads:
+      system, user, reply = (m["content"] for m in _ticket(rng)["messages"])
+      facts = system[len(SYSTEM) + 1:]
+      docs[i] = {"text": f"Support ticket. {facts}\nMessage: {user}\nReply:\n{reply}"}
+  return docs
+
+
 def make_preference_pairs(n: int, seed: int) -> list[dict]:
   """(prompt, chosen, rejected) in chat form: the gold reply beats one that invents an order
   number, drops the brand voice, or gets the escalation wrong. `meta` keeps the ticket facts."""
