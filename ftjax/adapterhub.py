@@ -151,7 +151,7 @@ def save(model, params: dict, out_dir: str, name: str = "bottleneck",
     except ImportError:
       pass
     else:
-      torch.save({k: torch.from_numpy(v) for k, v in pairs}, os.path.join(tmp, WEIGHTS_NAME))
+      torch.save({k: torch.tensor(v) for k, v in pairs}, os.path.join(tmp, WEIGHTS_NAME))
     if tokenizer_from:
       hf.copy_tokenizer(tokenizer_from, tmp)
 
