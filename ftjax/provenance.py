@@ -45,7 +45,9 @@ from ftjax.errors import UserError
 # Keys a resume may change: how long to train and how often to log, evaluate and save.
 ALLOWED_DRIFT = ("train.steps", "train.log_every", "train.eval_every", "train.save_every",
                  "train.eval_batches", "train.keep", "train.async_save", "data.cache_dir",
-                 "allow_drift")
+                 "allow_drift",
+                 # Placement only: the same arithmetic in another memory (tests/test_offload.py).
+                 "train.offload")
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_collections",
              "transformers", "tokenizers", "safetensors", "datasets")
 _MISSING = "<missing>"
@@ -57,6 +59,7 @@ ADDED_KEYS = {
     "dpo.loss_weights": "", "dpo.ld_alpha": None, "dpo.f_divergence_type": "reverse_kl",
     "dpo.f_alpha_divergence_coef": 0.5, "dpo.discopop_tau": 0.05,
     "adapter.reduction_factor": 16, "adapter.placement": "houlsby",  # read by bottleneck only
+    "train.offload": "none",
 }
 
 
