@@ -29,7 +29,9 @@ Benches (`--bench`, a comma list or repeated; `--attention` runs each listed imp
                 anything: the SFT step (--aot_steps=sft,grpo,dpo,decode for the others) per
                 --aot_modes (full, lora, qlora = NF4 + double quant, int4 + double quant);
                 memory_analysis bytes, FLOPs (checked against the MFU formula below) and
-                compile seconds, on one device and per device on --mesh (ftjax/recipes/aot.py).
+                compile seconds, on one device and per device on --mesh (ftjax/recipes/aot.py);
+                --aot_offload=none,optimizer,activations,both adds train.offload's rows (what
+                each keeps off the device).
   grpo_step     one GRPO iteration of ftjax/train/grpo.py with LoRA (--rank): the rollout of
                 --batch prompts (--seq_len tokens) x --num_generations samples of
                 --max_new_tokens each (no early EOS) from the live params, then the update step
