@@ -188,12 +188,22 @@ STEPS: dict[str, Callable] = {"sft": sft_step, "grpo": grpo_step, "dpo": dpo_ste
 # ---- compile and analyse
 
 def _single_device_shardings(args: tuple, opt_on_host: bool):
-  """in_shardings on one device (used only to give the optimizer state a memory kind)."""
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  """in_shardings on one device (used only to give the optimizer state a memory kind). Named
+  shardings on a 1-device mesh: a SingleDeviceSharding's memory kind does not reach the traced
+  values' memory space (jax 0.10.2)."""
+  dev = sharding.replicated(sharding.make_mesh("data=1", jax.devices()[:1]))
   sh = jax.tree_util.tree_map(lambda _: dev, args)
   if opt_on_host:
     sh[0]["opt_state"] = offload_lib.on_host(sh[0]["opt_state"])
   return sh
+
+
+def placed(args: tuple, in_shardings) -> tuple:
+  """The abstract args carrying their shardings. A value's memory space inside the jitted step
+  (`float32<host>[...]`, what `offload.to_device` moves) comes from its argument's sharding, as
+  for the trainers' arrays, not from jit's in_shardings."""
+  return jax.tree_util.tree_map(
+      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), args, in_shardings)
 
 
 def _shardings(s: Setup, kind: str, args: tuple, mesh, rules, opt_on_host: bool = False):
@@ -238,20 +248,21 @@ def compile_step(fn, args: tuple, donate: int = 0, in_shardings=None, mesh=None,
   return compiled, time.perf_counter() - t0
 
 
-def host_residual_bytes(jaxpr) -> int:
+def host_residual_bytes(jaxpr, host_only: bool = True) -> int:
   """Bytes of the values the traced step keeps in host memory across its layer scan: the
   stacked [L, ...] residuals that the forward scan writes to pinned_host for the backward one
   (`offload=activations`). Counted on the scans' outputs (a scan body's per-layer values are
-  what it stacks), through every other nesting (jit, remat, custom VJPs)."""
+  what it stacks), through every other nesting (jit, remat, custom VJPs). `host_only=False`
+  counts every scan output, wherever it lives."""
   total = 0
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "scan":
       total += sum(tree_bytes(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype))
-                   for v in eqn.outvars
-                   if getattr(v.aval, "memory_space", None) == jax.memory.Space.Host)
+                   for v in eqn.outvars if not host_only
+                   or getattr(v.aval, "memory_space", None) == jax.memory.Space.Host)
       continue
     for sub in jex_core.jaxprs_in_params(eqn.params):
-      total += host_residual_bytes(sub)
+      total += host_residual_bytes(sub, host_only)
   return total
 
 
@@ -359,6 +370,8 @@ def run_one(cfg: ModelConfig, kind: str, mode: str, *, batch: int, seq_len: int,
     in_sh = _shardings(s, kind, args, mesh, rules, opt_on_host)
   else:
     in_sh = _single_device_shardings(args, True) if opt_on_host else None
+  if opt_on_host:
+    args = placed(args, in_sh)
   dump = tempfile.mkdtemp(prefix="ftjax-aot-") if temps else None
   try:
     compiled, secs = compile_step(fn, args, 0, in_sh, mesh, rules, dump)
@@ -379,10 +392,6 @@ def run_one(cfg: ModelConfig, kind: str, mode: str, *, batch: int, seq_len: int,
            "host_argument_bytes": host_args, "host_entry_params": host_entry_params(compiled),
            "host_residual_bytes": residuals,
            "device_argument_bytes": mem.get("argument_bytes", 0) - host_args,
-           # On a backend that moves them (GPU, TPU), the residuals leave the device's
-           # temporaries; the CPU keeps them there (offload.py), so this is an estimate.
-           "device_temp_bytes_est": (None if residuals is None
-                                     else mem.get("temp_bytes", 0) - residuals),
            "trainable_bytes": tree_bytes(s.trainable), "frozen_bytes": tree_bytes(s.frozen),
            "opt_state_bytes": tree_bytes(s.state["opt_state"]) if kind != "decode" else 0,
            "state_dtype_changes": changed,
@@ -406,24 +415,23 @@ def _h(n: Optional[float]) -> str:
 
 
 def format_table(records: list[dict], offload_columns: Optional[bool] = None) -> str:
-  """One row per record. With any offload row, four more columns: the offload mode, the bytes
-  in pinned_host (optimizer state arguments + offloaded residuals), the arguments left on the
-  device, and the device temporaries once the residuals leave it (an estimate: the CPU's
-  temp minus the residuals' bytes; see `run_one`)."""
+  """One row per record. With any offload row, four more columns: the offload mode, the
+  arguments in pinned_host (the optimizer state) and those left on the device, and the remat
+  residuals the step writes to pinned_host (from the traced step; the CPU itself keeps them in
+  its temporaries, see ftjax/offload.py)."""
   off = (any(r.get("offload", "none") != "none" for r in records) if offload_columns is None
          else offload_columns)
   head = (f"{'step':<7} {'mode':<6} " + (f"{'offload':<11} " if off else "")
           + f"{'dev':>3} {'arg GiB':>8} {'out GiB':>8} {'temp GiB':>8} "
-          + (f"{'host GiB':>8} {'dev arg':>8} {'dev temp*':>9} " if off else "")
+          + (f"{'host arg':>8} {'dev arg':>8} {'resid GiB':>9} " if off else "")
           + f"{'code MiB':>8} {'compile_s':>9} {'GFLOP/tok':>9} {'formula':>9} {'ratio':>6}")
   rows = [head, "-" * len(head)]
   for r in records:
     fpt = r.get("flops_per_token")
     extra = ""
     if off:
-      host = r.get("host_argument_bytes", 0) + (r.get("host_residual_bytes") or 0)
-      extra = (f"{_h(host):>8} {_h(r.get('device_argument_bytes')):>8} "
-               f"{_h(r.get('device_temp_bytes_est')):>9} ")
+      extra = (f"{_h(r.get('host_argument_bytes')):>8} {_h(r.get('device_argument_bytes')):>8} "
+               f"{_h(r.get('host_residual_bytes')):>9} ")
     rows.append(
         f"{r['kind']:<7} {r['mode']:<6} " + (f"{r.get('offload', 'none'):<11} " if off else "")
         + f"{r['devices']:>3} {_h(r.get('argument_bytes')):>8} "
