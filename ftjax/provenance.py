@@ -20,12 +20,13 @@ experiment on that workdir (the first run, then every resume), each with
 
 so that with `--config.allow_drift=True` both the old and the new config are on record.
 
-A resume whose config differs from the saved one outside `ALLOWED_DRIFT` (steps and the log,
-eval and save cadence) is refused with the differing keys named, before anything is read or
-written: a changed learning rate or dataset would silently make the checkpoint mean something
-else. So is a data file whose content changed since the last attempt (its hash in run.json): the
-data position in the checkpoint would point into other rows. `--config.allow_drift=True` resumes
-anyway. A workdir without a checkpoint has nothing to resume: a new config starts it afresh.
+A resume whose config differs from the saved one outside `ALLOWED_DRIFT` (steps, the log,
+eval and save cadence, train.offload) is refused with the differing keys named, before anything
+is read or written: a changed learning rate or dataset would silently make the checkpoint mean
+something else. So is a data file whose content changed since the last attempt (its hash in
+run.json): the data position in the checkpoint would point into other rows.
+`--config.allow_drift=True` resumes anyway. A workdir without a checkpoint has nothing to
+resume: a new config starts it afresh.
 """
 
 from __future__ import annotations
