@@ -25,14 +25,19 @@ residuals from the traced step instead.
 
 from __future__ import annotations
 
+import math
+
 import jax
+import numpy as np
+
+from ftjax.errors import UserError
 
 OFFLOADS = ("none", "optimizer", "activations", "both")
 HOST = "pinned_host"
 
 
 def check(mode: str, where: str = "config.train.offload") -> str:
-  from ftjax.errors import UserError
+  """`mode`, or a UserError naming `where` and the allowed values."""
   if mode not in OFFLOADS:
     raise UserError(f"{where}={mode!r}: expected one of {', '.join(OFFLOADS)}")
   return mode
@@ -80,9 +85,5 @@ def host_bytes(shardings, args) -> int:
   total = 0
   for s, a in zip(jax.tree_util.tree_leaves(shardings), jax.tree_util.tree_leaves(args)):
     if getattr(s, "memory_kind", None) in (HOST, "unpinned_host"):
-      shape = s.shard_shape(a.shape)
-      n = 1
-      for d in shape:
-        n *= d
-      total += n * jax.numpy.dtype(a.dtype).itemsize
+      total += math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
   return total
