@@ -131,11 +131,35 @@ def _read_json(path: str):
     return json.load(f)
 
 
+class Timer:
+  """Wall and CPU seconds (all threads of this process) since it was made: CPU seconds are
+  about what the piece would take alone on the machine, whatever else shared it."""
+
+  def __init__(self):
+    self.wall, self.cpu = time.time(), time.process_time()
+
+  def done(self) -> dict:
+    return {"seconds": time.time() - self.wall, "cpu_seconds": time.process_time() - self.cpu}
+
+
+def _total(pieces: list[dict]) -> dict:
+  return {k: float(sum(p.get(k, 0.0) for p in pieces)) for k in ("seconds", "cpu_seconds")}
+
+
 def _load_avg() -> str:
   try:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
   except OSError:
     return "n/a"
+
+
+def time_line(total: dict, build: dict, load: str) -> str:
+  """The README's sentence on what the study took (the sum over its recorded pieces, whichever
+  invocation ran them)."""
+  return (f"The study took {total['seconds'] / 60:.1f} min wall in all on the 2-core CPU VM "
+          f"({total['cpu_seconds'] / 60:.1f} min of CPU time; the cached SFT start "
+          f"{build['seconds'] / 60:.1f} min wall of it), while other jobs shared the machine "
+          f"(load average {load} over 1/5/15 min when the README was written).")
 
 
 def _errorbar(ax, xs, ivs, **kw):
@@ -149,9 +173,9 @@ def _errorbar(ax, xs, ivs, **kw):
 # ---------------------------------------------------------------- dpo_beta
 
 def dpo_settings(smoke: bool = False, seeds: int = 3, steps: int = 0) -> dict:
-  """The study's knobs. steps: DPO steps per run (8 pairs each; 80 steps = 0.8 passes over the
+  """The study's knobs. steps: DPO steps per run (8 pairs each; 60 steps = 0.6 passes over the
   800 shipped pairs); lr: configs/dpo.py's LoRA 5e-4. samples: replies per held-out prompt."""
-  s = dict(smoke=smoke, seeds=seeds, betas=[0.03, 0.1, 0.3, 1.0], steps=steps or 80,
+  s = dict(smoke=smoke, seeds=seeds, betas=[0.03, 0.1, 0.3, 1.0], steps=steps or 60,
            lr=5e-4, prompts=96, samples=2, max_new_tokens=64, sft_steps=0, sft_rank=0)
   if smoke:
     # Rank 4: the smoke's base may be a test's tiny model (a 16-wide k_proj).
@@ -178,9 +202,11 @@ def dpo_sft_model(root: str, base: str, s: dict) -> str:
   if os.path.isfile(os.path.join(merged, "config.json")):
     return merged
   logging.info("dpo_beta: SFT of %s into %s", base, d)
+  timer = Timer()
   sft.run(c, os.path.join(d, "run"))
   shutil.rmtree(merged + ".tmp", ignore_errors=True)
   export.export(os.path.join(d, "run"), merged + ".tmp", "merged")
+  _write_json(os.path.join(d, "build.json"), timer.done())  # what building it took, once
   os.replace(merged + ".tmp", merged)
   return merged
 
@@ -225,7 +251,6 @@ def dpo_beta(workdir: str, out: str, base: Optional[str] = None, steps: int = 0,
   t0 = time.time()
   base = base or demo.BASE_DIR
   sft_hf = dpo_sft_model(root, base, s)
-  t_sft = time.time() - t0
   tok = load_tokenizer(sft_hf)
   ref = load_pretrained(sft_hf)
   pairs = list(load_records({"path": os.path.join(support.DATA_DIR, "prefs_eval.jsonl")}))
@@ -234,23 +259,27 @@ def dpo_beta(workdir: str, out: str, base: Optional[str] = None, steps: int = 0,
   for seed in range(s["seeds"]):
     path = os.path.join(root, f"seed{seed}", "reference", "eval.json")
     if not os.path.exists(path):
-      _write_json(path, dpo_measure(*ref, tok, ref, pairs, s, seed))
+      timer = Timer()
+      m = dpo_measure(*ref, tok, ref, pairs, s, seed)
+      _write_json(path, {**m, **timer.done()})
     runs.append({"seed": seed, "beta": None, **_read_json(path)})
     for beta in s["betas"]:
       d = os.path.join(root, f"seed{seed}", f"beta={beta}")
       path = os.path.join(d, "eval.json")
       if not os.path.exists(path):
-        t1 = time.time()
+        timer = Timer()
         final = dpo.run(dpo_config(s, seed, beta, sft_hf), d)
         model, params = wd.load_trained(d)[:2]
         m = dpo_measure(model, params, tok, ref, pairs, s, seed)
         m["pair_accuracy"] = final.get("eval_rewards/accuracies")
-        m["seconds"] = time.time() - t1
+        m.update(timer.done())
         logging.info("dpo_beta seed %d beta %s: %s", seed, beta, m)
         _write_json(path, m)
       runs.append({"seed": seed, "beta": beta, **_read_json(path)})
+  build = _read_json(os.path.join(os.path.dirname(sft_hf), "build.json"))
   result = {"settings": s, "base": base, "sft": sft_hf, "runs": runs,
-            "seconds": time.time() - t0, "sft_seconds": t_sft, "load": _load_avg()}
+            "this_invocation_seconds": time.time() - t0, "sft_build": build,
+            "total": _total([build, *runs]), "load": _load_avg()}
   result["verdict"] = dpo_verdict(runs, s["betas"])
   result["readme"] = dpo_outputs(out, result)
   return result
@@ -350,10 +379,8 @@ def dpo_outputs(out: str, result: dict) -> str:
           "above 0 and the correlation is negative; does not hold where it lies below 0; "
           "inconclusive otherwise.", "",
           "## Command", "", f"    {cmd}", "",
-          f"{len({r['seed'] for r in runs})} seeds (0..), {s['steps']} DPO steps per run; "
-          f"{result['seconds'] / 60:.1f} min in all on the 2-core CPU VM (the SFT start "
-          f"{result['sft_seconds']:.0f} s of it, 0 when reused from the cache), load average "
-          f"at the end {result['load']} (1/5/15 min; other jobs shared the machine).", "",
+          f"{len({r['seed'] for r in runs})} seeds (0..), {s['steps']} DPO steps per run. "
+          + time_line(result["total"], result["sft_build"], result["load"]), "",
           "## Setup", "", " ".join((__doc__ or "").split("\n\n")[2].split()), "",
           f"Settings: `{json.dumps(s)}`.", "",
           "## Results", "",
@@ -379,7 +406,7 @@ def dpo_outputs(out: str, result: dict) -> str:
 def grpo_settings(smoke: bool = False, seeds: int = 3, steps: int = 0) -> dict:
   s = dict(smoke=smoke, seeds=seeds, steps=steps or 100, eval_every=10, eval_rows=200)
   if smoke:
-    s.update(seeds=min(seeds, 1), steps=steps or 2, eval_every=1, eval_rows=8,
+    s.update(seeds=min(seeds, 1), steps=steps or 2, eval_every=2, eval_rows=8,
              warm_start_steps=2)
   return s
 
@@ -388,7 +415,7 @@ def grpo_config(s: dict, seed: int):
   arg = "task=arithmetic" + (",smoke,model=tiny" if s["smoke"] else "")
   c = demo.stage_config("grpo", arg, False, seed)
   if s["smoke"]:
-    c.grpo.warm_start_steps = s["warm_start_steps"]
+    c.grpo.update(warm_start_steps=s["warm_start_steps"], warm_start_rows=64)
     c.data.train_rows = 64
   c.data.eval_rows = s["eval_rows"]
   c.train.update(steps=s["steps"], eval_every=s["eval_every"], save_every=s["steps"])
@@ -406,9 +433,11 @@ def grpo_sft_model(root: str, s: dict) -> str:
                       "tokenizer": "bpe300-add_bos", "seed": 0})
   d = os.path.join(root, f"sft-{key}")
   build = arithmetic.prepare(c, d, sft.run, grpo.warm_start_export)
-  if not os.path.isfile(os.path.join(c.model.hf_path, "config.json")):
+  if not os.path.isfile(os.path.join(d, "build.json")):
     logging.info("grpo_steps: the SFT warm start into %s", d)
+    timer = Timer()
     build()
+    _write_json(os.path.join(d, "build.json"), timer.done())  # what building it took, once
   return c.model.hf_path
 
 
@@ -430,7 +459,6 @@ def grpo_steps(workdir: str, out: str, steps: int = 0, smoke: bool = False,
   root = os.path.join(workdir, "grpo_steps")
   t0 = time.time()
   sft_hf = grpo_sft_model(root, s)
-  t_sft = time.time() - t0
   runs = []
   for seed in range(s["seeds"]):
     c = grpo_config(s, seed)
@@ -438,15 +466,18 @@ def grpo_steps(workdir: str, out: str, steps: int = 0, smoke: bool = False,
     d = os.path.join(root, f"seed{seed}")
     path = os.path.join(d, "curve.json")
     if not os.path.exists(path):
-      t1 = time.time()
+      timer = Timer()
       grpo.run(c, d)
       _write_json(path, {"curve": grpo_curve(d, int(c.grpo.num_generations)),
-                         "seconds": time.time() - t1, "G": int(c.grpo.num_generations)})
+                         "G": int(c.grpo.num_generations), **timer.done()})
     r = _read_json(path)
     runs.append({"seed": seed, "G": r["G"], "seconds": r["seconds"],
+                 "cpu_seconds": r["cpu_seconds"],
                  "curve": {int(k): v for k, v in r["curve"].items()}})
-  result = {"settings": s, "sft": sft_hf, "runs": runs, "seconds": time.time() - t0,
-            "sft_seconds": t_sft, "load": _load_avg()}
+  build = _read_json(os.path.join(os.path.dirname(sft_hf), "build.json"))
+  result = {"settings": s, "sft": sft_hf, "runs": runs,
+            "this_invocation_seconds": time.time() - t0, "sft_build": build,
+            "total": _total([build, *runs]), "load": _load_avg()}
   result["verdict"] = grpo_verdict(runs)
   result["readme"] = grpo_outputs(out, result)
   return result
@@ -537,7 +568,6 @@ def grpo_outputs(out: str, result: dict) -> str:
   gap = v["gap"]
   gci = "" if gap["lo"] is None else f" (95% t CI {gap['lo']:+.3f} to {gap['hi']:+.3f})"
   n_eval = s["eval_rows"]
-  secs = ", ".join(f"{r['seconds']:.0f}" for r in runs)
   text = [f"# {meta['title']}", "", f"Mirrors: {meta['mirrors']}.", "",
           f"**Claim.** {meta['claim']}", "",
           f"**Verdict at this scale: {v['word']}.** Over seeds:", "", *parts,
@@ -547,10 +577,8 @@ def grpo_outputs(out: str, result: dict) -> str:
           "where both parts hold.", "",
           "## Command", "", f"    {cmd}", "",
           f"{len(runs)} seeds (0..), {s['steps']} GRPO steps each, evaluated every "
-          f"{s['eval_every']} steps; {result['seconds'] / 60:.1f} min in all on the 2-core CPU "
-          f"VM (the SFT warm start {result['sft_seconds']:.0f} s of it, 0 when reused from the "
-          f"cache; the GRPO runs {secs} s), load average at the end {result['load']} "
-          "(1/5/15 min; other jobs shared the machine).", "",
+          f"{s['eval_every']} steps. " + time_line(result["total"], result["sft_build"],
+                                                     result["load"]), "",
           "## Setup", "", " ".join((__doc__ or "").split("\n\n")[3].split()), "",
           f"pass@1 is greedy; pass@{G} counts a problem solved when any of {G} samples at "
           f"temperature 1 is right (configs/grpo.py's eval, ftjax/train/grpo.py `run_eval`). "
