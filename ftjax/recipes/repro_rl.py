@@ -593,7 +593,9 @@ def grpo_outputs(out: str, result: dict) -> str:
           f"- the SFT model's pass@{G} minus the last step's pass@1: {gap['mean']:+.3f}{gci} "
           "(how far pass@1 is from the SFT model's pass@G at the end; below 0: past it).", "",
           "The rules are in code (ftjax/recipes/repro_rl.py `grpo_verdict`); the claim holds "
-          "where both parts hold.", "",
+          "where both parts hold. Yue et al. find the base model's pass@k at or above the RL "
+          f"model's at large k (up to 256 and more); here k = G = {G}, where sharpening a "
+          "policy can raise pass@k too, so the flat part is tested at a small k only.", "",
           "## Command", "", f"    {cmd}", "",
           f"{len(runs)} seeds (0..), {s['steps']} GRPO steps each, evaluated every "
           f"{s['eval_every']} steps. " + time_line(result["total"], result["sft_build"],
