@@ -629,13 +629,13 @@ def run(name: str, workdir: str, out: Optional[str] = None, base: Optional[str] 
   """One of STUDIES; returns its result with "readme" and "out"."""
   if name not in STUDIES:
     raise UserError(f"--name={name!r}: expected one of {', '.join(sorted(STUDIES))}")
+  if name == "grpo_steps" and base:
+    raise UserError("--base: grpo_steps brings its own model (the arithmetic task's SFT "
+                    "warm start); for a real model use experiments/grpo.py (its README)")
   os.makedirs(workdir, exist_ok=True)
   out = out or os.path.join(recipes.REPO, "docs", "reproductions", name)
   if name == "dpo_beta":
     r = dpo_beta(workdir, out, base, steps, smoke, seeds)
   else:
-    if base:
-      raise UserError("--base: grpo_steps brings its own model (the arithmetic task's SFT "
-                      "warm start); for a real model use experiments/grpo.py (its README)")
     r = grpo_steps(workdir, out, steps, smoke, seeds)
   return {**r, "out": out}
