@@ -3,6 +3,11 @@
   python experiments/repro.py --name=dpo_beta     # Rafailov et al. 2023, figure 2
   python experiments/repro.py --name=grpo_steps   # DeepSeekMath / R1 style; Yue et al. 2025
 
+--base: dpo_beta's base (the SFT start is trained from it); grpo_steps' start model itself (an
+HF model that already answers the task's `12+34=` prompts) instead of the task's warm start.
+Each piece records its wall and CPU seconds; the README sums them (a rerun reuses every
+finished piece and trains nothing).
+
 dpo_beta. The start and the reference: LoRA SFT (configs/demo.py:stage=sft, the demo's r32,
 300 steps, seed 0) of the shipped demo base ftjax/demo/base, merged; built once into
 WORKDIR/dpo_beta/sft-<hash of its config and base> and reused. From it, DPO (LoRA,
@@ -160,6 +165,12 @@ def time_line(total: dict, build: dict, load: str) -> str:
           f"({total['cpu_seconds'] / 60:.1f} min of CPU time; the cached SFT start "
           f"{build['seconds'] / 60:.1f} min wall of it), while other jobs shared the machine "
           f"(load average {load} over 1/5/15 min when the README was written).")
+
+
+def _doc(prefix: str) -> str:
+  """The module docstring's paragraph that starts with `prefix`, on one line."""
+  return next(" ".join(p.split()) for p in (__doc__ or "").split("\n\n")
+              if p.startswith(prefix))
 
 
 def _errorbar(ax, xs, ivs, **kw):
@@ -400,7 +411,7 @@ def dpo_outputs(out: str, result: dict) -> str:
           "## Command", "", f"    {cmd}", "",
           f"{len({r['seed'] for r in runs})} seeds (0..), {s['steps']} DPO steps per run. "
           + time_line(result["total"], result["sft_build"], result["load"]), "",
-          "## Setup", "", " ".join((__doc__ or "").split("\n\n")[2].split()), "",
+          "## Setup", "", _doc("dpo_beta."), "",
           f"Settings: `{json.dumps(s)}`.", "",
           "## Results", "",
           "Mean ± half-width of the 95% t interval over seeds; `KL per seed` lists the runs. "
@@ -603,7 +614,7 @@ def grpo_outputs(out: str, result: dict) -> str:
           f"{len(runs)} seeds (0..), {s['steps']} GRPO steps each, evaluated every "
           f"{s['eval_every']} steps. " + time_line(result["total"], result["sft_build"],
                                                      result["load"]), "",
-          "## Setup", "", " ".join((__doc__ or "").split("\n\n")[3].split()), "",
+          "## Setup", "", _doc("grpo_steps."), "",
           f"pass@1 is greedy; pass@{G} counts a problem solved when any of {G} samples at "
           f"temperature 1 is right (configs/grpo.py's eval, ftjax/train/grpo.py `run_eval`). "
           f"Each seed draws its own {n_eval} held-out problems (arithmetic.rows(\"eval\", "
