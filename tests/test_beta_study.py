@@ -34,11 +34,12 @@ def test_beta_study_smoke(base_dir, tmp_path):
 
 
 def test_dpo_beta_repro_smoke(base_dir, tmp_path):
-  """experiments/repro.py --name=dpo_beta --smoke in-process: the SFT start (built once, then
-  reused from its content-hash cache), DPO at two betas, measurements, the README's verdict."""
-  from ftjax.recipes import repro, repro_rl
+  """repro.py's dpo_beta (ftjax/recipes/repro_rl.py) at smoke scale, from a given SFT model
+  (the tiny test model: the study's own SFT stage is the demo's, test_demo's): DPO at one
+  beta, measurements, the README's verdict; a rerun trains and measures nothing."""
+  from ftjax.recipes import repro_rl
   work, out = str(tmp_path / "work"), str(tmp_path / "out")
-  r = repro.run("dpo_beta", work, out, base=base_dir, smoke=True)
+  r = repro_rl.dpo_beta(work, out, smoke=True, sft_hf=base_dir)
   runs = r["runs"]
   assert [x["beta"] for x in runs] == [None, 1.0]
   assert abs(runs[0]["kl"]) < 1e-4  # the reference against itself (sampler = forward)
@@ -46,7 +47,6 @@ def test_dpo_beta_repro_smoke(base_dir, tmp_path):
     assert 0.0 <= x["true_reward"] <= 1.0 and np.isfinite(x["kl"])
   cfg = json.load(open(tmp_path / "work" / "dpo_beta" / "seed0" / "beta=1.0" / "config.json"))
   assert cfg["dpo"]["beta"] == 1.0 and cfg["model"]["hf_path"] == r["sft"]  # from the SFT
-  assert os.path.basename(os.path.dirname(r["sft"])).startswith("sft-")
   readme = open(os.path.join(out, "README.md")).read()
   assert f"**Verdict at this scale: {r['verdict']['word']}.**" in readme
   assert "python experiments/repro.py --name=dpo_beta --smoke" in readme
@@ -54,7 +54,7 @@ def test_dpo_beta_repro_smoke(base_dir, tmp_path):
   # Rerunning trains and measures nothing again.
   evals = sorted((tmp_path / "work" / "dpo_beta").rglob("eval.json"))
   mtimes = [os.path.getmtime(p) for p in evals]
-  assert repro_rl.run("dpo_beta", work, out, base=base_dir, smoke=True)["sft"] == r["sft"]
+  repro_rl.dpo_beta(work, out, smoke=True, sft_hf=base_dir)
   assert mtimes == [os.path.getmtime(p) for p in evals]
 
 

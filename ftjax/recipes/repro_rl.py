@@ -259,12 +259,15 @@ def dpo_measure(model, params, tok, ref, pairs: list[dict], s: dict, seed: int) 
 
 
 def dpo_beta(workdir: str, out: str, base: Optional[str] = None, steps: int = 0,
-             smoke: bool = False, seeds: int = 3) -> dict:
+             smoke: bool = False, seeds: int = 3, sft_hf: Optional[str] = None) -> dict:
+  """`sft_hf`: a merged SFT model to start from (and as the reference) instead of the SFT of
+  `base` that the study builds and caches."""
   s = dpo_settings(smoke, seeds, steps)
   root = os.path.join(workdir, "dpo_beta")
   t0 = time.time()
   base = base or demo.BASE_DIR
-  sft_hf = dpo_sft_model(root, base, s)
+  start = sft_hf
+  sft_hf = sft_hf or dpo_sft_model(root, base, s)
   tok = load_tokenizer(sft_hf)
   ref = load_pretrained(sft_hf)
   pairs = list(load_records({"path": os.path.join(support.DATA_DIR, "prefs_eval.jsonl")}))
@@ -290,7 +293,8 @@ def dpo_beta(workdir: str, out: str, base: Optional[str] = None, steps: int = 0,
         logging.info("dpo_beta seed %d beta %s: %s", seed, beta, m)
         _write_json(path, m)
       runs.append({"seed": seed, "beta": beta, **_read_json(path)})
-  build = _read_json(os.path.join(os.path.dirname(sft_hf), "build.json"))
+  build = ({"seconds": 0.0, "cpu_seconds": 0.0} if start else
+           _read_json(os.path.join(os.path.dirname(sft_hf), "build.json")))
   result = {"settings": s, "base": base, "sft": sft_hf, "runs": runs,
             "this_invocation_seconds": time.time() - t0, "sft_build": build,
             "total": _total([build, *runs]), "load": _load_avg()}
