@@ -70,3 +70,25 @@ def test_qlora_smoke(base_dir, tmp_path):
   mtimes = {a: os.path.getmtime(os.path.join(root, a, "eval.json")) for a in evals}
   repro.run("qlora", work, out, base=base_dir, smoke=True)
   assert mtimes == {a: os.path.getmtime(os.path.join(root, a, "eval.json")) for a in evals}
+
+
+def test_grpo_steps_smoke(base_dir, tmp_path):
+  """experiments/repro.py --name=grpo_steps --smoke in-process from a given start (--base: the
+  task's warm start is test_grpo_tasks'), one GRPO seed evaluated at every step, the README's
+  verdict; the curve is the run's own logged eval."""
+  from ftjax import metrics as metrics_lib
+  work, out = str(tmp_path / "work"), str(tmp_path / "out")
+  r = repro.run("grpo_steps", work, out, base=base_dir, smoke=True)
+  (run,) = r["runs"]
+  assert sorted(run["curve"]) == [0, 1]
+  logged = metrics_lib.read_metrics(os.path.join(work, "grpo_steps", "seed0"))
+  assert run["curve"][0]["pass_at_1"] == next(x["eval_pass_at_1_before"] for x in logged
+                                              if "eval_pass_at_1_before" in x)
+  assert run["curve"][1]["pass_at_G"] == [x for x in logged if "eval_pass_at_4" in x][-1][
+      "eval_pass_at_4"]
+  cfg = json.load(open(os.path.join(work, "grpo_steps", "seed0", "config.json")))
+  assert cfg["model"]["hf_path"] == r["sft"] == base_dir
+  readme = open(os.path.join(out, "README.md")).read()
+  assert f"**Verdict at this scale: {r['verdict']['word']}.**" in readme
+  assert "python experiments/repro.py --name=grpo_steps --smoke" in readme
+  assert os.path.getsize(os.path.join(out, "grpo_steps.png")) > 1000

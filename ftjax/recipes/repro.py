@@ -3,7 +3,8 @@
   python experiments/repro.py --name=lora_rank     # Hu et al. 2021, table 6 style
   python experiments/repro.py --name=forgetting    # full FT at two lrs, LoRA, short, replay
   python experiments/repro.py --name=qlora         # Dettmers et al. 2023: NF4 / int4 vs fp32
-  python experiments/repro.py --name=dpo_beta      # Rafailov et al. 2023, figure 2 style
+  python experiments/repro.py --name=dpo_beta      # Rafailov et al. 2023, figure 2 (3 seeds)
+  python experiments/repro.py --name=grpo_steps    # GRPO pass@1 vs steps; Yue et al. 2025
   python experiments/repro.py --name=qlora --base=/path/to/hf_dir --steps=300   # a real model
 
 Each one: the base (without --base, the tiny demo base pretrained here on the first rows of the
@@ -15,8 +16,8 @@ into `--out` (default docs/reproductions/<name>/). Everything is seeded (seed 0)
 command gives the same table. Measurements: held-out support tickets (loss on the assistant
 turns, and greedy replies scored by ftjax/tasks/support.py) and held-out general text (the retail
 text rows the base never saw: perplexity, which forgetting raises).
-GRPO's accuracy against steps is measured by `experiments/grpo.py
---config=configs/grpo.py:task=arithmetic` instead (BUILD.md), not here.
+dpo_beta and grpo_steps build their own start models, run 3 seeds and write their own README
+with a verdict: ftjax/recipes/repro_rl.py.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ftjax import (export, heldout, load_pretrained, partition, recipes, report,
                    workdir as wd)
 from ftjax.tasks import support
 from ftjax.errors import UserError
-from ftjax.recipes import beta_study, demo, repro_plots
+from ftjax.recipes import demo, repro_plots, repro_rl
 from ftjax.tokenizer import load_tokenizer
 from ftjax.train import setup, sft
 
@@ -235,20 +236,14 @@ def qlora(ctx: Context) -> dict:
 
 
 def dpo_beta(ctx: Context) -> dict:
-  """SFT (a LoRA arm, exported merged) as the start and reference, then beta_study's sweep."""
-  root = os.path.join(ctx.workdir, "dpo_beta")
-  (run,) = run_arms(os.path.join(root, "sft"), [("sft", sft_arg(ctx), {})], fixed_overrides(ctx))
-  merged = os.path.join(root, "sft_hf")
-  if not os.path.exists(os.path.join(merged, "config.json")):
-    shutil.rmtree(merged + ".tmp", ignore_errors=True)
-    export.export(run.workdir, merged + ".tmp", "merged")
-    os.replace(merged + ".tmp", merged)
-  betas = ("0.1", "1.0") if ctx.smoke else ("0.03", "0.1", "0.3", "1.0")
-  beta_study.run(root, betas, sft_dir=merged, steps=2 if ctx.smoke else (ctx.steps or 30),
-                 n_prompts=4 if ctx.smoke else ctx.tickets, smoke=ctx.smoke)
-  return {"root": os.path.join(root, "dpo"),
-          "columns": ["dpo.beta", "true_reward", "kl", "final/eval_rewards/accuracies"],
-          "plots": {}}  # report.py draws frontier.png
+  """Its own pipeline, seeds and README: ftjax/recipes/repro_rl.py (run() hands it over)."""
+  return repro_rl.run("dpo_beta", ctx.workdir, None, None if ctx.tiny else ctx.base, ctx.steps,
+                      ctx.smoke)
+
+
+def grpo_steps(ctx: Context) -> dict:
+  """Its own pipeline, seeds and README: ftjax/recipes/repro_rl.py (run() hands it over)."""
+  return repro_rl.run("grpo_steps", ctx.workdir, None, None, ctx.steps, ctx.smoke)
 
 
 STUDIES = {
@@ -271,11 +266,12 @@ STUDIES = {
         "int4 base (block 64, double quantization): held-out loss and its gap to float32.",
         qlora, "--steps=300"),
     "dpo_beta": Study(
-        "DPO beta frontier", "Rafailov et al. 2023 (DPO), figure 2: reward vs KL over beta",
-        "DPO (LoRA) from one SFT model at each beta; replies sampled at temperature 1 on "
-        "held-out tickets are scored by the task's known reward, and their KL to the SFT "
-        "reference is estimated from the sampled tokens (experiments/beta_study.py).",
-        dpo_beta, "--steps=200"),
+        repro_rl.STUDIES["dpo_beta"]["title"], repro_rl.STUDIES["dpo_beta"]["mirrors"],
+        repro_rl.STUDIES["dpo_beta"]["claim"], dpo_beta, repro_rl.STUDIES["dpo_beta"]["real"]),
+    "grpo_steps": Study(
+        repro_rl.STUDIES["grpo_steps"]["title"], repro_rl.STUDIES["grpo_steps"]["mirrors"],
+        repro_rl.STUDIES["grpo_steps"]["claim"], grpo_steps,
+        repro_rl.STUDIES["grpo_steps"]["real"]),
 }
 
 
@@ -361,6 +357,8 @@ def run(name: str, workdir: str, out: Optional[str] = None, base: Optional[str] 
         steps: int = 0, tickets: int = 24, general: int = 200, smoke: bool = False) -> dict:
   if name not in STUDIES:
     raise UserError(f"--name={name!r}: expected one of {', '.join(sorted(STUDIES))}")
+  if name in repro_rl.STUDIES:  # their own start models, seeds and README (no tiny base)
+    return repro_rl.run(name, workdir, out, base, steps, smoke)
   os.makedirs(workdir, exist_ok=True)
   ctx = Context(workdir, base or tiny_base(workdir, smoke), general_eval_file(workdir), steps,
                 4 if smoke else tickets, 16 if smoke else general, smoke, base is None)
