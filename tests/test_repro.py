@@ -41,27 +41,32 @@ def test_qlora_smoke(base_dir, tmp_path):
   work, out = str(tmp_path / "work"), str(tmp_path / "out")
   r = repro.run("qlora", work, out, base=base_dir, smoke=True)
   root = r["root"]
-  for arm, kind in (("fp32", "none"), ("nf4", "nf4")):  # one sweep run per arm, as named
+  for arm, kind in (("fp32,seed=0", "none"), ("nf4,seed=0", "nf4")):  # a run per arm and seed
     assert json.load(open(os.path.join(root, arm, "config.json")))["quant"]["kind"] == kind
     assert json.load(open(os.path.join(root, arm, "sweep_status.json")))["status"] == "done"
-  evals = {a: json.load(open(os.path.join(root, a, "eval.json"))) for a in ("base", "fp32", "nf4")}
+  evals = {a: json.load(open(os.path.join(root, a, "eval.json")))
+           for a in ("base", "fp32,seed=0", "nf4,seed=0")}
   assert evals["base"]["trainable_params"] == 0
-  assert evals["fp32"]["trainable_params"] == evals["nf4"]["trainable_params"] > 0
+  assert evals["fp32,seed=0"]["trainable_params"] == evals["nf4,seed=0"]["trainable_params"] > 0
 
   # The measured general-text loss of the base is transformers' loss on the same tokens.
   ctx_general = 16  # rows measured with smoke=True
-  want = torch_text_loss(base_dir, os.path.join(work, "general_eval.jsonl"), ctx_general, 128)
+  want = torch_text_loss(base_dir, os.path.join(work, "general_heldout_any.jsonl"), ctx_general,
+                         128)
   np.testing.assert_allclose(evals["base"]["general_loss"], want, rtol=1e-4)
 
   # The committed artefacts: the CSV holds the measurements, the README the table and plots.
   table = {row["run"]: row for row in csv.DictReader(open(os.path.join(out, "report.csv")))}
-  assert sorted(table) == ["base", "fp32", "nf4"]
+  assert sorted(table) == ["base", "fp32,seed=0", "nf4,seed=0"]
   for arm, m in evals.items():
     assert float(table[arm]["measured/task_loss"]) == m["task_loss"]
   readme = open(os.path.join(out, "README.md")).read()
-  gap = evals["nf4"]["task_loss"] - evals["fp32"]["task_loss"]
-  row = next(ln for ln in readme.splitlines() if ln.startswith("| nf4 |"))
-  assert row.split(" | ")[3] == repro._fmt(gap)  # run | trainable | task_loss | gap
+  # The per-arm table: one seed gives the value alone (no interval), the rates their counts.
+  row = next(ln for ln in readme.splitlines() if ln.startswith("| nf4 |")).split(" | ")
+  nf4 = evals["nf4,seed=0"]
+  assert row[1] == "1" and row[3] == format(nf4["task_loss"], ".4g")  # arm | seeds | params | loss
+  assert f"{nf4['voice_k']}/{nf4['voice_n']} (" in row[-1]
+  assert "inconclusive" in readme  # one seed: no interval, no verdict
   assert "python experiments/repro.py --name=qlora --smoke" in readme
   for png in ("qlora.png", "curves.png"):
     assert f"({png})" in readme and os.path.getsize(os.path.join(out, png)) > 1000
@@ -70,3 +75,41 @@ def test_qlora_smoke(base_dir, tmp_path):
   mtimes = {a: os.path.getmtime(os.path.join(root, a, "eval.json")) for a in evals}
   repro.run("qlora", work, out, base=base_dir, smoke=True)
   assert mtimes == {a: os.path.getmtime(os.path.join(root, a, "eval.json")) for a in evals}
+
+
+def test_verdict_rules_against_scipy():
+  """Each part's interval is scipy's t interval of the per-seed contrast (arms paired by seed),
+  and the rules decide on it as documented."""
+  import scipy.stats
+
+  from ftjax.recipes import repro_verdict as rv
+  rng = np.random.default_rng(0)
+  arms = {a: {s: {"task_score": float(v)} for s, v in enumerate(rng.normal(mu, 0.01, 4))}
+          for a, mu in (("a", 0.9), ("b", 0.8), ("c", 0.9))}
+  arms["base"] = {-1: {"task_score": 0.1}}
+  part = rv.Part("a beats b", "task_score", (("a", 1), ("b", -1)))
+  diffs = [arms["a"][s]["task_score"] - arms["b"][s]["task_score"] for s in range(4)]
+  word, (r,) = rv.verdict(arms, [part])
+  lo, hi = scipy.stats.t.interval(0.95, 3, loc=np.mean(diffs), scale=scipy.stats.sem(diffs))
+  np.testing.assert_allclose([r["lo"], r["hi"]], [lo, hi], rtol=1e-9)
+  assert word == r["word"] == "holds" and r["values"] == diffs
+  assert rv.verdict(arms, [rv.Part("b beats a", "task_score", (("b", 1), ("a", -1)))])[0] == \
+      "does not hold"
+  eq = rv.Part("a matches c", "task_score", (("a", 1), ("c", -1)), "equivalent", 0.1)
+  assert rv.verdict(arms, [eq])[0] == "holds"
+  assert rv.decide(eq, -0.05, 0.15) == "inconclusive" and rv.decide(eq, 0.12, 0.2) == \
+      "does not hold"
+  ni = rv.Part("a no worse than b", "task_score", (("a", 1), ("b", -1)), "noninferior", 0.02)
+  assert [rv.decide(ni, lo, hi) for lo, hi in ((-0.01, 0.3), (-0.05, 0.0), (-0.09, -0.03))] == \
+      ["holds", "inconclusive", "does not hold"]
+  # One seed: no interval; a claim is only as decided as its least decided part.
+  one = {a: {0: v[0]} for a, v in arms.items() if a != "base"}
+  assert rv.verdict(one, [part])[0] == "inconclusive"
+  assert rv.verdict(arms, [part, eq, rv.Part("b beats a", "task_score",
+                                              (("b", 1), ("a", -1)))])[0] == "does not hold"
+  # Pooled rates: Wilson over the summed counts (scipy's binomtest gives the same interval).
+  seeds = {s: {"voice_k": k, "voice_n": 120} for s, k in enumerate((118, 120, 119))}
+  k, n = rv.pooled(seeds, "voice")
+  ci = scipy.stats.binomtest(k, n).proportion_ci(method="wilson")
+  assert (k, n) == (357, 360)
+  assert rv.fmt_rate(k, n) == f"357/360 (99.2%, {100 * ci.low:.1f}-{100 * ci.high:.1f}%)"
