@@ -523,6 +523,10 @@ def write_seeded_outputs(name: str, study: Study, result: dict, out: str, ctx: C
     draw(arms, os.path.join(out, fname))
   pngs = [f for f in (*result["plots"], "curves.png") if os.path.exists(os.path.join(out, f))]
   word, parts = rv.verdict(arms, result["parts"])
+  if not parts:
+    parts_note = ["(The smoke: too few arms and one seed; the parts are the full study's.)"]
+  else:
+    parts_note = []
   with open(os.path.join(out, "verdict.json"), "w") as f:
     json.dump({"claim": study.claim, "verdict": word, "parts": parts, "timing": timing,
                "seeds": ctx.seeds, "steps": ctx.steps, "tickets": ctx.tickets,
@@ -531,22 +535,23 @@ def write_seeded_outputs(name: str, study: Study, result: dict, out: str, ctx: C
       f" --{k}={v}" for k, v in (("seeds", ctx.seeds), ("tickets", ctx.tickets))
       if v != getattr(study, k))
   cmd = f"python experiments/repro.py --name={name}{flags}"
-  steps = ctx.steps or recipes.get_config("repro", "stage=sft" + (",smoke" if ctx.smoke else "")
-                                          ).train.steps
+  cfg = recipes.get_config("repro", "stage=sft" + (",smoke" if ctx.smoke else ""))
+  steps = ctx.steps or cfg.train.steps
   load = timing.get("load", {})
   load_text = (f"; machine load (1-min load average, sampled every 30 s) mean {load['mean']:.1f}, "
                f"max {load['max']:.1f} on {os.cpu_count()} CPUs" if load else "")
   text = [f"# {study.title}", "",
           f"Mirrors: {study.mirrors}.", "",
           f"**Claim.** {study.claim}", "",
-          *rv.verdict_lines(word, parts), "",
+          *rv.verdict_lines(word, parts), *parts_note, "",
           "The rules are code (ftjax/recipes/repro_verdict.py: `Part`, `decide`); the margins "
           f"are stated in ftjax/recipes/repro.py (task score {SCORE_MARGIN}: two points of the "
           f"mean of four rates; held-out loss {LOSS_MARGIN} nats, 5% of the SFT models' loss). "
           "The claim holds where every part holds, does not hold where any part does not.", "",
           "## Setup", "", study.what, "",
           f"Base: {_base_line(ctx)}. Every arm: {steps} SFT steps (configs/repro.py:stage=sft: "
-          "the demo's SFT config, batch 8 x 256 tokens, warmup 5), on "
+          f"the demo's SFT config, batch {cfg.train.batch_size} x {cfg.train.seq_len} tokens, "
+          f"warmup {cfg.optim.warmup_steps}), on "
           f"{ctx.seeds} seed(s) (train.seed = model.seed = data.seed = 0..{ctx.seeds - 1}). "
           f"Held-out: the first {ctx.tickets} support tickets of ftjax/demo/data/eval.jsonl "
           f"(greedy replies, 64 new tokens at most) and {ctx.general} documents of general "
