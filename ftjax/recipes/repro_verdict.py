@@ -215,6 +215,7 @@ def errorbars(arms: dict[str, dict[int, dict]], order: Sequence[str], x: Optiona
       ax.set_xlabel(xlabel or x)
     if logx:
       ax.set_xscale("log")
+      ax.xaxis.set_minor_formatter(plt.NullFormatter())  # labels on the decades only
     ax.set_ylabel(f"{y} (mean, 95% t CI over seeds)")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
