@@ -614,6 +614,24 @@ def _compile_cache(workdir: str):
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
+def _timing(result: dict, t0: float, load: dict) -> dict:
+  """This invocation's wall time and load, kept in ROOT/timing.json when it trained a run; an
+  invocation that only rewrote the outputs (every run done) reports the kept one."""
+  path = os.path.join(result["root"], "timing.json")
+  root = result["root"]
+  trained = any(os.path.getmtime(os.path.join(root, d, sweep.STATUS_FILE)) > t0
+                for d in os.listdir(root) if os.path.exists(os.path.join(root, d,
+                                                                         sweep.STATUS_FILE)))
+  if not trained and os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  timing = {"wall_s": time.time() - t0, "train_s": run_seconds(root), "load": load,
+            "runs": sum(len(v) for k, v in result["arms"].items() if k != "base")}
+  with open(path, "w") as f:
+    json.dump(timing, f, indent=2)
+  return timing
+
+
 def run(name: str, workdir: str, out: Optional[str] = None, base: Optional[str] = None,
         steps: int = 0, tickets: int = 0, general: int = 200, smoke: bool = False,
         seeds: int = 0) -> dict:
@@ -637,9 +655,7 @@ def run(name: str, workdir: str, out: Optional[str] = None, base: Optional[str] 
   result = study.run(ctx)
   out = out or os.path.join(recipes.REPO, "docs", "reproductions", name)
   if "parts" in result:
-    timing = {"wall_s": time.time() - t0, "train_s": run_seconds(result["root"]),
-              "runs": sum(len(v) for k, v in result["arms"].items() if k != "base"),
-              "load": sampler.stop()}
+    timing = _timing(result, t0, sampler.stop())
     readme = write_seeded_outputs(name, study, result, out, ctx, timing)
   else:
     sampler.stop()

@@ -175,6 +175,9 @@ def _err(values):
   return mean, (None if lo is None else [[mean - lo], [hi - mean]])
 
 
+PALETTE = (0, 1, 2, 3, 4, 5, 6, 8, 9)  # matplotlib's cycle without C7, its grey: the base's
+
+
 def errorbars(arms: dict[str, dict[int, dict]], order: Sequence[str], x: Optional[str],
               ys: Sequence[str], path: str, logx: bool = False, title: str = "",
               xlabel: Optional[str] = None) -> str:
@@ -191,7 +194,7 @@ def errorbars(arms: dict[str, dict[int, dict]], order: Sequence[str], x: Optiona
       if not yv:
         continue
       base = -1 in seeds
-      color = "gray" if base else f"C{i % 10}"
+      color = "gray" if base else f"C{PALETTE[i % len(PALETTE)]}"
       if x is None:
         xv = [float(i)] * len(yv)
       else:
