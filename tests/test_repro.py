@@ -113,3 +113,25 @@ def test_verdict_rules_against_scipy():
   ci = scipy.stats.binomtest(k, n).proportion_ci(method="wilson")
   assert (k, n) == (357, 360)
   assert rv.fmt_rate(k, n) == f"357/360 (99.2%, {100 * ci.low:.1f}-{100 * ci.high:.1f}%)"
+
+
+def test_seeded_arms_and_replay_config(tmp_path):
+  """Each arm runs once per seed with every seed key set (what report.py groups on), and the
+  replay arm's config mixes the given text file back in; a bad arg is one UserError."""
+  import pytest
+
+  from ftjax import recipes, report
+  from ftjax.errors import UserError
+  arg = recipes.config_file("repro") + ":stage=sft,smoke"
+  runs = repro.plan_arms(str(tmp_path), [("a", arg, {"optim.lr": "1e-3"}),
+                                         ("b", arg, {"optim.lr": "1e-4"})], [], seeds=2)
+  assert [r.name for r in runs] == ["a,seed=0", "a,seed=1", "b,seed=0", "b,seed=1"]
+  for r in runs:
+    seed = int(r.name[-1])
+    assert all(r.overrides[k] == seed for k in report.SEED_KEYS)
+    assert r.workdir == str(tmp_path / r.name)
+  c = recipes.get_config("repro", "stage=sft,replay=3,replay_from=/data/base_docs.jsonl")
+  assert [s["path"] for s in c.data.sources][1] == "/data/base_docs.jsonl"
+  assert c.data.sources[1]["weight"] == 3.0 and c.data.sources[1]["add_bos"]
+  with pytest.raises(UserError, match="replay_from= needs replay"):
+    recipes.get_config("repro", "stage=sft,replay_from=/x.jsonl")
