@@ -333,10 +333,13 @@ def forgetting(ctx: Context) -> dict:
   return {"root": root, "arms": arms_seen, "order": order, "parts": parts,
           "means": ["general_ppl", "general_ppl_rise", "task_loss", "task_score"],
           "extra": {"trainable params": _params},
+          # The base (x = 0) is left out: its task figures would flatten the arms' scale.
           "plots": {"forgetting.png": lambda a, p: rv.errorbars(
-              a, order, "general_ppl_rise", ["task_score", "task_loss"], p,
+              a, order[1:], "general_ppl_rise", ["task_score", "task_loss"], p,
               xlabel="forgetting: rise of held-out general-text perplexity over the base",
-              title="Task vs forgetting per arm (mean and 95% t CI over seeds)")}}
+              title="Task vs forgetting per arm (mean and 95% t CI over seeds; the base, "
+              f"before SFT: task score {a['base'][-1]['task_score']:.3f}, task loss "
+              f"{a['base'][-1]['task_loss']:.3f})")}}
 
 
 def qlora(ctx: Context) -> dict:

@@ -209,8 +209,9 @@ def errorbars(arms: dict[str, dict[int, dict]], order: Sequence[str], x: Optiona
                   fmt="*" if base else "o", ms=11 if base else 6, color=color, capsize=4)
       if len(yv) > 1:
         ax.plot(xv, yv, ".", color=color, alpha=0.45, ms=4)
+      # staggered labels: arms with close means would print over each other
       ax.annotate(f"{arm} (before)" if base else arm, (xm, ym), textcoords="offset points",
-                  xytext=(5, 5), fontsize=8)
+                  xytext=(5, 4 + 9 * (i % 3)), fontsize=8)
     if x is None:
       names = [a for a in order if arms.get(a)]
       ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
