@@ -1,12 +1,14 @@
 """Configs of the reproductions under docs/reproductions/ (run by experiments/repro.py).
 
-  python experiments/repro.py --name=lora_rank        # uses stage=base, then stage=sft
+  python experiments/repro.py --name=lora_rank        # stage=sft from the shipped demo base
   python experiments/sft.py --config=configs/repro.py:stage=sft,replay=1 --workdir=/tmp/r \
       --config.model.hf_path=/path/to/base_hf
 
-The support demo at CPU scale, with the retail text split in two: its first GENERAL_TRAIN rows
-pretrain the base (stage=base), the rest are held-out general text, on which forgetting is
-measured (experiments/repro.py writes them to WORKDIR/general_eval.jsonl).
+The support demo at CPU scale. experiments/repro.py fine-tunes the shipped demo base
+(ftjax/demo/base) with stage=sft and measures forgetting on fresh documents of that base's
+corpus generator (ftjax/recipes/repro.py: general_eval_file). stage=base is the older tiny base
+(the first GENERAL_TRAIN rows of pretrain.jsonl; the rest are the general-text split that
+replay=W mixes in without replay_from).
 Arg keys:
   stage=base|sft   base: the demo base pretrained on the general-text split (full training);
                    sft: LoRA SFT on the support tickets (the demo's sft stage, fewer steps)
