@@ -570,7 +570,9 @@ def write_seeded_outputs(name: str, study: Study, result: dict, out: str, ctx: C
           "## Command", "", f"    {cmd}", "",
           f"Wall time: {timing['wall_s'] / 60:.1f} min for the whole command (training "
           f"{timing['train_s'] / 60:.1f} min in {timing['runs']} runs, the rest measuring the "
-          f"models), on the 2-core development VM{load_text}.", "",
+          f"models), on the 2-core development VM{load_text}."
+          + ("" if timing.get("complete", True) else " This invocation resumed the study: "
+             "its wall time covers only the runs it trained and the measurements."), "",
           "## Results", "",
           "Per arm over its seeds: continuous measures as mean ± half-width of the 95% t "
           "interval; rates as counts pooled over seeds (rate, 95% Wilson interval). `details` "
@@ -624,16 +626,16 @@ def _compile_cache(workdir: str):
 def _timing(result: dict, t0: float, load: dict) -> dict:
   """This invocation's wall time and load, kept in ROOT/timing.json when it trained a run; an
   invocation that only rewrote the outputs (every run done) reports the kept one."""
-  path = os.path.join(result["root"], "timing.json")
   root = result["root"]
-  trained = any(os.path.getmtime(os.path.join(root, d, sweep.STATUS_FILE)) > t0
-                for d in os.listdir(root) if os.path.exists(os.path.join(root, d,
-                                                                         sweep.STATUS_FILE)))
-  if not trained and os.path.exists(path):
+  path = os.path.join(root, "timing.json")
+  statuses = [os.path.join(root, d, sweep.STATUS_FILE) for d in sorted(os.listdir(root))]
+  fresh = [os.path.getmtime(p) > t0 for p in statuses if os.path.exists(p)]
+  if not any(fresh) and os.path.exists(path):
     with open(path) as f:
       return json.load(f)
   timing = {"wall_s": time.time() - t0, "train_s": run_seconds(root), "load": load,
-            "runs": sum(len(v) for k, v in result["arms"].items() if k != "base")}
+            "runs": sum(len(v) for k, v in result["arms"].items() if k != "base"),
+            "complete": all(fresh)}  # False: a resumed study, its wall time is partial
   with open(path, "w") as f:
     json.dump(timing, f, indent=2)
   return timing
