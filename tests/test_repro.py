@@ -135,3 +135,45 @@ def test_seeded_arms_and_replay_config(tmp_path):
   assert c.data.sources[1]["weight"] == 3.0 and c.data.sources[1]["add_bos"]
   with pytest.raises(UserError, match="replay_from= needs replay"):
     recipes.get_config("repro", "stage=sft,replay_from=/x.jsonl")
+
+
+def test_forgetting_smoke(base_dir, tmp_path):
+  """The forgetting study's replay arm at smoke size: its data mixes the tickets with the demo
+  base's own pretraining documents, and the README's rise is the arm's perplexity minus the
+  base's."""
+  from ftjax.tasks import support
+  work, out = str(tmp_path / "work"), str(tmp_path / "out")
+  r = repro.run("forgetting", work, out, base=base_dir, smoke=True)
+  run_dir = os.path.join(r["root"], "full_replay,seed=0")
+  sources = json.load(open(os.path.join(run_dir, "config.json")))["data"]["sources"]
+  replay = os.path.join(work, "replay_general.jsonl")
+  assert [s["path"] for s in sources] == [os.path.join(support.DATA_DIR, "train.jsonl"), replay]
+  with open(replay) as f:
+    first = [json.loads(next(f)) for _ in range(3)]
+  assert first == support.make_base_corpus(3, 0)  # the first documents of the base's corpus
+  ev = {a: json.load(open(os.path.join(r["root"], a, "eval.json")))
+        for a in ("base", "full_replay,seed=0")}
+  row = next(ln for ln in open(os.path.join(out, "README.md")).read().splitlines()
+             if ln.startswith("| full_replay |")).split(" | ")
+  rise = ev["full_replay,seed=0"]["general_ppl"] - ev["base"]["general_ppl"]
+  assert row[4] == format(rise, ".4g")  # arm | seeds | params | general_ppl | rise
+  assert os.path.getsize(os.path.join(out, "forgetting.png")) > 1000
+
+
+def test_lora_rank_smoke_bottleneck_row(base_dir, tmp_path):
+  """The lora_rank study's bottleneck row (issue 21) at smoke size: a bottleneck run, its
+  trainable parameters in the README's table as the partition counts them."""
+  from ftjax import partition, workdir as wd
+  from ftjax.train import setup
+  work, out = str(tmp_path / "work"), str(tmp_path / "out")
+  r = repro.run("lora_rank", work, out, base=base_dir, smoke=True)
+  run_dir = os.path.join(r["root"], "bottleneck,seed=0")
+  config = json.load(open(os.path.join(run_dir, "config.json")))
+  assert config["adapter"]["kind"] == "bottleneck" and config["adapter"]["placement"] == "houlsby"
+  _, params, _, cfg = wd.load_trained(run_dir)
+  labels = partition.label_params(params, setup.rules(cfg))
+  n = partition.summary(params, labels)["trainable"]
+  assert 0 < n == json.load(open(os.path.join(run_dir, "eval.json")))["trainable_params"]
+  row = next(ln for ln in open(os.path.join(out, "README.md")).read().splitlines()
+             if ln.startswith("| bottleneck |")).split(" | ")
+  assert row[2] == f"{n:,}"
