@@ -98,7 +98,11 @@ def train() -> dict:
               async_save=True,
               # Positions of T per LM-head chunk in the loss: the step holds one chunk's
               # [B, chunk, V] float32 logits, not [B, T, V]. 0 = all at once.
-              logprob_chunk=256)
+              logprob_chunk=256,
+              # Host offload (ftjax/offload.py): none | optimizer (optimizer state in pinned
+              # host memory, moved in for the update) | activations (remat residuals in pinned
+              # host memory) | both. pjit only.
+              offload="none")
 
 
 def mesh() -> dict:

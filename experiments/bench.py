@@ -50,6 +50,8 @@ def define_flags():
                       "bytes (fake CPU devices: XLA_FLAGS="
                       "--xla_force_host_platform_device_count=8).")
   flags.DEFINE_list("aot_mesh_modes", [], "aot: modes compiled on --mesh (default: --aot_modes).")
+  flags.DEFINE_list("aot_offload", ["none"], "aot: train.offload modes compiled for each step "
+                    "(none, optimizer, activations, both).")
   flags.DEFINE_bool("aot_temps", False, "aot: list the largest temporary buffers (XLA dump).")
   flags.DEFINE_bool("aot_flops", True, "aot: measure FLOPs (two extra 1- and 2-layer compiles).")
   flags.DEFINE_integer("logprob_chunk", 256, "aot: positions per LM-head chunk (0: all).")
@@ -66,7 +68,7 @@ def main(argv):
             peer=F.peer, num_generations=F.num_generations,
             aot=dict(modes=F.aot_modes, kinds=F.aot_steps, mesh=F.mesh,
                      mesh_modes=F.aot_mesh_modes, temps=F.aot_temps, count_flops=F.aot_flops,
-                     chunk=F.logprob_chunk))
+                     chunk=F.logprob_chunk, offloads=F.aot_offload))
 
 
 if __name__ == "__main__":

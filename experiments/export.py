@@ -1,7 +1,9 @@
-"""Export a trained workdir as a merged HF model or a PEFT adapter.
+"""Export a trained workdir as a merged HF model, a PEFT adapter, or bottleneck adapters in the
+`adapters` library's layout (AdapterHub: `model.load_adapter(out)`; ftjax/adapterhub.py).
 
   python experiments/export.py --workdir=/tmp/sft --out=/tmp/sft_hf --format=merged
   python experiments/export.py --workdir=/tmp/sft --out=/tmp/sft_lora --format=peft
+  python experiments/export.py --workdir=/tmp/bn --out=/tmp/bn_ahub --format=adapterhub
 
 The checkpoint is the latest one (`--step=best` for the best by eval loss, or a number).
 The tokenizer is copied alongside. Files are written to a temporary directory and moved
@@ -33,7 +35,9 @@ def define_flags():
   that imports several of these scripts' packages."""
   flags.DEFINE_string("workdir", None, "Training workdir.")
   flags.DEFINE_string("out", None, "Output directory.")
-  flags.DEFINE_enum("format", "merged", ["merged", "peft"], "Merged HF weights or a PEFT adapter.")
+  flags.DEFINE_enum("format", "merged", ["merged", "peft", "adapterhub"],
+                    "Merged HF weights, a PEFT adapter, or bottleneck adapters in the adapters "
+                    "library's layout (AdapterHub).")
   flags.DEFINE_string("step", None, "Checkpoint step, or 'best': the lowest eval loss; refused "
                       "for a run that saved no eval loss (default: latest).")
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],

@@ -104,6 +104,10 @@ class ModelConfig:
   # Rematerialisation of each block in the backward pass: a name of REMAT_POLICIES (True and
   # False, as older configs say, mean "full" and "none").
   remat: Any = "none"
+  # Host offload of the remat residuals (`train.offload=activations`, ftjax/offload.py): each
+  # block is rematerialised with offload_dot_with_no_batch_dims(device, pinned_host) in place
+  # of `remat`'s policy.
+  remat_offload: bool = False
   # Blocks run under a scan over stacked [L, ...] params (`layers/...`): trace and compile time
   # do not grow with depth. False keeps one `layer_{i}` subtree per block (for debugging).
   scan_layers: bool = True

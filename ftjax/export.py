@@ -1,4 +1,5 @@
-"""Export a trained workdir as a merged HF model or a PEFT adapter (experiments/export.py).
+"""Export a trained workdir as a merged HF model, a PEFT adapter or, for bottleneck adapters,
+the `adapters` library's layout (AdapterHub; ftjax/adapterhub.py) (experiments/export.py).
 
 The checkpoint is the latest one (`step="best"` for the best by eval loss, or a number).
 The tokenizer is copied alongside. Files are written to a temporary directory and moved
@@ -23,7 +24,7 @@ import tempfile
 from absl import logging
 import jax
 
-from ftjax import checkpoint, hf, model_card, provenance, workdir as wd
+from ftjax import adapterhub, checkpoint, hf, model_card, provenance, workdir as wd
 from ftjax.errors import UserError
 from ftjax.peft_io import save_adapter
 from ftjax.train import setup
@@ -181,17 +182,38 @@ def _missing_dirs(path: str) -> list[str]:
   return [d for d in _ancestors(path) if not os.path.exists(d)]
 
 
+def _check_adapterhub(workdir: str, config):
+  """Refuses (one line) a run whose adapters the `adapters` library cannot load exactly."""
+  where = f"{workdir}: --format=adapterhub"
+  kind = config.adapter.kind
+  if kind != "bottleneck":
+    raise UserError(f"{where} writes bottleneck adapters only (adapter.kind={kind}); use "
+                    f"--format={'merged' if kind == 'none' else 'peft'}")
+  if not config.model.hf_path:
+    raise UserError(f"{where}: the run's base is no Hugging Face checkpoint "
+                    "(config.model.hf_path is empty); the adapters library loads adapters over one")
+  family = hf.read_hf_config(hf.resolve(config.model.hf_path)).get("model_type")
+  why = adapterhub.refusal(family,
+                           setup._get(config.model, "head", "lm"),
+                           setup._get(config.adapter, "train_extra", ""))
+  if why:
+    raise UserError(f"{where}: {why}")
+
+
 def export(workdir: str, out: str, format: str = "merged", step=None, dtype=None,
            overwrite: bool = False) -> str:
   """Writes the checkpoint `step` of `workdir` to `out` as `format` ("merged": HF weights in
-  `dtype`, default the param dtype; "peft": the adapter); returns `out`."""
+  `dtype`, default the param dtype; "peft": the adapter; "adapterhub": bottleneck adapters in
+  the `adapters` library's layout); returns `out`."""
   if jax.process_index() != 0:  # several hosts: one writer
     return out
   config = wd.load_config(workdir)
   # Checked before the Checkpointer, which would create an empty checkpoints/ here.
   if not wd.has_checkpoints(workdir):
     raise UserError(f"{workdir}: no checkpoint to restore (the run saved none yet)")
-  if config.adapter.kind == "bottleneck":
+  if format == "adapterhub":
+    _check_adapterhub(workdir, config)
+  elif config.adapter.kind == "bottleneck":
     raise UserError(f"{workdir}: --format={format}: {hf.BOTTLENECK_NO_MERGE}")
   if format == "peft" and config.adapter.kind == "none":
     raise UserError(f"{workdir}: the run trained no adapter (adapter.kind=none); "
@@ -208,6 +230,10 @@ def export(workdir: str, out: str, format: str = "merged", step=None, dtype=None
     if format == "merged":
       hf.save_pretrained(model, params, out, dtype=dtype, tokenizer_from=tok_dir,
                             export_info=info, readme=card)
+    elif format == "adapterhub":
+      adapterhub.save(model, params, out, adapterhub.adapter_name(workdir),
+                      base_model_name_or_path=config.model.hf_path, tokenizer_from=tok_dir,
+                      export_info=info, readme=card)
     else:
       save_adapter(model, params, out, base_model_name_or_path=config.model.hf_path or None,
                          tokenizer_from=tok_dir, export_info=info, readme=card)

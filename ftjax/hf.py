@@ -576,7 +576,8 @@ EXPORT_MARKER = "ftjax_export.json"
 BOTTLENECK_NO_MERGE = (
     "bottleneck adapters cannot be merged into the base weights (a nonlinearity sits between "
     "their two projections, so no single linear layer equals them) and PEFT has no format for "
-    "them; keep the ftjax workdir (generate.py and eval.py --workdir=... load it)")
+    "them; keep the ftjax workdir (generate.py and eval.py --workdir=... load it), or export "
+    "them for the adapters library (AdapterHub) with --format=adapterhub")
 
 
 def is_export(path: str) -> bool:
@@ -634,7 +635,8 @@ def write_hf_dir(out_dir: str, write: Callable[[str], None], info: Optional[dict
 
 def _is_export_file(name: str) -> bool:
   return (name.startswith(("model", "adapter_")) and ".safetensors" in name) or name in (
-      "config.json", "generation_config.json", "adapter_config.json", EXPORT_MARKER)
+      "config.json", "generation_config.json", "adapter_config.json", EXPORT_MARKER,
+      "pytorch_adapter.bin", "adapter.safetensors")  # the last two: adapterhub.FILES
 
 
 def _link_or_copy(src: str, dst: str):

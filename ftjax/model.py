@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import heads, lora, quant
+from ftjax import heads, lora, offload, quant
 from ftjax.config import (LORA_TARGET_PRESETS, BottleneckConfig, LoraConfig, ModelConfig,
                           PrefixConfig, dot_precision)
 
@@ -612,9 +612,12 @@ class Decoder(nn.Module):
     index = None if cache is None else cache["index"]
     shared = (positions, key_valid, q_idx, k_idx, q_seg, k_seg, index, rows)
     block_cls = Block
-    if cfg.remat != "none" and cache is None:
+    if (cfg.remat != "none" or cfg.remat_offload) and cache is None:
       # Under scan the loop body is its own computation, so CSE cannot undo the remat.
-      policy = (None if cfg.remat == "full" else getattr(jax.checkpoint_policies, cfg.remat))
+      if cfg.remat_offload:
+        policy = offload.residual_policy()
+      else:
+        policy = None if cfg.remat == "full" else getattr(jax.checkpoint_policies, cfg.remat)
       block_cls = nn.remat(Block, prevent_cse=not cfg.scan_layers, policy=policy)
     if cfg.scan_layers:
       scanned = nn.scan(block_cls, variable_axes={"params": 0},

@@ -4,7 +4,8 @@
 (what `huggingface_hub.ModelCard.load` parses into `ModelCardData`), then the body.
 
 Metadata: `base_model` (a hub id; a local base directory is named in the body only, as the hub
-accepts no path there), `library_name` (`peft` for an adapter, `ftjax` otherwise),
+accepts no path there), `library_name` (`peft` for a PEFT adapter, `adapter-transformers` for
+an AdapterHub one, `ftjax` otherwise),
 `pipeline_tag` (`text-classification` for a reward model, `token-classification` for a
 process reward model, else `text-generation`), `tags` (the
 trainer, the adapter kind, `qlora` for a 4-bit base), `datasets` (hub names as such, local files
@@ -250,11 +251,15 @@ def _md_value(v: Any) -> str:
   return "`" + json.dumps(v, default=str).replace("|", "\\|") + "`"
 
 
+# The hub's library name per export format (AdapterHub's adapters are `adapter-transformers`).
+_LIBRARY = {"peft": "peft", "adapterhub": "adapter-transformers"}
+
+
 def build(workdir: str, step: int, fmt: str, config: dict, params_count: Optional[dict] = None
           ) -> str:
   """The README.md text of an export of `workdir`'s checkpoint `step` in format `fmt`
-  (merged | peft), `config` the run's config as a dict; `params_count` {"total", "trainable"}
-  for the body."""
+  (merged | peft | adapterhub), `config` the run's config as a dict; `params_count` {"total",
+  "trainable"} for the body."""
   from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
   runs = _runs(workdir)
@@ -279,14 +284,17 @@ def build(workdir: str, step: int, fmt: str, config: dict, params_count: Optiona
                         dataset_split="eval", metric_type=k, metric_name=k, metric_value=v)
              for k, v, _ in rows if math.isfinite(v)]
   card_data = ModelCardData(
-      base_model=base_id, library_name="peft" if fmt == "peft" else "ftjax",
+      base_model=base_id, library_name=_LIBRARY.get(fmt, "ftjax"),
       pipeline_tag=pipeline, tags=_tags(config, trainer, fmt),
       datasets=_dataset_ids(sources) or None, license=lic,
       model_name=name if results else None, eval_results=results or None)
 
   out = [f"# {name}", ""]
   what = {"merged": "merged Hugging Face model (adapter folded into the weights)",
-          "peft": "PEFT adapter (load it over the base model with `peft.PeftModel`)"}[fmt]
+          "peft": "PEFT adapter (load it over the base model with `peft.PeftModel`)",
+          "adapterhub": "bottleneck adapter in the adapters library's layout (AdapterHub: "
+                        "`adapters.init(model)`, then `model.load_adapter(dir)` over the base "
+                        "model)"}[fmt]
   out += [f"A {what}, trained with ftjax's `{trainer}` trainer"
           f"{_KIND.get(head, '')}.",
           "", f"- Base model: {base_text}",

@@ -20,12 +20,13 @@ experiment on that workdir (the first run, then every resume), each with
 
 so that with `--config.allow_drift=True` both the old and the new config are on record.
 
-A resume whose config differs from the saved one outside `ALLOWED_DRIFT` (steps and the log,
-eval and save cadence) is refused with the differing keys named, before anything is read or
-written: a changed learning rate or dataset would silently make the checkpoint mean something
-else. So is a data file whose content changed since the last attempt (its hash in run.json): the
-data position in the checkpoint would point into other rows. `--config.allow_drift=True` resumes
-anyway. A workdir without a checkpoint has nothing to resume: a new config starts it afresh.
+A resume whose config differs from the saved one outside `ALLOWED_DRIFT` (steps, the log,
+eval and save cadence, train.offload) is refused with the differing keys named, before anything
+is read or written: a changed learning rate or dataset would silently make the checkpoint mean
+something else. So is a data file whose content changed since the last attempt (its hash in
+run.json): the data position in the checkpoint would point into other rows.
+`--config.allow_drift=True` resumes anyway. A workdir without a checkpoint has nothing to
+resume: a new config starts it afresh.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ from ftjax.errors import UserError
 # Keys a resume may change: how long to train and how often to log, evaluate and save.
 ALLOWED_DRIFT = ("train.steps", "train.log_every", "train.eval_every", "train.save_every",
                  "train.eval_batches", "train.keep", "train.async_save", "data.cache_dir",
-                 "allow_drift")
+                 "allow_drift",
+                 # Placement only: the same arithmetic in another memory (tests/test_offload.py).
+                 "train.offload")
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml_collections",
              "transformers", "tokenizers", "safetensors", "datasets")
 _MISSING = "<missing>"
@@ -57,6 +60,7 @@ ADDED_KEYS = {
     "dpo.loss_weights": "", "dpo.ld_alpha": None, "dpo.f_divergence_type": "reverse_kl",
     "dpo.f_alpha_divergence_coef": 0.5, "dpo.discopop_tau": 0.05,
     "adapter.reduction_factor": 16, "adapter.placement": "houlsby",  # read by bottleneck only
+    "train.offload": "none",
 }
 
 

@@ -61,6 +61,7 @@ def test_run_every_bench(tmp_path, capsys):
   assert grpo["rollout_tokens_per_s"] == pytest.approx(16 * 4 / grpo["rollout_median_s"])
   assert grpo["tokens_per_s"] == pytest.approx(16 * (32 + 4) / grpo["median_s"])
   assert grpo["trainable_params"] == n_lora and grpo["step_bytes"] > 0
+  assert grpo["reference_median_s"] > 0 and grpo["advantages_median_s"] > 0
   # Fewer bytes with a 4-bit base: the kernels are a fraction of the tiny model's params.
   assert by_bench["qlora_step"]["argument_bytes"] < lora["argument_bytes"]
   q = by_bench["quant_memory"]

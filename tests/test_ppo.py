@@ -341,6 +341,8 @@ def test_experiment_runs_and_resumes_exactly(base_dir, rm_dir, prompt_file, tmp_
   rows = [r for r in metrics_lib.read_metrics(straight) if "loss" in r]
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   assert rows[1]["objective/kl_coef"] != rows[0]["objective/kl_coef"]  # adaptive controller
+  for k in ("rollout_seconds", "score_seconds", "experience_seconds", "update_seconds"):
+    assert rows[0][k] > 0, k  # the loop's phases (its update ran under the transfer guard)
 
   # A run that lost its last checkpoint (killed before it): rerunning the same command resumes
   # at step 2 and ends bitwise equal, with the same logged losses.

@@ -48,11 +48,12 @@ from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
 from flax import traverse_util
 
 import ftjax
-from ftjax import metrics, partition, sharding
+from ftjax import metrics, offload as offload_lib, partition, sharding
 from ftjax.config import ModelConfig
 from ftjax.model import AdapterSpec
 
@@ -186,10 +187,29 @@ STEPS: dict[str, Callable] = {"sft": sft_step, "grpo": grpo_step, "dpo": dpo_ste
 
 # ---- compile and analyse
 
-def _shardings(s: Setup, kind: str, args: tuple, mesh, rules):
+def _single_device_shardings(args: tuple, opt_on_host: bool):
+  """in_shardings on one device (used only to give the optimizer state a memory kind). Named
+  shardings on a 1-device mesh: a SingleDeviceSharding's memory kind does not reach the traced
+  values' memory space (jax 0.10.2)."""
+  dev = sharding.replicated(sharding.make_mesh("data=1", jax.devices()[:1]))
+  sh = jax.tree_util.tree_map(lambda _: dev, args)
+  if opt_on_host:
+    sh[0]["opt_state"] = offload_lib.on_host(sh[0]["opt_state"])
+  return sh
+
+
+def placed(args: tuple, in_shardings) -> tuple:
+  """The abstract args carrying their shardings. A value's memory space inside the jitted step
+  (`float32<host>[...]`, what `offload.to_device` moves) comes from its argument's sharding, as
+  for the trainers' arrays, not from jit's in_shardings."""
+  return jax.tree_util.tree_map(
+      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), args, in_shardings)
+
+
+def _shardings(s: Setup, kind: str, args: tuple, mesh, rules, opt_on_host: bool = False):
   """in_shardings of the step's args on `mesh`: params by their logical names (as the
   trainers shard them), the optimizer state as `loop.init_state` places it (each moment like
-  its param), the batch over data x fsdp."""
+  its param; in pinned host memory with `opt_on_host`), the batch over data x fsdp."""
   names = sharding.param_shardings(s.model, partition.merge(s.trainable, s.frozen), mesh, rules)
   flat = traverse_util.flatten_dict(names)
 
@@ -204,6 +224,8 @@ def _shardings(s: Setup, kind: str, args: tuple, mesh, rules):
     return (cache, pick(args[1]), rep)
   from ftjax.train import loop
   state_sh = loop.state_shardings(s.tx, args[0], pick(s.trainable), mesh)  # as the trainers
+  if opt_on_host:
+    state_sh["opt_state"] = offload_lib.on_host(state_sh["opt_state"])
   n = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
   # A batch of fewer rows than batch shards (batch 1 on fsdp=8) is replicated.
   batch = jax.tree_util.tree_map(lambda x: batch_sh if x.ndim and x.shape[0] % n == 0 else rep,
@@ -224,6 +246,32 @@ def compile_step(fn, args: tuple, donate: int = 0, in_shardings=None, mesh=None,
   else:
     compiled = jit.lower(*args).compile(compiler_options=opts)
   return compiled, time.perf_counter() - t0
+
+
+def host_residual_bytes(jaxpr, host_only: bool = True) -> int:
+  """Bytes of the values the traced step keeps in host memory across its layer scan: the
+  stacked [L, ...] residuals that the forward scan writes to pinned_host for the backward one
+  (`offload=activations`). Counted on the scans' outputs (a scan body's per-layer values are
+  what it stacks), through every other nesting (jit, remat, custom VJPs). `host_only=False`
+  counts every scan output, wherever it lives."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      total += sum(tree_bytes(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype))
+                   for v in eqn.outvars if not host_only
+                   or getattr(v.aval, "memory_space", None) == jax.memory.Space.Host)
+      continue
+    for sub in jex_core.jaxprs_in_params(eqn.params):
+      total += host_residual_bytes(sub, host_only)
+  return total
+
+
+def host_entry_params(compiled) -> int:
+  """How many of the compiled step's parameters XLA places in host memory (`S(5)` in the
+  entry computation layout): the memory kinds reached the executable."""
+  head = compiled.as_text().split("\n", 2)[:2]
+  m = re.search(r"entry_computation_layout=\{\((.*?)\)->", " ".join(head))
+  return 0 if m is None else m.group(1).count("S(5)")
 
 
 def memory(compiled) -> dict:
@@ -247,7 +295,7 @@ def extrapolated_flops(cfg: ModelConfig, kind: str, mode: str, **kw) -> dict:
   """Model FLOPs of the whole step from two loop-free compiles at 1 and 2 unrolled layers."""
   f = {}
   for n in (1, 2):
-    small = cfg.replace(n_layers=n, scan_layers=False, remat="none")
+    small = cfg.replace(n_layers=n, scan_layers=False, remat="none", remat_offload=False)
     _, fn, args, _, _ = STEPS[kind](small, mode, **{**kw, "chunk": 0})
     f[n] = flops(compile_step(fn, args, 0)[0])
   per_layer = f[2] - f[1]
@@ -298,8 +346,15 @@ def largest_temps(dump: str, top: int = 8) -> list[dict]:
 
 
 def run_one(cfg: ModelConfig, kind: str, mode: str, *, batch: int, seq_len: int, mesh=None,
-            rules=sharding.RULES, temps: bool = False, count_flops: bool = True, **kw) -> dict:
-  """Compile one step and return its record."""
+            rules=sharding.RULES, temps: bool = False, count_flops: bool = True,
+            offload: str = "none", **kw) -> dict:
+  """Compile one step and return its record. `offload` (`train.offload`, ftjax/offload.py):
+  the optimizer state's shardings in pinned_host memory, and/or the blocks' remat residuals
+  offloaded (`ModelConfig.remat_offload`)."""
+  offload_lib.check(offload, "--aot_offload")
+  opt_on_host = offload_lib.optimizer(offload) and kind != "decode"
+  if offload_lib.activations(offload):
+    cfg = cfg.replace(remat_offload=True)
   s, fn, args, tokens, formula = STEPS[kind](cfg, mode, batch=batch, seq_len=seq_len, **kw)
   changed = 0
   if kind != "decode":
@@ -311,14 +366,32 @@ def run_one(cfg: ModelConfig, kind: str, mode: str, *, batch: int, seq_len: int,
                                                      jax.tree_util.tree_leaves(steady)))
     args = (steady,) + tuple(args[1:])
     s.state = steady
-  in_sh = _shardings(s, kind, args, mesh, rules) if mesh is not None else None
+  if mesh is not None:
+    in_sh = _shardings(s, kind, args, mesh, rules, opt_on_host)
+  else:
+    in_sh = _single_device_shardings(args, True) if opt_on_host else None
+  if opt_on_host:
+    args = placed(args, in_sh)
   dump = tempfile.mkdtemp(prefix="ftjax-aot-") if temps else None
   try:
     compiled, secs = compile_step(fn, args, 0, in_sh, mesh, rules, dump)
-    rec = {"kind": kind, "mode": mode, "batch": batch, "seq_len": seq_len,
+    mem = memory(compiled)
+    # XLA's CPU backend counts host-resident parameters in argument_size (its host_* sizes
+    # stay 0): the bytes in pinned_host are read from the executable's input shardings.
+    host_args = offload_lib.host_bytes(compiled.input_shardings[0], args)
+    # The offloaded residuals, from the traced step (on one device; a mesh row's would be
+    # global shapes, not per device).
+    residuals = 0 if mesh is None else None
+    if offload_lib.activations(offload) and kind != "decode" and mesh is None:
+      jit = jax.jit(fn) if in_sh is None else jax.jit(fn, in_shardings=in_sh)
+      residuals = host_residual_bytes(jit.trace(*args).jaxpr.jaxpr)
+    rec = {"kind": kind, "mode": mode, "offload": offload, "batch": batch, "seq_len": seq_len,
            "devices": 1 if mesh is None else mesh.size,
            "mesh": None if mesh is None else {k: int(v) for k, v in mesh.shape.items() if v > 1},
-           "compile_s": secs, **memory(compiled),
+           "compile_s": secs, **mem,
+           "host_argument_bytes": host_args, "host_entry_params": host_entry_params(compiled),
+           "host_residual_bytes": residuals,
+           "device_argument_bytes": mem.get("argument_bytes", 0) - host_args,
            "trainable_bytes": tree_bytes(s.trainable), "frozen_bytes": tree_bytes(s.frozen),
            "opt_state_bytes": tree_bytes(s.state["opt_state"]) if kind != "decode" else 0,
            "state_dtype_changes": changed,
@@ -341,15 +414,28 @@ def _h(n: Optional[float]) -> str:
   return "-" if n is None else f"{n / GiB:.2f}"
 
 
-def format_table(records: list[dict]) -> str:
-  head = (f"{'step':<7} {'mode':<6} {'dev':>3} {'arg GiB':>8} {'out GiB':>8} {'temp GiB':>8} "
-          f"{'code MiB':>8} {'compile_s':>9} {'GFLOP/tok':>9} {'formula':>9} {'ratio':>6}")
+def format_table(records: list[dict], offload_columns: Optional[bool] = None) -> str:
+  """One row per record. With any offload row, four more columns: the offload mode, the
+  arguments in pinned_host (the optimizer state) and those left on the device, and the remat
+  residuals the step writes to pinned_host (from the traced step; the CPU itself keeps them in
+  its temporaries, see ftjax/offload.py)."""
+  off = (any(r.get("offload", "none") != "none" for r in records) if offload_columns is None
+         else offload_columns)
+  head = (f"{'step':<7} {'mode':<6} " + (f"{'offload':<11} " if off else "")
+          + f"{'dev':>3} {'arg GiB':>8} {'out GiB':>8} {'temp GiB':>8} "
+          + (f"{'host arg':>8} {'dev arg':>8} {'resid GiB':>9} " if off else "")
+          + f"{'code MiB':>8} {'compile_s':>9} {'GFLOP/tok':>9} {'formula':>9} {'ratio':>6}")
   rows = [head, "-" * len(head)]
   for r in records:
     fpt = r.get("flops_per_token")
+    extra = ""
+    if off:
+      extra = (f"{_h(r.get('host_argument_bytes')):>8} {_h(r.get('device_argument_bytes')):>8} "
+               f"{_h(r.get('host_residual_bytes')):>9} ")
     rows.append(
-        f"{r['kind']:<7} {r['mode']:<6} {r['devices']:>3} {_h(r.get('argument_bytes')):>8} "
-        f"{_h(r.get('output_bytes')):>8} {_h(r.get('temp_bytes')):>8} "
+        f"{r['kind']:<7} {r['mode']:<6} " + (f"{r.get('offload', 'none'):<11} " if off else "")
+        + f"{r['devices']:>3} {_h(r.get('argument_bytes')):>8} "
+        f"{_h(r.get('output_bytes')):>8} {_h(r.get('temp_bytes')):>8} {extra}"
         f"{r.get('code_bytes', 0) / 2**20:>8.1f} {r['compile_s']:>9.1f} "
         f"{'-' if fpt is None else format(fpt / 1e9, '9.2f'):>9} "
         f"{r['formula_flops'] / r['tokens'] / 1e9:>9.2f} "
@@ -365,7 +451,7 @@ def run(preset: str, modes=("full", "lora", "qlora", "int4"), kinds=("sft",), ba
         remat: Any = "full", rank: int = 16, chunk: int = 256, mesh: str = "",
         temps: bool = False, count_flops: bool = True, num_generations: int = 8,
         max_new_tokens: int = 256, mesh_modes=None, verbose: bool = True,
-        out: Optional[str] = None) -> list[dict]:
+        out: Optional[str] = None, offloads=("none",)) -> list[dict]:
   """Every (kind, mode) on one device, then (with `mesh`, e.g. "fsdp=8") the `mesh_modes`
   (default: all `modes`) on that mesh. Each record is appended to the JSON-lines file `out` as
   soon as it is compiled (a long table keeps its rows if a later one fails)."""
@@ -375,6 +461,9 @@ def run(preset: str, modes=("full", "lora", "qlora", "int4"), kinds=("sft",), ba
   for k in kinds:
     if k not in KINDS:
       raise ValueError(f"--aot_steps={k!r}: expected some of {', '.join(KINDS)}")
+  for o in offloads:
+    if o not in offload_lib.OFFLOADS:
+      raise ValueError(f"--aot_offload={o!r}: expected some of {', '.join(offload_lib.OFFLOADS)}")
   cfg = ftjax.get_preset(preset).replace(param_dtype=dtype, dtype=compute_dtype, remat=remat)
   meshes = [None]
   if mesh:
@@ -385,20 +474,22 @@ def run(preset: str, modes=("full", "lora", "qlora", "int4"), kinds=("sft",), ba
   if out:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   records = []
-  for msh in meshes:
-    for kind in kinds:
-      for mode in (modes if msh is None or not mesh_modes else mesh_modes):
-        if kind == "dpo" and mode == "full":
-          continue
-        rec = run_one(cfg, kind, mode, mesh=msh, temps=temps, count_flops=count_flops, **kw)
-        rec.update(preset=preset, param_dtype=dtype, compute_dtype=compute_dtype,
-                   remat=cfg.remat, platform=jax.devices()[0].platform, jax=jax.__version__)
-        records.append(rec)
-        if out:
-          with open(out, "a") as f:
-            f.write(json.dumps({"time": time.time(), "bench": "aot", **rec}) + "\n")
-        if verbose:
-          print(format_table([rec]).splitlines()[2], flush=True)
+  rows = [(msh, kind, mode, o) for msh in meshes for kind in kinds
+          for mode in (modes if msh is None or not mesh_modes else mesh_modes)
+          for o in offloads if not (kind == "dpo" and mode == "full")
+          and not (kind == "decode" and o != "none")]  # decode has no state, no backward
+  for msh, kind, mode, o in rows:
+    # Offload moves bytes, not FLOPs: those are counted on the rows without it.
+    rec = run_one(cfg, kind, mode, mesh=msh, temps=temps, offload=o,
+                  count_flops=count_flops and o == "none", **kw)
+    rec.update(preset=preset, param_dtype=dtype, compute_dtype=compute_dtype,
+               remat=cfg.remat, platform=jax.devices()[0].platform, jax=jax.__version__)
+    records.append(rec)
+    if out:
+      with open(out, "a") as f:
+        f.write(json.dumps({"time": time.time(), "bench": "aot", **rec}) + "\n")
+    if verbose:
+      print(format_table([rec], any(o != "none" for o in offloads)).splitlines()[2], flush=True)
   if verbose:
     print(f"preset={preset} ({cfg.num_params():,} params) B={batch} T={seq_len} "
           f"params={dtype} compute={compute_dtype} remat={cfg.remat} logprob_chunk={chunk} "

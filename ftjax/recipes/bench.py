@@ -29,12 +29,17 @@ Benches (`--bench`, a comma list or repeated; `--attention` runs each listed imp
                 anything: the SFT step (--aot_steps=sft,grpo,dpo,decode for the others) per
                 --aot_modes (full, lora, qlora = NF4 + double quant, int4 + double quant);
                 memory_analysis bytes, FLOPs (checked against the MFU formula below) and
-                compile seconds, on one device and per device on --mesh (ftjax/recipes/aot.py).
+                compile seconds, on one device and per device on --mesh (ftjax/recipes/aot.py);
+                --aot_offload=none,optimizer,activations,both adds train.offload's rows (what
+                each keeps off the device).
   grpo_step     one GRPO iteration of ftjax/train/grpo.py with LoRA (--rank): the rollout of
                 --batch prompts (--seq_len tokens) x --num_generations samples of
                 --max_new_tokens each (no early EOS) from the live params, then the update step
                 on that batch (dapo loss, chunked logprobs). tokens_per_s is the update's
-                (prompt + completion tokens), rollout_tokens_per_s the decoded tokens. The real
+                (prompt + completion tokens), rollout_tokens_per_s the decoded tokens;
+                rollout_median_s, reference_median_s (the reference forward) and
+                advantages_median_s (group advantages + the placed step batch) time the loop's
+                other phases (scoring needs a task's text: grpo.run's score_seconds). The real
                 shape (a GPU): --preset=llama-3.2-1b --batch=8 --num_generations=8 --seq_len=128
                 --max_new_tokens=256 --dtype=bfloat16.
 
@@ -243,7 +248,7 @@ def bench_grpo_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warm
   `seq_len` tokens, G samples of `max_new_tokens` each, no early EOS, from the live params) and
   the update step on it. tokens_per_s counts the update's prompt + completion tokens;
   rollout_tokens_per_s the decoded completion tokens."""
-  from ftjax import metrics, partition, rollout
+  from ftjax import losses, lora, metrics, partition, rollout
   from ftjax.train import common, grpo
   model = ftjax.Decoder(cfg, _adapter_spec("lora_step", rank))
   params = ftjax.init_params(model, jax.random.PRNGKey(seed))
@@ -266,8 +271,21 @@ def bench_grpo_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warm
     return last[0]["logprobs"]
 
   roll_first, roll_times = time_calls(do_rollout, steps, warmup)
-  adv = np.random.default_rng(seed).normal(size=batch * g).astype(np.float32)
-  step_batch = grpo.step_batch(last[0], adv)
+  # The loop's other phases on this rollout (grpo.run's timers): the reference forward (the
+  # adapters switched off, beta != 0), then the group advantages of G rewards per prompt and
+  # the step batch placed on the device. Scoring is the task's reward functions on decoded
+  # text: no tokenizer here (random tokens), so it is timed by the loop only.
+  ref_lp = rollout.make_logprob_fn(lora.disable(model), chunk=256)
+  _, ref_times = time_calls(lambda: ref_lp(partition.merge(box[0]["params"], frozen), last[0]),
+                            steps, warmup)
+  rewards = np.random.default_rng(seed).normal(size=batch * g).astype(np.float32)
+
+  def place():
+    adv, _ = losses.grpo_advantages(jnp.asarray(rewards), g, "group")
+    return jax.device_put(grpo.step_batch(last[0], np.asarray(adv)))
+
+  _, adv_times = time_calls(place, steps, warmup)
+  step_batch = place()
   settings = grpo.GRPOSettings(loss_type="dapo", max_completion_length=m)
   t0 = time.perf_counter()
   compiled = jax.jit(grpo.make_step(model, tx, schedule, settings, chunk=256),
@@ -285,6 +303,8 @@ def bench_grpo_step(cfg: ModelConfig, batch: int, seq_len: int, steps: int, warm
          "num_generations": g, "max_new_tokens": m, "prompt_len": seq_len, "completions": n,
          "trainable_params": n_trained, "rank": rank,
          "rollout_median_s": statistics.median(roll_times),
+         "reference_median_s": statistics.median(ref_times),
+         "advantages_median_s": statistics.median(adv_times),
          "rollout_tokens_per_s": n * m / statistics.median(roll_times), **_memory(compiled)}
   return rec, times, n * (seq_len + m), fpt * n * (seq_len + m)
 
@@ -442,7 +462,9 @@ def format_table(records: list[dict]) -> str:
               f"{r['tokens_per_s'] / r['separate_tokens_per_s']:.2f}x")
     if r["bench"] == "grpo_step":
       note = (f"update tok/s; rollout {r['rollout_tokens_per_s']:,.0f} decoded tok/s "
-              f"({r['completions']} x {r['max_new_tokens']} tok in {r['rollout_median_s']:.2f}s)")
+              f"({r['completions']} x {r['max_new_tokens']} tok in {r['rollout_median_s']:.2f}s)"
+              f"; reference {r['reference_median_s'] * 1e3:.1f} ms, advantages + placement "
+              f"{r['advantages_median_s'] * 1e3:.1f} ms")
     if r["bench"] in STEP_BENCHES:
       note = f"step memory {_human(r['step_bytes'])}" if "step_bytes" in r else ""
       if "peak_bytes" in r:

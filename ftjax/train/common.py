@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ftjax import partition
+from ftjax import offload, partition
 from ftjax.errors import UserError
 
 OPTIMIZERS = ("adamw", "adam", "lion", "sgd", "adafactor")
@@ -60,6 +60,10 @@ def validate(config):
   ratio = _get(o, "min_lr_ratio", 0.0)
   if not 0.0 <= float(ratio) <= 1.0:
     raise UserError(f"config.optim.min_lr_ratio={ratio!r}: expected a fraction in [0, 1]")
+  mode = offload.check(_get(t, "offload", "none"))
+  if mode != "none" and _get(config, "parallel", "pjit") != "pjit":
+    raise UserError(f"config.train.offload={mode!r} needs config.parallel='pjit' (memory kinds "
+                    "are shardings)")
   mpl = _get(_get(config, "data", {}), "max_prompt_length")
   if mpl is not None:  # preference data: 0 is half of seq_len
     _int_at_least("data.max_prompt_length", mpl, 0)
@@ -180,7 +184,11 @@ def update_step(state: dict, frozen: dict, batch: dict, *,
     loss_sum, n, aux, grads = jax.lax.psum((loss_sum, n, aux, grads), axis_name)
   denom = jnp.maximum(n, 1.0)
   grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  # train.offload=optimizer: the state arrives in pinned host memory and goes back there; it
+  # is moved in here, after the backward pass, so it is never on the device beside activations.
+  opt_in = offload.to_device(state["opt_state"])
+  updates, opt_state = tx.update(grads, opt_in, state["params"])
+  opt_state = offload.like(opt_state, state["opt_state"])
   params = optax.apply_updates(state["params"], updates)
   metrics = {"loss": loss_sum / denom, "target_tokens": n, "grad_norm": _norm(grads),
              "update_norm": _norm(updates), "param_norm": _norm(params),

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from ftjax import checkpoint, metrics as metrics_lib, partition, provenance, sharding
+from ftjax import checkpoint, metrics as metrics_lib, offload, partition, provenance, sharding
 from ftjax import workdir as wd
 from ftjax.errors import Diverged, Interrupted
 from ftjax.train import common, setup
@@ -55,10 +55,12 @@ def state_shardings(tx, state_shapes: dict, param_shardings: dict, mesh) -> dict
   return {"step": rep, "params": param_shardings, "opt_state": opt, "rng": rep}
 
 
-def init_state(par, trainable: dict, tx, seed: int) -> dict:
+def init_state(par, trainable: dict, tx, seed: int, offload_mode: str = "none") -> dict:
   """The train state, built by a jit under the run's mesh in the params' shards. The moments
   need explicit out_shardings: zeros_like depends on no input, so jit would replicate them on
-  every device (the whole optimizer state per device under fsdp)."""
+  every device (the whole optimizer state per device under fsdp). With `offload_mode`
+  optimizer (or both) the optimizer state is placed in pinned host memory; the step's
+  shardings, taken from the state, keep it there."""
   fn = lambda tr: common.init_state(tr, tx, int(seed))
   with par.context():
     if par.mesh is None:
@@ -66,6 +68,8 @@ def init_state(par, trainable: dict, tx, seed: int) -> dict:
     shapes = jax.eval_shape(fn, trainable)
     out = state_shardings(tx, shapes, jax.tree_util.tree_map(lambda x: x.sharding, trainable),
                           par.mesh)
+    if offload.optimizer(offload_mode):  # the init writes it to the host itself
+      out["opt_state"] = offload.on_host(out["opt_state"])
     return jax.jit(fn, out_shardings=out)(trainable)
 
 
@@ -84,7 +88,8 @@ def init(config, par, params: dict, rules, steps: Optional[int] = None) -> Init:
   logged."""
   trainable, frozen, labels = common.split_params(params, rules)
   schedule, tx = setup.optimizer(config, steps)
-  state = init_state(par, trainable, tx, config.train.seed)
+  state = init_state(par, trainable, tx, config.train.seed,
+                     setup._get(config.train, "offload", "none"))
   summary = partition.summary(params, labels, state["opt_state"])
   logging.info("%s", partition.format_summary(summary))
   return Init(state, frozen, schedule, tx, summary)

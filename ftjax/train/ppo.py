@@ -32,7 +32,9 @@ initialised from the reward model).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
 from typing import Callable, Optional
 
 import jax
@@ -332,17 +334,32 @@ def run(config, workdir: str) -> dict:
         ids = prompt_ids(data.next())
         key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(int(t.seed)),
                                                     ROLLOUT_STREAM), step)
+        t0 = time.perf_counter()
         with par.context():
           params_now = policy_params()
           batch = rollout.rollout(model, params_now, ids, rng=key,
                                   temperature=float(pc.temperature), **sample)
-          scores = score_fn(rm_params, batch)
-          batch, m_exp = exp_fn(params_now, batch, scores, jnp.float32(kl_coef))
+          t1 = time.perf_counter()
+          scores = jax.block_until_ready(score_fn(rm_params, batch))
+          t2 = time.perf_counter()
+          batch, m_exp = jax.block_until_ready(exp_fn(params_now, batch, scores,
+                                                      jnp.float32(kl_coef)))
         del params_now
         batch = {k: batch[k] for k in UPDATE_KEYS}
         if par.mode == "pmap":  # split on the host: pmap takes each device's rows from there
           batch = jax.device_get(batch)
-        state, m = step_fn(state, frozen, par.batch(batch))
+        batch = par.batch(batch)
+        t3 = time.perf_counter()
+        # The update moves nothing between host and device: state, frozen params and the placed
+        # batch are on device already (under pmap the batch is a host array pmap places).
+        with (jax.transfer_guard("disallow") if par.mode == "pjit" else contextlib.nullcontext()):
+          state, m = step_fn(state, frozen, batch)
+        jax.block_until_ready(m)
+        # Phases of the step, host seconds: sampling, the reward model's scores, the experience
+        # (reference forward, values, KL-shaped rewards, GAE advantages) with the batch placed,
+        # the PPO epochs' updates.
+        phases = {"rollout_seconds": t1 - t0, "score_seconds": t2 - t1,
+                  "experience_seconds": t3 - t2, "update_seconds": time.perf_counter() - t3}
         step += 1
         m_exp = {k: float(v) for k, v in jax.device_get(m_exp).items()}
         coef_used = kl_coef
@@ -354,7 +371,7 @@ def run(config, workdir: str) -> dict:
           m = {**{k: float(v) for k, v in jax.device_get(par.metrics(m)).items()}, **m_exp,
                "objective/kl_coef": coef_used, "episode": step * int(t.batch_size),
                # the progress bar's two numbers
-               "reward": m_exp["objective/scores"], "kl": m_exp["objective/kl"]}
+               "reward": m_exp["objective/scores"], "kl": m_exp["objective/kl"], **phases}
           last = loop.log(step, m, writer, bar, hint="lower optim.lr or raise ppo.kl_coef")
         eval_metrics = loop.eval_and_save(step, t, eval_rows, run_eval, writer, save)
         last = {**last, **(eval_metrics or {})}

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from ftjax import checkpoint, heads, hf, partition
+from ftjax import checkpoint, heads, hf, offload, partition
 from ftjax.config import (ADAPTER_DTYPES, MATMUL_PRECISIONS, BottleneckConfig, LoraConfig,
                           PrefixConfig, get_preset)
 from ftjax.errors import UserError
@@ -104,6 +104,8 @@ def build_model(config, rng: Optional[jax.Array] = None, par=None):
   dtype, cdt = m.dtype, m.compute_dtype or m.dtype
   head = _get(m, "head", "lm")
   numerics = numerics_config(config)
+  if offload.activations(offload.check(_get(_get(config, "train", {}), "offload", "none"))):
+    numerics["remat_offload"] = True  # the blocks' remat residuals in pinned host memory
   if m.hf_path:
     extra = {"head": head}
     if head == "score" and tok.pad_token_id is not None:
