@@ -1,17 +1,22 @@
 """Configs of the reproductions under docs/reproductions/ (run by experiments/repro.py).
 
-  python experiments/repro.py --name=lora_rank        # uses stage=base, then stage=sft
+  python experiments/repro.py --name=lora_rank        # stage=sft from the shipped demo base
   python experiments/sft.py --config=configs/repro.py:stage=sft,replay=1 --workdir=/tmp/r \
       --config.model.hf_path=/path/to/base_hf
 
-The support demo at CPU scale, with the retail text split in two: its first GENERAL_TRAIN rows
-pretrain the base (stage=base), the rest are held-out general text, on which forgetting is
-measured (experiments/repro.py writes them to WORKDIR/general_eval.jsonl).
+The support demo at CPU scale. experiments/repro.py fine-tunes the shipped demo base
+(ftjax/demo/base) with stage=sft and measures forgetting on fresh documents of that base's
+corpus generator (ftjax/recipes/repro.py: general_eval_file). stage=base is the older tiny base
+(the first GENERAL_TRAIN rows of pretrain.jsonl; the rest are the general-text split that
+replay=W mixes in without replay_from).
 Arg keys:
   stage=base|sft   base: the demo base pretrained on the general-text split (full training);
                    sft: LoRA SFT on the support tickets (the demo's sft stage, fewer steps)
   replay=W         sft only: mix the general-text split into the SFT data with weight W against
                    the support tickets' 1 (`data.sources` weights: W / (1 + W) of the mix)
+  replay_from=P    sft only: replay the text file P (format text, with BOS) instead of the
+                   general-text split (experiments/repro.py: the shipped base's own pretraining
+                   documents, WORKDIR/replay_general.jsonl)
   smoke            a few steps (CI)
 Print the resolved config with --print_config.
 """
@@ -22,7 +27,7 @@ from configs import common
 from configs import demo as demo_config
 from ftjax.errors import UserError
 
-ARG_KEYS = ("stage", "replay", "smoke")
+ARG_KEYS = ("stage", "replay", "replay_from", "smoke")
 
 PRETRAIN = os.path.join(common.DEMO_DATA, "pretrain.jsonl")
 GENERAL_TRAIN = 3600  # rows of pretrain.jsonl the base sees; rows after it are held out
@@ -38,8 +43,8 @@ def get_config(arg=None):
   # replayed rows keep that.
   general = {"path": PRETRAIN, "format": "text", "limit": GENERAL_TRAIN, "add_bos": True}
   if stage == "base":
-    if "replay" in a:
-      raise UserError("configs/repro.py: replay= applies to stage=sft only")
+    if "replay" in a or "replay_from" in a:
+      raise UserError("configs/repro.py: replay= and replay_from= apply to stage=sft only")
     c = demo_config.get_config("stage=pretrain")
     c.data.path = ""
     c.data.sources = [general]
@@ -54,11 +59,15 @@ def get_config(arg=None):
   c.optim.update(warmup_steps=1 if smoke else 5)
   if smoke:  # CI's tiny models are narrower than the demo's rank 32
     c.adapter.update(rank=4, alpha=8.0)
+  if "replay_from" in a and "replay" not in a:
+    raise UserError("configs/repro.py: replay_from= needs replay=W (its weight)")
   if "replay" in a:
     try:
       weight = float(a["replay"])
     except (TypeError, ValueError):
       raise UserError(f"configs/repro.py: replay={a['replay']!r}: expected a number") from None
+    if a.get("replay_from"):
+      general = {"path": str(a["replay_from"]), "format": "text", "add_bos": True}
     c.data.path = ""
     c.data.sources = [{"path": os.path.join(common.DEMO_DATA, "train.jsonl"), "format": "chat",
                        "weight": 1.0}, {**general, "weight": weight}]

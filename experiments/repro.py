@@ -26,10 +26,13 @@ def define_flags():
   flags.DEFINE_enum("name", None, sorted(repro.STUDIES), "Which reproduction.")
   flags.DEFINE_string("workdir", "/tmp/ftjax_repro", "Runs and checkpoints (not committed).")
   flags.DEFINE_string("out", None, "Table, plots and README (default docs/reproductions/NAME).")
-  flags.DEFINE_string("base", None, "An HF model directory as the base instead of the tiny "
-                      "demo base (a real model: give --steps too).")
+  flags.DEFINE_string("base", None, "An HF model directory as the base instead of the shipped "
+                      "demo base ftjax/demo/base (a real model: give --steps too).")
   flags.DEFINE_integer("steps", 0, "Training steps per arm (0: the config's).")
-  flags.DEFINE_integer("tickets", 24, "Held-out support tickets generated for per model.")
+  flags.DEFINE_integer("tickets", 0, "Held-out support tickets generated for per model (0: the "
+                       "study's default: all 120 for the seeded studies, 24 for dpo_beta).")
+  flags.DEFINE_integer("seeds", 0, "Seeds per arm of the seeded studies (0: the study's "
+                       "default, 3).")
   flags.DEFINE_integer("general", 200, "Held-out general-text rows per model.")
   flags.DEFINE_bool("smoke", False, "A few steps and examples (CI): checks the pipeline only.")
 
@@ -42,7 +45,7 @@ def main(argv):
   if FLAGS.name is None:
     raise UserError("--name is required: one of " + ", ".join(sorted(repro.STUDIES)))
   r = repro.run(FLAGS.name, FLAGS.workdir, FLAGS.out, FLAGS.base, FLAGS.steps, FLAGS.tickets,
-                FLAGS.general, FLAGS.smoke)
+                FLAGS.general, FLAGS.smoke, FLAGS.seeds)
   with open(r["readme"]) as f:
     print(f.read())
 
