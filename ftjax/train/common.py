@@ -83,7 +83,8 @@ class Schedule:
   minute per run; a resume or a sweep recompiles the same program with new constants).
   `sharding.Parallel.compile` passes `values` as an argument of the step and traces the step
   under `bound(values)`, so that the program is the same for any numbers and the persistent
-  compilation cache serves it. Only the kind and whether there is a warmup shape the program.
+  compilation cache serves it. The kind is one of the numbers too (all three are computed, one
+  is selected).
 
   The formulas are optax's `cosine_decay_schedule`, `linear_schedule` and `join_schedules`,
   op for op, with the constants that optax (1 - alpha, end - init) and XLA fold folded on the
@@ -99,9 +100,10 @@ class Schedule:
       raise UserError(f"config.optim.schedule={kind!r}: expected one of {', '.join(SCHEDULES)}")
     decay_steps = max(1, total_steps - warmup_steps)
     end = lr * min_lr_ratio
-    self.kind, self.warmup = kind, warmup_steps > 0
+    self.kind = kind
     f32, i32 = np.float32, np.int32
     self.values = {
+        "kind": i32(SCHEDULES.index(kind)),
         "lr": f32(lr), "warmup_steps": i32(max(warmup_steps, 0)),
         "neg_lr": f32(0.0 - lr),  # warmup: (init - end) with init 0
         "decay_steps_f": f32(float(decay_steps)), "decay_steps": i32(decay_steps),
@@ -121,23 +123,23 @@ class Schedule:
 
   def __call__(self, count):
     v = self.values if self._bound is None else self._bound
-    if not self.warmup:
-      return self._decay(count, v)
-    # optax.join_schedules([linear_schedule(0, lr, warmup), decay], [warmup])
+    # optax.join_schedules([linear_schedule(0, lr, warmup), decay], [warmup]). With no warmup
+    # the decay is selected at every count (count - 0 is count): one program for both.
     warm = jnp.clip(count - 0, 0, v["warmup_steps"])
     warm = v["neg_lr"] * (1 - warm / v["warmup_steps"]) ** 1 + v["lr"]
-    return jnp.where(count < v["warmup_steps"], warm,
-                     self._decay(count - v["warmup_steps"], v))
+    return jnp.where(count < v["warmup_steps"], warm, self._decay(count - v["warmup_steps"], v))
 
-  def _decay(self, count, v):
-    if self.kind == "cosine":  # optax.cosine_decay_schedule(lr, decay_steps, alpha)
-      count = jnp.minimum(count, v["decay_steps_f"])
-      cosine_decay = 0.5 * (1 + jnp.cos(count * v["pi_over_decay"]))
-      return v["lr"] * (v["one_minus_alpha"] * cosine_decay ** 1.0 + v["alpha"])
-    if self.kind == "linear":  # optax.linear_schedule(lr, end, decay_steps)
-      count = jnp.clip(count - 0, 0, v["decay_steps"])
-      return v["lr_minus_end"] * (1 - count / v["decay_steps"]) ** 1 + v["end"]
-    return v["lr"]  # constant
+  @staticmethod
+  def _decay(count, v):
+    # All three kinds, one selected (exactly its value): one program for any kind.
+    # optax.cosine_decay_schedule(lr, decay_steps, alpha):
+    c = jnp.minimum(count, v["decay_steps_f"])
+    cosine_decay = 0.5 * (1 + jnp.cos(c * v["pi_over_decay"]))
+    cosine = v["lr"] * (v["one_minus_alpha"] * cosine_decay ** 1.0 + v["alpha"])
+    # optax.linear_schedule(lr, end, decay_steps):
+    c = jnp.clip(count - 0, 0, v["decay_steps"])
+    linear = v["lr_minus_end"] * (1 - c / v["decay_steps"]) ** 1 + v["end"]
+    return jnp.where(v["kind"] == 0, cosine, jnp.where(v["kind"] == 1, linear, v["lr"]))
 
 
 def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, kind: str = "cosine",
