@@ -268,19 +268,24 @@ class Parallel:
     """`make_step(axis_name)` -> pure step; jitted with shardings and donation, or pmapped.
 
     `schedule` (train.common.Schedule, the one the step's optimizer calls): its numbers
-    (lr, steps, warmup) become an argument of the compiled step rather than constants in it,
+    (lr, steps, warmup, kind) become an argument of the compiled step rather than constants in it,
     so runs that differ only in those share one program (and the persistent compile cache)."""
     fn = make_step("batch" if self.mode == "pmap" else None)
     if schedule is not None:
-      inner, values = fn, schedule.values
+      # Placed once, here: a step call makes no host-to-device transfer (grpo's loop runs
+      # under jax.transfer_guard("disallow")).
+      inner = fn
+      values = jax.tree_util.tree_map(jnp.asarray, schedule.values)
+      values = (self._replicate(values) if self.mode == "pmap"
+                else jax.device_put(values, replicated(self.mesh)))
 
       def fn(state, frozen, batch, numbers):
         with schedule.bound(numbers):
           return inner(state, frozen, batch)
     if self.mode == "pmap":
+      mapped = jax.pmap(fn, axis_name="batch", donate_argnums=0)
       if schedule is None:
-        return jax.pmap(fn, axis_name="batch", donate_argnums=0)
-      mapped = jax.pmap(fn, axis_name="batch", in_axes=(0, 0, 0, None), donate_argnums=0)
+        return mapped
       return lambda state, frozen, batch: mapped(state, frozen, batch, values)
     state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
     frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
