@@ -264,18 +264,42 @@ class Parallel:
   def frozen(self, frozen):
     return frozen if self.mode == "pjit" else self._replicate(frozen)
 
-  def compile(self, make_step: Any, state, frozen):
-    """`make_step(axis_name)` -> pure step; jitted with shardings and donation, or pmapped."""
+  def compile(self, make_step: Any, state, frozen, schedule: Any = None):
+    """`make_step(axis_name)` -> pure step; jitted with shardings and donation, or pmapped.
+
+    `schedule` (train.common.Schedule, the one the step's optimizer calls): its numbers
+    (lr, steps, warmup, kind) become an argument of the compiled step rather than constants in it,
+    so runs that differ only in those share one program (and the persistent compile cache)."""
+    fn = make_step("batch" if self.mode == "pmap" else None)
+    if schedule is not None:
+      # Placed once, here: a step call makes no host-to-device transfer (grpo's loop runs
+      # under jax.transfer_guard("disallow")).
+      inner = fn
+      values = jax.tree_util.tree_map(jnp.asarray, schedule.values)
+      values = (self._replicate(values) if self.mode == "pmap"
+                else jax.device_put(values, replicated(self.mesh)))
+
+      def fn(state, frozen, batch, numbers):
+        with schedule.bound(numbers):
+          return inner(state, frozen, batch)
     if self.mode == "pmap":
-      return jax.pmap(make_step("batch"), axis_name="batch", donate_argnums=0)
+      mapped = jax.pmap(fn, axis_name="batch", donate_argnums=0)
+      if schedule is None:
+        return mapped
+      return lambda state, frozen, batch: mapped(state, frozen, batch, values)
     state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
     frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
-    step = jax.jit(make_step(None), in_shardings=(state_sh, frozen_sh, batch_sharding(self.mesh)),
-                   out_shardings=(state_sh, replicated(self.mesh)), donate_argnums=0)
+    in_sh = (state_sh, frozen_sh, batch_sharding(self.mesh))
+    if schedule is not None:
+      in_sh += (replicated(self.mesh),)
+    step = jax.jit(fn, in_shardings=in_sh, out_shardings=(state_sh, replicated(self.mesh)),
+                   donate_argnums=0)
 
     def run(state, frozen, batch):
       with self.context():
-        return step(state, frozen, batch)
+        if schedule is None:
+          return step(state, frozen, batch)
+        return step(state, frozen, batch, values)
     return run
 
   def batch(self, batch: dict) -> dict:

@@ -109,17 +109,21 @@ def test_failed_runs_do_not_stop_the_sweep(base_dir, chat_files, tmp_path):
 def test_sweep_runs_then_skips_and_resumes(base_dir, chat_files, tmp_path):
   # Two keys zipped: two runs (each a training subprocess) that differ in both; the grid's
   # names and commands are checked without training (test_typo_and_dry_run_write_nothing).
+  # train.keep and optim.lr leave the compiled train step the same: one compile for both runs.
   root = str(tmp_path / "sweep")
-  sweeps = [sweep.parse_sweep("adapter.rank=2,4"), sweep.parse_sweep("optim.lr=1e-4,3e-4")]
-  runs = sweep.plan(CONFIG, root, sweeps, _fixed(base_dir, chat_files), mode="zip")
+  sweeps = [sweep.parse_sweep("train.keep=2,3"), sweep.parse_sweep("optim.lr=1e-4,3e-4")]
+  # The rest is conftest's sft_lora_run config (tests/test_sft.py make_config) but for the
+  # steps: the subprocesses load its compiled step (the schedule's numbers are an input of it).
+  same_step = {"train.batch_size": 4, "train.grad_accum": 2, "adapter.dropout": 0.1}
+  runs = sweep.plan(CONFIG, root, sweeps, _fixed(base_dir, chat_files, **same_step), mode="zip")
   sweep.write_definition(root, CONFIG, sweeps, [], "zip", runs)
   assert sweep.run_all(runs) == []
-  assert sorted(os.listdir(root)) == ["adapter.rank=2,optim.lr=1e-4",
-                                      "adapter.rank=4,optim.lr=3e-4", "sweep.json"]
+  assert sorted(os.listdir(root)) == ["sweep.json", "train.keep=2,optim.lr=1e-4",
+                                      "train.keep=3,optim.lr=3e-4"]
   mtimes = {}
   for r in runs:
     cfg = json.load(open(os.path.join(r.workdir, "config.json")))
-    assert cfg["adapter"]["rank"] == int(r.overrides["adapter.rank"])
+    assert cfg["train"]["keep"] == int(r.overrides["train.keep"])
     assert cfg["optim"]["lr"] == float(r.overrides["optim.lr"])
     assert cfg["train"]["steps"] == 2 and cfg["model"]["hf_path"] == base_dir
     m = os.path.join(r.workdir, "metrics.jsonl")
@@ -144,11 +148,11 @@ def test_sweep_runs_then_skips_and_resumes(base_dir, chat_files, tmp_path):
 
   # The report's CSV holds each run's logged values.
   out = report.write_report(root)
-  assert out["swept"] == ["adapter.rank", "optim.lr"]
+  assert out["swept"] == ["train.keep", "optim.lr"]
   rows = {r["run"]: r for r in csv.DictReader(open(out["csv"]))}
   for r in runs:
     logged = [json.loads(ln) for ln in open(os.path.join(r.workdir, "metrics.jsonl"))]
     last_eval = [x for x in logged if "eval_loss" in x][-1]["eval_loss"]
     assert float(rows[r.name]["final/eval_loss"]) == last_eval
-    assert rows[r.name]["adapter.rank"] == r.overrides["adapter.rank"]
+    assert rows[r.name]["train.keep"] == r.overrides["train.keep"]
     assert rows[r.name]["status"] == "done"

@@ -8,11 +8,13 @@ hold no optimizer state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ftjax import offload, partition
@@ -76,23 +78,78 @@ def validate(config):
       raise UserError(f"config.model.{key}={value!r}: expected one of {shown}")
 
 
+class Schedule:
+  """Linear warmup from 0 to `lr`, then cosine, linear or constant decay to lr * min_lr_ratio:
+  an optax schedule (`schedule(count) -> lr`) whose numbers can be inputs of the compiled step.
+
+  With its numbers as Python constants, two runs that differ only in train.steps, optim.lr or
+  the warmup length would compile different train steps (a compile of several seconds to a
+  minute per run; a resume or a sweep recompiles the same program with new constants).
+  `sharding.Parallel.compile` passes `values` as an argument of the step and traces the step
+  under `bound(values)`, so that the program is the same for any numbers and the persistent
+  compilation cache serves it. The kind is one of the numbers too (all three are computed, one
+  is selected).
+
+  The formulas are optax's `cosine_decay_schedule`, `linear_schedule` and `join_schedules`,
+  op for op, with the constants that optax (1 - alpha, end - init) and XLA fold folded on the
+  host the same way: XLA computes optax's `pi * count / decay_steps` with constants as
+  `count * (f32(pi) * f32(1 / decay_steps))`, which is not always the float of the division. So
+  the values are the float32 ones of the schedules before, bound or not (tests/test_schedule.py
+  compares them bitwise).
+  """
+
+  def __init__(self, lr: float, total_steps: int, warmup_steps: int = 0, kind: str = "cosine",
+               min_lr_ratio: float = 0.0):
+    if kind not in SCHEDULES:
+      raise UserError(f"config.optim.schedule={kind!r}: expected one of {', '.join(SCHEDULES)}")
+    decay_steps = max(1, total_steps - warmup_steps)
+    end = lr * min_lr_ratio
+    self.kind = kind
+    f32, i32 = np.float32, np.int32
+    self.values = {
+        "kind": i32(SCHEDULES.index(kind)),
+        "lr": f32(lr), "warmup_steps": i32(max(warmup_steps, 0)),
+        "neg_lr": f32(0.0 - lr),  # warmup: (init - end) with init 0
+        "decay_steps_f": f32(float(decay_steps)), "decay_steps": i32(decay_steps),
+        "pi_over_decay": f32(np.pi) * (f32(1) / f32(float(decay_steps))),
+        "one_minus_alpha": f32(1 - min_lr_ratio), "alpha": f32(min_lr_ratio),
+        "lr_minus_end": f32(lr - end), "end": f32(end)}
+    self._bound = None
+
+  @contextlib.contextmanager
+  def bound(self, values: dict):
+    """While tracing a step: `values` (its traced argument) stand for the numbers."""
+    was, self._bound = self._bound, values
+    try:
+      yield
+    finally:
+      self._bound = was
+
+  def __call__(self, count):
+    v = self.values if self._bound is None else self._bound
+    # optax.join_schedules([linear_schedule(0, lr, warmup), decay], [warmup]). With no warmup
+    # the decay is selected at every count (count - 0 is count): one program for both.
+    warm = jnp.clip(count - 0, 0, v["warmup_steps"])
+    warm = v["neg_lr"] * (1 - warm / v["warmup_steps"]) ** 1 + v["lr"]
+    return jnp.where(count < v["warmup_steps"], warm, self._decay(count - v["warmup_steps"], v))
+
+  @staticmethod
+  def _decay(count, v):
+    # All three kinds, one selected (exactly its value): one program for any kind.
+    # optax.cosine_decay_schedule(lr, decay_steps, alpha):
+    c = jnp.minimum(count, v["decay_steps_f"])
+    cosine_decay = 0.5 * (1 + jnp.cos(c * v["pi_over_decay"]))
+    cosine = v["lr"] * (v["one_minus_alpha"] * cosine_decay ** 1.0 + v["alpha"])
+    # optax.linear_schedule(lr, end, decay_steps):
+    c = jnp.clip(count - 0, 0, v["decay_steps"])
+    linear = v["lr_minus_end"] * (1 - c / v["decay_steps"]) ** 1 + v["end"]
+    return jnp.where(v["kind"] == 0, cosine, jnp.where(v["kind"] == 1, linear, v["lr"]))
+
+
 def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0, kind: str = "cosine",
-                  min_lr_ratio: float = 0.0) -> optax.Schedule:
+                  min_lr_ratio: float = 0.0) -> Schedule:
   """Linear warmup from 0 to `lr`, then cosine, linear or constant decay to lr * min_lr_ratio."""
-  decay_steps = max(1, total_steps - warmup_steps)
-  end = lr * min_lr_ratio
-  if kind == "cosine":
-    decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=min_lr_ratio)
-  elif kind == "linear":
-    decay = optax.linear_schedule(lr, end, decay_steps)
-  elif kind == "constant":
-    decay = optax.constant_schedule(lr)
-  else:
-    raise UserError(f"config.optim.schedule={kind!r}: expected one of {', '.join(SCHEDULES)}")
-  if warmup_steps <= 0:
-    return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), decay],
-                              [warmup_steps])
+  return Schedule(float(lr), int(total_steps), int(warmup_steps), kind, float(min_lr_ratio))
 
 
 def _decay_mask(params):

@@ -428,7 +428,7 @@ def train_pairs(config, workdir: str, method: str = "dpo") -> dict:
                   opts=opts)
     step_fn = par.compile(lambda axis: make_dpo_step(
         model, ref.model, ref.params_fn, tx, schedule, grad_accum=int(t.grad_accum),
-        axis_name=axis, **dpo_kw), state, frozen)
+        axis_name=axis, **dpo_kw), state, frozen, schedule)
     eval_fn = loop.jit_eval(par, lambda tr, frz, b: dpo_loss_fn(
         partition.merge(tr, frz), b, None, model=model, ref_model=ref.model,
         ref_params_fn=ref.params_fn, **dpo_kw), frozen)
@@ -443,7 +443,7 @@ def train_pairs(config, workdir: str, method: str = "dpo") -> dict:
       loss_fn = functools.partial(cpo_loss_fn, model=model, cpo=free, chunk=chunk)
     step_fn = par.compile(lambda axis: functools.partial(
         common.update_step, loss_fn=loss_fn, tx=tx, schedule=schedule,
-        grad_accum=int(t.grad_accum), axis_name=axis), state, frozen)
+        grad_accum=int(t.grad_accum), axis_name=axis), state, frozen, schedule)
     eval_fn = loop.jit_eval(par, lambda tr, frz, b: loss_fn(partition.merge(tr, frz), b, None),
                             frozen)
   prep = (lambda b: attach_reference(b, table)) if table is not None else (lambda b: b)

@@ -357,7 +357,7 @@ def run(config, workdir: str) -> dict:
                                           begin=lambda: wd.start_run(config, workdir, drift))
   step_fn = par.compile(lambda axis: make_step(
       model, tx, schedule, s, grad_accum=int(t.grad_accum), axis_name=axis,
-      chunk=int(t.logprob_chunk)), state, frozen)
+      chunk=int(t.logprob_chunk)), state, frozen, schedule)
   ref_lp = rollout.make_logprob_fn(ref.model, temperature=s.temperature,
                                    chunk=int(t.logprob_chunk)) if ref is not None else None
   frozen_host = frozen

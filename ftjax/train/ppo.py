@@ -288,7 +288,7 @@ def run(config, workdir: str) -> dict:
       cliprange_value=float(pc.cliprange_value), vf_coef=float(pc.vf_coef),
       temperature=float(pc.temperature), ppo_epochs=int(pc.num_ppo_epochs),
       num_mini_batches=int(pc.num_mini_batches), grad_accum=int(t.grad_accum),
-      chunk=int(t.logprob_chunk), axis_name=axis), state, frozen)
+      chunk=int(t.logprob_chunk), axis_name=axis), state, frozen, schedule)
   frozen_host = frozen  # the rollout and `experience` run unreplicated, even under pmap
   state, frozen = par.state(state), par.frozen(frozen)
   writer, bar = loop.open_logs(workdir, t.steps, start)

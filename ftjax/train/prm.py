@@ -167,7 +167,7 @@ def run(config, workdir: str) -> dict:
   logging.info("PRM data: %s", data.stats)
   eval_batches = loop.eval_batches(data, t)
   step_fn = par.compile(lambda axis: make_step(model, tx, schedule, int(t.grad_accum),
-                                               axis_name=axis), state, frozen)
+                                               axis_name=axis), state, frozen, schedule)
   eval_fn = loop.jit_eval(par, lambda tr, frz, b: prm_loss_fn(
       partition.merge(tr, frz), b, None, model=model), frozen)
   state, frozen = par.state(state), par.frozen(frozen)

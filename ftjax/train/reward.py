@@ -85,7 +85,7 @@ def run(config, workdir: str) -> dict:
   margin = float(rc.margin) or None
   step_fn = par.compile(lambda axis: make_reward_step(
       model, tx, schedule, int(t.grad_accum), margin, float(rc.center_coef), axis_name=axis),
-      state, frozen)
+      state, frozen, schedule)
   eval_fn = loop.jit_eval(par, lambda tr, frz, b: reward_loss_fn(
       partition.merge(tr, frz), b, None, model=model, margin=margin,
       center_coef=float(rc.center_coef)), frozen)

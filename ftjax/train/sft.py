@@ -99,7 +99,7 @@ def run(config, workdir: str) -> dict:
 
   chunk = int(t.logprob_chunk)
   step_fn = par.compile(lambda axis: make_step(model, tx, schedule, int(t.grad_accum), axis,
-                                               chunk), state, frozen)
+                                               chunk), state, frozen, schedule)
   eval_fn = loop.jit_eval(par, lambda trainable, frz, batch: eval_step(
       partition.merge(trainable, frz), batch, model=model, chunk=chunk), frozen)
   # Counted on the host trees: under pmap, par.state adds a device axis to every leaf.
