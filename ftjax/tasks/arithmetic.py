@@ -152,7 +152,8 @@ def warm_start_config(config, data_path: str) -> ml_collections.ConfigDict:
                  min_lr_ratio=0.1, weight_decay=0.0, clip=1.0, b1=0.9, b2=0.999, eps=1e-8)
   c.train = dict(steps=int(g.warm_start_steps), batch_size=32, seq_len=64, grad_accum=1,
                  seed=int(t.seed), log_every=50, eval_every=10 ** 9, save_every=10 ** 9, keep=2,
-                 eval_batches=0, early_stop_patience=0, async_save=True, logprob_chunk=256)
+                 eval_batches=0, early_stop_patience=0, async_save=True, logprob_chunk=256,
+                 offload="none")
   c.parallel = config.parallel
   c.mesh = dict(shape=config.mesh.shape, rules={}, distributed=False)
   c.allow_drift = False
