@@ -426,30 +426,6 @@ STUDIES = {
 
 # ---------------------------------------------------------------- outputs
 
-def add_gap(rows: list[dict], metric: str, ref: str):
-  """`measured/<metric>_gap`: each row's metric minus the `ref` run's."""
-  base = next((r for r in rows if r["run"] == ref), None)
-  for r in rows:
-    if base is not None and f"measured/{metric}" in r:
-      r[f"measured/{metric}_gap"] = r[f"measured/{metric}"] - base[f"measured/{metric}"]
-
-
-def table(rows: list[dict], columns: list[str]) -> str:
-  cols = [c if "/" in c or c in rows[0] or "." in c else f"measured/{c}" for c in columns]
-  lines = ["| run | " + " | ".join(c.removeprefix("measured/") for c in cols) + " |",
-           "|---|" + "---:|" * len(cols)]
-  for r in rows:
-    cells = [_fmt(r.get(c, "")) for c in cols]
-    lines.append(f"| {r['run']} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
-
-
-def _fmt(v) -> str:
-  if isinstance(v, float):
-    return f"{int(v):,}" if v.is_integer() and abs(v) >= 1000 else f"{v:.4g}"
-  return str(v)
-
-
 def run_seconds(root: str) -> float:
   """Seconds the runs under `root` took (sweep.py records them), whatever invocation ran them."""
   total = 0.0
@@ -459,43 +435,6 @@ def run_seconds(root: str) -> float:
       with open(path) as f:
         total += float(json.load(f).get("seconds", 0.0))
   return total
-
-
-def write_outputs(name: str, study: Study, result: dict, out: str, seconds: float,
-                  ctx: Context) -> str:
-  """report.csv / report.md / curves.png (report.py), the study's plot and README.md in `out`."""
-  os.makedirs(out, exist_ok=True)
-  rep = report.write_report(result["root"], out=out)
-  if "metric" in rep:  # report.py's default plot against the first swept key: not the study's
-    os.remove(rep["metric"])
-  rows = rep["rows"]
-  if "gap" in result:
-    add_gap(rows, *result["gap"])
-  for fname, draw in result["plots"].items():
-    draw(rows, os.path.join(out, fname))
-  pngs = [f for f in (*result["plots"], "frontier.png", "curves.png")
-          if os.path.exists(os.path.join(out, f))]
-  cmd = f"python experiments/repro.py --name={name}" + (" --smoke" if ctx.smoke else "")
-  scale = _base_line(ctx)
-  text = [f"# {study.title}", "", f"Mirrors: {study.mirrors}.", "", study.what, "",
-          "## Command", "", f"    {cmd}", "",
-          f"At CPU scale: {scale}; seed 0 everywhere; the training runs took {seconds:.0f} s "
-          "in all on 2 shared CPU cores (their sweep_status.json). "
-          f"Held-out: the first {ctx.tickets} support tickets of ftjax/demo/data/eval.jsonl "
-          f"(greedy replies) and {ctx.general} rows of general text the base never saw.", "",
-          "## Results", "", table(rows, result["columns"]), "",
-          *[f"![{f}]({f})" for f in pngs], "",
-          "report.csv has every logged metric of every run (`final/`, `best/`, `measured/`); "
-          "curves.png the training loss of each run.", "",
-          "## On a real model", "",
-          f"    python experiments/repro.py --name={name} --base=/path/to/hf_model "
-          f"{study.real} --workdir=/big/disk/repro --out=/tmp/{name}", "",
-          "The same arms and measurements; `--base` replaces the demo base (its own "
-          "tokenizer is used) and `--steps` the CPU step count.", ""]
-  path = os.path.join(out, "README.md")
-  with open(path, "w") as f:
-    f.write("\n".join(text))
-  return path
 
 
 def _base_line(ctx: Context) -> str:
@@ -662,10 +601,5 @@ def run(name: str, workdir: str, out: Optional[str] = None, base: Optional[str] 
                 replay_file(workdir) if name == "forgetting" else "")
   result = study.run(ctx)
   out = out or os.path.join(recipes.REPO, "docs", "reproductions", name)
-  if "parts" in result:
-    timing = _timing(result, t0, sampler.stop())
-    readme = write_seeded_outputs(name, study, result, out, ctx, timing)
-  else:
-    sampler.stop()
-    readme = write_outputs(name, study, result, out, run_seconds(result["root"]), ctx)
+  readme = write_seeded_outputs(name, study, result, out, ctx, _timing(result, t0, sampler.stop()))
   return {**result, "readme": readme, "out": out}
