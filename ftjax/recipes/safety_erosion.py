@@ -31,7 +31,7 @@ from typing import Optional
 
 from ftjax import evaluation, export, hf, stats, workdir as wd
 from ftjax.errors import UserError
-from ftjax.recipes import REPO, demo
+from ftjax.recipes import REPO, demo, repro_verdict as rv
 from ftjax.tasks import support, support_safety
 from ftjax.train import sft
 
@@ -230,20 +230,13 @@ def verdict(results: list[dict]) -> tuple[str, list[str]]:
   return word, lines
 
 
-def _cell(k: int, n: int) -> str:
-  if not n:
-    return "-"
-  p, lo, hi = stats.wilson(k, n)
-  return f"{k}/{n} ({100 * p:.1f}%, {100 * lo:.1f}-{100 * hi:.1f}%)"
-
-
 def tables(results: list[dict], prefix: str = "", support_cols: bool = True) -> list[str]:
   cols = [prefix + k for k in support_safety.METRICS] + (list(SUPPORT) if support_cols else [])
   lines = ["| arm | " + " | ".join(cols) + " | kept per seed |",
            "|---|" + "---|" * (len(cols) + 1)]
   for arm in ARMS:
     per_seed = ", ".join(f"{_rate(r['arms'][arm][prefix + 'kept']):.3f}" for r in results)
-    lines.append(f"| {arm} | " + " | ".join(_cell(*pooled(results, arm, c)) for c in cols)
+    lines.append(f"| {arm} | " + " | ".join(rv.fmt_rate(*pooled(results, arm, c)) for c in cols)
                  + f" | {per_seed} |")
   return lines
 
