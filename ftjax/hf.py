@@ -374,6 +374,13 @@ def _write_slice(buf, value, i):
   return jax.lax.dynamic_update_index_in_dim(buf, value.astype(buf.dtype), i, 0)
 
 
+@functools.lru_cache(maxsize=None)
+def _zeros(shape: tuple, dtype, sharding):
+  """A jitted zeros of this shape, dtype and sharding, made once per process: a new lambda per
+  param would be traced and lowered again at every load."""
+  return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
 class _Stacker:
   """Per-layer tensors into preallocated [L, ...] device arrays, slice by slice.
 
@@ -391,8 +398,7 @@ class _Stacker:
       target = None if self.shardings is None else _get(self.shardings, path)
 
       def alloc(v, sharding=None):
-        shape, dtype = (self.n,) + tuple(np.shape(v)), v.dtype
-        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+        return _zeros((self.n,) + tuple(np.shape(v)), np.dtype(v.dtype), sharding)()
 
       buf = (jax.tree_util.tree_map(alloc, value) if target is None
              else jax.tree_util.tree_map(alloc, value, target))

@@ -279,11 +279,15 @@ def init_adapters(model, params: dict, rng: jax.Array) -> dict:
   if model.spec.lora is not None and model.spec.lora.dora:
     flat = traverse_util.flatten_dict(adapter)
     shapes = kernel_shapes(model)
-    for key in list(flat):
-      if key[-1] == "lora_magnitude":
-        layer = key[:-1]
-        w = dense_kernel(model, layer, _node(params, layer)["kernel"], shapes[layer])
-        flat[key] = jnp.linalg.norm(w, axis=-2).astype(flat[key].dtype)
+    keys = [key for key in flat if key[-1] == "lora_magnitude"]
+
+    # The dense kernels in one program: eagerly, each op of a 4-bit kernel's dequantization
+    # compiled on its own (a hundred small compiles per model). The norms stay jnp's own
+    # program, not fused into it: the same magnitudes, bit for bit.
+    dense = jax.jit(lambda kernels: [dense_kernel(model, key[:-1], k, shapes[key[:-1]])
+                                     for key, k in zip(keys, kernels)])
+    for key, w in zip(keys, dense([_node(params, key[:-1])["kernel"] for key in keys])):
+      flat[key] = jnp.linalg.norm(w, axis=-2).astype(flat[key].dtype)
     adapter = traverse_util.unflatten_dict(flat)
   return with_adapter(params, adapter)
 

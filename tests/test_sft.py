@@ -45,7 +45,7 @@ def test_sft_lora_end_to_end_and_exports(sft_lora_run, base_dir, chat_files, tmp
 
   model, params, tok, _ = wd.load_trained(run)
   tokens = np.random.default_rng(0).integers(6, 320, (2, 10))
-  ours = np.asarray(model.apply({"params": params}, tokens))
+  ours = np.asarray(jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens))
   # Merged HF export: transformers gives the same logits.
   merged = export.export(run, str(tmp_path / "merged"), "merged")
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
@@ -137,9 +137,13 @@ def test_interrupted_run_resumes_exactly(base_dir, chat_files, tmp_path):
     if sig == signal.SIGTERM:  # saved, and exited non-zero saying how to resume
       assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
       assert "rerun the same command to resume" in err.strip().splitlines()[-1], err[-2000:]
-  res = subprocess.run(_cmd(args, interrupted), capture_output=True, text=True, timeout=300)
-  assert res.returncode == 0, res.stderr[-2000:]
-  assert "resumed from step" in res.stderr
+  # The rest in-process: the same config as the command line's (a drift would be refused).
+  out = sft.run(make_config(base_dir, train, ev, steps=steps, save_every=save_every,
+                            eval_every=1000, log_every=1), interrupted)
+  assert out["step"] == steps
+  with open(os.path.join(interrupted, "run.json")) as f:
+    runs = json.load(f)["runs"]
+  assert len(runs) == len(INTERRUPTIONS) + 1 and runs[-1]["resumed"] is True
   a, b = _final_params(straight), _final_params(interrupted)
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x),
                                                                     np.asarray(y)), a, b)
@@ -171,46 +175,47 @@ def test_packed_batch_loss_equals_unpacked(base_dir, chat_files):
   tok = ftjax.tokenizer.load_tokenizer(base_dir)
   cfg = {"sources": [{"path": chat_files[0], "limit": 12}], "format": "chat"}
   totals = {}
+
+  @jax.jit  # one program per layout; eagerly, every op of the forward compiles on its own
+  def loss(params, batch):
+    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                         mask=batch["segment_ids"] > 0, segment_ids=batch["segment_ids"])
+    logps = losses.logprobs_from_logits(logits, batch["targets"])
+    return losses.sft_loss(logps, batch["weights"])
+
   for packing in (True, False):
     data = data_lib.build_dataset({**cfg, "packing": packing}, tok, 700, 12)
     rows = data.train.layout(0)
     batch = data_lib.make_batch(data.train.examples, rows, 700, data.pad_id)
-    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                         mask=batch["segment_ids"] > 0, segment_ids=batch["segment_ids"])
-    logps = losses.logprobs_from_logits(logits, batch["targets"])
-    totals[packing] = [float(x) for x in losses.sft_loss(logps, batch["weights"])]
+    totals[packing] = [float(x) for x in loss(params, batch)]
     assert len(rows) < 12 if packing else len(rows) == 12
   np.testing.assert_allclose(totals[True], totals[False], rtol=1e-5)
 
 
-def test_cli_errors(base_dir, chat_files, tmp_path):
+def test_bad_config_and_row_are_one_line(base_dir, chat_files, tmp_path):
+  """In-process: the UserError's text is the one line cli.run prints (test_cli runs the scripts
+  on bad input, a typo'd key and a bad row among them)."""
+  from ftjax.errors import UserError
   train, ev = chat_files
-  base = _args(base_dir, train, ev, 2, 1)
-  cases = {
-      "--config.train.stepz=3": "stepz",
-      "--config.train.grad_accum=3": "not divisible",
-      "--config.adapter.kind=lorra": "adapter.kind",
-  }
   # A malformed data row: file, row and field in one line.
   bad_file = str(tmp_path / "bad.jsonl")
   rows = support.make_tickets(3, 0)
   del rows[1]["messages"]
   support.write_jsonl(bad_file, rows)
-  # All at once: each process mostly imports and parses, so they overlap on a small machine.
-  procs = {bad: subprocess.Popen(_cmd(base + [bad], str(tmp_path / f"case{i}")),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-           for i, bad in enumerate(cases)}
-  row = subprocess.Popen(_cmd(_args(base_dir, bad_file, ev, 2, 1), str(tmp_path / "row")),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  for bad, proc in procs.items():
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and cases[bad] in err, (bad, err[-1500:])
-  _, err = row.communicate(timeout=300)
-  assert row.returncode != 0
-  last = err.strip().splitlines()[-1]
-  assert "bad.jsonl" in last and "row 2" in last and "messages" in last, last
-  assert not os.path.exists(tmp_path / "row" / "checkpoints") or not os.listdir(
-      tmp_path / "row" / "checkpoints")
+  cases = {"grad_accum": ({"train.grad_accum": 3}, train, ["not divisible"]),
+           "kind": ({"adapter.kind": "lorra"}, train, ["adapter.kind"]),
+           "row": ({}, bad_file, ["bad.jsonl", "row 2", "messages"])}
+  for name, (override, data, needles) in cases.items():
+    config = make_config(base_dir, data, ev, steps=2, save_every=1, eval_every=1000)
+    for key, value in override.items():
+      section, field = key.split(".")
+      config[section][field] = value
+    w = tmp_path / name
+    with pytest.raises(UserError) as e:
+      sft.run(config, str(w))
+    line = str(e.value)
+    assert "\n" not in line and all(n in line for n in needles), (name, line)
+    assert not os.path.exists(w / "checkpoints") or not os.listdir(w / "checkpoints"), name
 
 
 @pytest.mark.parametrize("adapter,quant", [("none", "none"), ("prefix", "none"),

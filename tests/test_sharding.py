@@ -145,29 +145,40 @@ def test_indivisible_batch_fails_clearly(base_dir, chat_files, tmp_path):
   assert "batch_size=12 does not divide over the 8 batch shards" in last, last
 
 
-@pytest.mark.parametrize("mode,shape", [("pjit", "data=1"), ("pjit", "data=2,fsdp=2,tensor=2"),
-                                        ("pmap", "data=-1")])
-def test_dpo_losses_equal_across_meshes(base_dir, pref_files, tmp_path, mode, shape):
-  from configs import dpo as dpo_config
+@pytest.fixture(scope="module")
+def dpo_reference(base_dir, pref_files, tmp_path_factory):
+  """First DPO losses on one device, no accumulation: what every mesh below must give."""
   from ftjax.train import dpo
+  wd = str(tmp_path_factory.mktemp("dpo_reference") / "run")
+  dpo.run(_dpo_config(base_dir, pref_files, "pjit", "data=1", 1), wd)
+  ref = [r["loss"] for r in metrics_lib.read_metrics(wd) if "loss" in r]
+  assert len(ref) == 3 and abs(ref[0] - np.log(2)) < 1e-5  # policy == reference at step 1
+  return ref
+
+
+def _dpo_config(base_dir, pref_files, mode, shape, grad_accum):
+  from configs import dpo as dpo_config
   c = dpo_config.get_config("adapter=lora,smoke")
   c.model.hf_path = base_dir
   c.data.path, c.data.eval_path = pref_files[0], ""
   c.parallel, c.mesh.shape = mode, shape
-  # 8 pairs: under pmap each of the 8 devices takes one pair, so no accumulation there.
   c.train.update(steps=3, batch_size=8, seq_len=352, log_every=1, save_every=100,
-                 eval_every=100, grad_accum=1 if mode == "pmap" else 2)
+                 eval_every=100, grad_accum=grad_accum)
+  return c
+
+
+# The mixed mesh accumulates 2 micro-batches of 4 pairs (a one-device run with accumulation is
+# the same reduction on fewer shards); under pmap each of the 8 devices takes one pair, so no
+# accumulation there. The reference (one device, no accumulation) is the fixture's.
+@pytest.mark.parametrize("mode,shape,grad_accum", [("pjit", "data=2,fsdp=2,tensor=2", 2),
+                                                   ("pmap", "data=-1", 1)])
+def test_dpo_losses_equal_across_meshes(base_dir, pref_files, dpo_reference, tmp_path, mode,
+                                        shape, grad_accum):
+  from ftjax.train import dpo
   wd = str(tmp_path / "run")
-  dpo.run(c, wd)
+  dpo.run(_dpo_config(base_dir, pref_files, mode, shape, grad_accum), wd)
   got = [r["loss"] for r in metrics_lib.read_metrics(wd) if "loss" in r]
-  # The reference: one device, no accumulation (computed once per session).
-  ref_dir = str(tmp_path.parent / "dpo_reference_run")
-  if not os.path.exists(os.path.join(ref_dir, "metrics.jsonl")):
-    c.parallel, c.mesh.shape, c.train.grad_accum = "pjit", "data=1", 1
-    dpo.run(c, ref_dir)
-  ref = [r["loss"] for r in metrics_lib.read_metrics(ref_dir) if "loss" in r]
-  assert abs(ref[0] - np.log(2)) < 1e-5  # policy == reference at the first step
-  np.testing.assert_allclose(got, ref, atol=1e-5)
+  np.testing.assert_allclose(got, dpo_reference, atol=1e-5)
 
 
 def test_load_pretrained_straight_into_shards(base_dir):
@@ -192,5 +203,6 @@ def test_load_pretrained_straight_into_shards(base_dir):
   tokens = np.random.default_rng(0).integers(6, 320, (4, 9))
   with sharding.use_mesh(mesh):
     out = jax.jit(lambda p, t: model_s.apply({"params": p}, t))(sharded, tokens)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(model.apply({"params": params}, tokens)),
-                             atol=1e-5)
+  # The reference jitted too: eagerly, each op of the 4-bit matmuls compiles on its own.
+  want = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
