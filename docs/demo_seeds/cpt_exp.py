@@ -147,6 +147,9 @@ for s in steps:
   m, p, tok, _ = wd.load_trained(pre, s)
   rows.append(dict(step=s, **probe(m, p, tok)))
   print("PROBE", json.dumps(rows[-1]), flush=True)
+if not K["probe_only"]:  # the last step as an HF base for sft_exp.py base=OUT/base_hf
+  from ftjax import export
+  export.export(pre, os.path.join(out, "base_hf"), "merged")
 K["cpu_s"] = round(sum(os.times()[:2]))
 K["wall_s"] = round(time.time() - t0)
 json.dump(dict(knobs=K, probes=rows), open(os.path.join(out, "result.json"), "w"), indent=1)
