@@ -25,7 +25,11 @@ def batch():
       m[b, pos + L + gap:pos + 2 * L + gap - 1] = 1  # predicting code tokens 2..L
       pos += 2 * L + gap + rng.integers(1, 5)
   return jnp.array(x[:, :-1]), jnp.array(x[:, 1:]), jnp.array(m[:, :-1])
-tx = optax.adamw(optax.warmup_cosine_decay_schedule(0, lr, 20, steps, lr * 0.1), weight_decay=wd)
+# sched=constant: warmup then a flat lr (cosine decays it while the copying would form).
+sched = (optax.join_schedules([optax.linear_schedule(0, lr, 20), optax.constant_schedule(lr)], [20])
+         if kv.get("sched") == "constant" else
+         optax.warmup_cosine_decay_schedule(0, lr, 20, steps, lr * 0.1))
+tx = optax.adamw(sched, weight_decay=wd)
 opt = tx.init(params)
 @jax.jit
 def step(p, o, x, y, m):
@@ -43,4 +47,6 @@ for i in range(steps):
   params, opt, l, acc = step(params, opt, *batch())
   if (i + 1) % 25 == 0:
     hist.append(round(float(acc), 2))
+  if (i + 1) % 500 == 0:
+    print("STEP", i + 1, hist[-20:], flush=True)
 print("INDUCT", kv, "copy-acc every 25 steps:", hist, f"{time.time()-t0:.0f}s")

@@ -6,7 +6,7 @@ Knobs (default: the demo's config of session 6): steps, lr, warm, min_lr, sched,
 (0: 2*rank), targets, full (1: adapter none, lr full_lr), bs, seq; extra=N: N more generated
 tickets of a shipped order (support.make_tickets(.., EXTRA_SEED) filtered, never the held-out
 ones) appended to train.jsonl (only=1: instead of it); fresh=N: N more generated tickets of any
-kind; save=K: a checkpoint every K steps (for copy_tf.py). Prints the SFT
+kind; base=DIR: another HF base (e.g. cpt_exp.py's OUT/base_hf); save=K: a checkpoint every K steps (for copy_tf.py). Prints the SFT
 model's counts on all 120 held-out tickets and the misses by kind (why.py's).
 """
 import collections
@@ -28,14 +28,14 @@ EXTRA_SEED = 11
 out, seed = sys.argv[1], int(sys.argv[2])
 K = dict(steps=300, lr=6e-3, warm=10, min_lr=0.1, sched="cosine", rank=32, alpha=0.0,
          targets="all-linear", full=0, full_lr=1e-3, bs=8, seq=256, extra=0, fresh=0, ev=0,
-         save=0, only=0)
+         save=0, only=0, base="")
 for a in sys.argv[3:]:
   k, v = a.split("=", 1)
   K[k] = type(K[k])(v)
 os.makedirs(out, exist_ok=True)
 t0 = time.time()
 cfg = demo.stage_config("demo", "stage=sft", False, seed)
-cfg.model.hf_path = demo.BASE_DIR
+cfg.model.hf_path = K["base"] or demo.BASE_DIR
 if K["extra"] or K["fresh"]:
   rows = [json.loads(line) for line in open(os.path.join(support.DATA_DIR, "train.jsonl"))]
   rows = [] if K["only"] else rows  # only=1: the extra tickets alone
