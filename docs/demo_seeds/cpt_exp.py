@@ -15,7 +15,8 @@ steps), seed; docs=N base documents (support.make_base_corpus(N, cseed), cseed=1
 not the shipped base's); drill=F: a fraction F of them replaced by copy drills, kinds by
 `kinds` (comma list, equal shares): ship = a support thread of a shipped order (the reply quotes
 carrier and code), rep = two parcels' codes on file, then a line that quotes both again (the
-code is most of the document's loss).
+code is most of the document's loss), codes (session 8) = four names with a carrier and code
+each, then all four again in a shuffled order.
 """
 import json
 import os
@@ -66,6 +67,13 @@ def drills(n, rng):
       out_.append(f"Parcel for {a}: {car_a}, tracking {ca}. Parcel for {b}: {car_b}, tracking "
                   f"{cb}. {a}'s parcel is with {car_a}, tracking number {ca}; {b}'s is with "
                   f"{car_b}, tracking number {cb}.")
+    elif kind == "codes":  # 4 named codes, then the same 4 again in another order: dense copying
+      names = [support._pick(rng, support.NAMES) for _ in range(4)]
+      items = [(nm, support._pick(rng, support.CARRIERS), support._tracking(rng)) for nm in names]
+      first = " ".join(f"{nm}: {c} {t}." for nm, c, t in items)
+      again = " ".join(f"{nm}: {c} {t}." for nm, c, t in
+                       (items[j] for j in rng.permutation(4)))
+      out_.append(f"Parcels on file. {first}\nAgain: {again}")
     else:
       raise SystemExit(f"kinds: {kind!r}")
   return out_
