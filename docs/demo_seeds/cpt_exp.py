@@ -10,10 +10,11 @@ copying), greedy accuracy on the 8 code characters (~0.03-0.06 = no copying), on
 (plain induction: the previous character is in the facts) and codes got whole.
 
 Knobs: init=base (continued pretraining of ftjax/demo/base) | scratch (a new model of the shape
-layers/heads/kv_heads); steps, lr, sched (cosine|constant|linear), warm, min_lr, save (every K
-steps), seed; docs=N base documents (support.make_base_corpus(N, cseed), cseed=1: fresh ones,
-not the shipped base's); drill=F: a fraction F of them replaced by copy drills, kinds by
-`kinds` (comma list, equal shares): ship = a support thread of a shipped order (the reply quotes
+layers/heads/kv_heads) | an HF dir (e.g. an earlier run's OUT/base_hf: a curriculum); steps,
+lr, sched (cosine|constant|linear), warm, min_lr, save (every K steps), seed; docs=N base
+documents (support.make_base_corpus(N, cseed), cseed=1: fresh ones, not the shipped base's);
+drill=F: a fraction F of them replaced by copy drills, kinds by `kinds` (comma list, equal
+shares): ship = a support thread of a shipped order (the reply quotes
 carrier and code), rep = two parcels' codes on file, then a line that quotes both again (the
 code is most of the document's loss), codes (session 8) = four names with a carrier and code
 each, then all four again in a shuffled order.
@@ -123,6 +124,8 @@ if not K["probe_only"]:
   cfg = demo.stage_config("demo", "stage=pretrain", False, K["seed"])
   if K["init"] == "base":
     cfg.model.hf_path = demo.BASE_DIR
+  elif K["init"] != "scratch":  # an HF dir (a curriculum's first stage: its OUT/base_hf)
+    cfg.model.hf_path = K["init"]
   else:
     cfg.model.preset = "demo_x"
     cfg.model.tokenizer = demo.BASE_DIR
