@@ -17,7 +17,8 @@ drill=F: a fraction F of them replaced by copy drills, kinds by `kinds` (comma l
 shares): ship = a support thread of a shipped order (the reply quotes
 carrier and code), rep = two parcels' codes on file, then a line that quotes both again (the
 code is most of the document's loss), codes (session 8) = four names with a carrier and code
-each, then all four again in a shuffled order.
+each, then all four again in a shuffled order; pairs = the same with each name right before its
+carrier ("Max FedEx AP5UB204, ..."), so a carrier (a word token) is copied from the token before.
 """
 import json
 import os
@@ -75,6 +76,12 @@ def drills(n, rng):
       again = " ".join(f"{nm}: {c} {t}." for nm, c, t in
                        (items[j] for j in rng.permutation(4)))
       out_.append(f"Parcels on file. {first}\nAgain: {again}")
+    elif kind == "pairs":  # as codes, each name directly before its carrier (copying words)
+      items = [(support._pick(rng, support.NAMES), support._pick(rng, support.CARRIERS),
+                support._tracking(rng)) for _ in range(4)]
+      first = ", ".join(f"{nm} {c} {t}" for nm, c, t in items)
+      again = ", ".join(f"{nm} {c} {t}" for nm, c, t in (items[j] for j in rng.permutation(4)))
+      out_.append(f"Parcels: {first}.\nAgain: {again}.")
     else:
       raise SystemExit(f"kinds: {kind!r}")
   return out_
