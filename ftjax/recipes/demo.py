@@ -216,21 +216,25 @@ def _metrics(ev: dict) -> dict:
 # takes ~3000 steps, about 7 minutes on a 2-core CPU: more than the demo's time, so the demo
 # starts from this one by default, like any fine-tuning from a downloaded checkpoint.
 BASE_DIR = os.path.join(os.path.dirname(support.DATA_DIR), "base")
+# The session-7 base (the `demo` preset, 3000 steps on support.make_base_corpus; it copies no
+# tracking code): the base of the published reproductions and the safety-erosion study, kept so
+# that their commands still give their tables (docs/reproductions).
+BASE_V1_DIR = os.path.join(os.path.dirname(support.DATA_DIR), "base_v1")
 # `--pretrain --smoke`: a corpus just big enough for the smoke's steps.
 SMOKE_CORPUS = 2000
 
 
 def pretrain_base(workdir: str, smoke: bool = False, seed: int = 0) -> str:
-  """Stages 1-2 of `--pretrain`: the tokenizer, then the `demo` model pretrained from scratch on
-  `support.make_base_corpus` (written to workdir/base_corpus.jsonl) and exported to
+  """Stages 1-2 of `--pretrain`: the tokenizer, then the `demo-mha` model pretrained from scratch
+  on `support.make_copy_corpus` (written to workdir/base_corpus.jsonl) and exported to
   workdir/base_hf (merged, with its tokenizer). Returns that directory."""
   tok_dir = train_tokenizer(os.path.join(workdir, "tokenizer"))
   cfg = stage_config("demo", "stage=pretrain", smoke, seed)
   cfg.model.tokenizer = tok_dir
   corpus = os.path.join(workdir, "base_corpus.jsonl")
   if not os.path.exists(corpus):
-    n = SMOKE_CORPUS if smoke else support.BASE_CORPUS["n"]
-    support.write_jsonl(corpus + ".tmp", support.make_base_corpus(n, seed))
+    n = SMOKE_CORPUS if smoke else support.COPY_CORPUS["n"]
+    support.write_jsonl(corpus + ".tmp", support.make_copy_corpus(n, seed))
     os.replace(corpus + ".tmp", corpus)
   cfg.data.path = corpus
   pre_dir = os.path.join(workdir, "pretrain")
