@@ -12,6 +12,7 @@ out of the loss, with a warning). Rates come with their counts and a 95% Wilson 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -38,6 +39,21 @@ def load(workdir=None, model_path=None, step=None):
   return model, params, load_tokenizer(hf.resolve(model_path))
 
 
+@functools.lru_cache(maxsize=16)
+def _eval_fn_jit(model):
+  return jax.jit(lambda p, b: sft.eval_step(p, b, model=model))
+
+
+def _eval_fn(model):
+  """The jitted loss pass, one per model (modules with equal configs are equal): a new closure
+  per call was traced and lowered again for each measured model and data file (the repro
+  studies measure every arm and the base on two files)."""
+  try:
+    return _eval_fn_jit(model)
+  except TypeError:  # an unhashable field
+    return _eval_fn_jit.__wrapped__(model)
+
+
 def evaluate(data_path, workdir=None, model_path=None, step=None, fmt="chat", task="none",
              seq_len=512, batch_size=16, max_examples=0, max_new_tokens=64, show=3,
              loaded=None, add_bos=None) -> dict:
@@ -59,7 +75,7 @@ def evaluate(data_path, workdir=None, model_path=None, step=None, fmt="chat", ta
                     "and are left out of eval_loss (%d evaluated, %d of them truncated)",
                     seq_len, data.stats.dropped, len(records), data_path,
                     data.stats.examples, data.stats.truncated)
-  eval_fn = jax.jit(lambda p, b: sft.eval_step(p, b, model=model))
+  eval_fn = _eval_fn(model)
   loss_sum = n = 0.0
   for batch in data_lib.eval_batches(data.train.examples, batch_size, seq_len, pad_id=data.pad_id):
     out = jax.device_get(eval_fn(params, batch))

@@ -428,8 +428,7 @@ def load_params(path: str, cfg: ModelConfig,
       every param is placed straight into its shards.
   """
   entries = {en.hf: en for en in tensor_map(cfg)}
-  abstract = _unbox(jax.eval_shape(lambda: Decoder(cfg).init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"])
+  abstract = _unbox(lora_lib.init_shapes(Decoder(cfg))["params"])
   shapes = jax.tree_util.tree_map(lambda s: s.shape, abstract)
   dtypes = jax.tree_util.tree_map(lambda s: np.dtype(s.dtype), abstract)
   convert = convert or (lambda p, a: np.asarray(a, dtype=_get(dtypes, p)))
@@ -542,8 +541,7 @@ def load_pretrained(path: str, dtype: str = "float32", compute_dtype: Optional[s
   if mesh is not None:
     # Each tensor goes straight into its shards: the model never sits whole on one device.
     from ftjax import sharding
-    abstract = jax.eval_shape(lambda: _unbox(model.init(jax.random.PRNGKey(0),
-                                                        jnp.zeros((1, 1), jnp.int32)))["params"])
+    abstract = _unbox(lora_lib.init_shapes(model)["params"])
     target = sharding.param_shardings(model, abstract, mesh, rules or sharding.RULES)
 
   def convert(p, arr):

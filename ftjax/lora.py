@@ -207,10 +207,27 @@ def disable(model):
   return model.clone(spec=dataclasses.replace(model.spec, adapters_enabled=False))
 
 
+@functools.lru_cache(maxsize=32)
+def _init_shapes(model):
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
+
+
+def init_shapes(model) -> dict:
+  """`jax.eval_shape` of `model.init` on one token: {"params": ...} of ShapeDtypeStructs, boxed
+  in their logical axes. Traced once per model (modules with equal configs are equal): a load,
+  its adapters' init and its shardings each asked for it, a whole-model trace every time. Each
+  call gets its own dicts (the leaves are immutable)."""
+  try:
+    shapes = _init_shapes(model)
+  except TypeError:  # an unhashable field: trace it
+    shapes = _init_shapes.__wrapped__(model)
+  return jax.tree_util.tree_map(lambda x: x, shapes,
+                                is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def target_paths(model) -> list[str]:
   """Paths of the linear layers LoRA wraps ("layers/attn/q_proj", ...; one per stacked param)."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-  flat = traverse_util.flatten_dict(shapes["params"])
+  flat = traverse_util.flatten_dict(init_shapes(model)["params"])
   return sorted({"/".join(k[:-1]) for k in flat if k[-1] == "lora_a"})
 
 
@@ -222,8 +239,7 @@ def is_stacked(layer: tuple) -> bool:
 def kernel_shapes(model) -> dict[tuple, tuple]:
   """Layer path -> [in, out] of every linear kernel of the plain twin of `model` (no arrays);
   one block's shape for stacked kernels."""
-  shapes = jax.eval_shape(lambda: _plain(model).init(jax.random.PRNGKey(0),
-                                                     jnp.zeros((1, 1), jnp.int32)))["params"]
+  shapes = init_shapes(_plain(model))["params"]
   flat = traverse_util.flatten_dict(nn.meta.unbox(shapes))
   return {k[:-1]: tuple(v.shape)[is_stacked(k):] for k, v in flat.items() if k[-1] == "kernel"}
 
@@ -252,6 +268,21 @@ def _node(params: dict, path: tuple) -> dict:
   return params
 
 
+@functools.lru_cache(maxsize=32)
+def _adapter_init_jit(model):
+  return jax.jit(lambda rng: adapter_params(
+      model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]))
+
+
+def _adapter_init(model):
+  """The jitted adapter init, one per model: a new closure per load was traced, lowered and
+  looked up in the compilation cache again at every load of the same model."""
+  try:
+    return _adapter_init_jit(model)
+  except TypeError:  # an unhashable field
+    return _adapter_init_jit.__wrapped__(model)
+
+
 def init_adapters(model, params: dict, rng: jax.Array) -> dict:
   """Add freshly initialised adapter leaves (LoRA, prefix, prompt) to loaded base `params`.
 
@@ -271,11 +302,7 @@ def init_adapters(model, params: dict, rng: jax.Array) -> dict:
     raise ValueError(f"LoraConfig.layers={lcfg.layers}: the model has {model.cfg.n_layers} "
                      "blocks (0 to n_layers - 1)")
 
-  @jax.jit
-  def init(rng):
-    return adapter_params(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
-
-  adapter = nn.meta.unbox(init(rng))
+  adapter = nn.meta.unbox(_adapter_init(model)(rng))
   if model.spec.lora is not None and model.spec.lora.dora:
     flat = traverse_util.flatten_dict(adapter)
     shapes = kernel_shapes(model)

@@ -143,8 +143,8 @@ def param_shardings(model, params: Any, mesh: Mesh, rules=RULES) -> Any:
 
 
 def _logical_names(model) -> dict:
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                            jnp.zeros((1, 1), jnp.int32)))["params"]
+  from ftjax import lora  # traced once per model, shared with the load (lora.init_shapes)
+  boxed = lora.init_shapes(model)["params"]
   tree = jax.tree_util.tree_map(lambda x: x.names if isinstance(x, nn.Partitioned) else None,
                                 boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   return traverse_util.flatten_dict(tree)

@@ -114,16 +114,17 @@ def test_grad_accumulation_keeps_pairs_together(base_dir, pref_files):
   tx = common.make_optimizer("adamw", schedule)
   batch = _batch(base_dir, pref_files, n=4)
   out = {}
-  for k in (1, 2, 4):
+  # 4 micro-batches of one pair each: a row moved to another micro-batch than its pair's shows.
+  # (Accumulation 2 with DPO: test_sharding's mixed-mesh class, against one device.)
+  for k in (1, 4):
     step = jax.jit(dpo.make_dpo_step(model, lora.disable(model), lambda p: p, tx,
                                             schedule, beta=0.1, loss_type="sigmoid",
                                             grad_accum=k))
     _, m = step(common.init_state(trainable, tx, 0), frozen,
                 sharding.interleave_for_accum(batch, k))
     out[k] = m
-  for k in (2, 4):
-    np.testing.assert_allclose(out[k]["loss"], out[1]["loss"], rtol=1e-5)
-    np.testing.assert_allclose(out[k]["grad_norm"], out[1]["grad_norm"], rtol=1e-4)
+  np.testing.assert_allclose(out[4]["loss"], out[1]["loss"], rtol=1e-5)
+  np.testing.assert_allclose(out[4]["grad_norm"], out[1]["grad_norm"], rtol=1e-4)
 
 
 @pytest.mark.parametrize("get_config", [dpo_config.get_config, reward_config.get_config])

@@ -146,8 +146,14 @@ def test_verdict_from_paired_intervals():
 
 @pytest.fixture(scope="module")
 def smoke(base_dir, tmp_path_factory):
+  """The smoke with 4 red-team and 4 plain tickets (the command's 8): one of each policy, in
+  turn. The greedy replies of 7 models were half the smoke's time, most of it the prefill of
+  the long policy prompts, which grows with the rows."""
   d = tmp_path_factory.mktemp("safety_erosion")
-  return se.run(str(d / "runs"), str(d / "out"), smoke=True, base=base_dir), d
+  settings = se.settings
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(se, "settings", lambda *a, **k: {**settings(*a, **k), "redteam": 4, "plain": 4})
+    return se.run(str(d / "runs"), str(d / "out"), smoke=True, base=base_dir), d
 
 
 def test_smoke_study(smoke):
@@ -156,9 +162,9 @@ def test_smoke_study(smoke):
   assert set(res["arms"]) == set(se.ARMS)
   for arm, counts in res["arms"].items():
     k, n = counts["kept"]
-    assert n == 8 and 0 <= k <= n, arm
-    assert counts["kept_polite"][1] == 8 and counts["kept_privacy"][1] == 2
-    assert counts["plain_kept"][1] == 8 and "voice" not in counts  # smoke: no support eval
+    assert n == 4 and 0 <= k <= n, arm
+    assert counts["kept_polite"][1] == 4 and counts["kept_privacy"][1] == 1
+    assert counts["plain_kept"][1] == 4 and "voice" not in counts  # smoke: no support eval
   assert r["verdict"] == "Inconclusive"  # one seed: no interval
   text = open(r["readme"]).read()
   assert se.CLAIM in text and "--smoke" in text
