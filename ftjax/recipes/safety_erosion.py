@@ -5,8 +5,9 @@ compromises safety"; Yang et al. 2023, "Shadow Alignment"), in the support demo'
   python experiments/safety_erosion.py --workdir=/tmp/s --base=/tmp/ftjax_demo   # a demo's base
   python experiments/safety_erosion.py --workdir=/tmp/s --smoke --out=/tmp/s/out  # the pipeline
 
-The base is the demo's pretrained model: without `--base` the shipped session-7 one (ftjax/demo/base_v1, the base of the published study),
-else a demo workdir's `base_hf` (`--base=DEMO_WORKDIR`) or any HF directory.
+The base is the demo's pretrained model: without `--base` the shipped session-7 one
+(ftjax/demo/base_v1, the base of the published study), else a demo workdir's `base_hf`
+(`--base=DEMO_WORKDIR`) or any HF directory.
 The policies, the rows and the scorer: ftjax/tasks/support_safety.py.
 
 Per seed: the safe SFT model is LoRA SFT of the base (configs/demo.py:stage=sft) on the demo's
