@@ -4,8 +4,8 @@
   python experiments/sft.py --config=configs/repro.py:stage=sft,replay=1 --workdir=/tmp/r \
       --config.model.hf_path=/path/to/base_hf
 
-The support demo at CPU scale. experiments/repro.py fine-tunes the shipped demo base
-(ftjax/demo/base) with stage=sft and measures forgetting on fresh documents of that base's
+The support demo at CPU scale. experiments/repro.py fine-tunes the session-7 demo base
+(ftjax/demo/base_v1) with stage=sft and measures forgetting on fresh documents of that base's
 corpus generator (ftjax/recipes/repro.py: general_eval_file). stage=base is the older tiny base
 (the first GENERAL_TRAIN rows of pretrain.jsonl; the rest are the general-text split that
 replay=W mixes in without replay_from).

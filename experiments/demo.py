@@ -26,9 +26,9 @@ def define_flags():
   flags.DEFINE_string("workdir", "/tmp/ftjax_demo", "Where every stage writes.")
   flags.DEFINE_string("base", None, "An HF model directory to fine-tune instead of the shipped "
                       "base (ftjax/demo/base).")
-  flags.DEFINE_bool("pretrain", False, "Pretrain the base here first (the tokenizer, then 3000 "
-                    "steps on retail text and support threads: the recipe that made "
-                    "ftjax/demo/base; minutes more on a CPU) instead of the shipped base.")
+  flags.DEFINE_bool("pretrain", False, "Pretrain the base here first (the tokenizer, then 4000 "
+                    "steps on retail text, support threads and copy drills: the recipe that "
+                    "made ftjax/demo/base; ~10 minutes more on a CPU) instead of the shipped base.")
   flags.DEFINE_bool("smoke", False, "A few steps per stage (CI).")
   flags.DEFINE_integer("eval_examples", demo.EVAL_EXAMPLES,
                        "Held-out tickets to evaluate (0: all 120).")

@@ -27,7 +27,7 @@ def define_flags():
   flags.DEFINE_string("workdir", "/tmp/ftjax_repro", "Runs and checkpoints (not committed).")
   flags.DEFINE_string("out", None, "Table, plots and README (default docs/reproductions/NAME).")
   flags.DEFINE_string("base", None, "An HF model directory as the base instead of the shipped "
-                      "demo base ftjax/demo/base (a real model: give --steps too).")
+                      "session-7 demo base ftjax/demo/base_v1 (a real model: give --steps too).")
   flags.DEFINE_integer("steps", 0, "Training steps per arm (0: the config's).")
   flags.DEFINE_integer("tickets", 0, "Held-out support tickets generated for per model (0: the "
                        "study's default: all 120 for the seeded studies, 24 for dpo_beta).")

@@ -25,7 +25,7 @@ def define_flags():
   flags.DEFINE_string("out", None, "README, results.json and kept.png "
                       "(default docs/reproductions/safety_erosion).")
   flags.DEFINE_string("base", None, "A demo workdir (its base_hf) or an HF model directory; "
-                      "default: the demo's shipped base, ftjax/demo/base.")
+                      "default: the session-7 demo base, ftjax/demo/base_v1.")
   flags.DEFINE_integer("seeds", 3, "Seeds (each: the safe SFT model and six arms).")
   flags.DEFINE_bool("smoke", False, "A few steps and tickets: the pipeline only.")
 

@@ -221,6 +221,13 @@ PRESETS: dict[str, ModelConfig] = {
     "demo": ModelConfig(family="llama", vocab_size=1024, d_model=128, n_layers=2, n_heads=4,
                         n_kv_heads=2, head_dim=32, mlp_dim=384, max_seq_len=512,
                         tie_embeddings=True),
+    # The demo base since session 8 (ftjax/demo/base): the same size with 8 heads of 16, each
+    # with its own kv head. With copy drills in its corpus it forms an induction circuit (it
+    # copies a ticket's tracking code) in ~2000 steps on every seed screened; the GQA shape
+    # above started copying late or not at all (docs/demo_seeds/README.md, sessions 7b and 8).
+    "demo-mha": ModelConfig(family="llama", vocab_size=1024, d_model=128, n_layers=2, n_heads=8,
+                            n_kv_heads=8, head_dim=16, mlp_dim=384, max_seq_len=512,
+                            tie_embeddings=True),
     "tiny-gpt2": _preset(_GPT2, vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
                          head_dim=16, mlp_dim=256, max_seq_len=512, bos_token_id=None,
                          eos_token_id=None),

@@ -83,7 +83,7 @@ def test_seed_reaches_every_stage(tmp_path, monkeypatch):
   monkeypatch.setattr(demo, "load_tokenizer", lambda path: None)
   monkeypatch.setattr(demo.wd, "load_trained", lambda path: (None, None, None, None))
   monkeypatch.setattr(demo, "evaluate", lambda loaded, n: fake)
-  monkeypatch.setitem(support.BASE_CORPUS, "n", 10)
+  monkeypatch.setitem(support.COPY_CORPUS, "n", 10)
   for rl in ("grpo", "ppo"):
     demo.run(str(tmp_path / rl), rl=rl, seed=7, pretrain=True)
   stages = [name for name, _ in seen]
@@ -148,3 +148,20 @@ def test_shipped_base_tokenizer_is_train_tokenizer_output(tmp_path):
   d = demo.train_tokenizer(str(tmp_path / "tok"))
   assert (json.load(open(os.path.join(d, "tokenizer.json")))
           == json.load(open(os.path.join(demo.BASE_DIR, "tokenizer.json"))))
+
+
+def test_copy_corpus_repeats_each_drills_facts_later_in_the_document():
+  """Half the documents are copy drills; a `codes` drill lists the same four (name, carrier,
+  code) triples twice, so its second half is copying; `ship` threads quote the order's code."""
+  import re
+  a = support.make_copy_corpus(600, 0)
+  assert a == support.make_copy_corpus(600, 0) and a != support.make_copy_corpus(600, 1)
+  codes = [d["text"] for d in a if d["text"].startswith("Parcels on file. ")]
+  ship = [d["text"] for d in a if "tracking" in d["text"].lower() and
+          d["text"].startswith("Support ticket. ")]
+  assert 0.2 < len(codes) / len(a) < 0.3 and ship
+  triple = re.compile(r"(\w+): (UPS|DHL|FedEx|USPS) ([A-Z0-9]{8})\.")
+  for t in codes:
+    first, again = t.split("\nAgain: ")
+    assert len(triple.findall(first)) == 4
+    assert sorted(triple.findall(first)) == sorted(triple.findall(again))

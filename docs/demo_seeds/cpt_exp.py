@@ -10,12 +10,15 @@ copying), greedy accuracy on the 8 code characters (~0.03-0.06 = no copying), on
 (plain induction: the previous character is in the facts) and codes got whole.
 
 Knobs: init=base (continued pretraining of ftjax/demo/base) | scratch (a new model of the shape
-layers/heads/kv_heads); steps, lr, sched (cosine|constant|linear), warm, min_lr, save (every K
-steps), seed; docs=N base documents (support.make_base_corpus(N, cseed), cseed=1: fresh ones,
-not the shipped base's); drill=F: a fraction F of them replaced by copy drills, kinds by
-`kinds` (comma list, equal shares): ship = a support thread of a shipped order (the reply quotes
+layers/heads/kv_heads) | an HF dir (e.g. an earlier run's OUT/base_hf: a curriculum); steps,
+lr, sched (cosine|constant|linear), warm, min_lr, save (every K steps), seed; docs=N base
+documents (support.make_base_corpus(N, cseed), cseed=1: fresh ones, not the shipped base's);
+drill=F: a fraction F of them replaced by copy drills, kinds by `kinds` (comma list, equal
+shares): ship = a support thread of a shipped order (the reply quotes
 carrier and code), rep = two parcels' codes on file, then a line that quotes both again (the
-code is most of the document's loss).
+code is most of the document's loss), codes (session 8) = four names with a carrier and code
+each, then all four again in a shuffled order; pairs = the same with each name right before its
+carrier ("Max FedEx AP5UB204, ..."), so a carrier (a word token) is copied from the token before.
 """
 import json
 import os
@@ -66,6 +69,19 @@ def drills(n, rng):
       out_.append(f"Parcel for {a}: {car_a}, tracking {ca}. Parcel for {b}: {car_b}, tracking "
                   f"{cb}. {a}'s parcel is with {car_a}, tracking number {ca}; {b}'s is with "
                   f"{car_b}, tracking number {cb}.")
+    elif kind == "codes":  # 4 named codes, then the same 4 again in another order: dense copying
+      names = [support._pick(rng, support.NAMES) for _ in range(4)]
+      items = [(nm, support._pick(rng, support.CARRIERS), support._tracking(rng)) for nm in names]
+      first = " ".join(f"{nm}: {c} {t}." for nm, c, t in items)
+      again = " ".join(f"{nm}: {c} {t}." for nm, c, t in
+                       (items[j] for j in rng.permutation(4)))
+      out_.append(f"Parcels on file. {first}\nAgain: {again}")
+    elif kind == "pairs":  # as codes, each name directly before its carrier (copying words)
+      items = [(support._pick(rng, support.NAMES), support._pick(rng, support.CARRIERS),
+                support._tracking(rng)) for _ in range(4)]
+      first = ", ".join(f"{nm} {c} {t}" for nm, c, t in items)
+      again = ", ".join(f"{nm} {c} {t}" for nm, c, t in (items[j] for j in rng.permutation(4)))
+      out_.append(f"Parcels: {first}.\nAgain: {again}.")
     else:
       raise SystemExit(f"kinds: {kind!r}")
   return out_
@@ -115,6 +131,8 @@ if not K["probe_only"]:
   cfg = demo.stage_config("demo", "stage=pretrain", False, K["seed"])
   if K["init"] == "base":
     cfg.model.hf_path = demo.BASE_DIR
+  elif K["init"] != "scratch":  # an HF dir (a curriculum's first stage: its OUT/base_hf)
+    cfg.model.hf_path = K["init"]
   else:
     cfg.model.preset = "demo_x"
     cfg.model.tokenizer = demo.BASE_DIR

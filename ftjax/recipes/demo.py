@@ -2,11 +2,11 @@
 
   python experiments/demo.py --workdir=/tmp/ftjax_demo
 
-1-2. the base: by default the shipped one (ftjax/demo/base: a 0.5M-parameter llama with its
+1-2. the base: by default the shipped one (ftjax/demo/base: a 0.56M-parameter llama with its
    byte-level BPE tokenizer, pretrained by ftjax itself); with --pretrain, the recipe that made
-   it, run here: the tokenizer trained on the demo text (no download), then 3000 steps on
-   generated retail text and plain-text support threads (a few minutes more on a CPU), exported
-   as an HF checkpoint; or your own base with --base=HF_DIR;
+   it, run here: the tokenizer trained on the demo text (no download), then 4000 steps on
+   generated retail text, plain-text support threads and copy drills (~10 minutes on a CPU),
+   exported as an HF checkpoint; or your own base with --base=HF_DIR;
 3. LoRA SFT on support tickets (chat format, loss on the assistant turns only);
 4. evaluation on held-out tickets before and after: order details quoted correctly, invented
    order numbers, correct escalations, brand voice, held-out loss; a few sample replies;
@@ -212,25 +212,29 @@ def _metrics(ev: dict) -> dict:
 
 # The shipped base (a merged HF export with its tokenizer): `pretrain_base` with seed 0, i.e.
 # `python experiments/demo.py --pretrain --workdir=W` wrote it to W/base_hf (BUILD.md, "The
-# demo": the command, commit, time and checks). Pretraining a base that quotes order details
-# takes ~3000 steps, about 7 minutes on a 2-core CPU: more than the demo's time, so the demo
+# demo": the command, commit, time and checks). Pretraining a base that copies order details
+# takes ~4000 steps, about 10 minutes on a 2-core CPU: more than the demo's time, so the demo
 # starts from this one by default, like any fine-tuning from a downloaded checkpoint.
 BASE_DIR = os.path.join(os.path.dirname(support.DATA_DIR), "base")
+# The session-7 base (the `demo` preset, 3000 steps on support.make_base_corpus; it copies no
+# tracking code): the base of the published reproductions and the safety-erosion study, kept so
+# that their commands still give their tables (docs/reproductions).
+BASE_V1_DIR = os.path.join(os.path.dirname(support.DATA_DIR), "base_v1")
 # `--pretrain --smoke`: a corpus just big enough for the smoke's steps.
 SMOKE_CORPUS = 2000
 
 
 def pretrain_base(workdir: str, smoke: bool = False, seed: int = 0) -> str:
-  """Stages 1-2 of `--pretrain`: the tokenizer, then the `demo` model pretrained from scratch on
-  `support.make_base_corpus` (written to workdir/base_corpus.jsonl) and exported to
+  """Stages 1-2 of `--pretrain`: the tokenizer, then the `demo-mha` model pretrained from scratch
+  on `support.make_copy_corpus` (written to workdir/base_corpus.jsonl) and exported to
   workdir/base_hf (merged, with its tokenizer). Returns that directory."""
   tok_dir = train_tokenizer(os.path.join(workdir, "tokenizer"))
   cfg = stage_config("demo", "stage=pretrain", smoke, seed)
   cfg.model.tokenizer = tok_dir
   corpus = os.path.join(workdir, "base_corpus.jsonl")
   if not os.path.exists(corpus):
-    n = SMOKE_CORPUS if smoke else support.BASE_CORPUS["n"]
-    support.write_jsonl(corpus + ".tmp", support.make_base_corpus(n, seed))
+    n = SMOKE_CORPUS if smoke else support.COPY_CORPUS["n"]
+    support.write_jsonl(corpus + ".tmp", support.make_copy_corpus(n, seed))
     os.replace(corpus + ".tmp", corpus)
   cfg.data.path = corpus
   pre_dir = os.path.join(workdir, "pretrain")

@@ -7,8 +7,8 @@
   python experiments/repro.py --name=grpo_steps    # GRPO pass@1 vs steps; Yue et al. 2025
   python experiments/repro.py --name=qlora --base=/path/to/hf_dir --steps=300   # a real model
 
-Each one: the base (without --base, the shipped demo base ftjax/demo/base: the 0.5M llama that
-`experiments/demo.py --pretrain` made, with its tokenizer), then its arms as sweep runs
+Each one: the base (without --base, the session-7 demo base ftjax/demo/base_v1: the 0.5M llama
+that `experiments/demo.py --pretrain` made then, with its tokenizer), then its arms as sweep runs
 (ftjax/sweep.py: one process and one workdir each, WORKDIR/<name>/<arm>,seed=<s>; rerunning
 skips finished runs and resumes the rest), every arm on `--seeds` seeds (train.seed =
 model.seed = data.seed), measurements of every trained model (and of the base) in its
@@ -441,9 +441,10 @@ def _base_line(ctx: Context) -> str:
   if not ctx.tiny:
     return f"the base {ctx.base}"
   sha = file_sha256(os.path.join(ctx.base, "model.safetensors"))
-  return ("the shipped demo base `ftjax/demo/base` (the `demo` preset: a 0.5M-parameter llama, 2 "
-          "layers, d_model 128, with its 1024-token BPE tokenizer; made by `python "
-          "experiments/demo.py --pretrain`: 3000 steps on support.make_base_corpus, see BUILD.md; "
+  return ("the session-7 demo base `ftjax/demo/base_v1` (the `demo` preset: a 0.5M-parameter "
+          "llama, 2 layers, d_model 128, with its 1024-token BPE tokenizer; made by `python "
+          "experiments/demo.py --pretrain` then: 3000 steps on support.make_base_corpus, see "
+          "BUILD.md; "
           f"model.safetensors sha256 `{sha}`)")
 
 
@@ -595,7 +596,7 @@ def run(name: str, workdir: str, out: Optional[str] = None, base: Optional[str] 
   _compile_cache(workdir)
   seeds = 1 if smoke else (seeds or study.seeds)
   tickets = 4 if smoke else (tickets or study.tickets)
-  ctx = Context(workdir, base or demo.BASE_DIR, general_eval_file(workdir, base is None),
+  ctx = Context(workdir, base or demo.BASE_V1_DIR, general_eval_file(workdir, base is None),
                 steps, tickets,
                 16 if smoke else general, smoke, base is None, seeds,
                 replay_file(workdir) if name == "forgetting" else "")

@@ -9,7 +9,7 @@ Each piece records its wall and CPU seconds; the README sums them (a rerun reuse
 finished piece and trains nothing).
 
 dpo_beta. The start and the reference: LoRA SFT (configs/demo.py:stage=sft, the demo's r32,
-300 steps, seed 0) of the shipped demo base ftjax/demo/base, merged; built once into
+300 steps, seed 0) of the session-7 demo base ftjax/demo/base_v1, merged; built once into
 WORKDIR/dpo_beta/sft-<hash of its config and base> and reused. From it, DPO (LoRA,
 configs/dpo.py:data=support) at each beta for each seed (the seed sets the adapter init, the
 pair order and the measurement's samples). Each model (and the reference, per seed) samples
@@ -265,7 +265,7 @@ def dpo_beta(workdir: str, out: str, base: Optional[str] = None, steps: int = 0,
   s = dpo_settings(smoke, seeds, steps)
   root = os.path.join(workdir, "dpo_beta")
   t0 = time.time()
-  base = base or demo.BASE_DIR
+  base = base or demo.BASE_V1_DIR
   start = sft_hf
   sft_hf = sft_hf or dpo_sft_model(root, base, s)
   tok = load_tokenizer(sft_hf)

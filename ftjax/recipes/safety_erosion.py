@@ -5,8 +5,9 @@ compromises safety"; Yang et al. 2023, "Shadow Alignment"), in the support demo'
   python experiments/safety_erosion.py --workdir=/tmp/s --base=/tmp/ftjax_demo   # a demo's base
   python experiments/safety_erosion.py --workdir=/tmp/s --smoke --out=/tmp/s/out  # the pipeline
 
-The base is the demo's pretrained model: without `--base` the shipped one (ftjax/demo/base),
-else a demo workdir's `base_hf` (`--base=DEMO_WORKDIR`) or any HF directory.
+The base is the demo's pretrained model: without `--base` the shipped session-7 one
+(ftjax/demo/base_v1, the base of the published study), else a demo workdir's `base_hf`
+(`--base=DEMO_WORKDIR`) or any HF directory.
 The policies, the rows and the scorer: ftjax/tasks/support_safety.py.
 
 Per seed: the safe SFT model is LoRA SFT of the base (configs/demo.py:stage=sft) on the demo's
@@ -93,12 +94,12 @@ def write_data(out_dir: str, limit: int = 0) -> dict:
 
 def resolve_base(workdir: str, base: Optional[str], smoke: bool) -> str:
   """The HF base: `base` (a demo workdir's base_hf, or an HF directory), else the demo's
-  shipped base (ftjax/demo/base)."""
+  session-7 base (ftjax/demo/base_v1), on which the published study ran."""
   del workdir, smoke
   if base:
     inner = os.path.join(base, "base_hf")
     return hf.resolve(inner if os.path.isdir(inner) else base)
-  return demo.BASE_DIR
+  return demo.BASE_V1_DIR
 
 
 def sft_config(s: dict, seed: int, hf_path: str, data_path: str):

@@ -190,9 +190,70 @@ def make_base_corpus(n: int = BASE_CORPUS["n"], seed: int = 0,
   rng = np.random.default_rng(BASE_CORPUS["thread_seed"] + seed)
   for i in range(len(docs)):
     if rng.random() < threads:
-      system, user, reply = (m["content"] for m in _ticket(rng)["messages"])
-      facts = system[len(SYSTEM) + 1:]
-      docs[i] = {"text": f"Support ticket. {facts}\nMessage: {user}\nReply:\n{reply}"}
+      docs[i] = {"text": _thread_text(_ticket(rng))}
+  return docs
+
+
+def _thread_text(ticket: dict) -> str:
+  system, user, reply = (m["content"] for m in ticket["messages"])
+  return f"Support ticket. {system[len(SYSTEM) + 1:]}\nMessage: {user}\nReply:\n{reply}"
+
+
+def copy_drills(n: int, rng, kinds=("codes", "ship")) -> list[str]:
+  """n documents whose loss is mostly copying from earlier in the document, kinds in turn:
+  codes = four names with a carrier and a tracking code each, then the four again shuffled
+  (~36 of ~108 tokens are copies); pairs = the same with each name right before its carrier;
+  ship = a plain-text support thread of a shipped order (the reply quotes carrier and code);
+  rep = two parcels on file, then a line quoting both again."""
+  out, shipped = [], []
+  for i in range(n):
+    kind = kinds[i % len(kinds)]
+    if kind == "ship":
+      while not shipped:
+        shipped = [t for t in (_ticket(rng) for _ in range(200)) if len(t["meta"]["required"]) == 4]
+      out.append(_thread_text(shipped.pop()))
+    elif kind == "rep":
+      a, b = _pick(rng, NAMES), _pick(rng, NAMES)
+      ca, cb = _tracking(rng), _tracking(rng)
+      car_a, car_b = _pick(rng, CARRIERS), _pick(rng, CARRIERS)
+      out.append(f"Parcel for {a}: {car_a}, tracking {ca}. Parcel for {b}: {car_b}, tracking "
+                 f"{cb}. {a}'s parcel is with {car_a}, tracking number {ca}; {b}'s is with "
+                 f"{car_b}, tracking number {cb}.")
+    elif kind == "codes":
+      names = [_pick(rng, NAMES) for _ in range(4)]
+      items = [(nm, _pick(rng, CARRIERS), _tracking(rng)) for nm in names]
+      first = " ".join(f"{nm}: {c} {t}." for nm, c, t in items)
+      again = " ".join(f"{nm}: {c} {t}." for nm, c, t in (items[j] for j in rng.permutation(4)))
+      out.append(f"Parcels on file. {first}\nAgain: {again}")
+    elif kind == "pairs":
+      items = [(_pick(rng, NAMES), _pick(rng, CARRIERS), _tracking(rng)) for _ in range(4)]
+      first = ", ".join(f"{nm} {c} {t}" for nm, c, t in items)
+      again = ", ".join(f"{nm} {c} {t}" for nm, c, t in (items[j] for j in rng.permutation(4)))
+      out.append(f"Parcels: {first}.\nAgain: {again}.")
+    else:
+      raise ValueError(f"copy_drills: unknown kind {kind!r} (codes, pairs, ship, rep)")
+  return out
+
+
+# The shipped base's corpus since session 8 (`experiments/demo.py --pretrain`): `make_base_corpus`
+# documents with half of them replaced by copy drills. Without drills a 2-layer base never formed
+# an induction circuit in a CPU-sized pretraining: it could not copy a ticket's 8-character
+# tracking code, so every shipped order's reply missed (docs/demo_seeds/README.md, sessions 7-8).
+# One pass of 4000 steps x 16 rows (~2 documents a 128-token row). `seed` + 1 is the corpus
+# seed, so its documents are not those of the session-7 base's corpus (seed 0).
+COPY_CORPUS = dict(n=130000, drill_seed=9000, drills=0.5, kinds=("codes", "ship"))
+
+
+def make_copy_corpus(n: int = COPY_CORPUS["n"], seed: int = 0,
+                     drills: float = COPY_CORPUS["drills"],
+                     kinds=COPY_CORPUS["kinds"]) -> list[dict]:
+  """`make_base_corpus(n, seed + 1)` with a `drills` fraction of its documents replaced by
+  `copy_drills` of `kinds`."""
+  docs = make_base_corpus(n, seed + 1)
+  rng = np.random.default_rng(COPY_CORPUS["drill_seed"] + seed + 1)
+  pick = np.flatnonzero(rng.random(n) < drills)
+  for i, text in zip(pick, copy_drills(len(pick), rng, tuple(kinds))):
+    docs[i] = {"text": text}
   return docs
 
 
