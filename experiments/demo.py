@@ -28,7 +28,7 @@ def define_flags():
                       "base (ftjax/demo/base).")
   flags.DEFINE_bool("pretrain", False, "Pretrain the base here first (the tokenizer, then 4000 "
                     "steps on retail text, support threads and copy drills: the recipe that "
-                    "made ftjax/demo/base; ~10 minutes more on a CPU) instead of the shipped base.")
+                    "made ftjax/demo/base; ~15 minutes more on a CPU) instead of the shipped base.")
   flags.DEFINE_bool("smoke", False, "A few steps per stage (CI).")
   flags.DEFINE_integer("eval_examples", demo.EVAL_EXAMPLES,
                        "Held-out tickets to evaluate (0: all 120).")

@@ -5,7 +5,7 @@
 1-2. the base: by default the shipped one (ftjax/demo/base: a 0.56M-parameter llama with its
    byte-level BPE tokenizer, pretrained by ftjax itself); with --pretrain, the recipe that made
    it, run here: the tokenizer trained on the demo text (no download), then 4000 steps on
-   generated retail text, plain-text support threads and copy drills (~10 minutes on a CPU),
+   generated retail text, plain-text support threads and copy drills (~15 minutes on a CPU),
    exported as an HF checkpoint; or your own base with --base=HF_DIR;
 3. LoRA SFT on support tickets (chat format, loss on the assistant turns only);
 4. evaluation on held-out tickets before and after: order details quoted correctly, invented
@@ -213,7 +213,7 @@ def _metrics(ev: dict) -> dict:
 # The shipped base (a merged HF export with its tokenizer): `pretrain_base` with seed 0, i.e.
 # `python experiments/demo.py --pretrain --workdir=W` wrote it to W/base_hf (BUILD.md, "The
 # demo": the command, commit, time and checks). Pretraining a base that copies order details
-# takes ~4000 steps, about 10 minutes on a 2-core CPU: more than the demo's time, so the demo
+# takes ~4000 steps, about 15 minutes on a 2-core CPU: more than the demo's time, so the demo
 # starts from this one by default, like any fine-tuning from a downloaded checkpoint.
 BASE_DIR = os.path.join(os.path.dirname(support.DATA_DIR), "base")
 # The session-7 base (the `demo` preset, 3000 steps on support.make_base_corpus; it copies no
