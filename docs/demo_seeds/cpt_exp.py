@@ -47,44 +47,11 @@ for a in sys.argv[2:]:
 
 
 def thread(ticket):
-  system, user, reply = (m["content"] for m in ticket["messages"])
-  return f"Support ticket. {system[len(support.SYSTEM) + 1:]}\nMessage: {user}\nReply:\n{reply}"
+  return support._thread_text(ticket)
 
 
 def drills(n, rng):
-  kinds = K["kinds"].split(",")
-  shipped = []
-  out_ = []
-  for i in range(n):
-    kind = kinds[i % len(kinds)]
-    if kind == "ship":
-      while not shipped:
-        shipped = [t for t in (support._ticket(rng) for _ in range(200))
-                   if len(t["meta"]["required"]) == 4]
-      out_.append(thread(shipped.pop()))
-    elif kind == "rep":
-      a, b = support._pick(rng, support.NAMES), support._pick(rng, support.NAMES)
-      ca, cb = support._tracking(rng), support._tracking(rng)
-      car_a, car_b = support._pick(rng, support.CARRIERS), support._pick(rng, support.CARRIERS)
-      out_.append(f"Parcel for {a}: {car_a}, tracking {ca}. Parcel for {b}: {car_b}, tracking "
-                  f"{cb}. {a}'s parcel is with {car_a}, tracking number {ca}; {b}'s is with "
-                  f"{car_b}, tracking number {cb}.")
-    elif kind == "codes":  # 4 named codes, then the same 4 again in another order: dense copying
-      names = [support._pick(rng, support.NAMES) for _ in range(4)]
-      items = [(nm, support._pick(rng, support.CARRIERS), support._tracking(rng)) for nm in names]
-      first = " ".join(f"{nm}: {c} {t}." for nm, c, t in items)
-      again = " ".join(f"{nm}: {c} {t}." for nm, c, t in
-                       (items[j] for j in rng.permutation(4)))
-      out_.append(f"Parcels on file. {first}\nAgain: {again}")
-    elif kind == "pairs":  # as codes, each name directly before its carrier (copying words)
-      items = [(support._pick(rng, support.NAMES), support._pick(rng, support.CARRIERS),
-                support._tracking(rng)) for _ in range(4)]
-      first = ", ".join(f"{nm} {c} {t}" for nm, c, t in items)
-      again = ", ".join(f"{nm} {c} {t}" for nm, c, t in (items[j] for j in rng.permutation(4)))
-      out_.append(f"Parcels: {first}.\nAgain: {again}.")
-    else:
-      raise SystemExit(f"kinds: {kind!r}")
-  return out_
+  return support.copy_drills(n, rng, tuple(K["kinds"].split(",")))
 
 
 def probe_rows():
