@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random HF models for every family, saved to temp dirs."""
 
 import atexit
+import math
 import os
+import re
 import shutil
 import tempfile
 
@@ -16,6 +18,14 @@ if "xla_force_host_platform_device_count" not in _flags:
 # keeps a real hang failing, as a hang, in any test that would still end in time.
 if "collective_call_terminate_timeout" not in _flags:
   _flags += " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+# LLVM's optimizations cost more than they save on most of the suite's programs: thousands of
+# eager ops and small steps, each run a few times. The experiment subprocesses compile every
+# program at -O0 (the level is part of the persistent cache key, so they share programs with
+# the pytest processes); the pytest processes compile at -O0 only the programs whose largest
+# array is small, and the rest (long-sequence attention scores) at XLA's default, -O3, since
+# those run long enough to pay for it (`pytest_configure` below).
+if "xla_backend_optimization_level" not in _flags:
+  _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -191,7 +201,32 @@ def pytest_collection_modifyitems(config, items):
   items[:] = sorted(items, key=key)  # stable: collection order within a file and after
 
 
+_SMALL_PROGRAM = 1 << 18  # elements of the largest array: 1 MiB of float32
+_TENSOR_TYPE = re.compile(r"tensor<((?:\d+x)+)[a-z]")
+
+
+def _largest_array(module_text: str) -> int:
+  return max((math.prod(int(d) for d in dims[:-1].split("x"))
+              for dims in _TENSOR_TYPE.findall(module_text)), default=0)
+
+
+def _optimize_large_programs():
+  """XLA's default -O3 for programs with a large array, whatever XLA_FLAGS says (see above)."""
+  if "--xla_backend_optimization_level=0" not in os.environ["XLA_FLAGS"].split():
+    return  # the caller chose a level: theirs holds everywhere
+  from jax._src import compiler
+  compile_or_get_cached = compiler.compile_or_get_cached
+
+  def compile_at_level(backend, computation, devices, compile_options, *args, **kwargs):
+    if _largest_array(str(computation)) >= _SMALL_PROGRAM:
+      compile_options.executable_build_options.debug_options.xla_backend_optimization_level = 3
+    return compile_or_get_cached(backend, computation, devices, compile_options, *args, **kwargs)
+
+  compiler.compile_or_get_cached = compile_at_level
+
+
 def pytest_configure(config):
+  _optimize_large_programs()
   # `-n 2` alone means xdist's `load`, which spreads a file's tests over both workers, so each
   # builds the file's module fixtures (measured on 5 fixture-heavy files: 341 CPU-s under load,
   # 309 under loadfile). An explicit --dist other than load is kept.

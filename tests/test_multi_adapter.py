@@ -93,8 +93,10 @@ def test_mixed_batch_equals_each_adapter_alone(hf_models, peft_adapters, quant, 
   mixed = _logits(model, params, tokens, mask, rows)
   out = np.asarray(sampling.generate(model, params, tokens, mask, max_new_tokens=6,
                                      adapter_rows=rows).tokens)
-  base_ref = _logits(base_model, base, tokens[3:], mask[3:])[0]
-  np.testing.assert_array_equal(mixed[3][mask[3]], base_ref[mask[3]])  # no adapter: the base
+  # No adapter: the base, bitwise, given the same batch (XLA's CPU kernels may round a batch of
+  # one differently from a batch of four, as they do on AMD EPYC).
+  base_ref = _logits(base_model, base, tokens, mask)[3]
+  np.testing.assert_array_equal(mixed[3][mask[3]], base_ref[mask[3]])
   for i, name in enumerate(KINDS):
     one = ftjax.load_adapter(base_model, base, peft_adapters[name])
     ref = _logits(*one, tokens[i:i + 1], mask[i:i + 1])[0]
