@@ -565,12 +565,21 @@ def _quiet_background_errors():
   try:
     yield
   except BaseException:
-    # Let the abandoned reads finish and their coroutines be collected while muted.
+    # Let the abandoned reads finish and their coroutines be collected while muted. A read still
+    # running then (a loaded machine) fails later: asyncio logs it, when its task is collected,
+    # as "Task exception was never retrieved" with a traceback. Those reports are dropped for
+    # the rest of the process; nothing waits on those reads.
+    logging.getLogger("asyncio").addFilter(_drop_unretrieved)
     time.sleep(0.2)
     gc.collect()
     raise
   finally:
     sys.stderr, sys.unraisablehook = old_err, old_hook
+
+
+def _drop_unretrieved(record: logging.LogRecord) -> bool:
+  """A logging filter: False for asyncio's report of a task whose exception no one read."""
+  return not str(record.msg).split("\n", 1)[0].endswith("exception was never retrieved")
 
 
 def short_reason(e: BaseException, limit: int = 160) -> str:

@@ -211,14 +211,17 @@ def _largest_array(module_text: str) -> int:
 
 
 def _optimize_large_programs():
-  """XLA's default -O3 for programs with a large array, whatever XLA_FLAGS says (see above)."""
+  """XLA's default -O3 for programs with a large array, whatever XLA_FLAGS says (see above),
+  except under `compiled_as_subprocesses`."""
   if "--xla_backend_optimization_level=0" not in os.environ["XLA_FLAGS"].split():
     return  # the caller chose a level: theirs holds everywhere
   from jax._src import compiler
+  from jax._src import config as jax_config
   compile_or_get_cached = compiler.compile_or_get_cached
 
   def compile_at_level(backend, computation, devices, compile_options, *args, **kwargs):
-    if _largest_array(str(computation)) >= _SMALL_PROGRAM:
+    if (jax_config.optimization_level.value != "O0"
+        and _largest_array(str(computation)) >= _SMALL_PROGRAM):
       compile_options.executable_build_options.debug_options.xla_backend_optimization_level = 3
     return compile_or_get_cached(backend, computation, devices, compile_options, *args, **kwargs)
 
@@ -233,3 +236,14 @@ def pytest_configure(config):
   if getattr(config.option, "dist", "no") == "load":
     config.option.dist = "loadfile"
     config.option.loadscopereorder = False  # keep SLOW_FILES' order, not the count of tests
+
+
+@pytest.fixture
+def compiled_as_subprocesses():
+  """The test's in-process runs compile every program at -O0, as the experiment subprocesses
+  do, so the two give the same bits (a kill/resume test that resumes in-process). jax's
+  `optimization_level` (which XLA's CPU compiler ignores) is in jit's cache key, so a program
+  compiled at -O3 earlier in the process is not reused."""
+  from jax._src import config as jax_config
+  with jax_config.optimization_level("O0"):
+    yield
