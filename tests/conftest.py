@@ -220,9 +220,13 @@ def _optimize_large_programs():
   compile_or_get_cached = compiler.compile_or_get_cached
 
   def compile_at_level(backend, computation, devices, compile_options, *args, **kwargs):
-    if (jax_config.optimization_level.value != "O0"
-        and _largest_array(str(computation)) >= _SMALL_PROGRAM):
-      compile_options.executable_build_options.debug_options.xla_backend_optimization_level = 3
+    if jax_config.optimization_level.value != "O0":
+      debug = compile_options.executable_build_options.debug_options
+      if _largest_array(str(computation)) >= _SMALL_PROGRAM:
+        debug.xla_backend_optimization_level = 3
+      else:  # XLA's older loop emitters: a fraction of the compile time, slower kernels
+        compile_options.env_option_overrides = [
+            *compile_options.env_option_overrides, ("xla_cpu_use_fusion_emitters", False)]
     return compile_or_get_cached(backend, computation, devices, compile_options, *args, **kwargs)
 
   compiler.compile_or_get_cached = compile_at_level
