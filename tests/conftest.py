@@ -1,10 +1,9 @@
 """Shared fixtures: tiny random HF models for every family, saved to temp dirs."""
 
 import atexit
-import math
 import os
-import re
 import shutil
+import sys
 import tempfile
 
 # Eight fake CPU devices for the sharding tests; set before jax is imported anywhere.
@@ -18,14 +17,14 @@ if "xla_force_host_platform_device_count" not in _flags:
 # keeps a real hang failing, as a hang, in any test that would still end in time.
 if "collective_call_terminate_timeout" not in _flags:
   _flags += " --xla_cpu_collective_call_terminate_timeout_seconds=600"
-# LLVM's optimizations cost more than they save on most of the suite's programs: thousands of
-# eager ops and small steps, each run a few times. The experiment subprocesses compile every
-# program at -O0 (the level is part of the persistent cache key, so they share programs with
-# the pytest processes); the pytest processes compile at -O0 only the programs whose largest
-# array is small, and the rest (long-sequence attention scores) at XLA's default, -O3, since
-# those run long enough to pay for it (`pytest_configure` below).
+# The suite's XLA compile policy (tests/_site/ftjax_xla_policy.py): small programs at -O0 with
+# XLA's loop emitters, large ones at XLA's defaults, in the pytest processes and, through
+# tests/_site/sitecustomize.py on PYTHONPATH, in every Python they start.
+_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_site")
 if "xla_backend_optimization_level" not in _flags:
   _flags += " --xla_backend_optimization_level=0"
+  os.environ["PYTHONPATH"] = os.pathsep.join(
+      p for p in (_SITE, os.environ.get("PYTHONPATH", "")) if p)
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -201,39 +200,11 @@ def pytest_collection_modifyitems(config, items):
   items[:] = sorted(items, key=key)  # stable: collection order within a file and after
 
 
-_SMALL_PROGRAM = 1 << 18  # elements of the largest array: 1 MiB of float32
-_TENSOR_TYPE = re.compile(r"tensor<((?:\d+x)+)[a-z]")
-
-
-def _largest_array(module_text: str) -> int:
-  return max((math.prod(int(d) for d in dims[:-1].split("x"))
-              for dims in _TENSOR_TYPE.findall(module_text)), default=0)
-
-
-def _optimize_large_programs():
-  """XLA's default -O3 for programs with a large array, whatever XLA_FLAGS says (see above),
-  except under `compiled_as_subprocesses`."""
-  if "--xla_backend_optimization_level=0" not in os.environ["XLA_FLAGS"].split():
-    return  # the caller chose a level: theirs holds everywhere
-  from jax._src import compiler
-  from jax._src import config as jax_config
-  compile_or_get_cached = compiler.compile_or_get_cached
-
-  def compile_at_level(backend, computation, devices, compile_options, *args, **kwargs):
-    if jax_config.optimization_level.value != "O0":
-      debug = compile_options.executable_build_options.debug_options
-      if _largest_array(str(computation)) >= _SMALL_PROGRAM:
-        debug.xla_backend_optimization_level = 3
-      else:  # XLA's older loop emitters: a fraction of the compile time, slower kernels
-        compile_options.env_option_overrides = [
-            *compile_options.env_option_overrides, ("xla_cpu_use_fusion_emitters", False)]
-    return compile_or_get_cached(backend, computation, devices, compile_options, *args, **kwargs)
-
-  compiler.compile_or_get_cached = compile_at_level
-
-
 def pytest_configure(config):
-  _optimize_large_programs()
+  if _SITE not in sys.path:
+    sys.path.insert(0, _SITE)
+  import ftjax_xla_policy
+  ftjax_xla_policy.install()
   # `-n 2` alone means xdist's `load`, which spreads a file's tests over both workers, so each
   # builds the file's module fixtures (measured on 5 fixture-heavy files: 341 CPU-s under load,
   # 309 under loadfile). An explicit --dist other than load is kept.
@@ -243,11 +214,11 @@ def pytest_configure(config):
 
 
 @pytest.fixture
-def compiled_as_subprocesses():
-  """The test's in-process runs compile every program at -O0, as the experiment subprocesses
-  do, so the two give the same bits (a kill/resume test that resumes in-process). jax's
-  `optimization_level` (which XLA's CPU compiler ignores) is in jit's cache key, so a program
-  compiled at -O3 earlier in the process is not reused."""
+def xla_default_compiler():
+  """XLA's default options (-O3, fusion emitters) for every program the test compiles, for a
+  test whose claim is about the programs users get (bitwise equality with optax's schedule).
+  jax's `optimization_level`, which the policy reads and XLA's CPU compiler ignores, is part of
+  jit's cache key, so no program compiled under the policy is reused."""
   from jax._src import config as jax_config
-  with jax_config.optimization_level("O0"):
+  with jax_config.optimization_level("O3"):
     yield

@@ -17,7 +17,8 @@ from ftjax.errors import UserError
 from tests.test_sft import _args, _cmd, _latest, _wait_for_new_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+       "JAX_PLATFORMS": "cpu"}
 
 
 def _script(name, *args):

@@ -254,7 +254,7 @@ def _latest(workdir):
              default=0)
 
 
-def test_killed_run_resumes_exactly(tmp_path, compiled_as_subprocesses):
+def test_killed_run_resumes_exactly(tmp_path):
   steps = 6  # a kill right after the first save (step 2), and 4 steps after it
   args = OVERRIDES + [f"--config.train.steps={steps}", "--config.train.save_every=2"]
   straight = str(tmp_path / "straight")

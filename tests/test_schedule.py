@@ -31,7 +31,7 @@ def optax_schedule(lr, steps, warmup, kind, ratio):
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-def test_values_equal_optax_bitwise_as_constants_and_as_inputs():
+def test_values_equal_optax_bitwise_as_constants_and_as_inputs(xla_default_compiler):
   counts = jnp.arange(0, 1003, dtype=jnp.int32)
   for case in CASES:
     ref = np.asarray(jax.jit(jax.vmap(optax_schedule(*case)))(counts), np.float32)

@@ -111,8 +111,7 @@ INTERRUPTIONS = ((signal.SIGKILL, 0.0), (signal.SIGKILL, 0.3), (signal.SIGTERM, 
                  (signal.SIGKILL, 0.15))
 
 
-def test_interrupted_run_resumes_exactly(base_dir, chat_files, tmp_path,
-                                         compiled_as_subprocesses):
+def test_interrupted_run_resumes_exactly(base_dir, chat_files, tmp_path):
   """Kill (or preempt) the same command at several moments; the end result is bitwise equal."""
   train, ev = chat_files
   # 4 interruptions, each after a new checkpoint, reach step ~16 (+ the few steps a delay lets

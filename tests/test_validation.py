@@ -21,7 +21,8 @@ from ftjax.train import common, sft
 from tests.test_sft import _cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+       "JAX_PLATFORMS": "cpu"}
 
 CONFIGS = {"sft": sft_config, "dpo": dpo_config, "reward": reward_config, "grpo": grpo_config,
            "ppo": ppo_config}

@@ -21,7 +21,8 @@ from ftjax.train import sft
 from tests.test_sft import _args, _cmd, make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+       "JAX_PLATFORMS": "cpu"}
 
 
 def _config(base_dir, train, ev, steps):
