@@ -190,14 +190,19 @@ def test_unfinished_save_is_invisible_and_cleaned(tmp_path):
 
 def test_process_killed_mid_async_save(tmp_path):
   script = textwrap.dedent(f"""
-      import os, sys
+      import os, sys, time
       sys.path.insert(0, {REPO!r})
       import jax.numpy as jnp
       from ftjax.checkpoint import Checkpointer
       ck = Checkpointer({str(tmp_path)!r})
       ck.save(1, {{"x": jnp.ones(4)}}); ck.wait()
       ck.save(2, {{"x": jnp.ones((16, 1024, 1024))}})  # 64 MiB, still being written
-      print(sorted(os.listdir(ck.directory)), flush=True)
+      for _ in range(5000):  # exit as soon as step 2's directory shows (orbax makes it async)
+        names = sorted(os.listdir(ck.directory))
+        if any(n.startswith("2") for n in names):
+          break
+        time.sleep(0.001)
+      print(names, flush=True)
       os._exit(0)
   """)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
