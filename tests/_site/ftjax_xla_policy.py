@@ -38,9 +38,8 @@ def wrap(compiler) -> None:
   from jax._src import config
 
   def compile_or_get_cached(backend, computation, devices, compile_options, *args, **kwargs):
-    if config.optimization_level.value == "O3":  # conftest's `xla_default_compiler`
-      compile_options.executable_build_options.debug_options.xla_backend_optimization_level = 3
-    elif largest_array(str(computation)) >= SMALL_PROGRAM:
+    if (config.optimization_level.value == "O3"  # conftest's `xla_default_compiler`
+        or largest_array(str(computation)) >= SMALL_PROGRAM):
       compile_options.executable_build_options.debug_options.xla_backend_optimization_level = 3
     else:
       compile_options.env_option_overrides = [
