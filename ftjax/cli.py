@@ -121,7 +121,30 @@ def check_flags(argv: list[str], flag_values: Optional[flags.FlagValues] = None)
 
 def _die(msg: str, code: int = 1):
   print(f"error: {msg}", file=sys.stderr)
+  _quiet_teardown()
   sys.exit(code)
+
+
+def _quiet_teardown():
+  """After the one error line, nothing more on stderr: threads a library left running (orbax's
+  commit threads, TensorStore's reads) may finish while the interpreter exits and log a
+  traceback of their own ("cannot schedule new futures after shutdown"). Muted only once the
+  interpreter exits (threading's exit hooks run before it joins those threads), so a caller
+  that catches the SystemExit (a test, a notebook) keeps its stderr and logging."""
+  import logging
+  import threading
+
+  def mute():
+    sys.stderr.flush()
+    logging.disable(logging.CRITICAL)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+  try:
+    threading._register_atexit(mute)  # pylint: disable=protected-access
+  except (AttributeError, RuntimeError):  # no such hook, or the interpreter is already exiting
+    pass
 
 
 def _checkpoint_steps(workdir: str) -> list[int]:

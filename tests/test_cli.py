@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -89,6 +90,32 @@ def test_internal_errors_keep_their_traceback(monkeypatch, capsys):
     cli.run(user, define)
   assert e.value.code == 1
   assert capsys.readouterr().err == "error: config.x: bad\n"
+
+
+def test_user_error_is_the_last_line_even_when_a_thread_logs_at_exit():
+  """A thread still running when the error line is printed (orbax's commit threads were seen
+  logging "cannot schedule new futures after shutdown" with a traceback at exit) prints nothing
+  after it; without the mute, its traceback follows the line."""
+  code = textwrap.dedent("""
+      import logging, sys, threading, time
+      from ftjax import cli
+      from ftjax.errors import UserError
+      def late():
+        time.sleep(0.5)
+        try:
+          raise RuntimeError("cannot schedule new futures after shutdown")
+        except RuntimeError:
+          logging.exception("background commit failed")
+        print("late stderr", file=sys.stderr)
+      def main(argv):
+        threading.Thread(target=late).start()
+        raise UserError("--step=best: no eval_loss")
+      cli.run(main, lambda: None)
+      """)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
+                        timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr == "error: --step=best: no eval_loss\n", proc.stderr
 
 
 def test_config_arg_keys_are_checked_and_documented():
