@@ -23,7 +23,9 @@ setup(
         "absl-py>=2.0",
         "ml-collections>=0.1.1",
         "safetensors>=0.4",
-        "ml-dtypes>=0.4",
+        # 0.7.0 takes ~1 s to import (it registers numpy ufunc loops one by one; 0.6.0: 10 ms),
+        # a second more on every script's start (jax imports it).
+        "ml-dtypes>=0.4,!=0.7.0",
         "numpy>=1.26",
         "tqdm>=4.66",
         "tokenizers>=0.20",
@@ -32,7 +34,8 @@ setup(
     ],
     extras_require={
         # torch is pinned: 2.13.0 is the CPU build our test machines carry; other specs pull CUDA.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.87", "torch==2.13.0", "peft>=0.13", "ruff>=0.6",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.87", "torch==2.13.0", "peft>=0.13",
+                 "ruff>=0.6",
                  "bitsandbytes>=0.45",  # NF4 parity with quantize_4bit (CPU build)
                  "tensorflow-datasets>=4.9",  # TFDS source tests (no TensorFlow needed)
                  "trl>=1.0"],  # DPO and reward losses checked against TRL's own code

@@ -49,16 +49,21 @@ import pytest  # noqa: E402
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
 VOCAB = 320
+# `base_dir`'s vocabulary, and a train.seq_len that holds every row of the fixtures' support
+# tickets and preference pairs in its tokenizer (the longest is 157 tokens; at vocab 320 it was
+# 331, and the [T, T] attention scores of T=352 cost most of those tests' time).
+BASE_VOCAB = 1024
+BASE_SEQ = 160
 
 
-def hf_config(family: str):
+def hf_config(family: str, vocab: int = VOCAB):
   """A tiny transformers config; init scale 0.2 spreads the logits so greedy has no near-ties."""
   import transformers as T
   kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=VOCAB, initializer_range=0.2, bos_token_id=None,
+            num_key_value_heads=2, vocab_size=vocab, initializer_range=0.2, bos_token_id=None,
             eos_token_id=None, pad_token_id=None)
   if family == "gpt2":
-    return T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128,
+    return T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab, n_positions=128,
                         initializer_range=0.2, bos_token_id=None, eos_token_id=None)
   if family == "llama":  # llama 3.1-style rope scaling, untied head
     return T.LlamaConfig(**kw, rope_theta=500000.0, rope_scaling={
@@ -75,12 +80,12 @@ def hf_config(family: str):
   raise ValueError(family)
 
 
-def make_hf_model(family: str, out_dir: str, seed: int = 0):
+def make_hf_model(family: str, out_dir: str, seed: int = 0, vocab: int = VOCAB):
   """Build, perturb (norms and biases off their defaults) and save a tiny HF model."""
   import torch
   import transformers as T
   torch.manual_seed(seed)
-  model = T.AutoModelForCausalLM.from_config(hf_config(family)).eval()
+  model = T.AutoModelForCausalLM.from_config(hf_config(family, vocab)).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "norm" in name or "ln_" in name or name.endswith("bias"):
@@ -136,14 +141,15 @@ def batch_with_padding(rng: np.random.Generator, b=3, t=12, side="right"):
 
 
 @pytest.fixture(scope="session")
-def base_dir(hf_models, tmp_path_factory):
-  """The tiny llama with a tokenizer of the same vocab (320) trained on support tickets."""
+def base_dir(tmp_path_factory):
+  """A tiny llama (hf_models' llama, with vocab BASE_VOCAB) and a tokenizer of that vocab
+  trained on support tickets."""
   import ftjax
   from ftjax.tasks import support
   d = str(tmp_path_factory.mktemp("base"))
-  shutil.copytree(hf_models["llama"][0], d, dirs_exist_ok=True)
+  make_hf_model("llama", d, vocab=BASE_VOCAB)
   texts = [" ".join(m["content"] for m in t["messages"]) for t in support.make_tickets(300, 5)]
-  ftjax.tokenizer.train_bpe_tokenizer(texts, 320, d)
+  ftjax.tokenizer.train_bpe_tokenizer(texts, BASE_VOCAB, d)
   return d
 
 

@@ -20,6 +20,7 @@ from ftjax.errors import UserError
 from ftjax.model import Bottleneck
 from ftjax.train import setup, sft
 from tests.test_cli import ENV, _error_lines, _script
+from tests.conftest import BASE_SEQ
 
 
 def _adapter_keys(params):
@@ -92,7 +93,7 @@ def _config(base_dir, train, ev, steps):
   c.adapter.update(reduction_factor=4, placement="houlsby")
   # constant: the stopped run's schedule (steps=4) is the same as the uninterrupted one's
   c.optim.update(lr=3e-3, schedule="constant")
-  c.train.update(steps=steps, seq_len=352, batch_size=4, save_every=2, eval_every=steps,
+  c.train.update(steps=steps, seq_len=BASE_SEQ, batch_size=4, save_every=2, eval_every=steps,
                  log_every=1, async_save=False)
   return c
 
@@ -117,7 +118,7 @@ def test_sft_learns_resumes_and_refuses_merged_export(base_dir, chat_files, tmp_
     np.testing.assert_array_equal(np.asarray(flat[k]), np.asarray(v))
   assert setup.adapter_spec(config).bottleneck == BottleneckConfig(4, "houlsby")
   # The held-out loss falls below the base's.
-  kw = dict(seq_len=352, batch_size=4, max_new_tokens=1)
+  kw = dict(seq_len=BASE_SEQ, batch_size=4, max_new_tokens=1)
   after = heldout.evaluate(ev, workdir=straight, **kw)["eval_loss"]
   before = heldout.evaluate(ev, model_path=base_dir, **kw)["eval_loss"]
   assert after < before - 0.05, (before, after)

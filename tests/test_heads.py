@@ -11,6 +11,7 @@ import ftjax
 from ftjax import heads, losses, model as model_lib, partition
 from ftjax.config import ModelConfig
 from ftjax.train import common, dpo, sft
+from tests.conftest import BASE_SEQ
 
 
 def _hidden_head(seed=0, b=3, t=13, d=8, v=37):
@@ -177,7 +178,7 @@ def test_dpo_side_logps_chunked(base_dir, pref_files):
   model, params = ftjax.load_pretrained(base_dir)
   tok = ftjax.tokenizer.load_tokenizer(base_dir)
   data = pref_data.build_preference_dataset({"sources": [{"path": pref_files[0]}],
-                                             "format": "chat"}, tok, 352, 2)
+                                             "format": "chat"}, tok, BASE_SEQ, 2)
   batch = next(data.train)
   # Reference: HF's log-softmax over the transformers model's own logits.
   torch = pytest.importorskip("torch")

@@ -14,6 +14,7 @@ import pytest
 import ftjax
 from ftjax.metrics import (METRICS_FILE, MetricsWriter, ProgressBar, Throughput, peak_flops,
                            read_metrics)
+from tests.conftest import BASE_SEQ
 
 
 def test_writer_jsonl_and_tensorboard(tmp_path):
@@ -180,10 +181,10 @@ def test_sft_throughput_counts_frozen_base_and_last_partial_interval(
   c = sft_config.get_config("adapter=lora,smoke")
   c.model.hf_path = base_dir
   c.data.path, c.data.eval_path = chat_files
-  c.train.update(seq_len=352, batch_size=2, grad_accum=1, steps=3, log_every=2, eval_every=100,
+  c.train.update(seq_len=BASE_SEQ, batch_size=2, grad_accum=1, steps=3, log_every=2, eval_every=100,
                  save_every=100)
   sft.run(c, str(tmp_path / "run"))
-  per_step = 2 * 352
+  per_step = 2 * BASE_SEQ
   assert calls["tokens"] == [2 * per_step, per_step]  # step 3 is a one-step interval
 
   model, params = ftjax.load_pretrained(base_dir)
@@ -192,7 +193,7 @@ def test_sft_throughput_counts_frozen_base_and_last_partial_interval(
   lora_model, lora_params = ftjax.load_pretrained(
       base_dir, lora=ftjax.LoraConfig(rank=c.adapter.rank, targets=c.adapter.targets))
   n_lora = sum(x.size for x in jax.tree_util.tree_leaves(ftjax.lora.adapter_params(lora_params)))
-  attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 352
+  attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * BASE_SEQ
   # Frozen base: 4N (forward + activation gradients), trained LoRA: 6N. Norms are not
   # matmuls, hence the tolerance.
   assert calls["flops"] == pytest.approx(4 * n + 6 * n_lora + attn, rel=5e-3)

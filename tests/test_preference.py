@@ -15,12 +15,13 @@ from configs import reward as reward_config
 from ftjax import export, lora, partition, sharding, workdir as wd
 from ftjax.data import preference as pref_data
 from ftjax.train import common, dpo, reference as reference_lib, reward, setup
+from tests.conftest import BASE_SEQ
 
 
 def _batch(base_dir, pref_files, n=4):
   tok = ftjax.tokenizer.load_tokenizer(base_dir)
   data = pref_data.build_preference_dataset({"sources": [{"path": pref_files[0]}],
-                                             "format": "chat"}, tok, 352, n)
+                                             "format": "chat"}, tok, BASE_SEQ, n)
   return next(data.train)
 
 
@@ -146,7 +147,7 @@ def test_configs_take_no_demo_data_by_default(get_config, tmp_path):
 def _config(cfg, base_dir, pref_files, **train):
   cfg.model.hf_path = base_dir
   cfg.data.path, cfg.data.eval_path = pref_files
-  cfg.train.update(seq_len=352, **train)
+  cfg.train.update(seq_len=BASE_SEQ, **train)
   return cfg
 
 

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 from tests.test_cli import ENV, ROOT, _error_lines, _script
+from tests.conftest import BASE_SEQ
 
 
 def _pref(script, config, base_dir, train, ev, w, *extra, steps=2):
   return _script(script, f"--config={os.path.join(ROOT, 'configs', config)}",
                  f"--workdir={w}", f"--config.model.hf_path={base_dir}",
                  f"--config.data.path={train}", f"--config.data.eval_path={ev}",
-                 "--config.train.seq_len=352", "--config.train.batch_size=4",
+                 f"--config.train.seq_len={BASE_SEQ}", "--config.train.batch_size=4",
                  f"--config.train.steps={steps}", "--config.train.log_every=1",
                  f"--config.train.eval_every={steps}", f"--config.train.save_every={steps}",
                  *extra)
@@ -76,7 +77,7 @@ def test_orpo_builds_no_reference_and_trains(base_dir, pref_files, tmp_path, mon
   cfg = orpo_config.get_config("adapter=none,smoke")
   cfg.model.hf_path = base_dir
   cfg.data.path, cfg.data.eval_path = pref_files
-  cfg.train.update(seq_len=352, steps=2, batch_size=4, eval_every=2, save_every=2, log_every=1)
+  cfg.train.update(seq_len=BASE_SEQ, steps=2, batch_size=4, eval_every=2, save_every=2, log_every=1)
   out = orpo.run(cfg, str(tmp_path / "orpo"))
   for k in ("loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/margins",
             "eval_loss", "eval_log_odds_ratio"):

@@ -20,6 +20,7 @@ from ftjax import checkpoint, data as data_lib, export, heldout, losses, metrics
 from ftjax import workdir as wd
 from ftjax.tasks import support
 from ftjax.train import sft
+from tests.conftest import BASE_SEQ
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +30,7 @@ def make_config(base_dir, train, ev, **train_kw):
   c.model.hf_path = base_dir
   c.data.path, c.data.eval_path = train, ev
   c.adapter.dropout = 0.1  # exercises the dropout rng in resume
-  c.train.update(seq_len=352, batch_size=4, grad_accum=2, **train_kw)
+  c.train.update(seq_len=BASE_SEQ, batch_size=4, grad_accum=2, **train_kw)
   return c
 
 
@@ -61,9 +62,9 @@ def test_sft_lora_end_to_end_and_exports(sft_lora_run, base_dir, chat_files, tmp
   with torch.no_grad():
     np.testing.assert_allclose(pm(torch.tensor(tokens)).logits.numpy(), ours, atol=1e-4)
   # eval.py on the workdir and on the merged export agree on the loss.
-  m1 = heldout.evaluate(ev, workdir=run, task="support", seq_len=352,
+  m1 = heldout.evaluate(ev, workdir=run, task="support", seq_len=BASE_SEQ,
                     batch_size=4, max_new_tokens=8)
-  m2 = heldout.evaluate(ev, model_path=merged, seq_len=352, batch_size=4, max_new_tokens=8)
+  m2 = heldout.evaluate(ev, model_path=merged, seq_len=BASE_SEQ, batch_size=4, max_new_tokens=8)
   assert abs(m1["eval_loss"] - m2["eval_loss"]) < 1e-4
   assert {"exact_match", "details", "invented", "escalation_ok", "voice"} <= set(m1)
 
@@ -82,7 +83,7 @@ def _cmd(config_args, workdir):
 def _args(base_dir, train, ev, steps, save_every):
   return [f"--config.model.hf_path={base_dir}", f"--config.data.path={train}",
           f"--config.data.eval_path={ev}", "--config.adapter.dropout=0.1",
-          "--config.train.seq_len=352", "--config.train.batch_size=4",
+          f"--config.train.seq_len={BASE_SEQ}", "--config.train.batch_size=4",
           "--config.train.grad_accum=2", f"--config.train.steps={steps}",
           f"--config.train.save_every={save_every}", "--config.train.eval_every=1000",
           "--config.train.log_every=1"]
@@ -226,7 +227,7 @@ def test_every_adapter_kind_trains_and_restores(base_dir, chat_files, tmp_path, 
   config = sft_config.get_config(f"adapter={adapter},quant={quant},smoke")
   config.model.hf_path = base_dir
   config.data.path, config.data.eval_path = train, ev
-  config.train.update(seq_len=352, steps=2, save_every=1, eval_every=2)
+  config.train.update(seq_len=BASE_SEQ, steps=2, save_every=1, eval_every=2)
   out = sft.run(config, str(tmp_path / "run"))
   assert np.isfinite(out["loss"]) and np.isfinite(out["eval_loss"])
   model, params, _, _ = wd.load_trained(str(tmp_path / "run"))

@@ -13,6 +13,7 @@ import ftjax
 from configs import sft as sft_config
 from ftjax import checkpoint, metrics as metrics_lib, partition, sharding
 from ftjax.train import common, sft
+from tests.conftest import BASE_SEQ
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = [("pjit", "data=1"), ("pjit", "data=8"), ("pjit", "fsdp=8"),
@@ -40,7 +41,7 @@ def test_first_losses_equal_on_every_mesh(base_dir, chat_files, tmp_path, adapte
     c.model.hf_path = base_dir
     c.data.path, c.data.eval_path = chat_files[0], ""
     c.parallel, c.mesh.shape = mode, shape
-    c.train.update(steps=3, batch_size=8, seq_len=352, log_every=1, save_every=100,
+    c.train.update(steps=3, batch_size=8, seq_len=BASE_SEQ, log_every=1, save_every=100,
                    eval_every=100, grad_accum=1)
     wd = str(tmp_path / f"{mode}_{shape}")
     sft.run(c, wd)
@@ -162,7 +163,7 @@ def _dpo_config(base_dir, pref_files, mode, shape, grad_accum):
   c.model.hf_path = base_dir
   c.data.path, c.data.eval_path = pref_files[0], ""
   c.parallel, c.mesh.shape = mode, shape
-  c.train.update(steps=3, batch_size=8, seq_len=352, log_every=1, save_every=100,
+  c.train.update(steps=3, batch_size=8, seq_len=BASE_SEQ, log_every=1, save_every=100,
                  eval_every=100, grad_accum=grad_accum)
   return c
 

@@ -10,6 +10,7 @@ import pytest
 
 from ftjax import report, sweep
 from ftjax.errors import UserError
+from tests.conftest import BASE_SEQ
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "sft.py") + ":adapter=lora,smoke"
@@ -18,7 +19,7 @@ CONFIG = os.path.join(ROOT, "configs", "sft.py") + ":adapter=lora,smoke"
 def _fixed(base_dir, chat_files, **extra):
   train, ev = chat_files
   kw = {"model.hf_path": base_dir, "data.path": train, "data.eval_path": ev, "train.steps": 2,
-        "train.seq_len": 352, **extra}
+        "train.seq_len": BASE_SEQ, **extra}
   return [f"--config.{k}={v}" for k, v in kw.items()]
 
 
