@@ -283,9 +283,9 @@ def test_short_ppo_run_raises_the_reward_without_retracing():
 # ---- ftjax.train.ppo.run end to end: a tiny HF reward model, exact resume, one-line errors
 def _reward_model_dir(tmp_path_factory):
   import transformers as T
-  from tests.conftest import hf_config
+  from tests.conftest import BASE_VOCAB, hf_config
   torch.manual_seed(1)
-  cfg = hf_config("llama")
+  cfg = hf_config("llama", BASE_VOCAB)  # base_dir's vocabulary, which PPO checks
   cfg.num_labels, cfg.pad_token_id = 1, 0
   d = str(tmp_path_factory.mktemp("rm_hf"))
   T.LlamaForSequenceClassification(cfg).eval().save_pretrained(d)
