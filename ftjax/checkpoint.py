@@ -368,6 +368,7 @@ class Checkpointer:
       if why is None:
         raise
       self._failed = True
+      self._drain()
       m = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(e))
       failed = int(m.group(1)) if m else step
       good = [s for s in self._committed_steps() if s != failed]
@@ -376,6 +377,19 @@ class Checkpointer:
       what = f"step {failed}" if failed is not None else "a checkpoint"
       raise UserError(f"{self.directory}: cannot save {what} ({why}); {kept}; free space and "
                       "rerun the same command to resume") from None
+
+  def _drain(self, timeout: float = 600.0) -> None:
+    """Waits out every write of the failed save. Orbax stops waiting at the first item that
+    fails, and the others' threads may still be writing into `<step>.orbax-checkpoint-tmp/`:
+    a resume in the same process would then race its tmp-dir cleanup against them."""
+    ckptr = getattr(self.manager, "_checkpointer", None)
+    futures = getattr(getattr(ckptr, "_async_manager", None), "_commit_futures", None) or ()
+    deadline = time.monotonic() + timeout
+    for f in futures:
+      try:
+        f.result(timeout=max(0.0, deadline - time.monotonic()))
+      except Exception:  # noqa: BLE001,S110 -- the first failure is the one reported
+        pass
 
   def wait(self) -> None:
     """Blocks until pending async saves are on disk (and old checkpoints are pruned)."""

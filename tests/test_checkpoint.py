@@ -304,3 +304,38 @@ def test_restore_float32_adapters_over_bf16_base(tmp_path):
             if jnp.issubdtype(x.dtype, jnp.floating)]
   assert floats and set(floats) == {jnp.dtype("float32")}
   assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype("bfloat16")}
+
+
+def test_full_disk_waits_out_the_other_items_writes(tmp_path, monkeypatch):
+  """Orbax stops waiting at the first item whose write fails; the UserError comes only once
+  the other items' writes are done, so a resume in the same process (its tmp-dir cleanup)
+  does not race them ('Directory not empty' from rmtree, seen on CI)."""
+  import errno
+  import threading
+  import time
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler as jh
+  from ftjax.errors import UserError
+  save_fn = jh.JsonCheckpointHandler._save_fn
+  extra_written = threading.Event()
+
+  async def full(self, x, directory):
+    if os.path.basename(str(directory)).startswith("data"):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+    if os.path.basename(str(directory)).startswith("extra"):
+      time.sleep(1.0)  # a slower item, still writing when `data` fails
+      await save_fn(self, x, directory)
+      extra_written.set()
+      return None
+    return await save_fn(self, x, directory)
+  monkeypatch.setattr(jh.JsonCheckpointHandler, "_save_fn", full)
+  ck = Checkpointer(str(tmp_path))
+  with pytest.raises(UserError, match="cannot save step 3"):
+    ck.save(3, make_state(), data_state={"i": 1}, extra={"e": 1})
+    ck.wait()
+  assert extra_written.is_set()
+  ck.close()
+  monkeypatch.setattr(jh.JsonCheckpointHandler, "_save_fn", save_fn)
+  with Checkpointer(str(tmp_path)) as ck:  # its cleanup removes the failed step's tmp dir
+    assert ck.latest_step() is None
+    ck.save(3, make_state(), data_state={"i": 1}, extra={"e": 1})
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
