@@ -1,13 +1,14 @@
 """The test suite's XLA compile policy, for the pytest processes (tests/conftest.py) and every
 Python they start (sitecustomize.py here, on their PYTHONPATH).
 
-LLVM's optimizations and XLA's fusion emitters cost more compile time than they save on most of
-the suite's programs: thousands of eager ops and small steps, each run a few times. So a program
-whose largest array is small compiles at -O0 with XLA's loop emitters; the rest (long-sequence
-attention scores, which run long enough to pay for it) at XLA's defaults (-O3, fusion emitters).
-It applies only while XLA_FLAGS holds `--xla_backend_optimization_level=0` (which conftest adds
-unless the caller chose a level). The options are part of the persistent cache key, and the
-choice depends only on the program, so every process compiles a program alike and shares it.
+LLVM's optimizations and XLA's fusion emitters cost more compile time than they save on the
+suite's programs: thousands of eager ops and small steps, each run a few times. So a program
+compiles at -O0 with XLA's loop emitters, except a token-generation program (`jit__generate`)
+whose largest array is large: it runs its body once per new token, for every prompt batch of an
+evaluation, so it pays for XLA's defaults (-O3, fusion emitters). It applies only while
+XLA_FLAGS holds `--xla_backend_optimization_level=0` (which conftest adds unless the caller chose
+a level). The options are part of the persistent cache key, and the choice depends only on the
+program, so every process compiles a program alike and shares it.
 """
 
 import math
@@ -15,7 +16,9 @@ import os
 import re
 import sys
 
-SMALL_PROGRAM = 1 << 18  # elements of the largest array: 1 MiB of float32
+# A generation program whose largest array has this many elements (4 MiB of float32) or more.
+LARGE_GENERATION = 1 << 20
+_MODULE_NAME = re.compile(r"module @(\S+)")
 FLAG = "--xla_backend_optimization_level=0"
 _TENSOR_TYPE = re.compile(r"tensor<((?:\d+x)+)[a-z]")
 
@@ -23,6 +26,17 @@ _TENSOR_TYPE = re.compile(r"tensor<((?:\d+x)+)[a-z]")
 def largest_array(module_text: str) -> int:
   return max((math.prod(int(d) for d in dims[:-1].split("x"))
               for dims in _TENSOR_TYPE.findall(module_text)), default=0)
+
+
+def optimized(computation) -> bool:
+  """Whether the program (an MLIR module, or its text) gets XLA's defaults: a large generation
+  loop (see the docstring)."""
+  try:
+    name = computation.operation.attributes["sym_name"].value
+  except (AttributeError, KeyError):
+    found = _MODULE_NAME.search(str(computation))
+    name = found and found.group(1)
+  return name == "jit__generate" and largest_array(str(computation)) >= LARGE_GENERATION
 
 
 def active() -> bool:
@@ -39,7 +53,7 @@ def wrap(compiler) -> None:
 
   def compile_or_get_cached(backend, computation, devices, compile_options, *args, **kwargs):
     if (config.optimization_level.value == "O3"  # conftest's `xla_default_compiler`
-        or largest_array(str(computation)) >= SMALL_PROGRAM):
+        or optimized(computation)):
       compile_options.executable_build_options.debug_options.xla_backend_optimization_level = 3
     else:
       compile_options.env_option_overrides = [
