@@ -219,12 +219,19 @@ def pytest_configure(config):
     config.option.loadscopereorder = False  # keep SLOW_FILES' order, not the count of tests
 
 
+def xla_defaults():
+  """A context in which every program compiles with XLA's default options (-O3, fusion
+  emitters), not the suite's policy: for a claim about the programs users get, or for a run of
+  many steps, whose execution pays for the longer compile. jax's `optimization_level`, which the
+  policy reads and XLA's CPU compiler ignores, is part of jit's cache key, so no program
+  compiled under the policy is reused. In-process only: the Pythons a test starts keep the
+  policy."""
+  from jax._src import config as jax_config
+  return jax_config.optimization_level("O3")
+
+
 @pytest.fixture
 def xla_default_compiler():
-  """XLA's default options (-O3, fusion emitters) for every program the test compiles, for a
-  test whose claim is about the programs users get (bitwise equality with optax's schedule).
-  jax's `optimization_level`, which the policy reads and XLA's CPU compiler ignores, is part of
-  jit's cache key, so no program compiled under the policy is reused."""
-  from jax._src import config as jax_config
-  with jax_config.optimization_level("O3"):
+  """`xla_defaults()` for the whole test (bitwise equality with optax's schedule)."""
+  with xla_defaults():
     yield

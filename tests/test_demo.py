@@ -7,6 +7,7 @@ import numpy as np
 
 from ftjax.recipes import demo
 from ftjax.tasks import support
+from tests.conftest import xla_defaults
 
 
 def test_score_reply_catches_invented_and_missing_details():
@@ -42,7 +43,8 @@ def test_shipped_data_is_what_the_generator_makes(tmp_path):
 def test_demo_smoke_end_to_end(tmp_path):
   """The smoke with --pretrain: tokenizer, pretraining on the generated corpus, export, SFT,
   evals (CI's .ci/run runs the default smoke, from the shipped base)."""
-  report = demo.run(str(tmp_path / "demo"), smoke=True, eval_examples=8, pretrain=True)
+  with xla_defaults():  # the demo's wider model and its generation: -O3 pays for its compile
+    report = demo.run(str(tmp_path / "demo"), smoke=True, eval_examples=8, pretrain=True)
   assert report["pretrain_s"] > 0
   assert os.path.exists(tmp_path / "demo" / "base_corpus.jsonl")
   for stage in ("before", "after"):

@@ -10,6 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from tests.conftest import xla_defaults
 from tests.test_cli import ENV, ROOT, _error_lines, _script
 
 ROW = {"prompt": "Which number is larger, 9.8 or 9.11?",
@@ -102,7 +103,8 @@ def trained(tmp_path_factory):
   c.train.update(steps=100, batch_size=32, log_every=20, eval_every=100, save_every=100,
                  async_save=False)
   c.optim.update(lr=3e-3, warmup_steps=5)
-  return w, prm.run(c, w)
+  with xla_defaults():  # 100 steps of B=32: -O3 pays for its compile (35 CPU-s at -O0, ~23)
+    return w, prm.run(c, w)
 
 
 def test_prm_learns_planted_errors(trained):
