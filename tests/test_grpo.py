@@ -265,7 +265,8 @@ def test_killed_run_resumes_exactly(tmp_path):
          "--config=" + os.path.join(ROOT, "configs", "grpo.py")
          + ":task=arithmetic,model=tiny,adapter=none",
          f"--workdir={killed}"] + args
-  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "FTJAX_TEST_NO_ZYGOTE": "1"})  # as test_sft's kills
   t0 = time.time()
   while _latest(killed) < 2 and proc.poll() is None and time.time() - t0 < 240:
     time.sleep(0.02)

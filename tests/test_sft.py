@@ -125,8 +125,11 @@ def test_interrupted_run_resumes_exactly(base_dir, chat_files, tmp_path):
 
   interrupted = str(tmp_path / "interrupted")
   for i, (sig, delay) in enumerate(INTERRUPTIONS):
+    # A Python of its own, not a worker of the suite's zygote (tests/_site/ftjax_zygote.py),
+    # which outlives a SIGKILLed launcher by the moment it takes to notice.
     proc = subprocess.Popen(_cmd(args, interrupted), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "FTJAX_TEST_NO_ZYGOTE": "1"})
     before = _latest(interrupted)
     assert _wait_for_new_checkpoint(proc, interrupted, before), proc.stderr.read()[-2000:]
     time.sleep(delay)
