@@ -139,9 +139,9 @@ def launch() -> None:
     except ProcessLookupError:
       pass
 
-  for signum in signums:
-    if signal.getsignal(signum) != signal.SIG_IGN:
-      signal.signal(signum, forward)
+  for signum in signums:  # also the ones this process ignores: the worker decides, as the
+    signal.signal(signum, forward)  # script's own handlers would (a shell's background job
+    # ignores SIGINT, and ftjax's runs install a handler for it all the same)
   signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
   try:
     status = _recv(sock)[0]["status"]
