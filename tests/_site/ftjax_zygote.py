@@ -10,8 +10,9 @@ process, started by tests/conftest.py) imports them once, and forks a worker for
   script on those files, as `__main__`, with that environment.
 - The launcher forwards the signals a test sends it (SIGINT, SIGTERM, ...) to the worker, and
   exits as the worker did: its exit code, or killed by the same signal. A launcher killed
-  outright (SIGKILL) takes its worker with it: the worker holds the read end of a pipe only the
-  launcher writes to, and kills itself (SIGKILL) when it reads EOF.
+  outright (SIGKILL) takes its worker with it: the zygote sees the launcher's connection close
+  and kills the worker (SIGKILL); and the worker holds the read end of a pipe only the launcher
+  writes to, and kills itself when it reads EOF.
 - Anything the zygote cannot reproduce exactly runs the ordinary way: another environment
   (beyond PYTHONPATH and the test's name), another sys.path, interpreter options, `-c`/`-m`,
   a closed standard stream, a zygote not up yet or gone. FTJAX_TEST_NO_ZYGOTE=1 opts a command
@@ -256,10 +257,23 @@ def serve(address: str, parent: int):
   waiting = {}  # worker pid -> the launcher's connection
   while True:
     try:
-      ready, _, _ = select.select([listener], [], [], 0.02)
+      ready, _, _ = select.select([listener, *waiting.values()], [], [], 0.02)
     except InterruptedError:
       ready = []
-    if ready:
+    for pid, conn in list(waiting.items()):
+      if conn in ready:  # a launcher says nothing: this is its end (killed outright)
+        try:
+          gone = not conn.recv(1)
+        except OSError:
+          gone = True
+        if gone:
+          try:
+            os.kill(pid, signal.SIGKILL)  # at once, not when the worker's watch thread runs
+          except ProcessLookupError:
+            pass
+          waiting.pop(pid)
+          conn.close()
+    if listener in ready:
       conn, _ = listener.accept()
       try:
         request, fds = _recv(conn, max_fds=4)
@@ -296,7 +310,7 @@ def serve(address: str, parent: int):
       except OSError:
         pass
       waiting[pid] = conn
-    while waiting:
+    while True:  # reap every finished worker (also those whose launcher is gone)
       try:
         pid, status = os.waitpid(-1, os.WNOHANG)
       except ChildProcessError:
