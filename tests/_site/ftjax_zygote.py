@@ -54,6 +54,14 @@ def _send(sock, obj, fds=()):
     sock.sendall(payload)
 
 
+def _tell(conn, obj) -> None:
+  """`_send` to a launcher that may be gone (killed): then there is no one to tell."""
+  try:
+    _send(conn, obj)
+  except OSError:
+    pass
+
+
 def _recv(sock, max_fds=0):
   head, fds, fds_got = b"", [], []
   while len(head) < 4:
@@ -290,10 +298,7 @@ def serve(address: str, parent: int):
       if why:
         for fd in fds:
           os.close(fd)
-        try:
-          _send(conn, {"refused": True})
-        except OSError:
-          pass
+        _tell(conn, {"refused": True})
         conn.close()
         continue
       sys.stdout.flush()
@@ -305,10 +310,7 @@ def serve(address: str, parent: int):
         return _worker(conn, listener, request, fds)
       for fd in fds:
         os.close(fd)
-      try:
-        _send(conn, {"pid": pid})
-      except OSError:
-        pass
+      _tell(conn, {"pid": pid})
       waiting[pid] = conn
     while True:  # reap every finished worker (also those whose launcher is gone)
       try:
@@ -319,10 +321,7 @@ def serve(address: str, parent: int):
         break
       conn = waiting.pop(pid, None)
       if conn is not None:
-        try:
-          _send(conn, {"status": status})
-        except OSError:
-          pass
+        _tell(conn, {"status": status})
         conn.close()
     if os.getppid() != parent:  # the pytest process is gone
       return None
