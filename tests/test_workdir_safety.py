@@ -267,27 +267,11 @@ with open(sys.argv[4], "w") as f:  # not stdout: gloo's own lines interleave the
 def test_multihost_processes_share_the_lock_of_process_0(tmp_path):
   """Two JAX processes on one workdir: process 0 alone locks it (orbax's multi-host saving
   needs both in it); when another run holds it, both are refused, neither waits."""
-  from tests.test_cli import _free_port
+  from tests.test_cli import two_hosts
   w = str(tmp_path / "w")
 
-  def hosts():
-    addr = f"localhost:{_free_port()}"
-    said = [str(tmp_path / f"said{i}") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", _HOST, addr, str(i), w, said[i]], text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
-             for i in range(2)]
-    try:
-      outs = [p.communicate(timeout=240) for p in procs]  # slow on a loaded 2-core machine
-    except subprocess.TimeoutExpired:
-      for p in procs:
-        p.kill()
-      raise AssertionError([p.communicate()[1][-1500:] for p in procs]) from None
-    for p, (_, err) in zip(procs, outs):
-      assert p.returncode == 0, err[-2000:]
-    return [open(f).read() for f in said]
-
-  assert hosts() == ["held", "held"]
+  assert two_hosts(_HOST, tmp_path, w) == ["held", "held"]
   with wd.hold(w):
-    out = hosts()
+    out = two_hosts(_HOST, tmp_path, w)
   assert out[0].startswith("refused:") and f"pid {os.getpid()}" in out[0], out
   assert out[1].startswith("refused:") and "process 0" in out[1], out
